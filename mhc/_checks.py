@@ -1,0 +1,247 @@
+"""Input validation for every mHC op: one function per op, called by the real kernels *and* by the fake (meta)
+implementations, so a bad input fails with the same clear error in eager mode, under ``FakeTensorMode`` and while
+``torch.compile`` traces, always before any kernel launches.
+
+Errors are ``TypeError`` (wrong dtype or Python type) or ``ValueError`` (wrong rank, shape, device, layout or value),
+and every message names what was expected and what was received. Only tensor metadata is read, never data, so no
+check synchronises with the device.
+
+Device-specific limits (the shapes and dtypes a CUDA kernel was built for) are checked here too, from the tensor's
+device, so the fake implementation reports them while tracing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+COEFFICIENT_DTYPES = (torch.float32, torch.float64)
+
+# Limits of the CUDA kernels (tl_kernels); float64 inputs on CUDA run the PyTorch reference and are not limited.
+CUDA_POST_RES_STREAMS = (1, 2, 4, 6, 8)
+CUDA_SINKHORN_MAX_N = 16
+CUDA_HIDDEN_MULTIPLE = 64
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def require_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+
+
+def require_dtype(op: str, name: str, t: Tensor, allowed) -> None:
+    if t.dtype not in allowed:
+        raise TypeError(f"{op}: expected {name}.dtype in ({_names(allowed)}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def require_rank(op: str, name: str, t: Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{op}: expected {name} of rank {rank} {layout}, got shape {_shape(t)}")
+
+
+def require_shape(op: str, name: str, t: Tensor, expected: tuple, layout: str) -> None:
+    if _shape(t) != tuple(expected):
+        raise ValueError(f"{op}: expected {name} of shape {tuple(expected)} {layout}, got {_shape(t)}")
+
+
+def require_contiguous(op: str, name: str, t: Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: expected {name} to be contiguous, got strides {tuple(t.stride())}")
+
+
+def require_same_device(op: str, **tensors: Tensor) -> None:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: expected all tensors on one device, got {first_name} on {first.device} and {name} on {t.device}"
+            )
+
+
+def require_same_dtype(op: str, **tensors: Tensor) -> None:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: expected {name}.dtype == {first_name}.dtype ({str(first.dtype).replace('torch.', '')}), "
+                f"got {str(t.dtype).replace('torch.', '')}"
+            )
+
+
+def require_int(op: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{op}: expected {name} to be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{op}: expected {name} >= {minimum}, got {value}")
+
+
+def require_float(op: str, name: str, value, *, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{op}: expected {name} to be a float, got {type(value).__name__}")
+    # comparisons only (no math.isfinite), so symbolic floats under torch.compile(dynamic=True) trace; NaN fails too
+    if not (0 <= value < math.inf) or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{op}: expected {name} to be finite and {bound}, got {value}")
+
+
+def _on_cuda_kernel(t: Tensor) -> bool:
+    """True when ``t`` will be served by a TileLang CUDA kernel (CUDA device, not float64)."""
+    return t.device.type == "cuda" and t.dtype != torch.float64
+
+
+def _require_cuda_hidden(op: str, C: int) -> None:
+    if C % CUDA_HIDDEN_MULTIPLE != 0:
+        raise ValueError(f"{op}: the CUDA kernel needs C to be a multiple of {CUDA_HIDDEN_MULTIPLE}, got C={C}")
+
+
+# ---------------------------------------------------------------------------------------------------- per op
+
+
+def sinkhorn(logits: Tensor, iters: int, eps: float, op: str = "mhc.sinkhorn") -> None:
+    """``logits [T, n, n]`` fp32/fp64, contiguous; ``iters >= 1``; ``eps >= 0``."""
+    require_tensor(op, "logits", logits)
+    require_rank(op, "logits", logits, 3, "[T, n, n]")
+    n = logits.shape[-1]
+    if logits.shape[-2] != n or n < 1:
+        raise ValueError(f"{op}: expected logits of shape [T, n, n] with n >= 1, got {_shape(logits)}")
+    require_dtype(op, "logits", logits, COEFFICIENT_DTYPES)
+    require_contiguous(op, "logits", logits)
+    require_int(op, "iters", iters, 1)
+    require_float(op, "eps", eps)
+    if _on_cuda_kernel(logits) and n > CUDA_SINKHORN_MAX_N:
+        raise ValueError(f"{op}: the CUDA kernel supports n <= {CUDA_SINKHORN_MAX_N}, got n={n}")
+
+
+def sinkhorn_bwd(grad_out: Tensor, logits: Tensor, iters: int, eps: float, op: str = "mhc.sinkhorn_bwd") -> None:
+    sinkhorn(logits, iters, eps, op)
+    require_tensor(op, "grad_out", grad_out)
+    require_shape(op, "grad_out", grad_out, _shape(logits), "(the shape of logits)")
+    require_same_dtype(op, logits=logits, grad_out=grad_out)
+    require_same_device(op, logits=logits, grad_out=grad_out)
+    require_contiguous(op, "grad_out", grad_out)
+
+
+def post_res(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tensor, op: str = "mhc.post_res") -> None:
+    """``layer_output [T, C]``, ``residual [T, n, C]`` (same dtype, bf16/fp16/fp32/fp64), ``h_post [T, n]``,
+    ``h_res [T, n, n]`` (same dtype, fp32/fp64); one device; contiguous."""
+    for name, t in (("layer_output", layer_output), ("residual", residual), ("h_post", h_post), ("h_res", h_res)):
+        require_tensor(op, name, t)
+    require_rank(op, "residual", residual, 3, "[T, n, C]")
+    T, n, C = residual.shape
+    if n < 1 or C < 1:
+        raise ValueError(f"{op}: expected residual [T, n, C] with n >= 1 and C >= 1, got {_shape(residual)}")
+    require_shape(op, "layer_output", layer_output, (T, C), "[T, C]")
+    require_shape(op, "h_post", h_post, (T, n), "[T, n]")
+    require_shape(op, "h_res", h_res, (T, n, n), "[T, n, n]")
+    require_dtype(op, "residual", residual, ACTIVATION_DTYPES)
+    require_same_dtype(op, residual=residual, layer_output=layer_output)
+    require_dtype(op, "h_post", h_post, COEFFICIENT_DTYPES)
+    require_same_dtype(op, h_post=h_post, h_res=h_res)
+    require_same_device(op, residual=residual, layer_output=layer_output, h_post=h_post, h_res=h_res)
+    for name, t in (("layer_output", layer_output), ("residual", residual), ("h_post", h_post), ("h_res", h_res)):
+        require_contiguous(op, name, t)
+    if _on_cuda_kernel(residual):
+        if n not in CUDA_POST_RES_STREAMS:
+            raise ValueError(f"{op}: the CUDA kernel supports n in {CUDA_POST_RES_STREAMS}, got n={n}")
+        _require_cuda_hidden(op, C)
+        if h_post.dtype != torch.float32:
+            raise TypeError(f"{op}: the CUDA kernel needs float32 coefficients, got {h_post.dtype}")
+
+
+def post_res_bwd(
+    grad_out: Tensor,
+    layer_output: Tensor,
+    residual: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    op: str = "mhc.post_res_bwd",
+) -> None:
+    post_res(layer_output, residual, h_post, h_res, op)
+    require_tensor(op, "grad_out", grad_out)
+    require_shape(op, "grad_out", grad_out, _shape(residual), "(the shape of residual)")
+    require_same_dtype(op, residual=residual, grad_out=grad_out)
+    require_same_device(op, residual=residual, grad_out=grad_out)
+    require_contiguous(op, "grad_out", grad_out)
+
+
+def pre_mapping(
+    residual: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    iters: int,
+    post_mult: float,
+    rms_eps: float,
+    sinkhorn_eps: float,
+    op: str = "mhc.pre_mapping",
+) -> None:
+    """``residual [T, n, C]`` (bf16/fp16/fp32/fp64), ``phi [n*C, n*n+2n]``, ``alpha [3]``, ``bias [n*n+2n]`` (one
+    coefficient dtype, fp32/fp64); one device; contiguous; ``iters >= 1``; ``post_mult > 0``; eps values >= 0."""
+    for name, t in (("residual", residual), ("phi", phi), ("alpha", alpha), ("bias", bias)):
+        require_tensor(op, name, t)
+    require_rank(op, "residual", residual, 3, "[T, n, C]")
+    _, n, C = residual.shape
+    if n < 1 or C < 1:
+        raise ValueError(f"{op}: expected residual [T, n, C] with n >= 1 and C >= 1, got {_shape(residual)}")
+    m = n * n + 2 * n
+    require_shape(op, "phi", phi, (n * C, m), "[n*C, n*n + 2n] (pre | post | res)")
+    require_shape(op, "alpha", alpha, (3,), "[3] (pre, post, res)")
+    require_shape(op, "bias", bias, (m,), "[n*n + 2n]")
+    require_dtype(op, "residual", residual, ACTIVATION_DTYPES)
+    require_dtype(op, "phi", phi, COEFFICIENT_DTYPES)
+    require_same_dtype(op, phi=phi, alpha=alpha, bias=bias)
+    require_same_device(op, residual=residual, phi=phi, alpha=alpha, bias=bias)
+    for name, t in (("residual", residual), ("phi", phi), ("alpha", alpha), ("bias", bias)):
+        require_contiguous(op, name, t)
+    require_int(op, "iters", iters, 1)
+    require_float(op, "post_mult", post_mult, positive=True)
+    require_float(op, "rms_eps", rms_eps)
+    require_float(op, "sinkhorn_eps", sinkhorn_eps)
+
+
+def pre_mapping_bwd(
+    grads: dict[str, Tensor],
+    residual: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    saved: dict[str, Tensor],
+    iters: int,
+    post_mult: float,
+    sinkhorn_eps: float,
+    op: str = "mhc.pre_mapping_bwd",
+) -> None:
+    """The forward's checks plus: every gradient and saved tensor has the forward output's shape and dtype."""
+    pre_mapping(residual, phi, alpha, bias, iters, post_mult, 0.0, sinkhorn_eps, op)
+    T, n, C = residual.shape
+    m = n * n + 2 * n
+    expected = {
+        "grad_layer_input": ((T, C), residual.dtype),
+        "grad_h_post": ((T, n), phi.dtype),
+        "grad_h_res": ((T, n, n), phi.dtype),
+        "grad_h_pre": ((T, n), phi.dtype),
+        "h_pre": ((T, n), phi.dtype),
+        "h_post": ((T, n), phi.dtype),
+        "proj": ((T, m), phi.dtype),
+        "rinv": ((T,), phi.dtype),
+    }
+    for name, t in {**grads, **saved}.items():
+        require_tensor(op, name, t)
+        shape, dtype = expected[name]
+        require_shape(op, name, t, shape, "")
+        if t.dtype != dtype:
+            raise TypeError(f"{op}: expected {name}.dtype == {dtype}, got {t.dtype}")
+        require_same_device(op, residual=residual, **{name: t})
+        require_contiguous(op, name, t)

@@ -1,0 +1,87 @@
+"""Shared plumbing for every TileLang program in this package: the pinned compile target and the compile call.
+
+Target pinning. TileLang refuses to compile when it cannot detect a GPU unless the target is given explicitly, and
+its disk cache is keyed on the target. We therefore always pass an explicit target:
+
+* ``MHC_TL_TARGET`` (environment), either a JSON dict such as ``{"kind": "cuda", "arch": "sm_90a"}`` or a bare
+  architecture such as ``sm_90a``;
+* otherwise the local GPU (``sm_90`` is promoted to ``sm_90a`` and ``sm_100`` to ``sm_100a`` so that Hopper and
+  Blackwell-only instructions are available);
+* otherwise ``sm_90a`` (H100/H200), so that a machine without a GPU cross-compiles the same binaries the GPU will
+  load from the shared cache.
+
+The target is resolved on first use, never at import, so importing ``tl_kernels`` touches neither CUDA nor nvcc.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+DEFAULT_ARCH = "sm_90a"
+TARGET_ENV = "MHC_TL_TARGET"
+
+# Pass configs every program is compiled with. Warp specialisation is off: these kernels are bandwidth or latency
+# bound and have no producer/consumer pipeline that would benefit, and it keeps the generated code readable.
+PASS_CONFIGS: dict[str, Any] = {
+    "tl.disable_warp_specialized": True,
+}
+
+
+def _arch_suffix(major: int, minor: int) -> str:
+    arch = f"sm_{major}{minor}"
+    if major in (9, 10):  # architecture-specific feature sets (wgmma, tcgen05, setmaxnreg, ...)
+        arch += "a"
+    return arch
+
+
+@functools.cache
+def target() -> dict[str, str]:
+    """The TileLang target dict every kernel is compiled for (see the module docstring for the rules)."""
+    raw = os.environ.get(TARGET_ENV, "").strip()
+    if raw:
+        if raw.startswith("{"):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{TARGET_ENV} must be a JSON dict or an arch like 'sm_90a', got {raw!r}") from exc
+            if not isinstance(value, dict) or value.get("kind") != "cuda" or "arch" not in value:
+                raise ValueError(f"{TARGET_ENV} must name a CUDA target with an arch, got {raw!r}")
+            return {str(k): str(v) for k, v in value.items()}
+        if not raw.startswith("sm_"):
+            raise ValueError(f"{TARGET_ENV} must be a JSON dict or an arch like 'sm_90a', got {raw!r}")
+        return {"kind": "cuda", "arch": raw}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return {"kind": "cuda", "arch": _arch_suffix(major, minor)}
+    except Exception:  # noqa: BLE001 - a broken CUDA install falls back to cross-compilation
+        pass
+    return {"kind": "cuda", "arch": DEFAULT_ARCH}
+
+
+def arch() -> str:
+    """The ``sm_XX[a]`` architecture of :func:`target`."""
+    return target()["arch"]
+
+
+def compile_program(func, *, pass_configs: dict[str, Any] | None = None):
+    """Compile a TileLang ``PrimFunc`` for :func:`target`, through TileLang's disk cache.
+
+    Outputs are never allocated by the kernel (``out_idx=None``): the torch side allocates every tensor, so the
+    ops stay allocation-transparent for ``torch.compile`` and CUDA graphs.
+    """
+    import tilelang
+
+    configs = dict(PASS_CONFIGS)
+    if pass_configs:
+        configs.update(pass_configs)
+    return tilelang.compile(func, out_idx=None, target=target(), pass_configs=configs)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
