@@ -8,9 +8,9 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 STAMP := build/.installed
 
-.PHONY: all install test test-gpu lint format clean
+.PHONY: all install kernels test test-gpu lint format clean
 
-all: install
+all: kernels
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import torch" 2>/dev/null || { echo "no torch found: installing $(TORCH_SPEC)"; $(PIP) install "$(TORCH_SPEC)"; }
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	@mkdir -p build && touch $(STAMP)
 
 install: $(STAMP)
+
+kernels: install
+	$(PYTHON) -m tl_kernels.build --jobs $(JOBS) --json build/kernels.json
 
 test: install
 	$(PYTHON) -m pytest -n $(JOBS) $(PYTEST_ARGS)

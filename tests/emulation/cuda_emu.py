@@ -1,0 +1,90 @@
+"""Run TileLang-generated CUDA C on the CPU, for machines without a GPU.
+
+The generated kernel source is compiled with g++ against ``shim.h``, which maps the CUDA built-ins the kernels use
+(thread and block indices, ``__syncthreads``, ``__shfl_xor_sync``, bf16/fp16 conversions, 128-bit stores) onto C++:
+every CUDA thread of a block is a ``std::thread``, ``__syncthreads`` a ``std::barrier``, and blocks run one after
+another. This checks the index math, the guards for a partial last block, the reductions and the stores of the
+*exact source the GPU compiles* against the float64 reference; it says nothing about speed, memory ordering between
+blocks, or code generation by nvcc/ptxas. Only the constructs in ``shim.h`` are supported: a kernel using others
+fails to build here, loudly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import re
+import subprocess
+import tempfile
+
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+_SIG = re.compile(r"static __global__ void __launch_bounds__\((\d+)(?:, \d+)?\) (\w+)\((.*?)\) \{", re.S)
+
+
+def _cache_dir() -> pathlib.Path:
+    d = pathlib.Path(os.environ.get("MHC_EMU_CACHE_DIR", pathlib.Path(tempfile.gettempdir()) / "mhc-cuda-emu"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+class EmulatedKernel:
+    """A generated kernel built for the CPU; call with torch CPU tensors by parameter name."""
+
+    def __init__(self, source: str):
+        start = source.index('extern "C" __global__ void __launch_bounds__')
+        body = source[start:].replace('extern "C" ', "static ", 1)
+        body = re.sub(r"extern __shared__ __align__\(\d+\) float (\w+)\[\];", r"float *\1 = red_storage;", body)
+        sig = _SIG.match(body)
+        if sig is None:
+            raise ValueError("unrecognised kernel signature in the generated source")
+        self.threads, name, params = int(sig.group(1)), sig.group(2), sig.group(3)
+        plist = [p.strip() for p in params.split(",")]
+        self.names = [p.split()[-1] for p in plist]
+        casts = []
+        for i, p in enumerate(plist):
+            typ = p[: p.rindex(" ")].replace("__restrict__", "").strip()
+            casts.append(f"({typ})ptrs[{i}]" if "*" in typ else "num_tokens")
+        launcher = f"""
+extern "C" void launch(void **ptrs, int num_tokens, int grid) {{
+  for (int b = 0; b < grid; ++b) {{
+    std::barrier<> bar({self.threads});
+    g_bar = &bar;
+    std::vector<std::thread> ts;
+    for (int t = 0; t < {self.threads}; ++t)
+      ts.emplace_back([&, t, b] {{ threadIdx.x = t; blockIdx.x = b; {name}({", ".join(casts)}); }});
+    for (auto &th : ts) th.join();
+  }}
+}}
+"""
+        code = '#include "shim.h"\n' + body + launcher
+        digest = hashlib.sha1((code + (HERE / "shim.h").read_text()).encode()).hexdigest()[:16]
+        so = _cache_dir() / f"k_{digest}.so"
+        if not so.exists():
+            cpp = so.with_suffix(".cpp")
+            cpp.write_text(code)
+            tmp = so.with_suffix(f".{os.getpid()}.tmp")
+            cmd = ["g++", "-std=c++20", "-O1", "-w", "-fPIC", "-shared", "-pthread", "-I", str(HERE), str(cpp), "-o"]
+            subprocess.run([*cmd, str(tmp)], check=True, capture_output=True)
+            os.replace(tmp, so)
+        self._lib = ctypes.CDLL(str(so))
+        self._lib.launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+
+    def __call__(self, *, num_tokens: int, grid: int, **tensors: torch.Tensor) -> None:
+        """Launch ``grid`` blocks; tensors are passed by parameter name (the generated signature orders them by
+        name, not as the TileLang program declares them)."""
+        wanted = sorted(n for n in self.names if n != "num_tokens")
+        if sorted(tensors) != wanted:
+            raise ValueError(f"expected tensors {wanted}, got {sorted(tensors)}")
+        ptrs = (ctypes.c_void_p * len(self.names))()
+        for i, n in enumerate(self.names):
+            if n == "num_tokens":
+                continue
+            t = tensors[n]
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"{n}: expected a contiguous CPU tensor")
+            ptrs[i] = t.data_ptr()
+        self._lib.launch(ptrs, num_tokens, grid)

@@ -1,0 +1,376 @@
+"""F_post,res: apply H_post and H_res and merge the residual, forward and backward, in one pass each.
+
+Math (mHC paper Eq. 3, the paper's orientation; DeepSeek's TileKernels applies the transpose of ``h_res``)::
+
+    out[t, i, c] = sum_j h_res[t, i, j] * residual[t, j, c] + h_post[t, i] * layer_output[t, c]
+
+and its backward, with ``g = grad_out``::
+
+    d_layer_output[t, c] = sum_i h_post[t, i] * g[t, i, c]
+    d_residual[t, j, c]  = sum_i h_res[t, i, j] * g[t, i, c]
+    d_h_post[t, i]       = sum_c g[t, i, c] * layer_output[t, c]
+    d_h_res[t, i, j]     = sum_c g[t, i, c] * residual[t, j, c]
+
+Layouts and dtypes (all tensors contiguous, ``T`` = ``num_tokens`` is dynamic: one binary per ``(n, C, dtype)``):
+
+* fwd ``kernel(layer_output [T, C] dt, residual [T, n, C] dt, h_post [T, n] f32, h_res [T, n, n] f32,
+  out [T, n, C] dt)``;
+* bwd ``kernel(grad_out [T, n, C] dt, layer_output [T, C] dt, residual [T, n, C] dt, h_post [T, n] f32,
+  h_res [T, n, n] f32, d_layer_output [T, C] dt, d_residual [T, n, C] dt, d_h_post [T, n] f32,
+  d_h_res [T, n, n] f32)``;
+* ``dt`` in :data:`DTYPES`; n in {1, 2, 4, 6, 8}; C a positive multiple of 64 up to 65536.
+  Arithmetic is fp32; every activation output is rounded once to ``dt`` on store. ``T >= 1`` (the host skips 0).
+
+Design. Both kernels are pure bandwidth. Bytes per token at n=4, bf16: fwd reads (n+1)C and writes nC elements =
+18C bytes (+80 B of coefficients), 129 KB at C=7168; bwd reads (2n+1)C and writes (n+1)C = 28C bytes (+160 B),
+201 KB at C=7168. Floors at T=16384, C=7168 on an H100 (3.35 TB/s nominal): 631 us fwd, 982 us bwd. So:
+
+* 128-bit accesses. A thread owns "chunks" of VEC = 16 bytes of the hidden dimension (8 bf16/fp16 or 4 fp32) and
+  moves each activation row of a chunk with one 128-bit access: loads are plain vector loads (PTX
+  ``ld.global.nc.v4.u32``, ``.v4.f32`` for fp32), stores go through ``T.stg128`` (``st.global.v4.u32``) because nvcc
+  split the first row's ordinary ``uint4`` store of a locally packed bf16 vector into 4 x ``st.global.u32``.
+* Chunking rule, chunks = C / VEC (a multiple of 8). If chunks <= 32: tpt (threads per token) = next power of two
+  >= chunks and a 128-thread block serves 128 / tpt tokens (C=64 bf16: 8 threads x 16 tokens). Otherwise one token
+  per block, iters = ceil(chunks / 256) and tpt = 32 * ceil(chunks / (32 * iters)). Thread ``lane`` of a token
+  handles chunks q = k * tpt + lane, k < iters (a warp touches 512 contiguous bytes per row): every chunk exactly
+  once, with a ``q < chunks`` guard only where tpt * iters > chunks. bf16: C=1280 -> 160 threads x 1 iteration,
+  1920 -> 256 x 1 (240 active), 2560 -> 160 x 2, 4096 -> 256 x 2, 7168 -> 224 x 4, 16384 -> 256 x 8; fp32 7168 ->
+  256 x 7.
+* Latency hiding from many resident warps, not software pipelining: ``T.Pipelined`` through shared memory would add
+  a copy and barriers to a kernel that reuses nothing. Registers are capped with ``__launch_bounds__(threads,
+  min_blocks)`` (:data:`_REG_BUDGET`); n=4 bf16 at C=7168: fwd 63 registers, 4 blocks x 7 warps per SM, each warp
+  with 5 x 512 B of loads in flight = 70 KB per SM; bwd 123 registers, 2 x 7 warps x 9 x 512 B = 64 KB. Little's law
+  needs ~25 KB per SM (3.35 TB/s / 132 SMs x ~1 us loaded latency), and reads are only 10/18 (fwd) and 18/28 (bwd)
+  of the traffic. One token per block also keeps small T (decode) from serialising a token over one warp: at most
+  4 dependent load rounds per token for the shipped bf16 sizes. The loop over a thread's chunks stays rolled.
+* ``h_res`` and ``h_post`` of the token are loaded once per thread into registers (fp32, gcd(n, 4)-wide vector
+  loads; the threads of a token read the same addresses, L1 broadcasts). All loops over n and VEC are unrolled, so
+  every local array is indexed by constants and lives in registers.
+* bwd: each thread accumulates n * n + n fp32 partial sums of d_h_res and d_h_post (72 for n=8) over its chunks in
+  a fixed order, then an xor butterfly over the token's lanes of each warp (segment min(tpt, 32)), segment leaders
+  write their partials to shared memory [slots, n * n + n], one ``__syncthreads``, and thread p of the token adds
+  the token's slots in slot order and writes coefficient gradient p. No atomics: bitwise deterministic for a given
+  (n, C, dtype). The butterfly and the barrier sit outside the ``t < num_tokens`` guard (full-warp shuffles).
+
+ptxas (sm_90a, nvcc 13.0) over 220 configurations (n in {1, 2, 4, 6, 8} x C in {64, 192, 1280, 1920, 2560, 4096,
+7168, 16384} bf16, the shipped C for fp16/fp32, C=64/192 for fp16/fp32, C=65536 for n=4, 8): 0 bytes stack, 0
+spill stores/loads, no local memory in every one. Registers, one token per block (chunks > 32), fwd / bwd:
+n=1 22-32 / 34-44, n=2 32-40 / 48-71, n=4 55-64 / 122-128, n=6 107-128 / 126-226, n=8 128 / 168-254; several
+tokens per block (ptxas unconstrained): fwd n=4 55-72, n=8 121-155, bwd n=8 127-168. Cold compile 3-5 s per
+configuration on 2 free cores.
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+
+from . import _common
+
+__all__ = [
+    "DTYPES",
+    "post_res_bwd_kernel",
+    "post_res_bwd_program",
+    "post_res_fwd_kernel",
+    "post_res_fwd_program",
+]
+
+#: Residual / layer-output dtypes (TileLang names). Coefficients and their gradients are always float32.
+DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+_STREAMS = (1, 2, 4, 6, 8)  # supported stream counts n
+_MAX_HIDDEN = 65536  # largest supported hidden size C (any positive multiple of 64 up to this)
+
+_HIDDEN_MULTIPLE = 64
+_VECTOR_BYTES = 16  # one 128-bit access per thread and row
+_SMALL_BLOCK = 128  # block size when several tokens share a block (tpt <= 32)
+_MAX_TPT = 256  # most threads one token is spread over
+_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_REGS_PER_SM = 65536
+_THREADS_PER_SM = 2048
+# Register budget per thread, turned into __launch_bounds__(threads, min_blocks). Unconstrained, ptxas took 80 (fwd
+# n=4) and 240 (fwd n=8, C=7168) registers; these caps are the smallest that gave zero spills over the sweep in the
+# module docstring (fwd n=4 at 64: 4 blocks of 224-256 threads per SM; fwd n=8 at 128: 2 blocks instead of 1).
+_REG_BUDGET = {
+    "fwd": {1: 40, 2: 48, 4: 64, 6: 112, 8: 128},
+    "bwd": {1: 48, 2: 72, 4: 128, 6: 144, 8: 255},
+}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    vec: int  # elements per 128-bit access
+    chunks: int  # C // vec
+    tpt: int  # threads per token
+    tpb: int  # tokens per block
+    iters: int  # serial iterations per thread
+    guarded: bool  # tpt * iters > chunks: the last iteration needs q < chunks
+    coef_vec: int  # vector width of the h_res / h_post loads
+
+    @property
+    def threads(self) -> int:
+        return self.tpt * self.tpb
+
+
+def _validate(n: int, C: int, dtype: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n not in _STREAMS:
+        raise ValueError(f"post_res: n must be one of {_STREAMS}, got {n!r}")
+    if isinstance(C, bool) or not isinstance(C, int) or C <= 0 or C % _HIDDEN_MULTIPLE != 0 or C > _MAX_HIDDEN:
+        raise ValueError(
+            f"post_res: C must be a positive multiple of {_HIDDEN_MULTIPLE} up to {_MAX_HIDDEN}, got {C!r}"
+        )
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"post_res: dtype must be one of {DTYPES}, got {dtype!r}")
+
+
+def _plan(n: int, C: int, dtype: str) -> _Plan:
+    vec = _VECTOR_BYTES // _ELEMENT_BYTES[dtype]
+    chunks = C // vec
+    if chunks <= 32:
+        tpt = 1 << (chunks - 1).bit_length()
+        tpb = _SMALL_BLOCK // tpt
+        iters = 1
+    else:
+        iters = -(-chunks // _MAX_TPT)
+        tpt = 32 * -(-chunks // (32 * iters))
+        tpb = 1
+    return _Plan(
+        vec=vec,
+        chunks=chunks,
+        tpt=tpt,
+        tpb=tpb,
+        iters=iters,
+        guarded=tpt * iters > chunks,
+        coef_vec=math.gcd(n, 4),
+    )
+
+
+def _min_blocks(direction: str, n: int, p: _Plan) -> int:
+    """``minBlocksPerMultiprocessor`` of ``__launch_bounds__``: caps ptxas at ~``_REG_BUDGET`` registers a thread.
+
+    Only for one token per block; the small-C blocks (several tokens, not bandwidth-critical) are left to ptxas:
+    their extra token index math made fwd n=4 fp16 at C=64 spill 8 bytes under the 64-register cap.
+    """
+    if p.tpb > 1:
+        return 1
+    budget = _REG_BUDGET[direction][n]
+    return max(1, min(_REGS_PER_SM // (budget * p.threads), _THREADS_PER_SM // p.threads))
+
+
+def _chunk_loop(T, iters: int):
+    """The loop over a thread's chunks: kept rolled (``#pragma unroll 1``) so registers do not grow with C."""
+    return T.serial(1) if iters == 1 else T.unroll(iters, annotations={"pragma_unroll_factor": 1})
+
+
+def post_res_fwd_program(n: int, C: int, dtype: str):
+    """``out = h_res @ residual + h_post^T layer_output`` per token; see the module docstring."""
+    _validate(n, C, dtype)
+    import tilelang.language as T
+    from tvm import tirx
+
+    p = _plan(n, C, dtype)
+    vec, tpt, tpb, cw = p.vec, p.tpt, p.tpb, p.coef_vec
+    f32 = "float32"
+    num_tokens = T.dynamic("num_tokens")
+
+    @T.macro
+    def chunk(q, t, layer_output, residual, out, hr, hp, xs, ls, acc, ob):
+        c0 = q * vec
+        for e in T.vectorized(vec):
+            ls[e] = layer_output[t, c0 + e]
+        for j in T.unroll(n):
+            for e in T.vectorized(vec):
+                xs[j, e] = residual[t, j, c0 + e]
+        for i in T.unroll(n):
+            for e in T.unroll(vec):
+                acc[e] = hp[i] * T.cast(ls[e], f32)
+            for j in T.unroll(n):
+                for e in T.unroll(vec):
+                    acc[e] = acc[e] + hr[i, j] * T.cast(xs[j, e], f32)
+            for e in T.vectorized(vec):
+                ob[e] = T.cast(acc[e], dtype)
+            T.stg128(out[t, i, c0], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"))
+
+    @T.prim_func
+    def post_res_fwd(
+        layer_output: T.Tensor((num_tokens, C), dtype),
+        residual: T.Tensor((num_tokens, n, C), dtype),
+        h_post: T.Tensor((num_tokens, n), f32),
+        h_res: T.Tensor((num_tokens, n, n), f32),
+        out: T.Tensor((num_tokens, n, C), dtype),
+    ):
+        with T.Kernel(T.ceildiv(num_tokens, tpb), threads=p.threads) as bx:
+            T.annotate_min_blocks_per_sm(_min_blocks("fwd", n, p))
+            tx = T.get_thread_binding()
+            hr = T.alloc_local((n, n), f32)
+            hp = T.alloc_local((n,), f32)
+            xs = T.alloc_local((n, vec), dtype)
+            ls = T.alloc_local((vec,), dtype)
+            acc = T.alloc_local((vec,), f32)
+            ob = T.alloc_local((vec,), dtype)
+            t = bx * tpb + tx // tpt
+            lane = tx % tpt
+            if t < num_tokens:
+                for i in T.unroll(n // cw):
+                    for e in T.vectorized(cw):
+                        hp[i * cw + e] = h_post[t, i * cw + e]
+                for i in T.unroll(n):
+                    for j in T.unroll(n // cw):
+                        for e in T.vectorized(cw):
+                            hr[i, j * cw + e] = h_res[t, i, j * cw + e]
+                for k in _chunk_loop(T, p.iters):
+                    q = k * tpt + lane
+                    if p.guarded:
+                        if q < p.chunks:
+                            chunk(q, t, layer_output, residual, out, hr, hp, xs, ls, acc, ob)
+                    else:
+                        chunk(q, t, layer_output, residual, out, hr, hp, xs, ls, acc, ob)
+
+    return post_res_fwd
+
+
+def post_res_bwd_program(n: int, C: int, dtype: str):
+    """Gradients of :func:`post_res_fwd_program` w.r.t. all four inputs, in one pass; see the module docstring."""
+    _validate(n, C, dtype)
+    import tilelang.language as T
+    from tvm import tirx
+
+    p = _plan(n, C, dtype)
+    vec, tpt, tpb, cw = p.vec, p.tpt, p.tpb, p.coef_vec
+    f32 = "float32"
+    nn = n * n
+    num_coef = nn + n  # d_h_res (row-major) then d_h_post
+    seg = min(tpt, 32)  # lanes of one token inside one warp
+    slots_per_token = max(1, tpt // 32)
+    num_slots = p.threads // seg
+    coef_rounds = -(-num_coef // tpt)
+    shuffle_offsets = tuple(seg >> s for s in range(1, seg.bit_length()))  # seg/2, ..., 1
+    num_tokens = T.dynamic("num_tokens")
+
+    @T.macro
+    def chunk(q, t, grad_out, layer_output, residual, d_lo, d_res, hr, hp, gs, xs, ls, acc, ob, ph, pr):
+        c0 = q * vec
+        for i in T.unroll(n):
+            for e in T.vectorized(vec):
+                gs[i, e] = grad_out[t, i, c0 + e]
+        for e in T.vectorized(vec):
+            ls[e] = layer_output[t, c0 + e]
+        for j in T.unroll(n):
+            for e in T.vectorized(vec):
+                xs[j, e] = residual[t, j, c0 + e]
+        # d_layer_output and the d_h_post partials
+        for e in T.unroll(vec):
+            acc[e] = hp[0] * T.cast(gs[0, e], f32)
+        for i in T.unroll(1, n):
+            for e in T.unroll(vec):
+                acc[e] = acc[e] + hp[i] * T.cast(gs[i, e], f32)
+        for e in T.vectorized(vec):
+            ob[e] = T.cast(acc[e], dtype)
+        T.stg128(d_lo[t, c0], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"))
+        for i in T.unroll(n):
+            for e in T.unroll(vec):
+                ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(ls[e], f32)
+        # d_residual row j and the d_h_res[:, j] partials
+        for j in T.unroll(n):
+            for e in T.unroll(vec):
+                acc[e] = hr[0, j] * T.cast(gs[0, e], f32)
+            for i in T.unroll(1, n):
+                for e in T.unroll(vec):
+                    acc[e] = acc[e] + hr[i, j] * T.cast(gs[i, e], f32)
+            for e in T.vectorized(vec):
+                ob[e] = T.cast(acc[e], dtype)
+            T.stg128(d_res[t, j, c0], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"))
+            for i in T.unroll(n):
+                for e in T.unroll(vec):
+                    pr[i, j] = pr[i, j] + T.cast(gs[i, e], f32) * T.cast(xs[j, e], f32)
+
+    @T.prim_func
+    def post_res_bwd(
+        grad_out: T.Tensor((num_tokens, n, C), dtype),
+        layer_output: T.Tensor((num_tokens, C), dtype),
+        residual: T.Tensor((num_tokens, n, C), dtype),
+        h_post: T.Tensor((num_tokens, n), f32),
+        h_res: T.Tensor((num_tokens, n, n), f32),
+        d_layer_output: T.Tensor((num_tokens, C), dtype),
+        d_residual: T.Tensor((num_tokens, n, C), dtype),
+        d_h_post: T.Tensor((num_tokens, n), f32),
+        d_h_res: T.Tensor((num_tokens, n, n), f32),
+    ):
+        with T.Kernel(T.ceildiv(num_tokens, tpb), threads=p.threads) as bx:
+            T.annotate_min_blocks_per_sm(_min_blocks("bwd", n, p))
+            tx = T.get_thread_binding()
+            hr = T.alloc_local((n, n), f32)
+            hp = T.alloc_local((n,), f32)
+            gs = T.alloc_local((n, vec), dtype)
+            xs = T.alloc_local((n, vec), dtype)
+            ls = T.alloc_local((vec,), dtype)
+            acc = T.alloc_local((vec,), f32)
+            ob = T.alloc_local((vec,), dtype)
+            ph = T.alloc_local((n,), f32)
+            pr = T.alloc_local((n, n), f32)
+            total = T.alloc_local((1,), f32)
+            red = T.alloc_shared((num_slots, num_coef), f32)
+            token = tx // tpt
+            t = bx * tpb + token
+            lane = tx % tpt
+            for i in T.unroll(n):
+                ph[i] = 0.0
+                for j in T.unroll(n):
+                    pr[i, j] = 0.0
+            if t < num_tokens:
+                for i in T.unroll(n // cw):
+                    for e in T.vectorized(cw):
+                        hp[i * cw + e] = h_post[t, i * cw + e]
+                for i in T.unroll(n):
+                    for j in T.unroll(n // cw):
+                        for e in T.vectorized(cw):
+                            hr[i, j * cw + e] = h_res[t, i, j * cw + e]
+                for k in _chunk_loop(T, p.iters):
+                    q = k * tpt + lane
+                    if p.guarded:
+                        if q < p.chunks:
+                            chunk(
+                                q, t, grad_out, layer_output, residual, d_layer_output, d_residual,
+                                hr, hp, gs, xs, ls, acc, ob, ph, pr,
+                            )  # fmt: skip
+                    else:
+                        chunk(
+                            q, t, grad_out, layer_output, residual, d_layer_output, d_residual,
+                            hr, hp, gs, xs, ls, acc, ob, ph, pr,
+                        )  # fmt: skip
+            # Butterfly over the token's lanes of this warp: every lane of the warp takes part (full-mask shuffles),
+            # lanes of tokens past num_tokens contribute zeros. xor offsets < seg never cross a token boundary.
+            for offset in shuffle_offsets:  # a Python tuple: expanded at trace time, constant offsets
+                for i in T.unroll(n):
+                    ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
+                    for j in T.unroll(n):
+                        pr[i, j] = pr[i, j] + T.shfl_xor(pr[i, j], offset)
+            if tx % seg == 0:
+                for i in T.unroll(n):
+                    for j in T.unroll(n):
+                        red[tx // seg, i * n + j] = pr[i, j]
+                    red[tx // seg, nn + i] = ph[i]
+            T.sync_threads()
+            if t < num_tokens:
+                for r in T.serial(coef_rounds):
+                    c = r * tpt + lane
+                    if c < num_coef:
+                        total[0] = red[token * slots_per_token, c]
+                        for s in T.unroll(1, slots_per_token):
+                            total[0] = total[0] + red[token * slots_per_token + s, c]
+                        if c < nn:
+                            d_h_res[t, c // n, c % n] = total[0]
+                        else:
+                            d_h_post[t, c - nn] = total[0]
+
+    return post_res_bwd
+
+
+@functools.cache
+def post_res_fwd_kernel(n: int, C: int, dtype: str):
+    """The compiled forward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
+    return _common.compile_program(post_res_fwd_program(n, C, dtype))
+
+
+@functools.cache
+def post_res_bwd_kernel(n: int, C: int, dtype: str):
+    """The compiled backward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
+    return _common.compile_program(post_res_bwd_program(n, C, dtype))
