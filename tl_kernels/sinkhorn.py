@@ -49,8 +49,8 @@ dynamic (one binary per (n, iters, eps)); T = 0 must not be launched (zero-size 
 * ``sinkhorn_bwd_kernel(n, iters, eps)(grad_out, logits, grad_logits)``
 
 Supported: 1 <= n <= 16, finite eps >= 0, iters >= 1 as long as one token's backward state fits the shared-memory
-budget, i.e. iters <= (SMEM_BUDGET_BYTES / 4 - 2 * pitch) / (2n) (3163 for n = 4, 775 for n = 16); anything else
-raises ValueError in the ``*_program`` functions.
+budget, i.e. iters - 1 <= (SMEM_BUDGET_BYTES / 4 - 2 * pitch) / (2n) (iters <= 3164 for n = 4, 776 for n = 16;
+the forward alone has no limit); anything else raises ValueError in the ``*_program`` functions.
 
 Design
 ------
@@ -85,33 +85,35 @@ Configurations at iters = 20 (R/S = registers/shared memory; registers from ``pt
 (CUDA 13.0) for eps = 0 / eps = 1e-6; every kernel listed has 0 B stack frame, 0 B spill stores/loads and no
 ``.local`` in its PTX):
 
-    n   kernel  tpb  shared B  L2  g  P           registers
-    2   fwd     128     2560   R   -  -            26 / 28
-    2   bwd     128    46080   R   R  R            44 / 44
-    4   fwd     128     8704   R   -  -            62 / 71
-    4   bwd     128    99328   R   R  R           101 / 102
-    8   fwd     128    33280   R   -  -           160 / 167
-    8   bwd      32    57600   S   S  R           168 / 168
-    16  fwd      96    98688   S   -  -           148 / 161
-    16  bwd      21    96936   S   S  recompute   255 / 255  (ptxas' choice under __launch_bounds__(21, 1): capped
-                                                               at 128 with .maxnreg it still has 0 spills)
+    n   kernel  tpb  shared B  z/L g  P           registers
+    2   fwd     128     2560   R   -  -            22 / 24
+    2   bwd     128    44032   R   R  R            40 / 40
+    4   fwd     128     8704   R   -  -            56 / 61
+    4   bwd     128    95232   R   R  R            96 / 96
+    8   fwd     128    33280   R   -  -           138 / 158
+    8   bwd      32    55552   S   S  R           168 / 168
+    16  fwd      96    98688   S   -  -           168 / 167
+    16  bwd      22    98736   S   S  recompute   255 / 255
 
-All of n = 1..16 (iters = 20, eps = 1e-6) and n in {1, 2, 3, 4, 6, 8, 16} x iters in {1, 20} x eps in {0, 1e-6}
-compile with 0 spills; the largest counts are 241-255 (n >= 9 backward, n = 10 forward), which ptxas also fits in
-168 registers without spills. Cold compile (TileLang -> nvcc -> cubin, 2 busy cores): 4.5-7.5 s for n <= 8,
-7-17 s for n >= 9; warm: from TileLang's disk cache.
+All of n = 1..16 x eps in {0, 1e-6} at iters = 20, and n in {1, 2, 3, 4, 6, 8, 16} x iters in {1, 20} x eps in
+{0, 1e-6}, compile with 0 spills and no local memory. The 228-255 register counts (n >= 9 backward, n = 10
+forward) are ptxas' choice under ``__launch_bounds__(tpb, 1)``: with ``.maxnreg 168`` they still have 0 spills
+(n = 12, 16 backward even at 128). Shared memory never exceeds SMEM_BUDGET_BYTES = 99 KiB per block. Cold compile
+(TileLang -> nvcc -> cubin, on 2 cores shared with other jobs): 4-7.5 s for n <= 8, 4-10 s (up to 17 s under
+load) for n >= 9; warm: from TileLang's disk cache in ~0.1-0.3 s.
 
-Performance (n = 4, iters = 20, T = 16384, H100 SXM; estimated, not measured: no GPU on the build machine)
+Performance (n = 4, iters = 20, T = 16384, H100 SXM; estimated, NOT measured: no GPU on the build machine)
 ----------------------------------------------------------------------------------------------------------
 Both kernels are bound by the MUFU pipe (16 ex2/lg2 per clock per SM) and by latency, not by memory (1 MB in,
-1 MB out). Forward: 816 MUFU ops per token (16 ex2 + 4 lg2 per half-step, the eps trick keeps eps > 0 at the same
-count, + 16 for the output); backward: 1200 (recompute 800, sweeps 19 * (16 + 4) + 16 + 4). MUFU floor at
-~1.75 GHz: 16384 * 816 / (132 * 16) clk = 3.6 us forward and 5.3 us backward. 16384 tokens are 512 warps, about one
-per SM sub-partition, so each half-step also exposes its dependency chain (max tree -> exp2 -> sum tree -> lg2,
-~60-90 clk on top of ~160 clk of MUFU issue); estimate ~5-6.5 us forward and ~7.5-9 us backward including the
-~1 us memory prologue/epilogue each: 13-15.5 us, i.e. the 15 us target is met only if the MUFU pipe stays >= ~65%
-busy. If a measurement misses it, the next lever is two threads per token (row halves, column partials exchanged
-with one shfl.xor each) to put two warps on every sub-partition and hide that chain.
+1 MB out). Forward: 816 MUFU ops per token (16 ex2 + 4 lg2 per half-step; the eps trick keeps eps > 0 at the same
+count; + 16 for the output); backward: 1200 (recompute 800, sweeps 19 * (16 + 4) + 16 + 4); counts read off the
+PTX. MUFU floor at ~1.75 GHz: 16384 * 816 / (132 * 16) clk = 3.6 us forward, 5.3 us backward. 16384 tokens are
+512 warps, about one per SM sub-partition, so each half-step also exposes its dependency chain (max tree -> exp ->
+sum tree -> lg2, ~60-90 clk on top of ~160 clk of MUFU issue); estimate ~5-6.5 us forward and ~7.5-9 us backward
+including ~1 us of memory prologue/epilogue each: 13-15.5 us in total, i.e. the 15 us target is met only if the
+MUFU pipe stays >= ~65% busy. If a measurement misses it, the next lever is two threads per token (row halves,
+column partials exchanged with one shfl.xor each) to put two warps on every sub-partition and hide that chain; a
+second one is evaluating part of the exps with an FMA-pipe polynomial (the MUFU pipe is the bottleneck).
 """
 
 from __future__ import annotations

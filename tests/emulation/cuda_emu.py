@@ -37,7 +37,11 @@ class EmulatedKernel:
     def __init__(self, source: str):
         start = source.index('extern "C" __global__ void __launch_bounds__')
         body = source[start:].replace('extern "C" ', "static ", 1)
-        body = re.sub(r"extern __shared__ __align__\(\d+\) float (\w+)\[\];", r"float *\1 = red_storage;", body)
+        body = re.sub(
+            r"extern __shared__ __align__\(\d+\) (\w+) (\w+)\[\];",
+            r"\1 *\2 = reinterpret_cast<\1 *>(red_storage);",
+            body,
+        )
         sig = _SIG.match(body)
         if sig is None:
             raise ValueError("unrecognised kernel signature in the generated source")

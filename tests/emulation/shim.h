@@ -1,5 +1,7 @@
 // CPU emulation shim for TileLang-generated CUDA kernels (one std::thread per CUDA thread, one block at a time).
+// Covers the constructs the post/res and Sinkhorn kernels use; anything else fails to compile, loudly.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -11,9 +13,20 @@ struct dim3_ { unsigned x = 0, y = 0, z = 0; };
 inline thread_local dim3_ threadIdx, blockIdx;
 inline std::barrier<> *g_bar = nullptr;
 inline float g_slots[1024];
-inline float red_storage[16384] __attribute__((aligned(1024)));
+alignas(1024) inline unsigned char red_storage[1 << 18];  // dynamic shared memory of the running block
 #define __global__
 #define __launch_bounds__(...)
+#define __restrict__
+#define __align__(x)
+#define __log2f log2f
+typedef unsigned char uchar;
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+inline float min(float a, float b) { return fminf(a, b); }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 #define __syncthreads() g_bar->arrive_and_wait()
 typedef unsigned int uint;
 struct uint2 { uint32_t x, y; };
