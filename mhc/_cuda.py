@@ -13,6 +13,8 @@ coefficients). Nothing here runs at import beyond the registration.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -97,6 +99,138 @@ def post_res_bwd(
     return d_layer_output, d_residual, d_h_post, d_h_res
 
 
+# ---------------------------------------------------------------------------------------------------- pre-mapping
+
+# The fused pre-mapping runs four TileLang kernels (tl_kernels/pre_proj.py, tl_kernels/pre_finalize.py) and, in the
+# backward, the Sinkhorn backward kernel of tl_kernels/sinkhorn.py:
+#   fwd: pre_proj_fwd (x @ phi and sum x^2, split-K partials) -> pre_finalize_fwd (coefficients, Sinkhorn, H_pre x)
+#   bwd: pre_finalize_bwd (<g_li, x_i>, d logits of pre/post, res logits) -> sinkhorn_bwd -> pre_proj_bwd (d_x, d_phi
+#        partials); d_phi, d_alpha and d_bias are summed over splits / tokens with torch reductions (fixed order).
+PRE_MAPPING_STREAMS = (1, 2, 4, 6, 8)
+
+
+def _num_sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def pre_mapping_kernel_supported(n: int, C: int, iters: int) -> bool:
+    """Whether the TileLang pre-mapping kernels serve this shape (else the reference runs)."""
+    from tl_kernels import sinkhorn
+
+    if n not in PRE_MAPPING_STREAMS or C % _checks.CUDA_HIDDEN_MULTIPLE != 0 or C > 65536:
+        return False
+    try:
+        sinkhorn._bwd_plan(n, iters, 0.0)  # the Sinkhorn backward's shared-memory budget limits iters
+    except ValueError:
+        return False
+    return True
+
+
+def _pre_mapping_on_reference(residual: Tensor, phi: Tensor, iters: int) -> bool:
+    if residual.dtype == torch.float64 or phi.dtype == torch.float64:
+        return True
+    return not pre_mapping_kernel_supported(residual.shape[1], residual.shape[2], iters)
+
+
+def pre_mapping_fwd(
+    residual: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    iters: int,
+    post_mult: float,
+    rms_eps: float,
+    sinkhorn_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _checks.pre_mapping(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, "mhc::pre_mapping_fwd")
+    if _pre_mapping_on_reference(residual, phi, iters):
+        return reference.pre_mapping(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps)
+    _int32_safe("mhc::pre_mapping_fwd", residual)
+    T, n, C = residual.shape
+    m = n * n + 2 * n
+    f32 = dict(device=residual.device, dtype=torch.float32)
+    layer_input = residual.new_empty((T, C))
+    h_post, h_pre = torch.empty(T, n, **f32), torch.empty(T, n, **f32)
+    h_res = torch.empty(T, n, n, **f32)
+    proj, rinv = torch.empty(T, m, **f32), torch.empty(T, **f32)
+    if T > 0:
+        from tl_kernels import pre_finalize, pre_proj
+
+        dt = _TL_DTYPES[residual.dtype]
+        sms = _num_sms(residual.device)
+        splits = pre_proj.choose_splits(T, n, C, sms, "fwd")
+        proj_part = torch.empty(splits, T, m, **f32)
+        sq_part = torch.empty(splits, T, **f32)
+        pre_proj.pre_proj_fwd_kernel(n, C, dt)(residual.view(T, n * C), phi, proj_part, sq_part)
+        slices = pre_finalize.choose_slices(T, C, dt, sms)
+        pre_finalize.pre_finalize_fwd_kernel(n, C, dt, iters, float(sinkhorn_eps))(
+            proj_part, sq_part, alpha, bias, residual, layer_input, h_post, h_res, h_pre, proj, rinv,
+            float(rms_eps), float(post_mult), slices,
+        )  # fmt: skip
+    return layer_input, h_post, h_res, h_pre, proj, rinv
+
+
+def pre_mapping_bwd(
+    grad_layer_input: Tensor,
+    grad_h_post: Tensor,
+    grad_h_res: Tensor,
+    grad_h_pre: Tensor,
+    residual: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    h_pre: Tensor,
+    h_post: Tensor,
+    proj: Tensor,
+    rinv: Tensor,
+    iters: int,
+    post_mult: float,
+    sinkhorn_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (
+        grad_layer_input, grad_h_post, grad_h_res, grad_h_pre, residual, phi, alpha, bias,
+        h_pre, h_post, proj, rinv, iters, post_mult, sinkhorn_eps,
+    )  # fmt: skip
+    ops._check_pre_mapping_bwd(*args)
+    if _pre_mapping_on_reference(residual, phi, iters):
+        return reference.pre_mapping_backward(*args)
+    _int32_safe("mhc::pre_mapping_bwd", residual)
+    T, n, C = residual.shape
+    m, K = n * n + 2 * n, n * C
+    f32 = dict(device=residual.device, dtype=torch.float32)
+    d_residual = torch.empty_like(residual)
+    if T == 0:
+        return d_residual, torch.zeros(K, m, **f32), torch.zeros(3, **f32), torch.zeros(m, **f32)
+    from tl_kernels import pre_finalize, pre_proj, sinkhorn
+
+    dt = _TL_DTYPES[residual.dtype]
+    d_pp = torch.empty(T, 2 * n, **f32)
+    res_logits = torch.empty(T, n, n, **f32)
+    pre_finalize.pre_finalize_bwd_kernel(n, C, dt)(
+        grad_layer_input, residual, grad_h_pre, grad_h_post, h_pre, h_post, proj, rinv, alpha, bias,
+        d_pp, res_logits, float(post_mult),
+    )  # fmt: skip
+    d_res = torch.empty(T, n, n, **f32)
+    sinkhorn.sinkhorn_bwd_kernel(n, iters, float(sinkhorn_eps))(grad_h_res, res_logits, d_res)
+    d_logits = torch.cat([d_pp, d_res.view(T, n * n)], dim=1)
+    splits = pre_proj.choose_splits(T, n, C, _num_sms(residual.device), "bwd")
+    d_phi_part = torch.empty(splits, K, m, **f32)
+    pre_proj.pre_proj_bwd_kernel(n, C, dt, False)(
+        residual.view(T, K), phi, d_logits, proj, rinv, alpha, h_pre, grad_layer_input, d_residual.view(T, K),
+        d_phi_part,
+    )  # fmt: skip
+    d_phi = d_phi_part.sum(0)
+    d_bias = d_logits.sum(0)
+    d_scale = (d_logits * proj * rinv[:, None]).sum(0)
+    d_alpha = torch.stack([d_scale[:n].sum(), d_scale[n : 2 * n].sum(), d_scale[2 * n :].sum()])
+    return d_residual, d_phi, d_alpha, d_bias
+
+
 def warmup(
     *,
     hidden_sizes=(),
@@ -128,3 +262,5 @@ ops.sinkhorn_fwd.register_kernel("cuda")(sinkhorn_fwd)
 ops.sinkhorn_bwd.register_kernel("cuda")(sinkhorn_bwd)
 ops.post_res_fwd.register_kernel("cuda")(post_res_fwd)
 ops.post_res_bwd.register_kernel("cuda")(post_res_bwd)
+ops.pre_mapping_fwd.register_kernel("cuda")(pre_mapping_fwd)
+ops.pre_mapping_bwd.register_kernel("cuda")(pre_mapping_bwd)

@@ -18,9 +18,8 @@ op                         inputs -> outputs (``T`` tokens, ``n`` streams, ``C``
 Every op has:
 
 * a default kernel (all devices) that is the PyTorch reference of :mod:`mhc.reference`, so everything runs and is
-  testable on a CPU. The CUDA kernels written in TileLang are registered over it by :mod:`mhc._cuda` for the
-  families that have one; a family without one (today: the fused pre-mapping) runs the reference on CUDA tensors
-  too, as do float64 inputs;
+  testable on a CPU. The CUDA kernels written in TileLang are registered over it by :mod:`mhc._cuda` for every
+  family; float64 inputs and shapes without a kernel run the reference on CUDA tensors too;
 * a fake implementation with the exact output shapes and dtypes, for ``torch.compile`` and ``FakeTensorMode``;
 * the validation of :mod:`mhc._checks`, run by both, so bad input fails the same way everywhere;
 * for the forward ops, ``register_autograd`` whose backward calls the matching ``*_bwd`` op. The Sinkhorn backward
@@ -143,7 +142,8 @@ def pre_mapping_fwd(
     sinkhorn_eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Eq. 14-19 and F_pre in one op: ``(layer_input, h_post, h_res, h_pre, proj, rinv)``
-    (:func:`mhc.reference.pre_mapping`). Runs the PyTorch reference on every device for now."""
+    (:func:`mhc.reference.pre_mapping`). On CUDA: the TileLang kernels of ``tl_kernels.pre_proj`` and
+    ``tl_kernels.pre_finalize`` (two launches)."""
     _checks.pre_mapping(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, "mhc::pre_mapping_fwd")
     return reference.pre_mapping(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps)
 

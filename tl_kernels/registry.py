@@ -5,12 +5,16 @@
 (the module ``tl_kernels.<family>``), a direction (``fwd`` or ``bwd``) and the keyword arguments of that module's
 ``<family>_<direction>_program`` / ``<family>_<direction>_kernel`` functions, in call order.
 
-Shipped today (130 configurations):
+Shipped today (275 configurations):
 
 * ``post_res`` fwd + bwd: ``n`` in :data:`STREAMS` x ``C`` in :data:`HIDDEN_SIZES` x ``dtype`` in :data:`DTYPES`
   (4 x 5 x 3 x 2 = 120);
 * ``sinkhorn`` fwd + bwd: ``n`` in :data:`SINKHORN_STREAMS`, ``iters`` = :data:`SINKHORN_ITERS`,
-  ``eps`` = :data:`SINKHORN_EPS` (5 x 2 = 10). ``iters`` and ``eps`` are baked into the binary, so keep this set small.
+  ``eps`` = :data:`SINKHORN_EPS` (5 x 2 = 10). ``iters`` and ``eps`` are baked into the binary, so keep this set small;
+* the fused pre-mapping, families ``pre_proj`` (projection GEMM fwd, dual GEMM bwd, plus the bwd variant that
+  accumulates into a given gradient for n=4 bf16) and ``pre_finalize`` (coefficients + Sinkhorn + F_pre fwd,
+  coefficient bwd): n = 4 x :data:`HIDDEN_SIZES` x :data:`DTYPES`, and n in {1, 2, 6, 8} x :data:`HIDDEN_SIZES` in
+  bfloat16 (35 shapes x 4 + 5 = 145).
 
 Importing this module imports no kernel module, TileLang or torch: the family module is imported on the first call
 to :meth:`KernelConfig.program` or :meth:`KernelConfig.kernel`, so the registry is usable while a family module
@@ -32,6 +36,8 @@ __all__ = [
     "DTYPES",
     "FAMILIES",
     "HIDDEN_SIZES",
+    "PRE_MAPPING_FULL_STREAMS",
+    "PRE_MAPPING_STREAMS",
     "SINKHORN_EPS",
     "SINKHORN_ITERS",
     "SINKHORN_STREAMS",
@@ -54,7 +60,12 @@ SINKHORN_ITERS: int = 20
 #: Sinkhorn epsilon baked into the binary.
 SINKHORN_EPS: float = 0.0
 
-FAMILIES: tuple[str, ...] = ("post_res", "sinkhorn")
+#: Stream counts the fused pre-mapping kernels (pre_proj, pre_finalize) are built for: n = 4 (the paper's) at every
+#: hidden size and activation dtype, the other n in bf16 only.
+PRE_MAPPING_STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
+PRE_MAPPING_FULL_STREAMS: tuple[int, ...] = (4,)
+
+FAMILIES: tuple[str, ...] = ("post_res", "sinkhorn", "pre_proj", "pre_finalize")
 DIRECTIONS: tuple[str, ...] = ("fwd", "bwd")
 
 _PACKAGE = __name__.rpartition(".")[0] or "tl_kernels"
@@ -146,8 +157,31 @@ def _sinkhorn_configs() -> list[KernelConfig]:
     ]
 
 
-#: Every configuration the package ships, post_res first, fwd before bwd for each parameter set.
-ALL_CONFIGS: tuple[KernelConfig, ...] = (*_post_res_configs(), *_sinkhorn_configs())
+def _pre_mapping_shapes() -> list[tuple[int, int, str]]:
+    return [
+        (n, c, dtype)
+        for n in PRE_MAPPING_STREAMS
+        for c in HIDDEN_SIZES
+        for dtype in (DTYPES if n in PRE_MAPPING_FULL_STREAMS else ("bfloat16",))
+    ]
+
+
+def _pre_mapping_configs() -> list[KernelConfig]:
+    out = []
+    for n, c, dtype in _pre_mapping_shapes():
+        out.append(KernelConfig.make("pre_proj", "fwd", n=n, C=c, dtype=dtype))
+        out.append(KernelConfig.make("pre_proj", "bwd", n=n, C=c, dtype=dtype, accumulate=False))
+        if n in PRE_MAPPING_FULL_STREAMS and dtype == "bfloat16":
+            out.append(KernelConfig.make("pre_proj", "bwd", n=n, C=c, dtype=dtype, accumulate=True))
+        out.append(
+            KernelConfig.make("pre_finalize", "fwd", n=n, C=c, dtype=dtype, iters=SINKHORN_ITERS, eps=SINKHORN_EPS)
+        )
+        out.append(KernelConfig.make("pre_finalize", "bwd", n=n, C=c, dtype=dtype))
+    return out
+
+
+#: Every configuration the package ships: post_res, sinkhorn, then the pre-mapping families; fwd before bwd.
+ALL_CONFIGS: tuple[KernelConfig, ...] = (*_post_res_configs(), *_sinkhorn_configs(), *_pre_mapping_configs())
 
 
 def _matches(value: Any, wanted: Any) -> bool:

@@ -127,7 +127,14 @@ import tilelang.language as T
 
 from . import _common
 
-__all__ = ["sinkhorn_bwd_kernel", "sinkhorn_bwd_program", "sinkhorn_fwd_kernel", "sinkhorn_fwd_program"]
+__all__ = [
+    "exp",
+    "forward_in_registers",
+    "sinkhorn_bwd_kernel",
+    "sinkhorn_bwd_program",
+    "sinkhorn_fwd_kernel",
+    "sinkhorn_fwd_program",
+]
 
 MAX_N = 16
 SMEM_BUDGET_BYTES = 99 * 1024  # per block; the brief's ceiling is 100 KB
@@ -387,11 +394,51 @@ def _fence():
     T.evaluate(T.call_extern("void", "__threadfence_block"))
 
 
+def _forward_iteration(plan: _Plan):
+    """The forward iteration as one macro ``(z, a, b, w)``: ``iters`` x (column step, row step) in fold mode on the
+    _Matrix z (registers or the thread's tile row), leaving log(h_res) in z. a, b, w are n-vectors of scratch."""
+    _, _, col_step, row_step = _emitters(plan)
+
+    @T.macro
+    def iterate(lg, a, b, w):
+        for i in T.unroll(plan.n):
+            a[i] = T.float32(0)
+            b[i] = T.float32(0)
+        for _t in T.serial(plan.iters):
+            col_step(lg, a, b, w, True)
+            row_step(lg, a, b, w, True)
+
+    return iterate
+
+
+def forward_in_registers(n: int, iters: int, eps: float):
+    """The Sinkhorn forward device code of :func:`sinkhorn_fwd_program`, for other kernels (the fused pre-mapping):
+    a macro ``(z, a, b, w)`` where ``z`` is a thread-local ``(n * n,)`` fp32 array holding one token's logits
+    (row-major). Afterwards ``z`` holds ``log(h_res)``; :func:`exp` of it is h_res. Needs the register variant of the
+    plan (n <= 10); a, b, w are local ``(n,)`` scratch arrays."""
+    plan = _fwd_plan(n, iters, eps)
+    if not plan.logits_in_regs:
+        raise ValueError(f"sinkhorn: forward_in_registers supports n <= 10, got n={n}")
+    iterate = _forward_iteration(plan)
+
+    @T.macro
+    def run(z, a, b, w):
+        iterate(_Matrix(n, z, None, None), a, b, w)
+
+    return run
+
+
+def exp(x):
+    """``exp`` as the Sinkhorn kernels evaluate it (one MUFU ex2), for callers of :func:`forward_in_registers`."""
+    return _exp(x)
+
+
 def sinkhorn_fwd_program(n: int, iters: int, eps: float):
     """TileLang program ``kernel(logits[T, n, n] fp32, out[T, n, n] fp32)``; see the module docstring."""
     plan = _fwd_plan(n, iters, eps)
     n, iters, tpb, pitch = plan.n, plan.iters, plan.tokens_per_block, plan.pitch
-    load_tile, store_tile, col_step, row_step = _emitters(plan)
+    load_tile, store_tile, _, _ = _emitters(plan)
+    iterate = _forward_iteration(plan)
     num_tokens = T.dynamic("num_tokens")
 
     @T.prim_func
@@ -414,12 +461,7 @@ def sinkhorn_fwd_program(n: int, iters: int, eps: float):
             if plan.logits_in_regs:
                 for q in T.unroll(n * n):
                     lg_regs[q] = tile[tx * pitch + q]
-            for i in T.unroll(n):
-                a[i] = T.float32(0)
-                b[i] = T.float32(0)
-            for _t in T.serial(iters):
-                col_step(lg, a, b, w, True)
-                row_step(lg, a, b, w, True)
+            iterate(lg, a, b, w)
             # out = exp(z), written into the thread's own tile row (after its last read of z there).
             for i in T.unroll(n):
                 for j in T.unroll(n):

@@ -48,18 +48,25 @@ class EmulatedKernel:
         self.threads, name, params = int(sig.group(1)), sig.group(2), sig.group(3)
         plist = [p.strip() for p in params.split(",")]
         self.names = [p.split()[-1] for p in plist]
+        self.pointers = set()
         casts = []
         for i, p in enumerate(plist):
             typ = p[: p.rindex(" ")].replace("__restrict__", "").strip()
-            casts.append(f"({typ})ptrs[{i}]" if "*" in typ else "num_tokens")
+            if "*" in typ:
+                self.pointers.add(self.names[i])
+                casts.append(f"({typ})ptrs[{i}]")
+            else:  # a scalar (int or float) parameter: passed as a double, converted to its type
+                casts.append(f"({typ})scalars[{i}]")
         launcher = f"""
-extern "C" void launch(void **ptrs, int num_tokens, int grid) {{
-  for (int b = 0; b < grid; ++b) {{
+extern "C" void launch(void **ptrs, const double *scalars, int grid_x, int grid_y) {{
+  for (int by = 0; by < grid_y; ++by)
+  for (int bx = 0; bx < grid_x; ++bx) {{
     std::barrier<> bar({self.threads});
     g_bar = &bar;
     std::vector<std::thread> ts;
     for (int t = 0; t < {self.threads}; ++t)
-      ts.emplace_back([&, t, b] {{ threadIdx.x = t; blockIdx.x = b; {name}({", ".join(casts)}); }});
+      ts.emplace_back([&, t, bx, by] {{
+        threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; {name}({", ".join(casts)}); }});
     for (auto &th : ts) th.join();
   }}
 }}
@@ -75,20 +82,28 @@ extern "C" void launch(void **ptrs, int num_tokens, int grid) {{
             subprocess.run([*cmd, str(tmp)], check=True, capture_output=True)
             os.replace(tmp, so)
         self._lib = ctypes.CDLL(str(so))
-        self._lib.launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+        self._lib.launch.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_double),
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
 
-    def __call__(self, *, num_tokens: int, grid: int, **tensors: torch.Tensor) -> None:
-        """Launch ``grid`` blocks; tensors are passed by parameter name (the generated signature orders them by
-        name, not as the TileLang program declares them)."""
-        wanted = sorted(n for n in self.names if n != "num_tokens")
-        if sorted(tensors) != wanted:
-            raise ValueError(f"expected tensors {wanted}, got {sorted(tensors)}")
+    def __call__(self, *, grid: int | tuple[int, int], **args) -> None:
+        """Launch ``grid`` blocks (an int, or ``(grid_x, grid_y)``); every parameter is passed by name, tensors and
+        scalars alike (``num_tokens`` and other dynamic sizes are scalars: the generated signature orders the
+        parameters by name, not as the TileLang program declares them)."""
+        if sorted(args) != sorted(self.names):
+            raise ValueError(f"expected arguments {sorted(self.names)}, got {sorted(args)}")
         ptrs = (ctypes.c_void_p * len(self.names))()
+        scalars = (ctypes.c_double * len(self.names))()
         for i, n in enumerate(self.names):
-            if n == "num_tokens":
+            value = args[n]
+            if n not in self.pointers:
+                scalars[i] = float(value)
                 continue
-            t = tensors[n]
-            if t.device.type != "cpu" or not t.is_contiguous():
+            if not isinstance(value, torch.Tensor) or value.device.type != "cpu" or not value.is_contiguous():
                 raise ValueError(f"{n}: expected a contiguous CPU tensor")
-            ptrs[i] = t.data_ptr()
-        self._lib.launch(ptrs, num_tokens, grid)
+            ptrs[i] = value.data_ptr()
+        gx, gy = (grid, 1) if isinstance(grid, int) else grid
+        self._lib.launch(ptrs, scalars, gx, gy)

@@ -33,6 +33,8 @@ from tl_kernels import _common, build, codegen, registry
 from tl_kernels.registry import ALL_CONFIGS, KernelConfig
 
 POST_RES_CONFIGS = [cfg for cfg in ALL_CONFIGS if cfg.family == "post_res"]
+PRE_PROJ_CONFIGS = [cfg for cfg in ALL_CONFIGS if cfg.family == "pre_proj"]
+PRE_FINALIZE_FWD_CONFIGS = [cfg for cfg in ALL_CONFIGS if cfg.family == "pre_finalize" and cfg.direction == "fwd"]
 
 
 def _ids(cfg: KernelConfig) -> str:
@@ -92,6 +94,23 @@ def test_compiles_without_spills(cfg: KernelConfig, built: dict[str, dict]) -> N
 
 @pytest.mark.parametrize("cfg", POST_RES_CONFIGS, ids=_ids)
 def test_post_res_has_128bit_global_access(cfg: KernelConfig, built: dict[str, dict]) -> None:
+    result = _result(built, cfg)
+    assert result["vector_loads_128"], f"widest global load is {result['vector_load_bits']} bits"
+    assert result["vector_stores_128"], f"widest global store is {result['vector_store_bits']} bits"
+
+
+@pytest.mark.parametrize("cfg", PRE_PROJ_CONFIGS, ids=_ids)
+def test_pre_proj_runs_on_tf32_tensor_cores(cfg: KernelConfig, built: dict[str, dict]) -> None:
+    """The projection GEMMs lower to TF32 ``mma.sync`` (m16n8k8, fp32 accumulators), not to FMA loops."""
+    _result(built, cfg)
+    text = codegen.ptx(cfg.kernel())
+    mma = [line for line in text.splitlines() if "mma.sync.aligned" in line]
+    assert mma, "no mma.sync in the PTX"
+    assert all(".m16n8k8." in line and ".tf32.tf32." in line and ".f32.tf32" in line for line in mma), mma[:3]
+
+
+@pytest.mark.parametrize("cfg", PRE_FINALIZE_FWD_CONFIGS, ids=_ids)
+def test_pre_finalize_fwd_has_128bit_global_access(cfg: KernelConfig, built: dict[str, dict]) -> None:
     result = _result(built, cfg)
     assert result["vector_loads_128"], f"widest global load is {result['vector_load_bits']} bits"
     assert result["vector_stores_128"], f"widest global store is {result['vector_store_bits']} bits"

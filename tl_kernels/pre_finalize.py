@@ -1,0 +1,286 @@
+"""The pre-mapping finalisation (mHC paper Eq. 15-19 and F_pre): coefficients, Sinkhorn and ``H_pre x``, forward and
+backward, general n. It follows the projection of :mod:`tl_kernels.pre_proj`.
+
+Math, per token ``t`` (``K = n * C``, ``m = n * n + 2n``, groups ``g(j)`` = pre for j < n, post for j < 2n, res)::
+
+    forward   proj[j]    = sum_s proj_part[s, j]                 (split-K partials, reduced in split order)
+              rinv       = rsqrt(sum_s sq_part[s] / K + rms_eps)  (Eq. 15)
+              logit[j]   = proj[j] * rinv * alpha_g(j) + bias[j]  (Eq. 16)
+              h_pre      = sigmoid(logit[:n]),  h_post = post_mult * sigmoid(logit[n:2n])   (Eq. 17-18)
+              h_res      = Sinkhorn(logit[2n:] as n x n, row-major)                         (Eq. 19 / Eq. 9)
+              layer_input[c] = sum_i h_pre[i] * x[i, c]                                       (F_pre)
+    backward  g_pre[i]   = sum_c g_li[c] * x[i, c] + grad_h_pre[i]
+              d_pp[:n]   = g_pre * h_pre * (1 - h_pre),  d_pp[n:] = grad_h_post * h_post * (1 - h_post / post_mult)
+              res_logits = logit[2n:] recomputed from (proj, rinv, alpha, bias), bit-identical to the forward's
+
+The Sinkhorn part is the device code of :mod:`tl_kernels.sinkhorn` (``forward_in_registers``), not a copy; the
+backward hands ``res_logits`` to ``sinkhorn_bwd_kernel`` (the same binary ``mhc.sinkhorn`` uses) and the rest of
+the chain (d_proj, the RMS term, d_x, d_phi) runs in ``pre_proj_bwd``. d_alpha and d_bias are reduced by the caller
+from ``d_pp``, ``d_res``, ``proj`` and ``rinv`` ([T, m] floats, in a fixed order).
+
+Layouts and call contracts (contiguous; ``T`` = ``num_tokens`` dynamic; one binary per (n, C, dtype[, iters, eps])):
+
+* ``pre_finalize_fwd_kernel(n, C, dtype, iters, eps)(proj_part [S, T, m] f32, sq_part [S, T] f32, alpha [3] f32,
+  bias [m] f32, x [T, n, C] dt, layer_input [T, C] dt, h_post [T, n] f32, h_res [T, n, n] f32, h_pre [T, n] f32,
+  proj [T, m] f32, rinv [T] f32, rms_eps, post_mult, num_slices)``, grid ``(ceil(T / TOKENS), num_slices)``: block
+  ``(b, s)`` applies H_pre to the C-slice ``s`` of tokens ``[b * TOKENS, ...)``; only ``s = 0`` runs Sinkhorn and
+  writes the coefficient outputs. ``num_slices`` (1 <= num_slices <= C / VEC, every slice non-empty: use
+  :func:`choose_slices`) spreads small T over the GPU.
+* ``pre_finalize_bwd_kernel(n, C, dtype)(g_li [T, C] dt, x [T, n, C] dt, grad_h_pre [T, n] f32, grad_h_post
+  [T, n] f32, h_pre [T, n] f32, h_post [T, n] f32, proj [T, m] f32, rinv [T] f32, alpha [3] f32, bias [m] f32,
+  d_pp [T, 2n] f32, res_logits [T, n, n] f32, post_mult)``; the token-to-thread mapping of ``post_res``.
+* ``dt`` in bfloat16 / float16 / float32; n in {1, 2, 4, 6, 8}; C a positive multiple of 64 up to 65536; T >= 1.
+
+Design. Forward: ``TOKENS`` = 32 tokens per block of 128 threads. Warp 0 does the per-token scalar work, one token
+per thread (the Sinkhorn state, n*n + 3n floats, stays in registers), and leaves h_pre in shared memory; after one
+barrier all 128 threads stream the slice: for each token, thread q moves chunk q of VEC = 16 bytes of every stream
+(128-bit loads, ``ld.global.nc.v4``) and writes one 128-bit chunk of layer_input (``st.global.v4``). Bytes per
+token (bf16, n=4): 8C read + 2C written (+ S x 100 B of partials): with the projection's 8C this is the two-read
+design of spec §6.2, 18C per token. Backward: the reduction g_pre = <g_li, x_i> over C is the only full pass
+(2C + 2nC bytes, 10C at n=4); its partials go through an xor butterfly and one shared-memory round in a fixed order
+(no atomics: deterministic).
+
+Speed (H100, not measured: no GPU has run these kernels yet). Forward, T = 16384, n = 4: the apply is bandwidth
+bound (10C bytes a token); the Sinkhorn of warp 0 (~6.6k instructions a token, see tl_kernels/sinkhorn.py) is hidden
+behind other blocks' loads only if enough blocks are resident; estimate 70-85% of copy bandwidth for C >= 2560.
+"""
+
+import functools
+
+import tilelang.language as T
+from tvm import tirx
+
+from . import _common, post_res, sinkhorn
+
+__all__ = [
+    "DTYPES",
+    "STREAMS",
+    "TOKENS",
+    "choose_slices",
+    "pre_finalize_bwd_kernel",
+    "pre_finalize_bwd_program",
+    "pre_finalize_fwd_kernel",
+    "pre_finalize_fwd_program",
+]
+
+DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
+TOKENS = 32  # tokens per forward block (one warp does their coefficients)
+THREADS = 128
+_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_VECTOR_BYTES = 16
+_MAX_HIDDEN = 65536
+
+
+def _validate(n: int, C: int, dtype: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n not in STREAMS:
+        raise ValueError(f"pre_finalize: n must be one of {STREAMS}, got {n!r}")
+    if isinstance(C, bool) or not isinstance(C, int) or C <= 0 or C % 64 or C > _MAX_HIDDEN:
+        raise ValueError(f"pre_finalize: C must be a positive multiple of 64 up to {_MAX_HIDDEN}, got {C!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"pre_finalize: dtype must be one of {DTYPES}, got {dtype!r}")
+
+
+def choose_slices(num_tokens: int, C: int, dtype: str, num_sms: int) -> int:
+    """C-slices per token block for the forward: about 2 blocks per SM, each slice at least one chunk per thread."""
+    chunks = C // (_VECTOR_BYTES // _ELEMENT_BYTES[dtype])
+    blocks = -(-num_tokens // TOKENS)
+    most = max(1, chunks // THREADS)
+    want = max(1, min(most, -(-2 * num_sms // blocks)))
+    per = -(-chunks // want)
+    return -(-chunks // per)
+
+
+def pre_finalize_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
+    """Coefficients, Sinkhorn and ``layer_input = sum_i h_pre[i] x[i]``; see the module docstring."""
+    _validate(n, C, dtype)
+    m, nn, K = n * n + 2 * n, n * n, n * C
+    vec = _VECTOR_BYTES // _ELEMENT_BYTES[dtype]
+    chunks = C // vec
+    f32 = "float32"
+    run_sinkhorn = sinkhorn.forward_in_registers(n, iters, eps)
+    num_tokens = T.dynamic("num_tokens")
+    num_splits = T.dynamic("num_splits")
+
+    @T.prim_func
+    def pre_finalize_fwd(
+        proj_part: T.Tensor((num_splits, num_tokens, m), f32),
+        sq_part: T.Tensor((num_splits, num_tokens), f32),
+        alpha: T.Tensor((3,), f32),
+        bias: T.Tensor((m,), f32),
+        x: T.Tensor((num_tokens, n, C), dtype),
+        layer_input: T.Tensor((num_tokens, C), dtype),
+        h_post: T.Tensor((num_tokens, n), f32),
+        h_res: T.Tensor((num_tokens, n, n), f32),
+        h_pre: T.Tensor((num_tokens, n), f32),
+        proj: T.Tensor((num_tokens, m), f32),
+        rinv: T.Tensor((num_tokens,), f32),
+        rms_eps: T.float32,
+        post_mult: T.float32,
+        num_slices: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(num_tokens, TOKENS), num_slices, threads=THREADS) as (bx, by):
+            tx = T.get_thread_binding()
+            hps = T.alloc_shared((TOKENS, n), f32)
+            p = T.alloc_local((m,), f32)
+            z = T.alloc_local((nn,), f32)
+            a = T.alloc_local((n,), f32)
+            b = T.alloc_local((n,), f32)
+            w = T.alloc_local((n,), f32)
+            xs = T.alloc_local((n, vec), dtype)
+            acc = T.alloc_local((vec,), f32)
+            ob = T.alloc_local((vec,), dtype)
+            r = T.alloc_var(f32)
+            t = bx * TOKENS + tx
+            if tx < TOKENS:
+                if t < num_tokens:
+                    r = T.float32(0)
+                    for j in T.unroll(m):
+                        p[j] = T.float32(0)
+                    for s in T.serial(num_splits):  # fixed order: deterministic
+                        r += sq_part[s, t]
+                        for j in T.unroll(m):
+                            p[j] += proj_part[s, t, j]
+                    r = T.rsqrt(r / T.float32(K) + rms_eps)
+                    if by == 0:
+                        rinv[t] = r
+                        for j in T.unroll(m):
+                            proj[t, j] = p[j]
+                    for j in T.unroll(m):
+                        p[j] = p[j] * r * alpha[T.min(j // n, 2)] + bias[j]  # the logit (bwd recomputes it alike)
+                    for i in T.unroll(n):
+                        hps[tx, i] = T.sigmoid(p[i])
+                    if by == 0:
+                        for i in T.unroll(n):
+                            h_pre[t, i] = hps[tx, i]
+                            h_post[t, i] = post_mult * T.sigmoid(p[n + i])
+                        for q in T.unroll(nn):
+                            z[q] = p[2 * n + q]
+                        run_sinkhorn(z, a, b, w)
+                        for q in T.unroll(nn):
+                            h_res[t, q // n, q % n] = sinkhorn.exp(z[q])
+                else:
+                    for i in T.unroll(n):
+                        hps[tx, i] = T.float32(0)
+            T.sync_threads()
+            per = T.ceildiv(chunks, num_slices)
+            q_first = by * per
+            q_count = T.min(per, chunks - q_first)
+            for tok in T.serial(TOKENS):
+                if bx * TOKENS + tok < num_tokens:
+                    for k in T.serial(T.ceildiv(q_count, THREADS)):
+                        if k * THREADS + tx < q_count:
+                            c0 = (q_first + k * THREADS + tx) * vec
+                            for i in T.unroll(n):
+                                for e in T.vectorized(vec):
+                                    xs[i, e] = x[bx * TOKENS + tok, i, c0 + e]
+                            for e in T.unroll(vec):
+                                acc[e] = hps[tok, 0] * T.cast(xs[0, e], f32)
+                            for i in T.unroll(1, n):
+                                for e in T.unroll(vec):
+                                    acc[e] = acc[e] + hps[tok, i] * T.cast(xs[i, e], f32)
+                            for e in T.vectorized(vec):
+                                ob[e] = T.cast(acc[e], dtype)
+                            T.stg128(
+                                layer_input[bx * TOKENS + tok, c0],
+                                T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"),
+                            )
+
+    return pre_finalize_fwd
+
+
+def pre_finalize_bwd_program(n: int, C: int, dtype: str):
+    """``d_pp`` (pre and post logit gradients) and the recomputed ``res_logits``; see the module docstring."""
+    _validate(n, C, dtype)
+    m, nn = n * n + 2 * n, n * n
+    p = post_res._plan(n, C, dtype)  # the same token-to-thread mapping and chunking as post_res
+    vec, tpt, tpb = p.vec, p.tpt, p.tpb
+    f32 = "float32"
+    seg = min(tpt, 32)  # lanes of one token inside one warp
+    slots_per_token = max(1, tpt // 32)
+    num_slots = p.threads // seg
+    shuffle_offsets = tuple(seg >> s for s in range(1, seg.bit_length()))  # seg/2, ..., 1
+    num_tokens = T.dynamic("num_tokens")
+
+    @T.macro
+    def chunk(q, t, g_li, x, gs, xs, gp):
+        c0 = q * vec
+        for e in T.vectorized(vec):
+            gs[e] = g_li[t, c0 + e]
+        for i in T.unroll(n):
+            for e in T.vectorized(vec):
+                xs[i, e] = x[t, i, c0 + e]
+        for i in T.unroll(n):
+            for e in T.unroll(vec):
+                gp[i] = gp[i] + T.cast(gs[e], f32) * T.cast(xs[i, e], f32)
+
+    @T.prim_func
+    def pre_finalize_bwd(
+        g_li: T.Tensor((num_tokens, C), dtype),
+        x: T.Tensor((num_tokens, n, C), dtype),
+        grad_h_pre: T.Tensor((num_tokens, n), f32),
+        grad_h_post: T.Tensor((num_tokens, n), f32),
+        h_pre: T.Tensor((num_tokens, n), f32),
+        h_post: T.Tensor((num_tokens, n), f32),
+        proj: T.Tensor((num_tokens, m), f32),
+        rinv: T.Tensor((num_tokens,), f32),
+        alpha: T.Tensor((3,), f32),
+        bias: T.Tensor((m,), f32),
+        d_pp: T.Tensor((num_tokens, 2 * n), f32),
+        res_logits: T.Tensor((num_tokens, n, n), f32),
+        post_mult: T.float32,
+    ):
+        with T.Kernel(T.ceildiv(num_tokens, tpb), threads=p.threads) as bx:
+            tx = T.get_thread_binding()
+            gs = T.alloc_local((vec,), dtype)
+            xs = T.alloc_local((n, vec), dtype)
+            gp = T.alloc_local((n,), f32)
+            total = T.alloc_var(f32)
+            red = T.alloc_shared((num_slots, n), f32)
+            token = tx // tpt
+            t = bx * tpb + token
+            lane = tx % tpt
+            for i in T.unroll(n):
+                gp[i] = T.float32(0)
+            if t < num_tokens:
+                for k in post_res._chunk_loop(T, p.iters):
+                    q = k * tpt + lane
+                    if p.guarded:
+                        if q < p.chunks:
+                            chunk(q, t, g_li, x, gs, xs, gp)
+                    else:
+                        chunk(q, t, g_li, x, gs, xs, gp)
+            # Butterfly over the token's lanes of this warp (every lane takes part; lanes past T add zeros).
+            for offset in shuffle_offsets:
+                for i in T.unroll(n):
+                    gp[i] = gp[i] + T.shfl_xor(gp[i], offset)
+            if tx % seg == 0:
+                for i in T.unroll(n):
+                    red[tx // seg, i] = gp[i]
+            T.sync_threads()
+            if t < num_tokens and lane == 0:
+                r = rinv[t]
+                for i in T.unroll(n):
+                    total = red[token * slots_per_token, i]
+                    for s in T.unroll(1, slots_per_token):
+                        total = total + red[token * slots_per_token + s, i]
+                    hp = h_pre[t, i]
+                    d_pp[t, i] = (total + grad_h_pre[t, i]) * hp * (T.float32(1) - hp)
+                    hq = h_post[t, i]
+                    d_pp[t, n + i] = grad_h_post[t, i] * hq * (T.float32(1) - hq / post_mult)
+                for q in T.unroll(nn):
+                    res_logits[t, q // n, q % n] = proj[t, 2 * n + q] * r * alpha[2] + bias[2 * n + q]
+
+    return pre_finalize_bwd
+
+
+@functools.cache
+def pre_finalize_fwd_kernel(n: int, C: int, dtype: str, iters: int, eps: float):
+    """The compiled forward kernel (memoised; TileLang's disk cache below)."""
+    return _common.compile_program(pre_finalize_fwd_program(n, C, dtype, iters, eps))
+
+
+@functools.cache
+def pre_finalize_bwd_kernel(n: int, C: int, dtype: str):
+    """The compiled backward kernel (memoised; TileLang's disk cache below)."""
+    return _common.compile_program(pre_finalize_bwd_program(n, C, dtype))
