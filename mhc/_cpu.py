@@ -101,7 +101,7 @@ def sinkhorn_backward(grad_out: Tensor, logits: Tensor, iters: int, eps: float) 
     out = torch.empty_like(L)
     for a, b in _chunks(L.shape[0]):
         P, redo = _exp_iterates(_token_last(L[a:b]), iters, eps)
-        g = _token_last(G[a:b]).mul_(P[-1])
+        g = _token_last(G[a:b]) * P[-1]  # a new tensor: the gradient is updated in place below
         n, T = g.shape[0], g.shape[-1]
         row = g.new_empty((n, 1, T))
         col = g.new_empty((1, n, T))
