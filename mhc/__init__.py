@@ -7,16 +7,35 @@ Public API:
 * :func:`post_res` - F_post,res (Eq. 3): ``x_next = h_res @ x + h_post^T layer_output``;
 * :mod:`mhc.reference` - the same math in plain PyTorch (the specification);
 * :mod:`mhc.ops` - the ``torch.ops.mhc.*`` custom ops (forward and backward);
-* :func:`warmup` - compile the CUDA kernels a model will use before capturing a CUDA graph.
+* :func:`warmup` - compile the CUDA kernels a model will use before capturing a CUDA graph;
+* :class:`MHC` - the layer: wraps a sublayer (attention or FFN) into one residual site (:mod:`mhc.layer`), with
+  :func:`expand`, :func:`collapse`, :class:`MHCHead` and the mixed-precision policy :class:`Precision`.
 
-Importing registers the ops; nothing is compiled until a CUDA kernel is first called.
+Importing registers the ops (TileLang kernels for CUDA, the fast exp-domain kernels of :mod:`mhc._cpu` for the CPU);
+nothing is compiled until a CUDA kernel is first called.
 """
 
-from . import ops, reference
+from . import _cpu, ops, reference  # noqa: F401  (importing _cpu registers the CPU kernels)
 from ._cuda import warmup  # importing _cuda registers the TileLang kernels for CUDA tensors
 from .functional import post_res, pre_mapping, sinkhorn
+from .layer import MHC, MHCContext, MHCHead, Precision, collapse, deepseek_to_mhc, expand
 from .reference import SiteParams
 
 __version__ = "0.1.0"
 
-__all__ = ["SiteParams", "ops", "warmup", "post_res", "pre_mapping", "reference", "sinkhorn"]
+__all__ = [
+    "MHC",
+    "MHCContext",
+    "MHCHead",
+    "Precision",
+    "SiteParams",
+    "collapse",
+    "deepseek_to_mhc",
+    "expand",
+    "ops",
+    "post_res",
+    "pre_mapping",
+    "reference",
+    "sinkhorn",
+    "warmup",
+]

@@ -1,0 +1,107 @@
+"""The F_post,res kernel of FFN sites on a high-priority CUDA stream (paper §4.3.3: in DualPipe the FFN post kernels
+run on a dedicated high-priority compute stream, so overlapped communication never blocks them).
+
+The fork and join live *inside* an opaque custom op, ``mhc::post_res_hp_fwd`` (and its backward
+``mhc::post_res_hp_bwd``), so ``torch.compile`` sees one node and CUDA-graph capture sees a fork from and a join to
+the capturing stream (the recipe of ``shared/docs/conventions.md`` §3.5, verified there on an H100: the kernel ran on
+the high-priority stream, and a captured graph replayed correctly with the node at priority -3). On CUDA::
+
+    hp = high_priority_stream(device)        # created once per device, on first use (never at import)
+    hp.wait_stream(cur)                      # fork: hp sees everything cur has queued (the inputs)
+    with torch.cuda.stream(hp): out = mhc::post_res_fwd(...)
+    inputs.record_stream(hp)                 # allocated on cur, read on hp: the caching allocator must know
+    out.record_stream(cur)                   # allocated on hp, read on cur
+    cur.wait_stream(hp)                      # join before anything on cur can read out
+
+On every other device the op is :func:`mhc.post_res` itself (no streams). The stream is the only state: one
+``torch.cuda.Stream`` per device index in a cache, created lazily at the greatest priority
+``torch.cuda.Stream.priority_range()`` reports (-3 on H100 at the time of writing, -5 on newer drivers).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from . import ops as _ops  # noqa: F401  (registers mhc::post_res_*)
+
+
+@functools.cache
+def high_priority_stream(device_index: int) -> torch.cuda.Stream:
+    """The high-priority stream of a CUDA device: created once, on first use, at the greatest priority allowed."""
+    _least, greatest = torch.cuda.Stream.priority_range()
+    return torch.cuda.Stream(device=device_index, priority=greatest)
+
+
+def _fork_join(fn, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Run ``fn(*inputs)`` on the device's high-priority stream, forked from and joined to the current stream."""
+    device = inputs[0].device
+    cur = torch.cuda.current_stream(device)
+    hp = high_priority_stream(device.index if device.index is not None else torch.cuda.current_device())
+    hp.wait_stream(cur)
+    with torch.cuda.stream(hp):
+        outs = fn(*inputs)
+    for t in inputs:
+        t.record_stream(hp)
+    for t in outs:
+        t.record_stream(cur)
+    cur.wait_stream(hp)
+    return outs
+
+
+@torch.library.custom_op("mhc::post_res_hp_fwd", mutates_args=())
+def post_res_hp_fwd(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """``mhc::post_res_fwd`` on the high-priority stream (CUDA); the plain op elsewhere."""
+    return torch.ops.mhc.post_res_fwd(layer_output, residual, h_post, h_res)
+
+
+@post_res_hp_fwd.register_kernel("cuda")
+def _(layer_output, residual, h_post, h_res):
+    _checks.post_res(layer_output, residual, h_post, h_res, "mhc::post_res_hp_fwd")
+    (out,) = _fork_join(lambda *a: (torch.ops.mhc.post_res_fwd(*a),), (layer_output, residual, h_post, h_res))
+    return out
+
+
+@post_res_hp_fwd.register_fake
+def _(layer_output, residual, h_post, h_res):
+    _checks.post_res(layer_output, residual, h_post, h_res, "mhc::post_res_hp_fwd")
+    return residual.new_empty(residual.shape)
+
+
+@torch.library.custom_op("mhc::post_res_hp_bwd", mutates_args=())
+def post_res_hp_bwd(
+    grad_out: Tensor, layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``mhc::post_res_bwd`` on the high-priority stream (CUDA); the plain op elsewhere."""
+    return torch.ops.mhc.post_res_bwd(grad_out, layer_output, residual, h_post, h_res)
+
+
+@post_res_hp_bwd.register_kernel("cuda")
+def _(grad_out, layer_output, residual, h_post, h_res):
+    _checks.post_res_bwd(grad_out, layer_output, residual, h_post, h_res, "mhc::post_res_hp_bwd")
+    return _fork_join(torch.ops.mhc.post_res_bwd, (grad_out, layer_output, residual, h_post, h_res))
+
+
+@post_res_hp_bwd.register_fake
+def _(grad_out, layer_output, residual, h_post, h_res):
+    _checks.post_res_bwd(grad_out, layer_output, residual, h_post, h_res, "mhc::post_res_hp_bwd")
+    return (
+        layer_output.new_empty(layer_output.shape),
+        residual.new_empty(residual.shape),
+        h_post.new_empty(h_post.shape),
+        h_res.new_empty(h_res.shape),
+    )
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    return torch.ops.mhc.post_res_hp_bwd(grad.contiguous(), *ctx.saved_tensors)
+
+
+post_res_hp_fwd.register_autograd(_backward, setup_context=_setup)
