@@ -14,12 +14,14 @@ cd "$(dirname "$0")/.."
 shared=${MHC_SHARED:-../shared}
 mkdir -p .device
 [ -f .device/tilelang-site.tar.xz ] || "$shared/device/tilelang-bundle.sh" .device
-cp "$shared/verify/acceptance.py" .device/acceptance.py
+install -m 0644 "$shared/verify/acceptance.py" .device/acceptance.py
 { git rev-parse HEAD; git status --porcelain --untracked-files=no | grep -q . && echo dirty || echo clean; date -u +%FT%TZ; } > .device/commit.txt
 cache=${TILELANG_CACHE_DIR:-$HOME/.tilelang/cache}
 version=$(python3 -c "import tilelang; print(tilelang.__version__)")
 if [ -d "$cache/$version" ]; then
-  tar -C "$cache" -cf - "$version" | xz -T0 -6 > .device/tilelang-cache.tar.xz
+  # exit status 1 = "file changed as we read it" (another build writing to a shared cache): the entries that were
+  # complete are packed, a missing one is compiled on the GPU machine
+  { tar -C "$cache" --warning=no-file-changed -cf - "$version" || [ $? -eq 1 ]; } | xz -T0 -6 > .device/tilelang-cache.tar.xz
 else
   echo "no TileLang cache at $cache/$version: the GPU run will compile every kernel" >&2
   rm -f .device/tilelang-cache.tar.xz
