@@ -6,8 +6,13 @@ Errors are ``TypeError`` (wrong dtype or Python type) or ``ValueError`` (wrong r
 and every message names what was expected and what was received. Only tensor metadata is read, never data, so no
 check synchronises with the device.
 
-Device-specific limits (the shapes and dtypes a CUDA kernel was built for) are checked here too, from the tensor's
-device, so the fake implementation reports them while tracing.
+Every tensor an op reads must also start on a 16-byte boundary (:func:`require_aligned`): the CUDA kernels use
+128-bit loads and stores, and a contiguous view at an odd storage offset would fault on the GPU. The public functions
+in :mod:`mhc.functional` copy such a tensor (:func:`aligned_contiguous`) instead.
+
+The CUDA kernels' own limits (``n``, ``C``, element counts, coefficient dtype) are *not* errors: where a kernel cannot
+serve a shape, :mod:`mhc._cuda` runs the PyTorch reference instead, with one warning per configuration.
+:func:`cuda_kernel_unsupported` makes that decision; it is a pure function of shapes and dtypes.
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ from torch import Tensor
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 COEFFICIENT_DTYPES = (torch.float32, torch.float64)
 
-# Limits of the CUDA kernels (tl_kernels); float64 inputs on CUDA run the PyTorch reference and are not limited.
+# Limits of the CUDA kernels (tl_kernels); outside them (and for float64) CUDA tensors run the PyTorch reference.
 CUDA_POST_RES_STREAMS = (1, 2, 4, 6, 8)
 CUDA_SINKHORN_MAX_N = 16
 CUDA_HIDDEN_MULTIPLE = 64
+CUDA_MAX_HIDDEN = 65536
+CUDA_MAX_ELEMENTS = 2**31  # the kernels index with 32-bit offsets
+#: byte alignment every tensor's data must have (128-bit vector loads and stores)
+ALIGN_BYTES = 16
 
 
 def _names(dtypes) -> str:
@@ -57,6 +66,38 @@ def require_shape(op: str, name: str, t: Tensor, expected: tuple, layout: str) -
 def require_contiguous(op: str, name: str, t: Tensor) -> None:
     if not t.is_contiguous():
         raise ValueError(f"{op}: expected {name} to be contiguous, got strides {tuple(t.stride())}")
+
+
+def byte_offset(t: Tensor):
+    """Bytes from the start of the storage to ``t``'s first element (metadata only: works on fake tensors)."""
+    return t.storage_offset() * t.element_size()
+
+
+def require_aligned(op: str, name: str, t: Tensor) -> None:
+    """``t``'s data must start on an :data:`ALIGN_BYTES` boundary. Storages are allocated aligned, so this is the
+    storage offset in bytes (``storage_offset * element_size``), which fake tensors carry too."""
+    offset = byte_offset(t)
+    if offset % ALIGN_BYTES != 0:
+        raise ValueError(
+            f"{op}: expected {name} to start on a {ALIGN_BYTES}-byte boundary, got a view at byte offset {offset} "
+            f"(storage_offset {t.storage_offset()} x {t.element_size()} B); pass {name}.clone() or use the mhc.* "
+            "functions, which copy it"
+        )
+
+
+def aligned_contiguous(t: Tensor) -> Tensor:
+    """``t`` contiguous and starting on an :data:`ALIGN_BYTES` boundary: ``t`` itself when it already is, else a
+    copy (what the public functions and the autograd backward pass to the ops).
+
+    While ``torch.compile`` traces, Dynamo cannot read a storage offset, so only ``contiguous()`` is applied there: a
+    misaligned view that reaches an op inside a compiled region is refused at trace time by the op's fake (a clear
+    ``ValueError``), never a fault on the GPU."""
+    t = t.contiguous()
+    if torch.compiler.is_compiling():
+        return t
+    if byte_offset(t) % ALIGN_BYTES != 0:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def require_same_device(op: str, **tensors: Tensor) -> None:
@@ -96,14 +137,27 @@ def require_float(op: str, name: str, value, *, positive: bool = False) -> None:
         raise ValueError(f"{op}: expected {name} to be finite and {bound}, got {value}")
 
 
-def _on_cuda_kernel(t: Tensor) -> bool:
-    """True when ``t`` will be served by a TileLang CUDA kernel (CUDA device, not float64)."""
-    return t.device.type == "cuda" and t.dtype != torch.float64
+def cuda_kernel_unsupported(family: str, *, n: int, C: int = 0, numel: int = 0, dtypes=()) -> str | None:
+    """Why the CUDA kernel of ``family`` cannot serve this call (``None`` when it can). Pure: shapes and dtypes in,
+    a reason out. ``numel`` is the largest element count among the tensors, ``dtypes`` the inputs' dtypes.
 
-
-def _require_cuda_hidden(op: str, C: int) -> None:
-    if C % CUDA_HIDDEN_MULTIPLE != 0:
-        raise ValueError(f"{op}: the CUDA kernel needs C to be a multiple of {CUDA_HIDDEN_MULTIPLE}, got C={C}")
+    The wrapper in :mod:`mhc._cuda` then runs the PyTorch reference (a correct answer, never a crash) and warns once
+    per configuration."""
+    if any(d == torch.float64 for d in dtypes):
+        return "float64 inputs"
+    if numel >= CUDA_MAX_ELEMENTS:
+        return f"{numel} elements in one tensor (the kernel supports fewer than 2**31)"
+    if family == "sinkhorn":
+        if not 1 <= n <= CUDA_SINKHORN_MAX_N:
+            return f"n={n} (the kernel supports n <= {CUDA_SINKHORN_MAX_N})"
+    elif family in ("post_res", "pre_mapping"):
+        if n not in CUDA_POST_RES_STREAMS:
+            return f"n={n} (the kernel supports n in {CUDA_POST_RES_STREAMS})"
+        if C % CUDA_HIDDEN_MULTIPLE != 0 or C > CUDA_MAX_HIDDEN:
+            return f"C={C} (the kernel needs a multiple of {CUDA_HIDDEN_MULTIPLE} up to {CUDA_MAX_HIDDEN})"
+    else:
+        return f"no CUDA kernel for family {family!r}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- per op
@@ -118,10 +172,9 @@ def sinkhorn(logits: Tensor, iters: int, eps: float, op: str = "mhc.sinkhorn") -
         raise ValueError(f"{op}: expected logits of shape [T, n, n] with n >= 1, got {_shape(logits)}")
     require_dtype(op, "logits", logits, COEFFICIENT_DTYPES)
     require_contiguous(op, "logits", logits)
+    require_aligned(op, "logits", logits)
     require_int(op, "iters", iters, 1)
     require_float(op, "eps", eps)
-    if _on_cuda_kernel(logits) and n > CUDA_SINKHORN_MAX_N:
-        raise ValueError(f"{op}: the CUDA kernel supports n <= {CUDA_SINKHORN_MAX_N}, got n={n}")
 
 
 def sinkhorn_bwd(grad_out: Tensor, logits: Tensor, iters: int, eps: float, op: str = "mhc.sinkhorn_bwd") -> None:
@@ -131,6 +184,7 @@ def sinkhorn_bwd(grad_out: Tensor, logits: Tensor, iters: int, eps: float, op: s
     require_same_dtype(op, logits=logits, grad_out=grad_out)
     require_same_device(op, logits=logits, grad_out=grad_out)
     require_contiguous(op, "grad_out", grad_out)
+    require_aligned(op, "grad_out", grad_out)
 
 
 def post_res(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tensor, op: str = "mhc.post_res") -> None:
@@ -152,12 +206,7 @@ def post_res(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tens
     require_same_device(op, residual=residual, layer_output=layer_output, h_post=h_post, h_res=h_res)
     for name, t in (("layer_output", layer_output), ("residual", residual), ("h_post", h_post), ("h_res", h_res)):
         require_contiguous(op, name, t)
-    if _on_cuda_kernel(residual):
-        if n not in CUDA_POST_RES_STREAMS:
-            raise ValueError(f"{op}: the CUDA kernel supports n in {CUDA_POST_RES_STREAMS}, got n={n}")
-        _require_cuda_hidden(op, C)
-        if h_post.dtype != torch.float32:
-            raise TypeError(f"{op}: the CUDA kernel needs float32 coefficients, got {h_post.dtype}")
+        require_aligned(op, name, t)
 
 
 def post_res_bwd(
@@ -174,6 +223,7 @@ def post_res_bwd(
     require_same_dtype(op, residual=residual, grad_out=grad_out)
     require_same_device(op, residual=residual, grad_out=grad_out)
     require_contiguous(op, "grad_out", grad_out)
+    require_aligned(op, "grad_out", grad_out)
 
 
 def pre_mapping(
@@ -205,6 +255,7 @@ def pre_mapping(
     require_same_device(op, residual=residual, phi=phi, alpha=alpha, bias=bias)
     for name, t in (("residual", residual), ("phi", phi), ("alpha", alpha), ("bias", bias)):
         require_contiguous(op, name, t)
+        require_aligned(op, name, t)
     require_int(op, "iters", iters, 1)
     require_float(op, "post_mult", post_mult, positive=True)
     require_float(op, "rms_eps", rms_eps)
@@ -245,3 +296,4 @@ def pre_mapping_bwd(
             raise TypeError(f"{op}: expected {name}.dtype == {dtype}, got {t.dtype}")
         require_same_device(op, residual=residual, **{name: t})
         require_contiguous(op, name, t)
+        require_aligned(op, name, t)

@@ -3,17 +3,27 @@
 
 Each wrapper validates (the same :mod:`mhc._checks` function as the fake), allocates every output with torch on the
 current stream (so the ops stay allocation-transparent for ``torch.compile`` and CUDA graphs), skips the launch when
-there are no tokens, and launches on PyTorch's current CUDA stream (TileLang's tvm-ffi adapter uses it). The kernel for
-a configuration is compiled on first use, then served from TileLang's disk cache and an in-memory cache; compile
-before capturing a CUDA graph (call the op once, or :func:`warmup`).
+there are no tokens, and launches on PyTorch's current CUDA stream (TileLang's tvm-ffi adapter uses it) inside a
+``torch.cuda.device`` guard for the tensors' device: TileLang's host stub calls ``cudaSetDevice`` and does not
+restore it, the guard puts the caller's current device back. The kernel for a configuration is compiled on first
+use, then served from TileLang's disk cache and an in-memory cache; compile and load before capturing a CUDA graph
+(call the op once, or :func:`warmup`).
 
-float64 tensors on CUDA run the PyTorch reference (the kernels are built for bf16/fp16/fp32 activations and fp32
-coefficients). Nothing here runs at import beyond the registration.
+Fallback to the PyTorch reference, with one ``warnings.warn`` per configuration (a correct answer, never a crash):
+
+* where the kernel cannot serve the call (:func:`mhc._checks.cuda_kernel_unsupported`: float64, ``n`` or ``C``
+  outside what it was built for, 2**31 elements or more);
+* for a *disabled* family: ``MHC_DISABLE_KERNELS=post_res,sinkhorn`` in the environment (read at import), or
+  :func:`disable_kernels` / :func:`enable_kernels` at run time; for a kernel that misbehaves on some GPU until fixed.
+
+Nothing here runs at import beyond the registration and reading ``MHC_DISABLE_KERNELS``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -21,71 +31,142 @@ from torch import Tensor
 from . import _checks, ops, reference
 
 _TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+#: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj and tl_kernels.pre_finalize)
+KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping")
+DISABLE_ENV = "MHC_DISABLE_KERNELS"
 
 
-def _int32_safe(op: str, *tensors: Tensor) -> None:
-    """The kernels index with 64-bit offsets only where TileLang emits them; refuse what could overflow 32 bits."""
-    for t in tensors:
-        if t.numel() >= 2**31:
-            raise ValueError(
-                f"{op}: the CUDA kernel supports tensors of fewer than 2**31 elements, got {tuple(t.shape)} "
-                f"({t.numel()} elements); split the tokens into chunks"
-            )
+def _parse_disabled(value: str) -> set[str]:
+    names = {v.strip() for v in value.split(",") if v.strip()}
+    unknown = names - set(KERNEL_FAMILIES)
+    if unknown:
+        warnings.warn(
+            f"{DISABLE_ENV}: unknown kernel families {sorted(unknown)} ignored; expected names from {KERNEL_FAMILIES}",
+            stacklevel=2,
+        )
+    return names & set(KERNEL_FAMILIES)
+
+
+#: kernel families whose CUDA kernel is turned off (the ops run the reference on CUDA tensors instead)
+DISABLED: set[str] = _parse_disabled(os.environ.get(DISABLE_ENV, ""))
+_WARNED: set[tuple] = set()
+
+
+def disable_kernels(*families: str) -> None:
+    """Turn the CUDA kernels of ``families`` off: their ops run the PyTorch reference (warning once each)."""
+    for f in families:
+        if f not in KERNEL_FAMILIES:
+            raise ValueError(f"disable_kernels: expected a family in {KERNEL_FAMILIES}, got {f!r}")
+    DISABLED.update(families)
+
+
+def enable_kernels(*families: str) -> None:
+    """Undo :func:`disable_kernels` (all families when none is named)."""
+    DISABLED.difference_update(families or KERNEL_FAMILIES)
+
+
+def fallback_reason(family: str, **shape) -> str | None:
+    """Why ``family``'s CUDA kernel is not used for this call (``None``: it is); see the module docstring."""
+    if family in DISABLED:
+        return f"the {family} kernels are disabled ({DISABLE_ENV} or mhc._cuda.disable_kernels)"
+    return _checks.cuda_kernel_unsupported(family, **shape)
+
+
+def _warn_fallback(op: str, reason: str, config: tuple) -> None:
+    key = (op, reason, config)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"{op}: running the PyTorch reference on CUDA: {reason}", stacklevel=3)
+
+
+def _launch(device: torch.device, kernel, *args) -> None:
+    """Launch under a device guard that restores the caller's current device (TileLang's stub changes it)."""
+    with torch.cuda.device(device):
+        kernel(*args)
 
 
 # ---------------------------------------------------------------------------------------------------- Sinkhorn
 
 
+def _sinkhorn_reason(logits: Tensor) -> str | None:
+    n = logits.shape[-1]
+    return fallback_reason("sinkhorn", n=n, numel=logits.numel(), dtypes=(logits.dtype,))
+
+
 def sinkhorn_fwd(logits: Tensor, iters: int, eps: float) -> Tensor:
-    _checks.sinkhorn(logits, iters, eps, "mhc::sinkhorn_fwd")
-    if logits.dtype == torch.float64:
+    op = "mhc::sinkhorn_fwd"
+    _checks.sinkhorn(logits, iters, eps, op)
+    reason = _sinkhorn_reason(logits)
+    if reason:
+        if logits.dtype != torch.float64:
+            _warn_fallback(op, reason, (logits.shape[-1], logits.dtype))
         return reference.sinkhorn(logits, iters, eps)
-    _int32_safe("mhc::sinkhorn_fwd", logits)
     out = torch.empty_like(logits)
     if logits.shape[0] > 0:
         from tl_kernels.sinkhorn import sinkhorn_fwd_kernel
 
-        sinkhorn_fwd_kernel(logits.shape[-1], iters, float(eps))(logits, out)
+        _launch(logits.device, sinkhorn_fwd_kernel(logits.shape[-1], iters, float(eps)), logits, out)
     return out
 
 
 def sinkhorn_bwd(grad_out: Tensor, logits: Tensor, iters: int, eps: float) -> Tensor:
-    _checks.sinkhorn_bwd(grad_out, logits, iters, eps, "mhc::sinkhorn_bwd")
-    if logits.dtype == torch.float64:
+    op = "mhc::sinkhorn_bwd"
+    _checks.sinkhorn_bwd(grad_out, logits, iters, eps, op)
+    reason = _sinkhorn_reason(logits)
+    if reason:
+        if logits.dtype != torch.float64:
+            _warn_fallback(op, reason, (logits.shape[-1], logits.dtype))
         return reference.sinkhorn_backward(grad_out, logits, iters, eps)
-    _int32_safe("mhc::sinkhorn_bwd", logits)
     grad_logits = torch.empty_like(logits)
     if logits.shape[0] > 0:
         from tl_kernels.sinkhorn import sinkhorn_bwd_kernel
 
-        sinkhorn_bwd_kernel(logits.shape[-1], iters, float(eps))(grad_out, logits, grad_logits)
+        kernel = sinkhorn_bwd_kernel(logits.shape[-1], iters, float(eps))
+        _launch(logits.device, kernel, grad_out, logits, grad_logits)
     return grad_logits
 
 
 # ---------------------------------------------------------------------------------------------------- post/res
 
 
+def _post_res_reason(residual: Tensor, h_post: Tensor, h_res: Tensor) -> str | None:
+    _, n, C = residual.shape
+    dtypes = (residual.dtype, h_post.dtype, h_res.dtype)
+    return fallback_reason("post_res", n=n, C=C, numel=residual.numel(), dtypes=dtypes)
+
+
+def _quiet_float64(op: str, reason: str, residual: Tensor, h_res: Tensor) -> None:
+    """float64 is a documented reference path (testing): no warning for it."""
+    if torch.float64 not in (residual.dtype, h_res.dtype):
+        _warn_fallback(op, reason, (tuple(residual.shape[1:]), residual.dtype))
+
+
 def post_res_fwd(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    _checks.post_res(layer_output, residual, h_post, h_res, "mhc::post_res_fwd")
-    if residual.dtype == torch.float64 or h_res.dtype == torch.float64:
+    op = "mhc::post_res_fwd"
+    _checks.post_res(layer_output, residual, h_post, h_res, op)
+    reason = _post_res_reason(residual, h_post, h_res)
+    if reason:
+        _quiet_float64(op, reason, residual, h_res)
         return reference.post_res(layer_output, residual, h_post, h_res)
-    _int32_safe("mhc::post_res_fwd", residual)
     out = torch.empty_like(residual)
     T, n, C = residual.shape
     if T > 0:
         from tl_kernels.post_res import post_res_fwd_kernel
 
-        post_res_fwd_kernel(n, C, _TL_DTYPES[residual.dtype])(layer_output, residual, h_post, h_res, out)
+        kernel = post_res_fwd_kernel(n, C, _TL_DTYPES[residual.dtype])
+        _launch(residual.device, kernel, layer_output, residual, h_post, h_res, out)
     return out
 
 
 def post_res_bwd(
     grad_out: Tensor, layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _checks.post_res_bwd(grad_out, layer_output, residual, h_post, h_res, "mhc::post_res_bwd")
-    if residual.dtype == torch.float64 or h_res.dtype == torch.float64:
+    op = "mhc::post_res_bwd"
+    _checks.post_res_bwd(grad_out, layer_output, residual, h_post, h_res, op)
+    reason = _post_res_reason(residual, h_post, h_res)
+    if reason:
+        _quiet_float64(op, reason, residual, h_res)
         return reference.post_res_backward(grad_out, layer_output, residual, h_post, h_res)
-    _int32_safe("mhc::post_res_bwd", residual)
     d_layer_output = torch.empty_like(layer_output)
     d_residual = torch.empty_like(residual)
     d_h_post = torch.empty_like(h_post)
@@ -95,7 +176,8 @@ def post_res_bwd(
         from tl_kernels.post_res import post_res_bwd_kernel
 
         kernel = post_res_bwd_kernel(n, C, _TL_DTYPES[residual.dtype])
-        kernel(grad_out, layer_output, residual, h_post, h_res, d_layer_output, d_residual, d_h_post, d_h_res)
+        outs = (d_layer_output, d_residual, d_h_post, d_h_res)
+        _launch(residual.device, kernel, grad_out, layer_output, residual, h_post, h_res, *outs)
     return d_layer_output, d_residual, d_h_post, d_h_res
 
 
@@ -106,7 +188,6 @@ def post_res_bwd(
 #   fwd: pre_proj_fwd (x @ phi and sum x^2, split-K partials) -> pre_finalize_fwd (coefficients, Sinkhorn, H_pre x)
 #   bwd: pre_finalize_bwd (<g_li, x_i>, d logits of pre/post, res logits) -> sinkhorn_bwd -> pre_proj_bwd (d_x, d_phi
 #        partials); d_phi, d_alpha and d_bias are summed over splits / tokens with torch reductions (fixed order).
-PRE_MAPPING_STREAMS = (1, 2, 4, 6, 8)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -118,23 +199,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def pre_mapping_kernel_supported(n: int, C: int, iters: int) -> bool:
-    """Whether the TileLang pre-mapping kernels serve this shape (else the reference runs)."""
-    from tl_kernels import sinkhorn
+def _pre_mapping_reason(residual: Tensor, phi: Tensor, iters: int) -> str | None:
+    _, n, C = residual.shape
+    dtypes = (residual.dtype, phi.dtype)
+    reason = fallback_reason("pre_mapping", n=n, C=C, numel=residual.numel(), dtypes=dtypes)
+    if reason is None:
+        from tl_kernels import sinkhorn
 
-    if n not in PRE_MAPPING_STREAMS or C % _checks.CUDA_HIDDEN_MULTIPLE != 0 or C > 65536:
-        return False
-    try:
-        sinkhorn._bwd_plan(n, iters, 0.0)  # the Sinkhorn backward's shared-memory budget limits iters
-    except ValueError:
-        return False
-    return True
-
-
-def _pre_mapping_on_reference(residual: Tensor, phi: Tensor, iters: int) -> bool:
-    if residual.dtype == torch.float64 or phi.dtype == torch.float64:
-        return True
-    return not pre_mapping_kernel_supported(residual.shape[1], residual.shape[2], iters)
+        try:
+            sinkhorn._bwd_plan(n, iters, 0.0)  # the Sinkhorn backward's shared-memory budget limits iters
+        except ValueError as exc:
+            reason = str(exc)
+    return reason
 
 
 def pre_mapping_fwd(
@@ -147,10 +223,12 @@ def pre_mapping_fwd(
     rms_eps: float,
     sinkhorn_eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _checks.pre_mapping(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, "mhc::pre_mapping_fwd")
-    if _pre_mapping_on_reference(residual, phi, iters):
+    op = "mhc::pre_mapping_fwd"
+    _checks.pre_mapping(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, op)
+    reason = _pre_mapping_reason(residual, phi, iters)
+    if reason:
+        _quiet_float64(op, reason, residual, phi)
         return reference.pre_mapping(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps)
-    _int32_safe("mhc::pre_mapping_fwd", residual)
     T, n, C = residual.shape
     m = n * n + 2 * n
     f32 = dict(device=residual.device, dtype=torch.float32)
@@ -166,9 +244,11 @@ def pre_mapping_fwd(
         splits = pre_proj.choose_splits(T, n, C, sms, "fwd")
         proj_part = torch.empty(splits, T, m, **f32)
         sq_part = torch.empty(splits, T, **f32)
-        pre_proj.pre_proj_fwd_kernel(n, C, dt)(residual.view(T, n * C), phi, proj_part, sq_part)
+        dev = residual.device
+        _launch(dev, pre_proj.pre_proj_fwd_kernel(n, C, dt), residual.view(T, n * C), phi, proj_part, sq_part)
         slices = pre_finalize.choose_slices(T, C, dt, sms)
-        pre_finalize.pre_finalize_fwd_kernel(n, C, dt, iters, float(sinkhorn_eps))(
+        _launch(
+            dev, pre_finalize.pre_finalize_fwd_kernel(n, C, dt, iters, float(sinkhorn_eps)),
             proj_part, sq_part, alpha, bias, residual, layer_input, h_post, h_res, h_pre, proj, rinv,
             float(rms_eps), float(post_mult), slices,
         )  # fmt: skip
@@ -196,10 +276,12 @@ def pre_mapping_bwd(
         grad_layer_input, grad_h_post, grad_h_res, grad_h_pre, residual, phi, alpha, bias,
         h_pre, h_post, proj, rinv, iters, post_mult, sinkhorn_eps,
     )  # fmt: skip
+    op = "mhc::pre_mapping_bwd"
     ops._check_pre_mapping_bwd(*args)
-    if _pre_mapping_on_reference(residual, phi, iters):
+    reason = _pre_mapping_reason(residual, phi, iters)
+    if reason:
+        _quiet_float64(op, reason, residual, phi)
         return reference.pre_mapping_backward(*args)
-    _int32_safe("mhc::pre_mapping_bwd", residual)
     T, n, C = residual.shape
     m, K = n * n + 2 * n, n * C
     f32 = dict(device=residual.device, dtype=torch.float32)
@@ -208,19 +290,21 @@ def pre_mapping_bwd(
         return d_residual, torch.zeros(K, m, **f32), torch.zeros(3, **f32), torch.zeros(m, **f32)
     from tl_kernels import pre_finalize, pre_proj, sinkhorn
 
-    dt = _TL_DTYPES[residual.dtype]
+    dt, dev = _TL_DTYPES[residual.dtype], residual.device
     d_pp = torch.empty(T, 2 * n, **f32)
     res_logits = torch.empty(T, n, n, **f32)
-    pre_finalize.pre_finalize_bwd_kernel(n, C, dt)(
+    _launch(
+        dev, pre_finalize.pre_finalize_bwd_kernel(n, C, dt),
         grad_layer_input, residual, grad_h_pre, grad_h_post, h_pre, h_post, proj, rinv, alpha, bias,
         d_pp, res_logits, float(post_mult),
     )  # fmt: skip
     d_res = torch.empty(T, n, n, **f32)
-    sinkhorn.sinkhorn_bwd_kernel(n, iters, float(sinkhorn_eps))(grad_h_res, res_logits, d_res)
+    _launch(dev, sinkhorn.sinkhorn_bwd_kernel(n, iters, float(sinkhorn_eps)), grad_h_res, res_logits, d_res)
     d_logits = torch.cat([d_pp, d_res.view(T, n * n)], dim=1)
-    splits = pre_proj.choose_splits(T, n, C, _num_sms(residual.device), "bwd")
+    splits = pre_proj.choose_splits(T, n, C, _num_sms(dev), "bwd")
     d_phi_part = torch.empty(splits, K, m, **f32)
-    pre_proj.pre_proj_bwd_kernel(n, C, dt, False)(
+    _launch(
+        dev, pre_proj.pre_proj_bwd_kernel(n, C, dt, False),
         residual.view(T, K), phi, d_logits, proj, rinv, alpha, h_pre, grad_layer_input, d_residual.view(T, K),
         d_phi_part,
     )  # fmt: skip
@@ -238,23 +322,63 @@ def warmup(
     dtypes=(torch.bfloat16,),
     sinkhorn_iters: int = 20,
     sinkhorn_eps: float = 0.0,
+    device=None,
 ) -> int:
-    """Compile (or load from the disk cache) every kernel these settings will use, before CUDA-graph capture.
+    """Make every kernel these settings will use ready to launch, before CUDA-graph capture.
 
-    Returns the number of kernels made ready. Needs no GPU (kernels compile for the pinned target).
+    Compiles (or loads from TileLang's disk cache) each kernel; then, when CUDA is available, launches each once on
+    a one-token input on ``device`` (default: the current CUDA device) and synchronises, so the module is loaded
+    and a graph can be captured right after this call. Without CUDA it only compiles (for the pinned target).
+    Kernels that would not be used (a shape outside a kernel's limits, a disabled family) are skipped.
+    Returns the number of kernels made ready.
     """
-    from tl_kernels import post_res, sinkhorn
+    from tl_kernels import post_res, pre_finalize, pre_proj, sinkhorn
 
+    launch = torch.cuda.is_available()
+    dev = torch.device("cuda", torch.cuda.current_device()) if launch and device is None else device
     count = 0
     for n in streams:
-        sinkhorn.sinkhorn_fwd_kernel(n, sinkhorn_iters, float(sinkhorn_eps))
-        sinkhorn.sinkhorn_bwd_kernel(n, sinkhorn_iters, float(sinkhorn_eps))
-        count += 2
+        if fallback_reason("sinkhorn", n=n) is None:
+            sinkhorn.sinkhorn_fwd_kernel(n, sinkhorn_iters, float(sinkhorn_eps))
+            sinkhorn.sinkhorn_bwd_kernel(n, sinkhorn_iters, float(sinkhorn_eps))
+            count += 2
+            if launch:
+                L = torch.zeros(1, n, n, device=dev)
+                sinkhorn_fwd(L, sinkhorn_iters, float(sinkhorn_eps))
+                sinkhorn_bwd(torch.ones_like(L), L, sinkhorn_iters, float(sinkhorn_eps))
         for C in hidden_sizes:
             for dt in dtypes:
+                if fallback_reason("post_res", n=n, C=C, dtypes=(dt,)) is not None:
+                    continue
                 post_res.post_res_fwd_kernel(n, C, _TL_DTYPES[dt])
                 post_res.post_res_bwd_kernel(n, C, _TL_DTYPES[dt])
                 count += 2
+                if launch:
+                    y = torch.zeros(1, C, device=dev, dtype=dt)
+                    x = torch.zeros(1, n, C, device=dev, dtype=dt)
+                    h_post, h_res = torch.zeros(1, n, device=dev), torch.zeros(1, n, n, device=dev)
+                    post_res_fwd(y, x, h_post, h_res)
+                    post_res_bwd(x, y, x, h_post, h_res)
+                if fallback_reason("pre_mapping", n=n, C=C, dtypes=(dt,)) is not None:
+                    continue
+                pre_proj.pre_proj_fwd_kernel(n, C, _TL_DTYPES[dt])
+                pre_proj.pre_proj_bwd_kernel(n, C, _TL_DTYPES[dt], False)
+                pre_finalize.pre_finalize_fwd_kernel(n, C, _TL_DTYPES[dt], sinkhorn_iters, float(sinkhorn_eps))
+                pre_finalize.pre_finalize_bwd_kernel(n, C, _TL_DTYPES[dt])
+                count += 4
+                if launch:
+                    m = n * n + 2 * n
+                    phi, alpha, bias = (
+                        torch.zeros(n * C, m, device=dev),
+                        torch.ones(3, device=dev),
+                        torch.zeros(m, device=dev),
+                    )
+                    out = pre_mapping_fwd(x, phi, alpha, bias, sinkhorn_iters, 2.0, 1e-6, float(sinkhorn_eps))
+                    grads = (y, h_post, h_res, h_post)
+                    pre_mapping_bwd(*grads, x, phi, alpha, bias, out[3], out[1], out[4], out[5], sinkhorn_iters, 2.0,
+                                    float(sinkhorn_eps))  # fmt: skip
+    if launch:
+        torch.cuda.synchronize(dev)
     return count
 
 

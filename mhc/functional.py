@@ -2,7 +2,8 @@
 
 All three take tensors with any leading dimensions (``[B, S, n, C]``, ``[T, n, C]``, or a single token ``[n, C]``),
 check that those dimensions agree, flatten them to tokens for the ``mhc::*`` ops and restore them on the way out.
-Inputs are made contiguous if they are not (a copy). Dtypes are not converted: activations may be bf16, fp16, fp32
+Inputs are made contiguous and 16-byte aligned if they are not (a copy; the ops themselves refuse a view whose data
+does not start on a 16-byte boundary, see :func:`mhc._checks.require_aligned`). Dtypes are not converted: activations may be bf16, fp16, fp32
 or fp64, coefficients fp32 or fp64 (see :mod:`mhc._checks` for the full rules); a wrong one raises ``TypeError``.
 """
 
@@ -36,7 +37,8 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, eps: float = 0.0) -> Tensor:
     Returns:
         ``[..., n, n]``: rows sum to 1, columns to within the truncation error.
     Raises:
-        ValueError: the last two dims differ, ``iters < 1``, ``eps < 0``, or tensors on CUDA with ``n > 16``.
+        ValueError: the last two dims differ, ``iters < 1`` or ``eps < 0``. (On CUDA, ``n > 16`` runs the PyTorch
+            reference, with a warning.)
         TypeError: logits not float32/float64.
     """
     op = "mhc.sinkhorn"
@@ -46,7 +48,7 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, eps: float = 0.0) -> Tensor:
         raise ValueError(f"{op}: expected logits of shape [..., n, n], got {tuple(logits.shape)}")
     _checks.require_int(op, "iters", iters, 1)
     _checks.require_float(op, "eps", eps)
-    flat = logits.reshape(-1, n, n).contiguous()
+    flat = _checks.aligned_contiguous(logits.reshape(-1, n, n))
     return _ops.sinkhorn_fwd(flat, iters, float(eps)).reshape(*lead, n, n)
 
 
@@ -81,7 +83,10 @@ def pre_mapping(
     _checks.require_float(op, "post_mult", post_mult, positive=True)
     _checks.require_float(op, "rms_eps", rms_eps)
     _checks.require_float(op, "sinkhorn_eps", sinkhorn_eps)
-    flat = residual.reshape(-1, n, C).contiguous()
+    for name, t in (("phi", phi), ("alpha", alpha), ("bias", bias)):
+        _checks.require_tensor(op, name, t)
+    flat = _checks.aligned_contiguous(residual.reshape(-1, n, C))
+    phi, alpha, bias = (_checks.aligned_contiguous(t) for t in (phi, alpha, bias))
     layer_input, h_post, h_res, *_ = _ops.pre_mapping_fwd(
         flat, phi, alpha, bias, iters, float(post_mult), float(rms_eps), float(sinkhorn_eps)
     )
@@ -109,10 +114,11 @@ def post_res(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tens
     _require_lead(op, "layer_output", layer_output, (*lead, C), "[..., C]")
     _require_lead(op, "h_post", h_post, (*lead, n), "[..., n]")
     _require_lead(op, "h_res", h_res, (*lead, n, n), "[..., n, n]")
+    aligned = _checks.aligned_contiguous
     out = _ops.post_res_fwd(
-        layer_output.reshape(-1, C).contiguous(),
-        residual.reshape(-1, n, C).contiguous(),
-        h_post.reshape(-1, n).contiguous(),
-        h_res.reshape(-1, n, n).contiguous(),
+        aligned(layer_output.reshape(-1, C)),
+        aligned(residual.reshape(-1, n, C)),
+        aligned(h_post.reshape(-1, n)),
+        aligned(h_res.reshape(-1, n, n)),
     )
     return out.reshape(*lead, n, C)

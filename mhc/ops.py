@@ -73,7 +73,7 @@ def _sinkhorn_setup(ctx, inputs, output):
 
 def _sinkhorn_backward(ctx, grad):
     (logits,) = ctx.saved_tensors
-    return torch.ops.mhc.sinkhorn_bwd(grad.contiguous(), logits, ctx.iters, ctx.eps), None, None
+    return torch.ops.mhc.sinkhorn_bwd(_checks.aligned_contiguous(grad), logits, ctx.iters, ctx.eps), None, None
 
 
 sinkhorn_fwd.register_autograd(_sinkhorn_backward, setup_context=_sinkhorn_setup)
@@ -121,7 +121,7 @@ def _post_res_setup(ctx, inputs, output):
 
 def _post_res_backward(ctx, grad):
     layer_output, residual, h_post, h_res = ctx.saved_tensors
-    return torch.ops.mhc.post_res_bwd(grad.contiguous(), layer_output, residual, h_post, h_res)
+    return torch.ops.mhc.post_res_bwd(_checks.aligned_contiguous(grad), layer_output, residual, h_post, h_res)
 
 
 post_res_fwd.register_autograd(_post_res_backward, setup_context=_post_res_setup)
@@ -226,7 +226,7 @@ def _pre_mapping_setup(ctx, inputs, output):
 def _pre_mapping_backward(ctx, g_li, g_post, g_res, g_pre, _g_proj, _g_rinv):
     residual, phi, alpha, bias, h_pre, h_post, proj, rinv = ctx.saved_tensors
     d_residual, d_phi, d_alpha, d_bias = torch.ops.mhc.pre_mapping_bwd(
-        g_li.contiguous(), g_post.contiguous(), g_res.contiguous(), g_pre.contiguous(),
+        *(_checks.aligned_contiguous(g) for g in (g_li, g_post, g_res, g_pre)),
         residual, phi, alpha, bias, h_pre, h_post, proj, rinv, ctx.iters, ctx.post_mult, ctx.sinkhorn_eps,
     )  # fmt: skip
     return d_residual, d_phi, d_alpha, d_bias, None, None, None, None

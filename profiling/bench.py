@@ -4,9 +4,12 @@ bandwidth, for our kernels beside PyTorch eager and ``torch.compile`` of the ref
     python -m profiling.bench                        # full sweep on the local GPU, results under profiling/results/<gpu>/
     python -m profiling.bench --quick                # a few shapes
     python -m profiling.bench --device cpu --quick   # dry run of the harness on a CPU (host timer, tiny shapes)
+    python -m profiling.bench --device cpu --quick --timer standin   # the CUDA timing code, stand-in timer
 
-Timer: TileLang's ``do_bench`` with the CUPTI backend (kernel time only, L2 flushed between runs, 256 MB), reporting
-the median and the 20th/80th percentiles; on a CPU the host clock. Bytes are the minimum traffic per token (spec
+Timer (:func:`make_timer`): TileLang's ``do_bench`` with the CUDA-event backend (L2 flushed before every call,
+256 MB), reporting the median and the 20th/80th percentiles of the per-call times, then its CUPTI backend for the
+mean kernel time alone (``kernel_us``; TileLang 0.1.15's CUPTI backend returns one float and ignores
+``quantiles``). On a CPU the host clock. Bytes are the minimum traffic per token (spec
 §6.2): every input read once, every output written once, activations in their dtype, coefficients fp32:
 
 =====================  ==============================================================
@@ -32,15 +35,17 @@ import json
 import os
 import pathlib
 import platform
+import signal
 import statistics
-import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
 import mhc
 from mhc import reference as ref
+from profiling import gpu_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ITERS = 20
@@ -48,19 +53,61 @@ ITERS = 20
 
 # ---------------------------------------------------------------------------------------------------- timing
 
+QUANTILES = (0.2, 0.5, 0.8)
 
-def make_timer(device: str):
-    """Returns ``(bench, description)``; ``bench(fn) -> (median_us, p20_us, p80_us)``."""
+
+class Timing(NamedTuple):
+    """One measurement in microseconds: median and 20th/80th percentiles of the per-call times, and the mean kernel
+    time reported by CUPTI (``None`` where not measured)."""
+
+    us: float
+    p20_us: float | None
+    p80_us: float | None
+    kernel_us: float | None = None
+
+
+def _quantiles_ms(result, k: int) -> list[float] | None:
+    """``do_bench``'s answer to a request for ``k`` quantiles: a list of ``k`` floats, or ``None`` when it returned a
+    single float (TileLang 0.1.15's CUPTI backend ignores ``quantiles``; a future one might again)."""
+    if isinstance(result, (list, tuple)):
+        if len(result) != k:
+            raise ValueError(f"do_bench returned {len(result)} quantiles, expected {k}")
+        return [float(v) for v in result]
+    if isinstance(result, (int, float)):
+        return None
+    raise TypeError(f"do_bench returned {type(result).__name__}, expected a float or a list of floats")
+
+
+def make_timer(device: str, do_bench=None, *, cupti: bool = True):
+    """Returns ``(bench, description)``; ``bench(fn) -> Timing``.
+
+    ``device == "cuda"``: TileLang's ``do_bench`` (or the ``do_bench`` given, a stand-in with the same signature for
+    dry runs and tests) with the CUDA-event backend, L2 flushed before every call, asked for the 20/50/80th
+    percentiles; then, when ``cupti``, its CUPTI backend for the mean kernel time alone (no launch or event overhead;
+    in TileLang 0.1.15 that backend ignores ``quantiles`` and returns one float). Otherwise the host clock.
+    """
     if device == "cuda":
-        from tilelang.profiler import do_bench
+        if do_bench is None:
+            from tilelang.profiler import do_bench
 
-        def bench(fn):
-            q = do_bench(fn, warmup=25, rep=200, backend="cupti", quantiles=[0.2, 0.5, 0.8])
-            return q[1] * 1e3, q[0] * 1e3, q[2] * 1e3
+        def bench(fn) -> Timing:
+            raw = do_bench(fn, warmup=25, rep=200, backend="event", quantiles=list(QUANTILES), return_mode="median")
+            q = _quantiles_ms(raw, len(QUANTILES))
+            if q is None:  # a single number: the median alone
+                med, p20, p80 = float(raw) * 1e3, None, None
+            else:
+                med, p20, p80 = q[1] * 1e3, q[0] * 1e3, q[2] * 1e3
+            kernel = None
+            if cupti:
+                k = do_bench(fn, warmup=25, rep=200, backend="cupti")
+                kq = _quantiles_ms(k, 1) if isinstance(k, (list, tuple)) else None
+                kernel = (kq[0] if kq else float(k)) * 1e3
+            return Timing(med, p20, p80, kernel)
 
-        return bench, "tilelang do_bench, CUPTI kernel time, L2 flushed (256 MB), median [p20, p80]"
+        how = "tilelang do_bench: CUDA events per call, L2 flushed (256 MB), median [p20, p80]"
+        return bench, how + ("; CUPTI mean kernel time" if cupti else "")
 
-    def bench(fn):
+    def bench(fn) -> Timing:
         fn()
         ts = []
         for _ in range(5):
@@ -68,16 +115,39 @@ def make_timer(device: str):
             fn()
             ts.append((time.perf_counter() - t0) * 1e6)
         ts.sort()
-        return statistics.median(ts), ts[1], ts[-2]
+        return Timing(statistics.median(ts), ts[1], ts[-2])
 
     return bench, "host clock (CPU dry run), median of 5"
+
+
+def standin_do_bench(fn, warmup=25, rep=100, quantiles=None, backend="event", return_mode="mean", **_):
+    """A host-clock stand-in for ``tilelang.profiler.do_bench`` with TileLang 0.1.15's return conventions, so the
+    CUDA timing path runs on a machine without a GPU: milliseconds; ``backend="cupti"`` returns one float whatever
+    ``quantiles`` says; the event backend returns a list for two or more quantiles, one float for one or none."""
+    fn()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if backend == "cupti":
+        return statistics.fmean(times)
+    if backend != "event":
+        raise ValueError(f"stand-in do_bench: unsupported backend {backend!r}")
+    if quantiles is not None:
+        values = torch.quantile(
+            torch.tensor(times, dtype=torch.float64), torch.tensor(list(quantiles), dtype=torch.float64)
+        )
+        values = values.tolist()
+        return values[0] if len(values) == 1 else values
+    return {"mean": statistics.fmean, "median": statistics.median, "min": min, "max": max}[return_mode](times)
 
 
 def copy_bandwidth_gbs(device: str, bench) -> float:
     numel = (1 << 29) if device == "cuda" else (1 << 22)
     a = torch.randn(numel, device=device).to(torch.bfloat16)
     b = torch.empty_like(a)
-    us = bench(lambda: b.copy_(a))[0]
+    us = bench(lambda: b.copy_(a)).us
     return 2 * a.numel() * a.element_size() / (us * 1e-6) / 1e9
 
 
@@ -139,44 +209,79 @@ def sinkhorn_cases(L, gL):
     }
 
 
+FULL_TOKENS, FULL_HIDDEN = (4096, 8192, 16384, 65536), (1280, 1920, 2560, 4096, 7168)
+#: ``--quick``: the target shapes of the kernel issue (n=4, T=16384).
+QUICK_TOKENS, QUICK_HIDDEN = (16384,), (2560, 4096, 7168)
+#: a CPU run (host timer or stand-in): tiny shapes, the harness is what is exercised.
+CPU_TOKENS, CPU_HIDDEN = (64,), (256,)
+
+
+def shapes(args) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    tokens, hidden = (QUICK_TOKENS, QUICK_HIDDEN) if args.quick else (FULL_TOKENS, FULL_HIDDEN)
+    if args.device == "cpu":
+        tokens, hidden = CPU_TOKENS, CPU_HIDDEN
+    return tuple(args.tokens or tokens), tuple(args.hidden or hidden)
+
+
 def run(args) -> dict:
     device = args.device
-    bench, how = make_timer(device)
+    if args.timer == "standin":  # the CUDA timing path with a host-clock stand-in for the device timer
+        bench, how = make_timer("cuda", do_bench=standin_do_bench, cupti=not args.no_cupti)
+        how = "STAND-IN for the device timer (dry run): " + how
+    else:
+        bench, how = make_timer(device, cupti=not args.no_cupti)
     copy_gbs = copy_bandwidth_gbs(device, bench)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     n = args.n
-    tokens = [4096, 8192, 16384, 65536]
-    hidden = [1280, 1920, 2560, 4096, 7168]
-    if args.quick:
-        tokens, hidden = [16384], [2560, 7168]
-    if device == "cpu":
-        tokens, hidden = [64], [256]
+    tokens, hidden = shapes(args)
     rows = []
     compiled = {}
 
     def time_baselines(name, eager_fn, builder, call_args):
-        eager_us = bench(eager_fn)[0]
+        eager_us = bench(eager_fn).us
         comp_us = None
         if not args.no_compile:
             try:
                 if name not in compiled:
                     compiled[name] = torch.compile(builder)
                 cfn = compiled[name]
-                comp_us = bench(lambda: cfn(*call_args))[0]
+                comp_us = bench(lambda: cfn(*call_args)).us
             except Exception as exc:  # noqa: BLE001 - a failing baseline is reported, not fatal
                 print(f"torch.compile baseline for {name} failed: {exc}", file=sys.stderr)
         return eager_us, comp_us
 
     progress = _progress(len(tokens) * len(hidden) * 2 + len(tokens) * 3, "bench")
+    truncated = False
+    try:
+        _sweep(args, bench, copy_gbs, dtype, n, tokens, hidden, rows, time_baselines, progress)
+    except _Stopped:
+        truncated = True
+        print("bench: stopped (SIGTERM); writing what was measured", file=sys.stderr)
+    progress.close()
+    meta = _meta(device, how, copy_gbs, dtype, n)
+    meta["truncated"] = truncated
+    return {"meta": meta, "records": rows}
+
+
+class _Stopped(BaseException):  # not caught by the "except Exception" around a baseline
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Stopped
+
+
+def _sweep(args, bench, copy_gbs, dtype, n, tokens, hidden, rows, time_baselines, progress):
+    device = args.device
     for T in tokens:
         for C in hidden:
             cases, call_args, grad = post_res_cases(T, n, C, dtype, device)
             for mode, (ours, eager, builder) in cases.items():
-                med, p20, p80 = bench(ours)
+                t = bench(ours)
                 base_args = call_args if mode == "fwd" else (grad, *call_args)
                 eager_us, comp_us = time_baselines(f"post_res_{mode}", eager, builder, base_args)
                 nbytes = post_res_bytes(T, n, C, dtype.itemsize, mode)
-                rows.append(_row("post_res", mode, T, n, C, med, p20, p80, nbytes, copy_gbs, eager_us, comp_us))
+                rows.append(_row("post_res", mode, T, n, C, t, nbytes, copy_gbs, eager_us, comp_us))
                 progress.update()
             del cases, call_args, grad
         L = torch.randn(T, n, n, device=device) * 2
@@ -184,31 +289,26 @@ def run(args) -> dict:
         sk = sinkhorn_cases(L, gL)
         times = {}
         for mode, (ours, eager, builder) in sk.items():
-            med, p20, p80 = bench(ours)
-            times[mode] = med
+            t = bench(ours)
+            times[mode] = t
             base_args = (L, ITERS) if mode == "fwd" else (gL, L, ITERS)
             eager_us, comp_us = time_baselines(f"sinkhorn_{mode}", eager, builder, base_args)
-            rows.append(
-                _row("sinkhorn", mode, T, n, 0, med, p20, p80, sinkhorn_bytes(T, n, mode), copy_gbs, eager_us, comp_us)
-            )
+            rows.append(_row("sinkhorn", mode, T, n, 0, t, sinkhorn_bytes(T, n, mode), copy_gbs, eager_us, comp_us))
             progress.update()
-        total = times["fwd"] + times["bwd"]
-        rows.append(
-            _row(
-                "sinkhorn", "fwd+bwd", T, n, 0, total, None, None, sinkhorn_bytes(T, n, "fwd+bwd"), copy_gbs, None, None
-            )
-        )
+        kernel = None
+        if times["fwd"].kernel_us is not None and times["bwd"].kernel_us is not None:
+            kernel = times["fwd"].kernel_us + times["bwd"].kernel_us
+        total = Timing(times["fwd"].us + times["bwd"].us, None, None, kernel)
+        rows.append(_row("sinkhorn", "fwd+bwd", T, n, 0, total, sinkhorn_bytes(T, n, "fwd+bwd"), copy_gbs, None, None))
         progress.update()
-    progress.close()
-    meta = _meta(device, how, copy_gbs, dtype, n)
-    return {"meta": meta, "records": rows}
 
 
-def _row(op, mode, T, n, C, us, p20, p80, nbytes, copy_gbs, eager_us, comp_us):
-    gbs = nbytes / (us * 1e-6) / 1e9
+def _row(op, mode, T, n, C, t: Timing, nbytes, copy_gbs, eager_us, comp_us):
+    gbs = nbytes / (t.us * 1e-6) / 1e9
     return {
-        "op": op, "mode": mode, "T": T, "n": n, "C": C, "us": us, "p20_us": p20, "p80_us": p80, "bytes": nbytes,
-        "GBps": gbs, "pct_copy": 100 * gbs / copy_gbs, "eager_us": eager_us, "compile_us": comp_us,
+        "op": op, "mode": mode, "T": T, "n": n, "C": C, "us": t.us, "p20_us": t.p20_us, "p80_us": t.p80_us,
+        "kernel_us": t.kernel_us, "bytes": nbytes, "GBps": gbs, "pct_copy": 100 * gbs / copy_gbs,
+        "eager_us": eager_us, "compile_us": comp_us,
     }  # fmt: skip
 
 
@@ -230,10 +330,7 @@ def _progress(total, desc):
 
 
 def _meta(device, how, copy_gbs, dtype, n):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    except OSError:
-        commit = ""
+    commit_id = gpu_run.commit()
     try:
         import tilelang
 
@@ -242,7 +339,7 @@ def _meta(device, how, copy_gbs, dtype, n):
         tl_version = None
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu"),
-        "torch": torch.__version__, "tilelang": tl_version, "mhc": mhc.__version__, "commit": commit,
+        "torch": torch.__version__, "tilelang": tl_version, "mhc": mhc.__version__, "commit": commit_id,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "timer": how,
         "copy_GBps": copy_gbs, "dtype": str(dtype).removeprefix("torch."), "n": n, "sinkhorn_iters": ITERS,
         "python": sys.version.split()[0],
@@ -261,16 +358,17 @@ def markdown(result: dict) -> str:
         f"activations {m['dtype']}, n={m['n']}, Sinkhorn {m['sinkhorn_iters']} iterations.",
         f"Measured copy bandwidth: {m['copy_GBps']:.0f} GB/s (read + write). Timer: {m['timer']}.",
         "",
-        "| op | mode | T | C | µs | p20-p80 µs | GB/s | % copy | eager µs | compile µs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| op | mode | T | C | µs | p20-p80 µs | kernel µs (CUPTI) | GB/s | % copy | eager µs | compile µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["records"]:
         spread = f"{r['p20_us']:.1f}-{r['p80_us']:.1f}" if r["p20_us"] is not None else "–"
         eager = f"{r['eager_us']:.1f}" if r["eager_us"] is not None else "–"
         comp = f"{r['compile_us']:.1f}" if r["compile_us"] is not None else "–"
+        kern = f"{r['kernel_us']:.1f}" if r.get("kernel_us") is not None else "–"
         C = r["C"] or "–"
         lines.append(
-            f"| {r['op']} | {r['mode']} | {r['T']} | {C} | {r['us']:.1f} | {spread} | {r['GBps']:.0f} | "
+            f"| {r['op']} | {r['mode']} | {r['T']} | {C} | {r['us']:.1f} | {spread} | {kern} | {r['GBps']:.0f} | "
             f"{r['pct_copy']:.0f} | {eager} | {comp} |"
         )
     return "\n".join(lines) + "\n"
@@ -315,8 +413,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--out", default=None, help="output folder (default: profiling/results/<gpu>/)")
+    ap.add_argument("--tokens", type=int, nargs="+", help="token counts (override the defaults)")
+    ap.add_argument("--hidden", type=int, nargs="+", help="hidden sizes C (override the defaults)")
+    ap.add_argument("--no-cupti", action="store_true", help="skip the CUPTI kernel-time pass")
+    ap.add_argument(
+        "--timer", choices=["device", "standin"], default="device",
+        help="standin: the CUDA timing code with a host-clock stand-in for do_bench (dry run on a CPU)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
-    result = run(args)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # the GPU run's stage limit: keep what was measured
+    try:
+        result = run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     out = pathlib.Path(args.out) if args.out else ROOT / "profiling" / "results" / gpu_dir_name()
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -1,30 +1,63 @@
-"""A small set of kernel launches for compute-sanitizer (memcheck, racecheck): every kernel family, both
-directions, with token counts that leave partial thread blocks. Run as
+"""A small set of kernel launches for compute-sanitizer (memcheck, racecheck), driven by the registry: for every
+family with a check function in :mod:`profiling.families`, the first, middle and last configuration of each
+direction, at token counts that leave partial thread blocks (and 1). Run as
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python -m profiling.sanitize_cases
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
+        python -m profiling.sanitize_cases
+
+(without PyTorch's caching allocator every tensor is its own cudaMalloc, so memcheck sees an out-of-bounds access
+even when it would land inside a larger cached block). The results are compared with the reference as in stage 2;
+a mismatch exits 1. ``--device cpu`` runs the same code on the reference (dry run).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
+
 import torch
 
-import mhc
+from profiling import families
+from profiling.check_configs import _families, check_config
+from tl_kernels import registry
+
+TOKENS = (1, 37, 129)
 
 
-def main() -> None:
-    dev = "cuda"
-    for n, C, dtype, T in [(4, 1280, torch.bfloat16, 37), (8, 7168, torch.float16, 3), (2, 64, torch.float32, 129)]:
-        y = torch.randn(T, C, device=dev, dtype=dtype, requires_grad=True)
-        x = torch.randn(T, n, C, device=dev, dtype=dtype, requires_grad=True)
-        h_post = torch.rand(T, n, device=dev, requires_grad=True)
-        h_res = torch.rand(T, n, n, device=dev, requires_grad=True)
-        mhc.post_res(y, x, h_post, h_res).float().square().sum().backward()
-    for n, T in [(4, 37), (16, 5), (3, 300)]:
-        L = torch.randn(T, n, n, device=dev, requires_grad=True)
-        mhc.sinkhorn(L).square().sum().backward()
-    torch.cuda.synchronize()
-    print("sanitize cases ran")
+def pick(cfgs: list) -> list:
+    """First, middle and last configuration of each direction, in registry order."""
+    chosen = []
+    for direction in registry.DIRECTIONS:
+        sub = [c for c in cfgs if c.direction == direction]
+        for cfg in (sub[:1] + sub[len(sub) // 2 : len(sub) // 2 + 1] + sub[-1:]) if sub else []:
+            if cfg not in chosen:
+                chosen.append(cfg)
+    return chosen
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    status = 0
+    for family in _families():
+        cfgs = registry.configs(family)
+        note = families.family_status(family, cfgs)
+        if note:
+            print(f"{family}: {note}", flush=True)
+            status |= note.startswith("fail")
+            continue
+        for cfg in pick(cfgs):
+            res = check_config(cfg, TOKENS, args.device, seed=1)
+            print(f"{'ran' if res['ok'] else 'MISMATCH'} {cfg.name} T={TOKENS} {res['error'] or ''}", flush=True)
+            status |= not res["ok"]
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    print("sanitize cases ran", flush=True)
+    return int(status)
 
 
 if __name__ == "__main__":
-    main()
+    os.environ.setdefault("TILELANG_PRINT_ON_COMPILATION", "0")
+    sys.exit(main())

@@ -32,6 +32,8 @@ def pytest_sessionfinish(session, exitstatus):
     """Fail a session that collected tests but passed none (everything skipped or deselected)."""
     if exitstatus != 0 or getattr(session.config, "workerinput", None) is not None:
         return
+    if session.config.option.collectonly:  # collecting is all such a session is asked to do
+        return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
         return

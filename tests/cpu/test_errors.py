@@ -1,6 +1,6 @@
 """Bad input gets a clear ValueError/TypeError naming the expected and the received value, in eager mode and under
-FakeTensorMode (what torch.compile traces with), before anything runs. Fake CUDA tensors need no GPU, so the CUDA
-kernels' own limits are checked here too."""
+FakeTensorMode (what torch.compile traces with), before anything runs. Fake CUDA tensors need no GPU; the CUDA
+kernels' own limits are not errors (the ops fall back to the reference), so they trace."""
 
 from __future__ import annotations
 
@@ -145,27 +145,16 @@ def test_device_mix_between_cpu_and_cuda_under_fake_mode():
             call_post(**kw)
 
 
-@pytest.mark.parametrize(
-    "change, words",
-    [
-        (dict(C=96), ["multiple of 64", "C=96"]),
-        (dict(n=3), ["n in (1, 2, 4, 6, 8)", "n=3"]),
-    ],
-)
-def test_cuda_kernel_limits_under_fake_mode(change, words):
-    n, c = change.get("n", N), change.get("C", C)
+@pytest.mark.parametrize("n, c", [(4, 96), (3, 64)], ids=["C=96", "n=3"])
+def test_cuda_kernel_limits_are_not_errors_under_fake_mode(n, c):
+    """Shapes the CUDA kernels do not support trace fine: at run time they fall back to the reference
+    (tests/cpu/test_fallback_alignment.py)."""
     with FakeTensorMode():
         y = torch.empty(T, c, device="cuda", dtype=torch.bfloat16)
         x = torch.empty(T, n, c, device="cuda", dtype=torch.bfloat16)
-        with pytest.raises(ValueError) as info:
-            mhc.post_res(y, x, torch.empty(T, n, device="cuda"), torch.empty(T, n, n, device="cuda"))
-    for w in words:
-        assert w in str(info.value)
-
-
-def test_cuda_sinkhorn_n_limit_under_fake_mode():
-    with FakeTensorMode(), pytest.raises(ValueError, match="n <= 16.*n=17"):
-        mhc.sinkhorn(torch.empty(2, 17, 17, device="cuda"))
+        out = mhc.post_res(y, x, torch.empty(T, n, device="cuda"), torch.empty(T, n, n, device="cuda"))
+        assert out.shape == (T, n, c) and out.device.type == "cuda"
+        assert mhc.sinkhorn(torch.empty(2, 17, 17, device="cuda")).shape == (2, 17, 17)
 
 
 def test_cpu_has_no_kernel_limits():

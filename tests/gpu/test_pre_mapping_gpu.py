@@ -21,6 +21,7 @@ import torch
 
 import mhc
 from mhc import reference as ref
+from profiling.families import backward_magnitudes
 
 pytestmark = pytest.mark.gpu
 
@@ -42,29 +43,6 @@ def _site(T, n, C, dtype, seed=0, alpha=(0.7, 0.5, 1.2)):
 
 def _max_rel(got, want, mag):
     return float(((got.double() - want).abs() / (mag + 1e-30)).max()) if got.numel() else 0.0
-
-
-def _backward_magnitudes(grads, x, phi, alpha, bias, saved):
-    """Per-element magnitudes of the sums behind d_residual and d_phi (the same chain with absolute values), the
-    scale of their TF32 rounding errors."""
-    T, n, C = x.shape
-    h_pre, h_post, proj, rinv = (t.double() for t in saved)
-    g_li, g_post, g_res, g_pre_in = (t.double() for t in grads)
-    x64 = x.double()
-    g_pre = (g_li[:, None, :] * x64).sum(-1) + g_pre_in
-    d_pre = g_pre * h_pre * (1 - h_pre)
-    d_post = g_post * h_post * (1 - h_post / 2.0)
-    logits = ref.coefficient_logits(proj, rinv, alpha.double(), bias.double(), n)
-    d_res = ref.sinkhorn_backward(g_res, ref.split_coefficients(logits, n)[2], 20, 0.0)
-    d_logits = torch.cat([d_pre, d_post, d_res.flatten(1)], 1)
-    a = alpha.double().abs()
-    scale = torch.cat([a[:1].expand(n), a[1:2].expand(n), a[2:].expand(n * n)])
-    d_proj = d_logits.abs() * scale * rinv[:, None]
-    rms_term = rinv**3 / (n * C) * (d_logits.abs() * scale * proj.abs()).sum(-1)
-    mag_x = (d_proj @ phi.double().abs().T).view(T, n, C) + rms_term[:, None, None] * x64.abs()
-    mag_x = mag_x + h_pre[..., None] * g_li.abs()[:, None, :]
-    mag_phi = x64.flatten(1).abs().T @ d_proj
-    return mag_x, mag_phi
 
 
 def _check_forward(x, phi, alpha, bias, out, iters=20, eps=0.0, post_mult=2.0, rms_eps=1e-6):
@@ -108,7 +86,7 @@ def test_forward_and_backward_match_reference(n, C, dtype, T):
     got = torch.ops.mhc.pre_mapping_bwd(*grads, x, phi, alpha, bias, *saved, 20, 2.0, 0.0)
     d64 = lambda ts: [t.double() for t in ts]  # noqa: E731
     want = ref.pre_mapping_backward(*d64(grads), *d64((x, phi, alpha, bias)), *d64(saved), 20, 2.0, 0.0)
-    mag_x, mag_phi = _backward_magnitudes(grads, x, phi, alpha, bias, saved)
+    mag_x, mag_phi = backward_magnitudes(grads, x, phi, alpha, bias, saved)
     ulp = ULP[x.dtype]
     assert _max_rel(got[0], want[0], mag_x) <= 2**-9 + ulp, "d_residual"
     assert _max_rel(got[1], want[1], mag_phi) <= 2**-9, "d_phi"

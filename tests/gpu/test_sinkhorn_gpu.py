@@ -1,8 +1,10 @@
 """Sinkhorn TileLang kernels on a GPU against the float64 reference (marked `gpu`, skipped without CUDA).
 
-Tolerances: fp32 log-domain iteration with hardware exp2/log2 (relative error about 2**-22 each) over 2*iters
-half-steps: forward entries within 2e-5 absolute of float64, backward within rtol 1e-3 / atol 1e-4 times the largest
-incoming gradient (the backward sums 2*iters correction terms).
+Tolerances, from what tl_kernels/sinkhorn.py claims (measured in the CPU emulation of the generated CUDA, where
+exp2/log2 are libm's): forward max |out - fp64| 2-4e-7, backward max |err| <= 1.3e-7 * max|grad_out| for N(0, 4)
+logits. The GPU's ex2/lg2.approx add about 2**-22 relative per call, so we assert 2e-6 (forward) and
+1e-6 * max|grad_out| (backward): 5-8x the emulated error, far below anything a wrong program would give. (Not yet
+run on a GPU: the GPU run's stage 2 records the measured error of every configuration; adjust here from that.)
 """
 
 from __future__ import annotations
@@ -40,27 +42,36 @@ def _bwd_poisoned(g, L, iters, eps):
     return out
 
 
-@pytest.mark.parametrize("eps", [0.0, 1e-6])
+FWD_ATOL = 2e-6
+BWD_ATOL = 1e-6  # times max |grad_out|
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3])
 @pytest.mark.parametrize("n", STREAMS)
 @pytest.mark.parametrize("T", TOKENS)
 def test_forward_and_backward_match_reference(T, n, eps):
     iters = 20
     L = _logits(T, n)
     want = ref.sinkhorn(L.double(), iters, eps)
+    if eps:  # the case must be able to fail: ignoring eps would miss by far more than the tolerance
+        assert (want - ref.sinkhorn(L.double(), iters, 0.0)).abs().max() > 1000 * FWD_ATOL
     got = _fwd_poisoned(L, iters, eps)
     assert not got.isnan().any()
-    torch.testing.assert_close(got, want.float(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(got, want.float(), rtol=0, atol=FWD_ATOL)
     g = torch.randn_like(L)
     want_g = ref.sinkhorn_backward(g.double(), L.double(), iters, eps)
+    if eps and n > 1:  # (n = 1 converges to a fixed point that does not depend on L: both gradients vanish)
+        no_eps = ref.sinkhorn_backward(g.double(), L.double(), iters, 0.0)
+        assert (want_g - no_eps).abs().max() > 1000 * BWD_ATOL * float(g.abs().max())
     got_g = _bwd_poisoned(g, L, iters, eps)
     assert not got_g.isnan().any()
-    torch.testing.assert_close(got_g, want_g.float(), rtol=1e-3, atol=1e-4 * float(g.abs().max()))
+    torch.testing.assert_close(got_g, want_g.float(), rtol=0, atol=BWD_ATOL * float(g.abs().max()))
 
 
 @pytest.mark.parametrize("iters", [1, 10])
 def test_other_iteration_counts(iters):
     L = _logits(513, 4)
-    torch.testing.assert_close(mhc.sinkhorn(L, iters), ref.sinkhorn(L.double(), iters).float(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(mhc.sinkhorn(L, iters), ref.sinkhorn(L.double(), iters).float(), rtol=0, atol=FWD_ATOL)
 
 
 @pytest.mark.parametrize("magnitude", [1e2, 1e4])

@@ -1,0 +1,273 @@
+"""Per-family correctness cases for the GPU run (stage 2) and the compute-sanitizer cases (stage 4).
+
+Every kernel configuration in :data:`tl_kernels.registry.ALL_CONFIGS` belongs to a family (``post_res``,
+``sinkhorn``, ``pre_proj`` and ``pre_finalize``; the last two are checked through the fused pre-mapping op). A family is checked by **one function** registered in :data:`CHECKS`::
+
+    def check_<family>(cfg: KernelConfig, T: int, device: str, gen: torch.Generator) -> dict[str, Err]
+
+It builds random inputs for ``T`` tokens matching ``cfg`` (``cfg.kwargs``: n, C, dtype, iters, eps, ...) on
+``device`` with ``gen`` (a generator on that device), calls the ``torch.ops.mhc.*`` op of ``cfg.direction``
+(on CUDA that is the TileLang kernel of exactly this configuration; on a CPU, the reference, which is what the dry
+run exercises) and returns one :class:`Err` per output: the largest ``|got - want|`` against a float64 reference
+and the tolerance for it (``atol + rtol * |want|``, elementwise). A configuration passes when every output's
+``ratio`` (max of ``|got - want| / (atol + rtol |want|)``) is at most 1 and nothing is NaN where the reference is
+finite.
+
+To add a family: write its function here, add it to :data:`CHECKS`, and the stage-2 driver
+(:mod:`profiling.check_configs`) and :mod:`profiling.sanitize_cases` pick up its registry configurations. A family
+whose module ``tl_kernels.<family>`` does not exist yet is skipped with a note; one whose module exists but has no
+function here fails stage 2, so it cannot go unchecked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mhc import reference as ref
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Activation outputs: fp32 accumulation, rounded once to the activation dtype (one unit in the last place).
+ACT_RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}
+ACT_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+#: Sinkhorn forward, absolute (tl_kernels/sinkhorn.py: 2-4e-7 measured in emulation; the GPU's ex2/lg2 add ~2**-22).
+SINKHORN_FWD_ATOL = 2e-6
+#: Sinkhorn backward, absolute, times max |grad_out| (emulation: <= 1.3e-7; see tests/gpu/test_sinkhorn_gpu.py).
+SINKHORN_BWD_ATOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Err:
+    """``max_abs``: largest |got - want|; ``ratio``: largest |got - want| / (atol + rtol |want|) (pass: <= 1)."""
+
+    max_abs: float
+    ratio: float
+    atol: float
+    rtol: float
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.ratio) and self.ratio <= 1.0
+
+
+def compare(got: torch.Tensor, want: torch.Tensor, *, atol: float, rtol: float = 0.0) -> Err:
+    """Elementwise comparison in float64; NaN in ``got`` where ``want`` is finite gives an infinite ratio."""
+    got, want = got.detach().double(), want.detach().double().to(got.device)
+    if got.shape != want.shape:
+        raise AssertionError(f"shape {tuple(got.shape)} != reference {tuple(want.shape)}")
+    if got.numel() == 0:
+        return Err(0.0, 0.0, atol, rtol)
+    diff = (got - want).abs()
+    diff = torch.where(torch.isfinite(want) & ~torch.isfinite(got), torch.full_like(diff, math.inf), diff)
+    ratio = diff / (atol + rtol * want.abs())
+    return Err(float(diff.max()), float(ratio.max()), atol, rtol)
+
+
+def _randn(gen, *shape, scale=1.0):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64, device=gen.device) * scale
+
+
+def _rand(gen, *shape):
+    return torch.rand(*shape, generator=gen, dtype=torch.float64, device=gen.device)
+
+
+# ---------------------------------------------------------------------------------------------------- post_res
+
+
+def check_post_res(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, Err]:
+    """``post_res_{fwd,bwd}[n, C, dtype]`` against :func:`mhc.reference.post_res` / ``post_res_backward`` in fp64."""
+    n, C, dt = cfg.kwargs["n"], cfg.kwargs["C"], DTYPES[cfg.kwargs["dtype"]]
+    y = _randn(gen, T, C).to(dt)
+    x = _randn(gen, T, n, C).to(dt)
+    h_post = _rand(gen, T, n) * 2
+    h_res = ref.sinkhorn(_randn(gen, T, n, n, scale=2.0)).float()
+    args64 = (y.double(), x.double(), h_post, h_res.double())
+    dev = [y, x, h_post.float(), h_res]
+    act = {"atol": ACT_ATOL[dt], "rtol": ACT_RTOL[dt]}
+    if cfg.direction == "fwd":
+        got = torch.ops.mhc.post_res_fwd(*dev)
+        return {"out": compare(got, ref.post_res(*args64).to(dt), **act)}
+    g = _randn(gen, T, n, C).to(dt)
+    got = torch.ops.mhc.post_res_bwd(g, *dev)
+    want = ref.post_res_backward(g.double(), *args64)
+    # coefficient gradients: fp32 sums over C products of rounded inputs
+    scale = float(g.abs().max()) * max(float(x.abs().max()), float(y.abs().max())) if T else 0.0
+    coef = {"atol": 1e-6 * math.sqrt(C) * scale + 1e-30, "rtol": 1e-4}
+    return {
+        "d_layer_output": compare(got[0], want[0].to(dt), **act),
+        "d_residual": compare(got[1], want[1].to(dt), **act),
+        "d_h_post": compare(got[2], want[2], **coef),
+        "d_h_res": compare(got[3], want[3], **coef),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- sinkhorn
+
+
+def check_sinkhorn(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, Err]:
+    """``sinkhorn_{fwd,bwd}[n, iters, eps]`` against :func:`mhc.reference.sinkhorn` / ``sinkhorn_backward`` in fp64,
+    logits N(0, 4)."""
+    n, iters, eps = cfg.kwargs["n"], cfg.kwargs["iters"], float(cfg.kwargs["eps"])
+    L = _randn(gen, T, n, n, scale=2.0).float()
+    if cfg.direction == "fwd":
+        got = torch.ops.mhc.sinkhorn_fwd(L, iters, eps)
+        return {"h_res": compare(got, ref.sinkhorn(L.double(), iters, eps), atol=SINKHORN_FWD_ATOL)}
+    g = _randn(gen, T, n, n).float()
+    got = torch.ops.mhc.sinkhorn_bwd(g, L, iters, eps)
+    want = ref.sinkhorn_backward(g.double(), L.double(), iters, eps)
+    gmax = float(g.abs().max()) if T else 1.0
+    return {"grad_logits": compare(got, want, atol=SINKHORN_BWD_ATOL * gmax)}
+
+
+# ---------------------------------------------------------------------------------------------------- pre-mapping
+
+#: The TF32 budget of tl_kernels/pre_proj.py (2**-11 of sum |x phi| for bf16/fp16 activations, 2**-10 + 2**-11 for
+#: fp32), asserted with a factor-2 margin, relative to the magnitude of the product.
+PRE_TF32 = {torch.bfloat16: 2**-10, torch.float16: 2**-10, torch.float32: 2**-9}
+#: Coefficients recomputed in fp64 from the kernel's own proj and rinv: sigmoid (expf) and 40 Sinkhorn half-steps of
+#: ex2/lg2.approx (the Sinkhorn family's bound, doubled for the fp32 rounding of the logits).
+PRE_COEF_ATOL = 2 * SINKHORN_FWD_ATOL
+
+
+def budget(got: torch.Tensor, want: torch.Tensor, mag: torch.Tensor, frac: float) -> Err:
+    """``|got - want| <= frac * mag`` elementwise (``mag``: the sum of |terms| behind each element)."""
+    got, want, mag = got.detach().double(), want.detach().double(), mag.detach().double()
+    if got.numel() == 0:
+        return Err(0.0, 0.0, frac, 0.0)
+    diff = (got - want).abs()
+    diff = torch.where(torch.isfinite(want) & ~torch.isfinite(got), torch.full_like(diff, math.inf), diff)
+    return Err(float(diff.max()), float((diff / (frac * mag + 1e-30)).max()), frac, 0.0)
+
+
+def pre_site(n: int, C: int, dt: torch.dtype, T: int, gen: torch.Generator):
+    """Random inputs of one site: ``residual [T, n, C]`` (dt), ``phi [nC, m]`` ~ N(0, 1/nC), alpha, bias (fp32)."""
+    m, K = n * n + 2 * n, n * C
+    x = _randn(gen, T, n, C).to(dt)
+    phi = (_randn(gen, K, m) / math.sqrt(K)).float()
+    alpha = torch.tensor([0.7, 0.5, 1.2], device=gen.device)
+    bias = (_randn(gen, m) * 0.5).float()
+    return x, phi, alpha, bias
+
+
+def backward_magnitudes(grads, x, phi, alpha, bias, saved, iters=20, eps=0.0, post_mult=2.0):
+    """Per-element magnitudes of the sums behind d_residual and d_phi (the backward chain with absolute values):
+    the scale of their TF32 rounding errors. ``saved`` = (h_pre, h_post, proj, rinv) of the forward."""
+    T, n, C = x.shape
+    h_pre, h_post, proj, rinv = (t.double() for t in saved)
+    g_li, g_post, g_res, g_pre_in = (t.double() for t in grads)
+    x64 = x.double()
+    g_pre = (g_li[:, None, :] * x64).sum(-1) + g_pre_in
+    d_pre = g_pre * h_pre * (1 - h_pre)
+    d_post = g_post * h_post * (1 - h_post / post_mult)
+    logits = ref.coefficient_logits(proj, rinv, alpha.double(), bias.double(), n)
+    d_res = ref.sinkhorn_backward(g_res, ref.split_coefficients(logits, n)[2], iters, eps)
+    d_logits = torch.cat([d_pre, d_post, d_res.flatten(1)], 1).abs()
+    a = alpha.double().abs()
+    scale = torch.cat([a[:1].expand(n), a[1:2].expand(n), a[2:].expand(n * n)])
+    d_proj = d_logits * scale * rinv[:, None]
+    rms_term = rinv**3 / (n * C) * (d_logits * scale * proj.abs()).sum(-1)
+    mag_x = (d_proj @ phi.double().abs().T).view(T, n, C) + rms_term[:, None, None] * x64.abs()
+    mag_x = mag_x + h_pre[..., None] * g_li.abs()[:, None, :]
+    return mag_x, x64.flatten(1).abs().T @ d_proj
+
+
+def check_pre_mapping(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, Err]:
+    """``pre_proj`` and ``pre_finalize`` configurations through the fused op (fwd: ``mhc::pre_mapping_fwd``, which
+    runs both kernels; bwd: ``mhc::pre_mapping_bwd``), stage by stage against float64: proj within the TF32 budget,
+    rinv, the coefficients recomputed from the kernel's own proj and rinv, layer_input within an ulp, and the
+    backward within the TF32 budget of its products. ``pre_proj`` bwd with ``accumulate`` also runs that kernel
+    variant directly (CUDA) against the plain one plus the accumulated gradient."""
+    kw = cfg.kwargs
+    n, C, dt = kw["n"], kw["C"], DTYPES[kw["dtype"]]
+    iters, eps, post_mult, rms_eps = kw.get("iters", 20), float(kw.get("eps", 0.0)), 2.0, 1e-6
+    x, phi, alpha, bias = pre_site(n, C, dt, T, gen)
+    out = torch.ops.mhc.pre_mapping_fwd(x, phi, alpha, bias, iters, post_mult, rms_eps, eps)
+    li, hq, hr, hp, proj, rinv = out
+    x64, phi64 = x.double(), phi.double()
+    xv = x64.flatten(1)
+    pre, post, res = ref.split_coefficients(
+        ref.coefficient_logits(proj.double(), rinv.double(), alpha.double(), bias.double(), n), n
+    )
+    errs = {
+        "proj": budget(proj, xv @ phi64, xv.abs() @ phi64.abs(), PRE_TF32[dt]),
+        "rinv": compare(rinv, ref.rms_inv(x64, rms_eps), atol=0.0, rtol=1e-5),
+        "h_pre": compare(hp, torch.sigmoid(pre), atol=PRE_COEF_ATOL),
+        "h_post": compare(hq, post_mult * torch.sigmoid(post), atol=2 * PRE_COEF_ATOL),
+        "h_res": compare(hr, ref.sinkhorn(res, iters, eps), atol=PRE_COEF_ATOL),
+        "layer_input": compare(li, ref.pre_apply(x64, hp.double()).to(dt), atol=ACT_ATOL[dt], rtol=ACT_RTOL[dt]),
+    }
+    if cfg.direction == "fwd":
+        return errs
+    grads = (_randn(gen, T, C).to(dt), _randn(gen, T, n).float(), _randn(gen, T, n, n).float(),
+             _randn(gen, T, n).float())  # fmt: skip
+    saved = (hp, hq, proj, rinv)
+    got = torch.ops.mhc.pre_mapping_bwd(*grads, x, phi, alpha, bias, *saved, iters, post_mult, eps)
+    d64 = [t.double() for t in (*grads, x, phi, alpha, bias, *saved)]
+    want = ref.pre_mapping_backward(*d64, iters, post_mult, eps)
+    mag_x, mag_phi = backward_magnitudes(grads, x, phi, alpha, bias, saved, iters, eps, post_mult)
+    small = {"rtol": 1e-4}
+    errs.update(
+        d_residual=budget(got[0], want[0], mag_x, PRE_TF32[torch.bfloat16] + ACT_RTOL[dt]),
+        d_phi=budget(got[1], want[1], mag_phi, PRE_TF32[dt]),
+        d_alpha=compare(got[2], want[2], atol=1e-4 * float(want[2].abs().max()) + 1e-30, **small),
+        d_bias=compare(got[3], want[3], atol=1e-4 * float(want[3].abs().max()) + 1e-30, **small),
+    )
+    if kw.get("accumulate") and device != "cpu" and T > 0:
+        errs["d_x_accumulate"] = _check_accumulate(n, C, dt, T, gen, x, phi, alpha, saved)
+    return errs
+
+
+def _check_accumulate(n, C, dt, T, gen, x, phi, alpha, saved) -> Err:
+    from tl_kernels import pre_proj
+
+    h_pre, _h_post, proj, rinv = saved
+    m, K = n * n + 2 * n, n * C
+    d_logits = _randn(gen, T, m).float()
+    g_li = _randn(gen, T, C).to(dt)
+    d_x_in = _randn(gen, T, K).to(dt)
+    outs = []
+    for acc in (False, True):
+        d_x = torch.empty(T, K, dtype=dt, device=x.device)
+        part = torch.empty(1, K, m, device=x.device)
+        args = [x.view(T, K), phi, d_logits, proj, rinv, alpha, h_pre, g_li] + ([d_x_in] if acc else [])
+        pre_proj.pre_proj_bwd_kernel(n, C, kw_dtype(dt), acc)(*args, d_x, part)
+        outs.append(d_x)
+    want = outs[0].double() + d_x_in.double()
+    return compare(outs[1], want, atol=ACT_ATOL[dt], rtol=2 * ACT_RTOL[dt])
+
+
+def kw_dtype(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+#: family name -> check function (see the module docstring).
+CHECKS: dict[str, Callable[..., dict[str, Err]]] = {
+    "post_res": check_post_res,
+    "sinkhorn": check_sinkhorn,
+    "pre_proj": check_pre_mapping,
+    "pre_finalize": check_pre_mapping,
+}
+
+#: Token counts checked for every configuration: none (no launch), one, and partial last blocks (Sinkhorn runs 128
+#: tokens per block, post_res 1-4), then a multi-block count. A family may override with its own tuple here.
+DEFAULT_TOKENS: tuple[int, ...] = (0, 1, 7, 129, 1000)
+TOKENS: dict[str, tuple[int, ...]] = {}
+
+
+def tokens_for(family: str) -> tuple[int, ...]:
+    return TOKENS.get(family, DEFAULT_TOKENS)
+
+
+def family_status(family: str, configs) -> str | None:
+    """``None`` when the family can be checked; otherwise why not: ``"skip: ..."`` (module not written yet) or
+    ``"fail: ..."`` (a module without a check function)."""
+    if not configs:
+        return "skip: no configurations in the registry"
+    if not configs[0].module_exists():
+        return f"skip: module {configs[0].module_name} does not exist yet"
+    if family not in CHECKS:
+        return f"fail: no check function for family {family!r} in profiling/families.py (CHECKS)"
+    return None

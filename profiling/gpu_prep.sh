@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On the development machine, from the repository root: everything the GPU run needs that does not travel with the
+# working tree, into .device/ (ignored by git, carried with `carry: [".device"]`):
+#
+#   .device/tilelang-site.tar.xz    TileLang and its companions for Python 3.12 (../shared/device/tilelang-bundle.sh)
+#   .device/tilelang-cache.tar.xz   this machine's TileLang kernel cache (sm_90a binaries): the GPU run then only
+#                                   loads the shipped kernels instead of compiling them
+#   .device/acceptance.py           a copy of ../shared/verify/acceptance.py (../shared does not travel)
+#   .device/commit.txt              the commit and whether the tree is dirty (.git does not travel)
+#
+# and prints the size of everything that will travel against the 64 MiB limit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared=${MHC_SHARED:-../shared}
+mkdir -p .device
+[ -f .device/tilelang-site.tar.xz ] || "$shared/device/tilelang-bundle.sh" .device
+install -m 0644 "$shared/verify/acceptance.py" .device/acceptance.py
+{ git rev-parse HEAD; git status --porcelain --untracked-files=no | grep -q . && echo dirty || echo clean; date -u +%FT%TZ; } > .device/commit.txt
+cache=${TILELANG_CACHE_DIR:-$HOME/.tilelang/cache}
+version=$(python3 -c "import tilelang; print(tilelang.__version__)")
+if [ -d "$cache/$version" ]; then
+  # exit status 1 = "file changed as we read it" (another build writing to a shared cache): the entries that were
+  # complete are packed, a missing one is compiled on the GPU machine
+  { tar -C "$cache" --warning=no-file-changed -cf - "$version" || [ $? -eq 1 ]; } | xz -T0 -6 > .device/tilelang-cache.tar.xz
+else
+  echo "no TileLang cache at $cache/$version: the GPU run will compile every kernel" >&2
+  rm -f .device/tilelang-cache.tar.xz
+fi
+ls -l .device
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+dev=$(du -sb .device | cut -f1)
+echo "travels: working tree $((tree / 1024)) KiB + .device $((dev / 1024)) KiB = $(((tree + dev) / 1048576)) MiB of 64 MiB"

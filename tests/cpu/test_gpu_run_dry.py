@@ -1,0 +1,70 @@
+"""The GPU run's dry run (``python -m profiling.gpu_run OUT --dry-run``): every stage's code on the CPU, in CI.
+
+Not marked ``slow``: it is the only check that the one-shot GPU command works before GPU time is spent on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from profiling import gpu_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(gpu_run.find_acceptance() is None, reason="acceptance.py not found (../shared/verify or .device)")
+def test_dry_run_passes_every_stage_within_3_minutes(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "profiling.gpu_run", str(out), "--dry-run", "--work", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stages = {s["key"]: s for s in summary["stages"]}
+    assert list(stages) == [s.key for s in gpu_run.build_stages(tmp_path, dry_run=True, jobs=1)]
+    assert all(s["status"] == "PASS" for s in stages.values()), stages
+    assert summary["meta"]["dry_run"] and summary["meta"]["commit"] != "unknown"
+    assert "130/130 configs pass" in stages["2-correctness"]["detail"]
+    assert "STAND-IN" in json.loads((out / "env.json").read_text())["timer"]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= gpu_run.MAX_OUT_FILES and all(p.parent == out for p in files)
+    assert "OVERALL: PASS" in (out / "summary.md").read_text()
+    with tarfile.open(out / "results.tar.xz") as tar:
+        names = set(tar.getnames())
+    assert {f"logs/{key}.log" for key in stages} <= names
+    assert {"check_configs.json", "bench-quick/bench.json", "acceptance/acceptance.json"} <= names
+
+
+def test_a_stage_over_its_limit_is_killed_and_reported(tmp_path):
+    stage = gpu_run.Stage("9-sleep", "sleeps", 1, [sys.executable, "-c", "import time; time.sleep(60)"])
+    res = gpu_run.run_stage(stage, tmp_path, dict(os.environ), limit_s=1.0)
+    assert res.status == "TIMEOUT" and res.seconds < 30
+    failing = gpu_run.Stage("9-fail", "fails", 10, [sys.executable, "-c", "raise SystemExit(3)"])
+    assert gpu_run.run_stage(failing, tmp_path, dict(os.environ), limit_s=10).status == "FAIL"
+
+
+def test_overall_verdict():
+    R = gpu_run.Result
+    assert gpu_run.overall([R("1-env", "", "PASS"), R("6-gpu-suite", "", "SKIP")]) == "PASS"
+    assert gpu_run.overall([R("1-env", "", "PASS"), R("4-memcheck", "", "SKIP")]).startswith("FAIL")
+    assert gpu_run.overall([R("1-env", "", "TIMEOUT")]).startswith("FAIL")
+
+
+def test_unpack_carried_archive(tmp_path):
+    src = tmp_path / "src" / "0.1.15"
+    src.mkdir(parents=True)
+    (src / "kernel.txt").write_text("cached")
+    archive = tmp_path / "cache.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(src, arcname="0.1.15")
+    gpu_run.unpack(archive, tmp_path / "dest")
+    assert (tmp_path / "dest" / "0.1.15" / "kernel.txt").read_text() == "cached"
