@@ -79,6 +79,13 @@ def _warn_fallback(op: str, reason: str, config: tuple) -> None:
         warnings.warn(f"{op}: running the PyTorch reference on CUDA: {reason}", stacklevel=3)
 
 
+def _reference(fn, *args):
+    """The PyTorch reference on CUDA tensors, with autocast off: the ops keep the dtypes they are given (autocast
+    would otherwise run the reference's ``x @ phi`` projection in bf16)."""
+    with torch.autocast("cuda", enabled=False):
+        return fn(*args)
+
+
 def _launch(device: torch.device, kernel, *args) -> None:
     """Launch under a device guard that restores the caller's current device (TileLang's stub changes it)."""
     with torch.cuda.device(device):
@@ -100,7 +107,7 @@ def sinkhorn_fwd(logits: Tensor, iters: int, eps: float) -> Tensor:
     if reason:
         if logits.dtype != torch.float64:
             _warn_fallback(op, reason, (logits.shape[-1], logits.dtype))
-        return reference.sinkhorn(logits, iters, eps)
+        return _reference(reference.sinkhorn, logits, iters, eps)
     out = torch.empty_like(logits)
     if logits.shape[0] > 0:
         from tl_kernels.sinkhorn import sinkhorn_fwd_kernel
@@ -116,7 +123,7 @@ def sinkhorn_bwd(grad_out: Tensor, logits: Tensor, iters: int, eps: float) -> Te
     if reason:
         if logits.dtype != torch.float64:
             _warn_fallback(op, reason, (logits.shape[-1], logits.dtype))
-        return reference.sinkhorn_backward(grad_out, logits, iters, eps)
+        return _reference(reference.sinkhorn_backward, grad_out, logits, iters, eps)
     grad_logits = torch.empty_like(logits)
     if logits.shape[0] > 0:
         from tl_kernels.sinkhorn import sinkhorn_bwd_kernel
@@ -147,7 +154,7 @@ def post_res_fwd(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: 
     reason = _post_res_reason(residual, h_post, h_res)
     if reason:
         _quiet_float64(op, reason, residual, h_res)
-        return reference.post_res(layer_output, residual, h_post, h_res)
+        return _reference(reference.post_res, layer_output, residual, h_post, h_res)
     out = torch.empty_like(residual)
     T, n, C = residual.shape
     if T > 0:
@@ -166,7 +173,7 @@ def post_res_bwd(
     reason = _post_res_reason(residual, h_post, h_res)
     if reason:
         _quiet_float64(op, reason, residual, h_res)
-        return reference.post_res_backward(grad_out, layer_output, residual, h_post, h_res)
+        return _reference(reference.post_res_backward, grad_out, layer_output, residual, h_post, h_res)
     d_layer_output = torch.empty_like(layer_output)
     d_residual = torch.empty_like(residual)
     d_h_post = torch.empty_like(h_post)
@@ -228,7 +235,7 @@ def pre_mapping_fwd(
     reason = _pre_mapping_reason(residual, phi, iters)
     if reason:
         _quiet_float64(op, reason, residual, phi)
-        return reference.pre_mapping(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps)
+        return _reference(reference.pre_mapping, residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps)
     T, n, C = residual.shape
     m = n * n + 2 * n
     f32 = dict(device=residual.device, dtype=torch.float32)
@@ -281,7 +288,7 @@ def pre_mapping_bwd(
     reason = _pre_mapping_reason(residual, phi, iters)
     if reason:
         _quiet_float64(op, reason, residual, phi)
-        return reference.pre_mapping_backward(*args)
+        return _reference(reference.pre_mapping_backward, *args)
     T, n, C = residual.shape
     m, K = n * n + 2 * n, n * C
     f32 = dict(device=residual.device, dtype=torch.float32)

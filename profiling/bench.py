@@ -16,6 +16,8 @@ mean kernel time alone (``kernel_us``; TileLang 0.1.15's CUPTI backend returns o
 post_res fwd           reads (n+1)·C activations + 4·(n²+n) B, writes n·C
 post_res bwd           reads (2n+1)·C activations + 4·(n²+n) B, writes (n+1)·C + 4·(n²+n) B
 sinkhorn fwd / bwd     4·n² B in, 4·n² B out / 8·n² B in, 4·n² B out
+pre_mapping fwd        reads 2·n·C activations (projection, then F_pre), writes C + coefficients and partials
+pre_mapping bwd        reads 2·(n+1)·C activations (two passes over x and g_li), writes n·C + small vectors
 =====================  ==============================================================
 
 The copy bandwidth is measured on the device (a 1 GiB bf16 ``copy_``, read + write), so "% copy" is the fraction of
@@ -166,6 +168,46 @@ def sinkhorn_bytes(T, n, mode):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
+def pre_mapping_bytes(T, n, C, esize, mode, splits=1):
+    """The two-read design (spec §6.2): fwd reads x twice (projection, then F_pre) and writes layer_input, plus the
+    coefficient outputs and split partials; bwd reads x and g_li twice (the <g_li, x_i> pass, then the d_x/d_phi
+    pass) and writes d_x, plus the small per-token vectors. phi stays in L2 and is not counted."""
+    m = n * n + 2 * n
+    small_fwd = 4 * (2 * n + n * n + m + 1) + 2 * 4 * splits * (m + 1)
+    small_bwd = 4 * (3 * n + n * n + 2 * n + m + 1 + 2 * m + 2 * n * n)
+    fwd = T * (2 * n * C * esize + C * esize + small_fwd)
+    bwd = T * (2 * (n * C + C) * esize + n * C * esize + small_bwd)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def pre_mapping_cases(T, n, C, dtype, device):
+    """``{mode: (ours, eager reference, reference builder)}``, the call arguments of each mode's reference."""
+    g = torch.Generator(device="cpu").manual_seed(T + C + 1)
+    m, K = n * n + 2 * n, n * C
+    x = torch.randn(T, n, C, generator=g).to(device, dtype)
+    phi = (torch.randn(K, m, generator=g) / K**0.5).to(device)
+    alpha = torch.tensor([0.7, 0.5, 1.2], device=device)
+    bias = (torch.randn(m, generator=g) * 0.5).to(device)
+    fwd_args = (x, phi, alpha, bias, ITERS, 2.0, 1e-6, 0.0)
+    out = torch.ops.mhc.pre_mapping_fwd(*fwd_args)
+    grads = (
+        torch.randn(T, C, generator=g).to(device, dtype),
+        torch.randn(T, n, generator=g).to(device),
+        torch.randn(T, n, n, generator=g).to(device),
+        torch.randn(T, n, generator=g).to(device),
+    )
+    bwd_args = (*grads, x, phi, alpha, bias, out[3], out[1], out[4], out[5], ITERS, 2.0, 0.0)
+    cases = {
+        "fwd": (lambda: torch.ops.mhc.pre_mapping_fwd(*fwd_args), lambda: ref.pre_mapping(*fwd_args), ref.pre_mapping),
+        "bwd": (
+            lambda: torch.ops.mhc.pre_mapping_bwd(*bwd_args),
+            lambda: ref.pre_mapping_backward(*bwd_args),
+            ref.pre_mapping_backward,
+        ),
+    }
+    return cases, {"fwd": fwd_args, "bwd": bwd_args}
+
+
 def post_res_cases(T, n, C, dtype, device):
     g = torch.Generator(device="cpu").manual_seed(T + C)
     y = torch.randn(T, C, generator=g).to(device, dtype)
@@ -212,6 +254,8 @@ def sinkhorn_cases(L, gL):
 FULL_TOKENS, FULL_HIDDEN = (4096, 8192, 16384, 65536), (1280, 1920, 2560, 4096, 7168)
 #: ``--quick``: the target shapes of the kernel issue (n=4, T=16384).
 QUICK_TOKENS, QUICK_HIDDEN = (16384,), (2560, 4096, 7168)
+#: decode-sized token counts for the fused pre-mapping forward (GPU runs only).
+DECODE_TOKENS = (1, 13, 137)
 #: a CPU run (host timer or stand-in): tiny shapes, the harness is what is exercised.
 CPU_TOKENS, CPU_HIDDEN = (64,), (256,)
 
@@ -250,10 +294,13 @@ def run(args) -> dict:
                 print(f"torch.compile baseline for {name} failed: {exc}", file=sys.stderr)
         return eager_us, comp_us
 
-    progress = _progress(len(tokens) * len(hidden) * 2 + len(tokens) * 3, "bench")
+    decode = len(DECODE_TOKENS) * len(hidden) if device != "cpu" else 0
+    progress = _progress(len(tokens) * len(hidden) * 3 + len(tokens) * 3 + decode, "bench")
     truncated = False
     try:
         _sweep(args, bench, copy_gbs, dtype, n, tokens, hidden, rows, time_baselines, progress)
+        if args.device != "cpu":
+            _decode(args, bench, copy_gbs, dtype, n, hidden, rows, time_baselines, progress)
     except _Stopped:
         truncated = True
         print("bench: stopped (SIGTERM); writing what was measured", file=sys.stderr)
@@ -284,6 +331,8 @@ def _sweep(args, bench, copy_gbs, dtype, n, tokens, hidden, rows, time_baselines
                 rows.append(_row("post_res", mode, T, n, C, t, nbytes, copy_gbs, eager_us, comp_us))
                 progress.update()
             del cases, call_args, grad
+            _pre_mapping_rows(args, bench, copy_gbs, dtype, n, T, C, rows, time_baselines, ("fwd", "bwd"))
+            progress.update()
         L = torch.randn(T, n, n, device=device) * 2
         gL = torch.randn_like(L)
         sk = sinkhorn_cases(L, gL)
@@ -301,6 +350,24 @@ def _sweep(args, bench, copy_gbs, dtype, n, tokens, hidden, rows, time_baselines
         total = Timing(times["fwd"].us + times["bwd"].us, None, None, kernel)
         rows.append(_row("sinkhorn", "fwd+bwd", T, n, 0, total, sinkhorn_bytes(T, n, "fwd+bwd"), copy_gbs, None, None))
         progress.update()
+
+
+def _pre_mapping_rows(args, bench, copy_gbs, dtype, n, T, C, rows, time_baselines, modes):
+    cases, call_args = pre_mapping_cases(T, n, C, dtype, args.device)
+    for mode in modes:
+        ours, eager, builder = cases[mode]
+        t = bench(ours)
+        eager_us, comp_us = time_baselines(f"pre_mapping_{mode}", eager, builder, call_args[mode])
+        nbytes = pre_mapping_bytes(T, n, C, dtype.itemsize, mode)
+        rows.append(_row("pre_mapping", mode, T, n, C, t, nbytes, copy_gbs, eager_us, comp_us))
+
+
+def _decode(args, bench, copy_gbs, dtype, n, hidden, rows, time_baselines, progress):
+    """Decode-sized forward of the fused pre-mapping (T = 1, 13, 137): launch-latency bound, two launches."""
+    for T in DECODE_TOKENS:
+        for C in hidden:
+            _pre_mapping_rows(args, bench, copy_gbs, dtype, n, T, C, rows, time_baselines, ("fwd",))
+            progress.update()
 
 
 def _row(op, mode, T, n, C, t: Timing, nbytes, copy_gbs, eager_us, comp_us):

@@ -15,7 +15,7 @@ def test_bench_dry_run_writes_reports(tmp_path):
     result = json.loads((tmp_path / "bench.json").read_text())
     ops = {(r["op"], r["mode"]) for r in result["records"]}
     assert ops == {("post_res", "fwd"), ("post_res", "bwd"), ("sinkhorn", "fwd"), ("sinkhorn", "bwd"),
-                   ("sinkhorn", "fwd+bwd")}  # fmt: skip
+                   ("sinkhorn", "fwd+bwd"), ("pre_mapping", "fwd"), ("pre_mapping", "bwd")}  # fmt: skip
     assert all(r["us"] > 0 and r["GBps"] > 0 for r in result["records"])
     assert result["meta"]["copy_GBps"] > 0 and result["meta"]["commit"]
     assert "| post_res | fwd |" in (tmp_path / "bench.md").read_text()
@@ -27,6 +27,15 @@ def test_byte_model_matches_spec_table():
     C = 7168
     assert bench.post_res_bytes(1, 4, C, 2, "fwd") == 18 * C + 80
     assert bench.post_res_bytes(1, 4, C, 2, "bwd") == 28 * C + 160
+
+
+def test_pre_mapping_byte_model_is_the_two_read_design():
+    """Issue 8's byte counts (bf16, n=4): forward 18C per token (8C projection + 10C F_pre), backward 28C (two
+    passes over x and g_li, one write of d_x), plus a few hundred bytes of coefficients, independent of C."""
+    for C in (2560, 7168):
+        fwd, bwd = bench.pre_mapping_bytes(1, 4, C, 2, "fwd"), bench.pre_mapping_bytes(1, 4, C, 2, "bwd")
+        assert 18 * C < fwd < 18 * C + 640
+        assert 28 * C < bwd < 28 * C + 640
 
 
 class _FakeDoBench:

@@ -130,14 +130,20 @@ def test_aligned_contiguous_copies_only_when_needed():
         ("post_res", dict(n=4, C=64, dtypes=(torch.bfloat16, torch.float64)), "float64"),
         ("sinkhorn", dict(n=17), "n=17"),
         ("sinkhorn", dict(n=4, numel=2**31 + 5), "2**31"),
-        ("pre_mapping", dict(n=4, C=64), "no CUDA kernel"),
+        ("pre_mapping", dict(n=3, C=64), "n=3"),
+        ("pre_mapping", dict(n=4, C=96), "C=96"),
+        ("pre_mapping", dict(n=4, C=65600), "C=65600"),
+        ("fused_everything", dict(n=4, C=64), "no CUDA kernel"),
     ],
 )
 def test_unsupported_decision(family, shape, words):
     assert words in _checks.cuda_kernel_unsupported(family, **shape)
 
 
-@pytest.mark.parametrize("family, shape", [("post_res", dict(n=8, C=7168, numel=2**31 - 1)), ("sinkhorn", dict(n=16))])
+@pytest.mark.parametrize(
+    "family, shape",
+    [("post_res", dict(n=8, C=7168, numel=2**31 - 1)), ("sinkhorn", dict(n=16)), ("pre_mapping", dict(n=1, C=64))],
+)
 def test_supported_decision(family, shape):
     assert _checks.cuda_kernel_unsupported(family, **shape) is None
 

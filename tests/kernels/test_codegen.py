@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.machinery
+import itertools
 import json
 import os
 import subprocess
@@ -285,7 +286,17 @@ def test_registry_counts() -> None:
     sinkhorn = registry.configs("sinkhorn")
     assert len(post_res) == 4 * 5 * 3 * 2 == 120
     assert len(sinkhorn) == 5 * 2 == 10
-    assert len(ALL_CONFIGS) == 130 and set(ALL_CONFIGS) == {*post_res, *sinkhorn}
+    pre = registry.configs(("pre_proj", "pre_finalize"))
+    shapes = {(n, c, d) for n in (1, 2, 4, 6, 8) for c in registry.HIDDEN_SIZES for d in registry.DTYPES
+              if n == 4 or d == "bfloat16"}  # fmt: skip
+    assert len(shapes) == 35 and len(pre) == 35 * 4 + 5 == 145
+    assert len(ALL_CONFIGS) == 275 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre}
+    for family, direction in itertools.product(("pre_proj", "pre_finalize"), ("fwd", "bwd")):
+        got = {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in registry.configs(family, direction)}
+        assert got == shapes, (family, direction)
+    accumulate = registry.configs("pre_proj", "bwd", accumulate=True)
+    assert {(c.kwargs["n"], c.kwargs["dtype"]) for c in accumulate} == {(4, "bfloat16")} and len(accumulate) == 5
+    assert all(c.kwargs["iters"] == 20 and c.kwargs["eps"] == 0.0 for c in registry.configs("pre_finalize", "fwd"))
     assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"], c.direction) for c in post_res} == {
         (n, c, dtype, direction)
         for n in (2, 4, 6, 8)
@@ -315,7 +326,7 @@ def test_registry_names() -> None:
 
 
 def test_registry_selection() -> None:
-    assert len(registry.configs(direction="bwd")) == 65
+    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35
     picked = registry.configs("post_res", "fwd", n=4, C=(4096, 7168))
     assert [c.name for c in picked] == [
         f"post_res_fwd[n=4,C={c},dtype={d}]" for c in (4096, 7168) for d in ("bfloat16", "float16", "float32")
@@ -323,7 +334,9 @@ def test_registry_selection() -> None:
     assert registry.configs(family=["sinkhorn"], n=16) == [
         KernelConfig.make("sinkhorn", d, n=16, iters=20, eps=0.0) for d in ("fwd", "bwd")
     ]
-    assert registry.configs(iters=20, dtype="bfloat16") == []  # no config has both parameters
+    assert registry.configs("sinkhorn", dtype="bfloat16") == []  # no Sinkhorn config has a dtype
+    both = registry.configs(iters=20, dtype="bfloat16")
+    assert both and {c.name.split("[")[0] for c in both} == {"pre_finalize_fwd"}
 
 
 def test_kernel_config_is_frozen_and_validated() -> None:
@@ -367,9 +380,9 @@ def test_kernel_config_resolves_builders_lazily(monkeypatch) -> None:
 
 def test_registry_import_is_light() -> None:
     code = (
-        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 130; "
+        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 275; "
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tilelang', 'torch', 'tvm') "
-        "or m in ('tl_kernels.post_res', 'tl_kernels.sinkhorn')]; assert not heavy, heavy"
+        "or m.startswith('tl_kernels.') and m.split('.')[1] in r.FAMILIES]; assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(registry.__file__)))
 
