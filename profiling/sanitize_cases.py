@@ -25,13 +25,19 @@ from tl_kernels import registry
 TOKENS = (1, 37, 129)
 
 
-def pick(cfgs: list) -> list:
-    """First, middle and last configuration of each direction, in registry order."""
+def pick(cfgs: list, seen: set | None = None) -> list:
+    """First, middle and last configuration of each direction, in registry order. ``seen`` collects what each pick
+    launches (check function, direction and shape): families checked through the same op (``pre_proj`` and
+    ``pre_finalize`` both run the fused pre-mapping) do not launch the same case twice."""
+    seen = set() if seen is None else seen
     chosen = []
     for direction in registry.DIRECTIONS:
         sub = [c for c in cfgs if c.direction == direction]
         for cfg in (sub[:1] + sub[len(sub) // 2 : len(sub) // 2 + 1] + sub[-1:]) if sub else []:
-            if cfg not in chosen:
+            kw = cfg.kwargs
+            key = (families.CHECKS.get(cfg.family), direction, *(kw.get(k) for k in ("n", "C", "dtype")))
+            if cfg not in chosen and key not in seen:
+                seen.add(key)
                 chosen.append(cfg)
     return chosen
 
@@ -39,8 +45,10 @@ def pick(cfgs: list) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="token counts (default %(default)s)")
     args = ap.parse_args(argv)
     status = 0
+    seen: set = set()
     for family in _families():
         cfgs = registry.configs(family)
         note = families.family_status(family, cfgs)
@@ -48,9 +56,10 @@ def main(argv=None) -> int:
             print(f"{family}: {note}", flush=True)
             status |= note.startswith("fail")
             continue
-        for cfg in pick(cfgs):
-            res = check_config(cfg, TOKENS, args.device, seed=1)
-            print(f"{'ran' if res['ok'] else 'MISMATCH'} {cfg.name} T={TOKENS} {res['error'] or ''}", flush=True)
+        for cfg in pick(cfgs, seen):
+            tokens = tuple(args.tokens)
+            res = check_config(cfg, tokens, args.device, seed=1)
+            print(f"{'ran' if res['ok'] else 'MISMATCH'} {cfg.name} T={tokens} {res['error'] or ''}", flush=True)
             status |= not res["ok"]
     if args.device == "cuda":
         torch.cuda.synchronize()

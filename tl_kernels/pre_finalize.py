@@ -277,7 +277,9 @@ def pre_finalize_bwd_program(n: int, C: int, dtype: str):
 @functools.cache
 def pre_finalize_fwd_kernel(n: int, C: int, dtype: str, iters: int, eps: float):
     """The compiled forward kernel (memoised; TileLang's disk cache below)."""
-    return _common.compile_program(pre_finalize_fwd_program(n, C, dtype, iters, eps))
+    return _common.compile_program(
+        pre_finalize_fwd_program(n, C, dtype, iters, eps), pass_configs=sinkhorn.COMPILE_CONFIGS
+    )
 
 
 @functools.cache
