@@ -113,15 +113,29 @@ def _cuda_home() -> str | None:
         return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
 
 
+def _wheel_bin_dirs() -> list[str]:
+    """``bin`` folders of NVIDIA's pip wheels (``nvidia-cuda-cuobjdump``, ``nvidia-cuda-nvdisasm``: dev extras)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs: list[str] = []
+    for root in spec.submodule_search_locations:
+        dirs += sorted(glob.glob(os.path.join(root, "cu*", "bin")))
+    return dirs
+
+
 def _find_tool(name: str) -> str:
     home = _cuda_home()
-    if home:
-        candidate = os.path.join(home, "bin", name)
+    candidates = [os.path.join(home, "bin", name)] if home else []
+    candidates += [os.path.join(d, name) for d in _wheel_bin_dirs()]
+    for candidate in candidates:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     found = shutil.which(name)
     if found is None:
-        raise FileNotFoundError(f"`{name}` not found under CUDA_HOME/bin or on PATH")
+        raise FileNotFoundError(f"`{name}` not found under CUDA_HOME/bin, NVIDIA's pip wheels or on PATH")
     return found
 
 
@@ -457,3 +471,57 @@ def analyze(kernel, *, use_cache: bool = True) -> dict[str, Any]:
         "vector_loads_128": has_vector_global_loads(ptx_text),
         "vector_stores_128": has_vector_global_stores(ptx_text),
     }
+
+
+# ------------------------------------------------------------------------------------------------------- SASS
+
+
+def sass(kernel_or_ptx, *, arch: str | None = None) -> str:
+    """The SASS of a kernel (or of PTX text): ``ptxas`` to a cubin, then ``cuobjdump -sass`` (which runs
+    ``nvdisasm``; both ship as pip wheels, ``nvidia-cuda-cuobjdump`` and ``nvidia-cuda-nvdisasm``, in the dev extras).
+    Raises ``FileNotFoundError`` when a tool is missing."""
+    text = kernel_or_ptx if isinstance(kernel_or_ptx, str) else ptx(kernel_or_ptx)
+    if arch is None:
+        arch = _kernel_arch(kernel_or_ptx) if not isinstance(kernel_or_ptx, str) else _common.arch()
+    cuobjdump = _find_tool("cuobjdump")
+    nvdisasm_dir = os.path.dirname(_find_tool("nvdisasm"))
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(text)
+        subprocess.run([_find_tool("ptxas"), f"--gpu-name={arch}", "-O3", src, "-o", cubin], check=True)
+        env = dict(os.environ, PATH=nvdisasm_dir + os.pathsep + os.environ.get("PATH", ""))
+        return subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True, env=env).stdout
+
+
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+
+
+def sass_instructions(sass_text: str) -> list[tuple[int, str]]:
+    """``(address, instruction)`` for every instruction of every function in ``cuobjdump -sass`` output."""
+    out = []
+    for line in sass_text.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def sass_loops(sass_text: str) -> list[dict[str, int]]:
+    """Every loop of a single-function SASS listing, as the span from a backward branch's target to the branch:
+    ``{"start", "end", "instructions", "mufu"}`` in address order (outer loops include their inner ones)."""
+    ins = sass_instructions(sass_text)
+    index = {addr: i for i, (addr, _) in enumerate(ins)}
+    loops = []
+    for i, (addr, text) in enumerate(ins):
+        m = _SASS_BRANCH.search(text)
+        if not m:
+            continue
+        target = int(m.group(1), 16)
+        if target < addr and target in index:
+            body = ins[index[target] : i + 1]
+            loops.append(
+                {"start": target, "end": addr, "instructions": len(body), "mufu": sum("MUFU" in t for _, t in body)}
+            )
+    return sorted(loops, key=lambda loop: loop["start"])

@@ -1,0 +1,83 @@
+"""SASS instruction counts of the Sinkhorn kernels, per token, without a GPU (for tl_kernels/sinkhorn.py's docstring
+and the Sinkhorn latency issue):
+
+    python -m tl_kernels.sinkhorn_sass [--iters 20] [--eps 0.0] [--n 2 4 6 8 16]
+
+For each n and direction it compiles the kernel for the pinned target, disassembles it (``codegen.sass``: ptxas,
+cuobjdump, nvdisasm) and counts instructions: the loops that hold the MUFU work are the Sinkhorn iterations (the
+forward's one loop runs ``iters`` times; the backward's recompute loop ``iters`` times and its sweep loop
+``iters - 1`` times), everything else runs once. It also prints registers, shared memory, tokens per block, warps per
+SM sub-partition (scheduler) at T = 4096 and 16384 on an H100 (132 SMs, 4 schedulers each, resident blocks limited by
+registers, shared memory and threads), and an issue-bound estimate: instructions per token x T / 32 (a warp issues
+one instruction for 32 tokens) / (132 x 4 x 1.755e9 per second), i.e. one warp instruction per scheduler per cycle
+at the boost clock. That is a lower bound on time when the
+schedulers are kept busy; with fewer than ~4 warps per scheduler latency dominates instead. Estimates, not
+measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from . import codegen, sinkhorn
+
+SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.755e9
+REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048
+
+
+def per_token(direction: str, n: int, iters: int, eps: float) -> dict:
+    kernel = (sinkhorn.sinkhorn_fwd_kernel if direction == "fwd" else sinkhorn.sinkhorn_bwd_kernel)(n, iters, eps)
+    text = codegen.sass(kernel)
+    total = len(codegen.sass_instructions(text))
+    loops = [loop for loop in codegen.sass_loops(text) if loop["mufu"]]
+    # outermost MUFU loops only (an inner loop is contained in an outer one)
+    outer = [
+        a for a in loops if not any(b is not a and b["start"] <= a["start"] and a["end"] <= b["end"] for b in loops)
+    ]
+    trips = [iters] if direction == "fwd" else [iters, iters - 1]
+    if len(outer) != len(trips):
+        raise RuntimeError(f"{direction} n={n}: expected {len(trips)} iteration loops, found {outer}")
+    count = total - sum(loop["instructions"] for loop in outer)
+    count += sum(loop["instructions"] * t for loop, t in zip(outer, trips, strict=True))
+    stats = codegen.ptxas_stats(codegen.ptx(kernel))
+    regs = next(iter(stats.values()))["registers"]
+    plan = (sinkhorn._fwd_plan if direction == "fwd" else sinkhorn._bwd_plan)(n, iters, eps)
+    tpb = plan.tokens_per_block
+    regs_alloc = -(-regs // 8) * 8 * -(-tpb // 32) * 32  # per block, allocation granularity of 8 per thread
+    per_sm = min(REGS_PER_SM // regs_alloc, SMEM_PER_SM // max(plan.smem_bytes, 1), THREADS_PER_SM // tpb)
+    warps = {}
+    for T in (4096, 16384):
+        blocks = math.ceil(T / tpb)
+        resident = min(blocks, per_sm * SMS)
+        warps[T] = resident * math.ceil(tpb / 32) / (SMS * SCHEDULERS)
+    return {
+        "n": n, "direction": direction, "per_token": count, "loops": [loop["instructions"] for loop in outer],
+        "mufu_per_iteration": [loop["mufu"] for loop in outer], "registers": regs, "smem": plan.smem_bytes,
+        "tokens_per_block": tpb, "warps_per_scheduler": warps,
+        # one warp instruction per scheduler per cycle; a warp issues for 32 tokens (one token per thread)
+        "issue_us": {T: count * T / 32 / (SMS * SCHEDULERS * CLOCK_HZ) * 1e6 for T in (4096, 16384)},
+    }  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--eps", type=float, default=0.0)
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 6, 8, 16])
+    args = ap.parse_args(argv)
+    print("| n | kernel | SASS/token | loop bodies | regs | smem B | tokens/block | warps/scheduler T=4096, 16384 "
+          "| issue-bound us T=4096, 16384 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in args.n:
+        for direction in ("fwd", "bwd"):
+            r = per_token(direction, n, args.iters, args.eps)
+            w, t = r["warps_per_scheduler"], r["issue_us"]
+            print(f"| {n} | {direction} | {r['per_token']} | {' + '.join(map(str, r['loops']))} | {r['registers']} | "
+                  f"{r['smem']} | {r['tokens_per_block']} | {w[4096]:.2f}, {w[16384]:.2f} | "
+                  f"{t[4096]:.1f}, {t[16384]:.1f} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
