@@ -98,13 +98,25 @@ class _BlockReplay:
         self.outputs: list[Tensor] = []
         self.count = 0
         self.cache: dict[int, Tensor] = {}
+        self.in_sublayer = False
 
-    def pack(self, t: Tensor) -> int:
+    def enter_sublayer(self, module: nn.Module, args) -> None:
+        self.in_sublayer = True
+
+    def exit_sublayer(self, module: nn.Module, args, output) -> None:
+        self.in_sublayer = False
+        self.outputs.append(output)
+
+    def pack(self, t: Tensor) -> int | tuple[Tensor]:
+        if self.in_sublayer:  # the sublayer's own graph keeps what it saves
+            return (t,)
         k = self.count
         self.count += 1
         return k
 
-    def unpack(self, k: int) -> Tensor:
+    def unpack(self, k: int | tuple[Tensor]) -> Tensor:
+        if isinstance(k, tuple):
+            return k[0]
         if k not in self.cache:
             self._replay()
         return self.cache.pop(k)
@@ -219,15 +231,30 @@ def _run_block(block: list[MHC], h: Tensor, args: tuple, kwargs: dict) -> Tensor
 
 def _run_block_eager(block: list[MHC], h: Tensor, args: tuple, kwargs: dict) -> Tensor:
     replay = _BlockReplay(block, h)
-    for layer in block:
-        with torch.autograd.graph.saved_tensors_hooks(replay.pack, replay.unpack):
-            layer_input, ctx = layer.pre(h)
-        y = layer.sublayer(layer_input, *args, **kwargs)
-        if not isinstance(y, Tensor):
-            raise TypeError(
-                f"MHC.forward: expected the sublayer to return a torch.Tensor [..., C], got {type(y).__name__}"
-            )
-        replay.outputs.append(y)
-        with torch.autograd.graph.saved_tensors_hooks(replay.pack, replay.unpack):
-            h = layer.post(ctx, y)
+    with torch.autograd.graph.saved_tensors_hooks(replay.pack, replay.unpack):
+        for layer in block:
+            if isinstance(layer.sublayer, nn.Module):
+                # through the site's __call__, so module hooks (FSDP2's unshard and gradient reduction) run; the
+                # sublayer keeps its own saved tensors (pass-through while it runs) and its output is recorded
+                handles = (
+                    layer.sublayer.register_forward_pre_hook(replay.enter_sublayer),
+                    layer.sublayer.register_forward_hook(replay.exit_sublayer),
+                )
+                try:
+                    h = layer(h, *args, **kwargs)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                    replay.in_sublayer = False
+            else:
+                layer_input, ctx = layer.pre(h)
+                replay.in_sublayer = True
+                y = layer.sublayer(layer_input, *args, **kwargs)
+                replay.in_sublayer = False
+                if not isinstance(y, Tensor):
+                    raise TypeError(
+                        f"MHC.forward: expected the sublayer to return a torch.Tensor [..., C], got {type(y).__name__}"
+                    )
+                replay.outputs.append(y)
+                h = layer.post(ctx, y)
     return h
