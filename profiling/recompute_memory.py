@@ -10,7 +10,7 @@ replayed block and the gradients being formed). The model is ``L`` sites with FF
 prints one row per ``L_r`` with the bytes in units of ``C * tokens * 4`` (fp32 elements of ``C`` per token) next to
 the model of ``mhc/recompute.py``: ``n*(ceil(L/L_r) - 1)`` for the kept block inputs (the first is the caller's
 input, not counted), and the transient ``n*L_r`` replayed in backward. GPU numbers (``torch.cuda.max_memory_allocated``)
-are left to a GPU run: ``--device cuda``.
+are left to a GPU run: ``tests/gpu/test_recompute_gpu.py``.
 """
 
 from __future__ import annotations
