@@ -9,16 +9,19 @@ Public API:
 * :mod:`mhc.ops` - the ``torch.ops.mhc.*`` custom ops (forward and backward);
 * :func:`warmup` - compile the CUDA kernels a model will use before capturing a CUDA graph;
 * :class:`MHC` - the layer: wraps a sublayer (attention or FFN) into one residual site (:mod:`mhc.layer`), with
-  :func:`expand`, :func:`collapse`, :class:`MHCHead` and the mixed-precision policy :class:`Precision`.
+  :func:`expand`, :func:`collapse`, :class:`MHCHead` and the mixed-precision policy :class:`Precision`;
+* :class:`MHCStack` - a stack of sites with the paper's block recomputation (:mod:`mhc.recompute`, Eq. 20);
+* :mod:`mhc.diagnostics` - Amax gain magnitudes and Sinkhorn residuals, collected without host syncs.
 
 Importing registers the ops (TileLang kernels for CUDA, the fast exp-domain kernels of :mod:`mhc._cpu` for the CPU);
 nothing is compiled until a CUDA kernel is first called.
 """
 
-from . import _cpu, ops, reference  # noqa: F401  (importing _cpu registers the CPU kernels)
+from . import _cpu, diagnostics, ops, reference  # noqa: F401  (importing _cpu registers the CPU kernels)
 from ._cuda import warmup  # importing _cuda registers the TileLang kernels for CUDA tensors
 from .functional import post_res, pre_mapping, sinkhorn
 from .layer import MHC, MHCContext, MHCHead, Precision, collapse, deepseek_to_mhc, expand
+from .recompute import MHCStack, optimal_block
 from .reference import SiteParams
 
 __version__ = "0.1.0"
@@ -27,11 +30,14 @@ __all__ = [
     "MHC",
     "MHCContext",
     "MHCHead",
+    "MHCStack",
     "Precision",
     "SiteParams",
     "collapse",
     "deepseek_to_mhc",
+    "diagnostics",
     "expand",
+    "optimal_block",
     "ops",
     "post_res",
     "pre_mapping",

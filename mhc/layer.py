@@ -340,6 +340,10 @@ class MHC(nn.Module):
         self.bias = nn.Parameter(torch.empty(m, **factory_kwargs))
         self.reset_parameters()
 
+    # Diagnostics hook point: ``None`` except while an ``mhc.diagnostics.collect`` recorder is active, which sets it
+    # on the instance to a callable ``hook(layer, h_res)`` (it must not sync; it stashes a detached device tensor).
+    _h_res_hook: Callable[[MHC, Tensor], None] | None = None
+
     # -------------------------------------------------------------------------------------------- parameters
 
     @property
@@ -405,6 +409,8 @@ class MHC(nn.Module):
                 rms_eps=self.rms_eps,
                 sinkhorn_eps=self.sinkhorn_eps,
             )
+        if self._h_res_hook is not None:
+            self._h_res_hook(self, h_res)
         return layer_input, MHCContext(residual, h_post, h_res)
 
     def post(self, ctx: MHCContext, layer_output: Tensor) -> Tensor:

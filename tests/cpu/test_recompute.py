@@ -1,0 +1,140 @@
+"""mhc.MHCStack block recomputation (paper §4.3.2, Eq. 20): gradients, saved memory, checkpoint and compile."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import mhc
+from profiling.recompute_memory import make_stack, measure
+
+C, N = 32, 4
+
+
+def _ffn(c=C):
+    return nn.Sequential(nn.RMSNorm(c), nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+
+class _CheckpointedFFN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ffn = _ffn()
+
+    def forward(self, x):
+        return checkpoint(self.ffn, x, use_reentrant=False)
+
+
+def _layers(L, sub=_ffn):
+    layers = [mhc.MHC(sub(), C, N, kind="ffn", layer_index=i) for i in range(L)]
+    with torch.no_grad():
+        for layer in layers:  # away from the identity init, so every coefficient path carries gradient
+            layer.phi.normal_(0, 0.1)
+            layer.alpha.copy_(torch.tensor([0.5, 0.7, 1.0]))
+            layer.bias.add_(torch.randn_like(layer.bias))
+    return layers
+
+
+def _run(stack, x, w):
+    x = x.detach().clone().requires_grad_()
+    out = stack(x)
+    (out * w).sum().backward()
+    return out.detach(), x.grad, [p.grad.clone() for p in stack.parameters()]
+
+
+def _assert_same(a, b, **tol):
+    tol = tol or {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(a[0], b[0], **tol)
+    torch.testing.assert_close(a[1], b[1], **tol)
+    assert len(a[2]) == len(b[2])
+    for ga, gb in zip(a[2], b[2], strict=True):
+        torch.testing.assert_close(ga, gb, **tol)
+
+
+@pytest.mark.parametrize("r", [1, 3, "auto", 7])
+def test_gradients_equal_plain_path(r):
+    layers = _layers(7)
+    x, w = torch.randn(2, 5, N, C), torch.randn(2, 5, N, C)
+    plain = _run(mhc.MHCStack(copy.deepcopy(layers), recompute_block=None), x, w)
+    # the replay runs the same ops on the same inputs in the same order: bitwise equal
+    _assert_same(_run(mhc.MHCStack(copy.deepcopy(layers), recompute_block=r), x, w), plain)
+
+
+def test_bf16_residual_and_autocast():
+    layers = _layers(4)
+    for layer in layers:
+        layer.precision = mhc.Precision.BF16
+    x, w = torch.randn(3, 4, N, C), torch.randn(3, 4, N, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _run(mhc.MHCStack(copy.deepcopy(layers), recompute_block=None), x, w)
+        rec = _run(mhc.MHCStack(copy.deepcopy(layers), recompute_block=2), x, w)
+    _assert_same(rec, plain)
+
+
+def test_checkpointed_sublayers():
+    layers = _layers(5, sub=_CheckpointedFFN)
+    x, w = torch.randn(2, 3, N, C), torch.randn(2, 3, N, C)
+    plain = _run(mhc.MHCStack(copy.deepcopy(layers), recompute_block=None), x, w)
+    _assert_same(_run(mhc.MHCStack(copy.deepcopy(layers), recompute_block=2), x, w), plain)
+
+
+def test_torch_compile():
+    layers = _layers(4)
+    x, w = torch.randn(2, 3, N, C), torch.randn(2, 3, N, C)
+    plain = _run(mhc.MHCStack(copy.deepcopy(layers), recompute_block=None), x, w)
+    stack = mhc.MHCStack(copy.deepcopy(layers), recompute_block=2)
+    compiled = torch.compile(stack, backend="aot_eager", fullgraph=True)
+    _assert_same(_run(compiled, x, w), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_memory_matches_the_model():
+    """Resident bytes after forward: each extra block keeps exactly one n*C residual per token; the plain path keeps
+    n*C per site plus the coefficients (h_pre n, h_post n, proj n*n+2n, rinv 1, h_res n*n floats per token)."""
+    L, T = 6, 16
+    x = torch.randn(T, N, C, requires_grad=True)
+    base = make_stack(L, N, C, None)
+    resident = {}
+    for r in (None, 1, 2, 4, L):
+        stack = make_stack(L, N, C, r)
+        stack.load_state_dict(base.state_dict())
+        resident[r] = measure(stack, x)[0]
+    unit = N * C * T * 4
+    for r in (1, 2, 4):
+        assert resident[r] - resident[L] == unit * (math.ceil(L / r) - 1)
+    coef = (N + N + (N * N + 2 * N) + 1 + N * N) * T * 4
+    assert resident[None] - resident[L] == unit * (L - 1) + coef * L
+
+
+@pytest.mark.parametrize("n,L,want", [(4, 24, 4), (4, 36, 4), (4, 60, 6), (4, 1, 1), (1, 10, 2)])
+def test_optimal_block(n, L, want):
+    assert mhc.optimal_block(n, L) == want
+    cost = [n * math.ceil(L / r) + (n + 2) * r for r in range(1, L + 1)]
+    assert cost[want - 1] == min(cost)
+
+
+def test_defaults_and_no_grad():
+    stack = mhc.MHCStack(_layers(24))
+    assert stack.recompute_block == 4 and len(stack.blocks()) == 6
+    x = torch.randn(2, N, C)
+    with torch.no_grad():
+        out = stack(x)
+    torch.testing.assert_close(out, mhc.MHCStack(stack.layers, recompute_block=None)(x), rtol=0, atol=0)
+
+
+def test_errors():
+    with pytest.raises(TypeError, match=r"expected layers\[1\] to be an mhc.MHC, got Linear"):
+        mhc.MHCStack([mhc.MHC(_ffn(), C, N), nn.Linear(C, C)])
+    with pytest.raises(ValueError, match="expected layers\\[0\\] to have a sublayer"):
+        mhc.MHCStack([mhc.MHC(None, C, N)])
+    with pytest.raises(ValueError, match="expected at least one"):
+        mhc.MHCStack([])
+    with pytest.raises(TypeError, match="expected recompute_block to be 'auto', None or an int, got float"):
+        mhc.MHCStack(_layers(2), recompute_block=2.0)
+    with pytest.raises(ValueError, match="expected recompute_block >= 0, got -1"):
+        mhc.MHCStack(_layers(2), recompute_block=-1)
+    with pytest.raises(ValueError, match="expected num_layers >= 1, got 0"):
+        mhc.optimal_block(4, 0)
