@@ -105,9 +105,25 @@ load) for n >= 9; warm: from TileLang's disk cache in ~0.1-0.3 s.
 Performance (n = 4, iters = 20, T = 16384, H100 SXM; estimated, NOT measured: no GPU on the build machine)
 ----------------------------------------------------------------------------------------------------------
 Since the kernels compile with flush-to-zero (:data:`COMPILE_CONFIGS`), the SASS per token is 4.2k instructions
-forward and 7.8k backward (6.6k and 11.7k before; counts read off ``cuobjdump -sass``, loop bodies 195 and
-208 + 168); the MUFU counts below are unchanged, the denormal fixups around them are gone. The estimate below
-predates that change and is an upper bound.
+forward and 7.8k backward (6.6k and 11.7k before); the MUFU counts below are unchanged, the denormal fixups around
+them are gone. ``python -m tl_kernels.sinkhorn_sass`` (iters = 20, eps = 0, sm_90a, CUDA 13.0 ptxas; "issue-bound"
+is one warp instruction per scheduler per cycle at 1.755 GHz on 132 SMs: an estimate, and a lower bound on time
+only when every scheduler has work; at ~1 warp per scheduler latency dominates)::
+
+    n  kernel  SASS/token  loop bodies  regs  smem B  tokens/block  warps/scheduler  issue-bound us
+                                                                    T=4096, 16384    T=4096, 16384
+    2  fwd       2065      99             22    2560  128           0.24, 0.97       0.3, 1.1
+    2  bwd       4227      111 + 95       40   44032  128           0.24, 0.97       0.6, 2.3
+    4  fwd       4153      195            55    8704  128           0.24, 0.97       0.6, 2.3
+    4  bwd       7848      208 + 168      94   95232  128           0.24, 0.97       1.1, 4.3
+    8  fwd      16049      771           145   33280  128           0.24, 0.97       2.2, 8.9
+    8  bwd      36175      937 + 842     168   55552   32           0.24, 0.97       5.0, 20.0
+    16 fwd      84233      4131          255   98688   96           0.24, 0.97      11.6, 46.5
+    16 bwd     148680      3680 + 3636   255   98736   22           0.35, 0.50      20.5, 82.2
+
+So at n = 4 the issue-bound floor is ~6.6 us for forward + backward at T = 16384, and with one warp per scheduler
+the kernels are latency-bound well above it: the next lever is several threads per token (more warps). The estimate
+below predates the flush-to-zero change.
 
 Both kernels are bound by the MUFU pipe (16 ex2/lg2 per clock per SM) and by latency, not by memory (1 MB in,
 1 MB out). Forward: 816 MUFU ops per token (16 ex2 + 4 lg2 per half-step; the eps trick keeps eps > 0 at the same
