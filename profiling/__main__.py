@@ -36,7 +36,8 @@ def cmd_bench(rest: list[str]) -> int:
     if args.device == "cuda" and not _has_gpu():
         args.device = "cpu"
     if args.device == "cpu":
-        print("No CUDA GPU on this machine: no GPU timings can be made here.")
+        why = "--device cpu" if _has_gpu() else "No CUDA GPU on this machine"
+        print(f"{why}: no GPU timings are made in this run.")
         print("What the byte model predicts instead (docs/benchmarks.md):\n")
         print(bytemodel.floor_markdown(n=args.n))
         print("Timing the CPU kernels at tiny shapes so the harness itself runs (these numbers say nothing about "
