@@ -195,3 +195,22 @@ def test_recompute_variant_is_optional(monkeypatch):
         monkeypatch.delattr(block.mhc, name, raising=False)
     with pytest.raises(NotImplementedError, match="recompute"):
         block.build("mhc-recompute", 64, 4, 1, "cpu", torch.float32)
+
+
+def test_docs_floor_excerpt_is_the_byte_model():
+    """docs/benchmarks.md quotes `python -m profiling floors`: every number there must be what the model gives."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md").read_text()
+    gpus = {"H100": "H100 SXM", "H200": "H200"}
+    labels = ["pre fwd", "post fwd", "pre bwd", "post bwd", "site fwd+bwd", "plain add fwd+bwd"]
+    checked = 0
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[0] in gpus:
+            gbps = bytemodel.NOMINAL_GBPS[gpus[cells[0]]] * bytemodel.ACHIEVABLE
+            C, T = int(cells[1]), int(cells[2])
+            row = bytemodel.floor_rows(gbps, hidden=(C,), tokens=(T,))[0]
+            assert [float(c) for c in cells[3:]] == [round(row[k], 1) for k in labels], line
+            checked += 1
+    assert checked >= 4
