@@ -6,9 +6,11 @@ PIP ?= $(PYTHON) -m pip
 TORCH_SPEC ?= torch
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
+# make bench BENCH_ARGS=--quick (or --n-sweep 2 6 8, --no-compile, ...; see python -m profiling --help)
+BENCH_ARGS ?=
 STAMP := build/.installed
 
-.PHONY: all install kernels test test-gpu lint format clean
+.PHONY: all install kernels test test-gpu bench bench-compare lint format clean
 
 all: kernels
 
@@ -27,6 +29,12 @@ test: install
 
 test-gpu: install
 	$(PYTHON) -m pytest -m gpu $(PYTEST_ARGS)
+
+bench: install
+	$(PYTHON) -m profiling bench $(BENCH_ARGS)
+
+bench-compare: install
+	$(PYTHON) -m profiling compare $(BENCH_ARGS)
 
 lint: install
 	$(PYTHON) -m ruff check .

@@ -1,32 +1,30 @@
-"""Paper-style kernel timings for the mHC ops: microseconds, achieved GB/s and percent of the device's measured copy
-bandwidth, for our kernels beside PyTorch eager and ``torch.compile`` of the reference.
+"""Paper-style kernel timings for the mHC ops: microseconds, achieved GB/s, percent of the device's measured copy
+bandwidth and time against the floor ``bytes / copy bandwidth``, for our kernels beside PyTorch eager and
+``torch.compile`` of the reference and, when they import, TileKernels and Liger (:mod:`profiling.baselines`); plus
+the Transformer-block overhead (:mod:`profiling.block`). ``python -m profiling`` (``make bench``) is the front end.
 
     python -m profiling.bench                        # full sweep on the local GPU, results under profiling/results/<gpu>/
-    python -m profiling.bench --quick                # a few shapes
+    python -m profiling.bench --quick                # the target shapes (T=16384) and the block at C=2560, 4096
+    python -m profiling.bench --n-sweep 2 6 8        # also other stream counts (quick shapes)
     python -m profiling.bench --device cpu --quick   # dry run of the harness on a CPU (host timer, tiny shapes)
     python -m profiling.bench --device cpu --quick --timer standin   # the CUDA timing code, stand-in timer
 
 Timer (:func:`make_timer`): TileLang's ``do_bench`` with the CUDA-event backend (L2 flushed before every call,
-256 MB), reporting the median and the 20th/80th percentiles of the per-call times, then its CUPTI backend for the
-mean kernel time alone (``kernel_us``; TileLang 0.1.15's CUPTI backend returns one float and ignores
-``quantiles``). On a CPU the host clock. Bytes are the minimum traffic per token (spec
-§6.2): every input read once, every output written once, activations in their dtype, coefficients fp32:
-
-=====================  ==============================================================
-post_res fwd           reads (n+1)·C activations + 4·(n²+n) B, writes n·C
-post_res bwd           reads (2n+1)·C activations + 4·(n²+n) B, writes (n+1)·C + 4·(n²+n) B
-sinkhorn fwd / bwd     4·n² B in, 4·n² B out / 8·n² B in, 4·n² B out
-pre_mapping fwd        reads 2·n·C activations (projection, then F_pre), writes C + coefficients and partials
-pre_mapping bwd        reads 2·(n+1)·C activations (two passes over x and g_li), writes n·C + small vectors
-=====================  ==============================================================
+256 MB, 25 ms warm-up, 200 ms of repetitions), reporting the median and the 20th/80th percentiles of the per-call
+times, then its CUPTI backend for the mean kernel time alone (``kernel_us``; TileLang 0.1.15's CUPTI backend
+returns one float and ignores ``quantiles``). On a CPU the host clock. Bytes come from the one byte model,
+:mod:`profiling.bytemodel` (spec §6.2: every input read once, every output written once).
 
 The copy bandwidth is measured on the device (a 1 GiB bf16 ``copy_``, read + write), so "% copy" is the fraction of
-what this GPU can actually move, not of a datasheet number. Targets from the kernel issue (H100, n=4): post_res
-forward and backward at least 85% of copy bandwidth at T=16384 for C in {2560, 4096, 7168}; Sinkhorn forward +
-backward at T=16384, 20 iterations, under 15 µs.
+what this GPU can actually move, not of a datasheet number, and ``floor_us`` = bytes / that bandwidth
+(TransformerEngine's t_min). Targets from the kernel issue (H100, n=4): post_res forward and backward at least 85%
+of copy bandwidth at T=16384 for C in {2560, 4096, 7168}; Sinkhorn forward + backward at T=16384, 20 iterations,
+under 15 µs.
 
-Outputs (``--out``, default ``profiling/results/<gpu>/``): ``bench.json`` (meta: device, torch, tilelang, commit,
-date, timer, copy bandwidth; one record per op, mode and shape), ``bench.md`` (table), ``bench.png`` (plot).
+Outputs (``--out``, default ``profiling/results/<gpu>/``): ``bench.json`` (meta: device, driver, torch, tilelang,
+commit, date, timer, copy bandwidth, baseline notes; one record per op, mode and shape; ``block`` records),
+``bench.md`` (tables), ``bench.png`` (bandwidth against T per kernel), ``alternatives.png`` (time against the
+alternatives), ``block.png`` (block overhead per C).
 """
 
 from __future__ import annotations
@@ -34,11 +32,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from typing import NamedTuple
@@ -47,7 +48,10 @@ import torch
 
 import mhc
 from mhc import reference as ref
-from profiling import gpu_run
+from profiling import baselines as third_party
+from profiling import block as block_bench
+from profiling import bytemodel, gpu_run
+from profiling.bytemodel import post_res_bytes, pre_mapping_bytes, sinkhorn_bytes  # noqa: F401 (the harness API)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ITERS = 20
@@ -156,46 +160,17 @@ def copy_bandwidth_gbs(device: str, bench) -> float:
 # ---------------------------------------------------------------------------------------------------- workloads
 
 
-def post_res_bytes(T, n, C, esize, mode):
-    coef = 4 * (n * n + n)
-    fwd = T * ((n + 1) * C * esize + coef + n * C * esize)
-    bwd = T * ((2 * n + 1) * C * esize + coef + (n + 1) * C * esize + coef)
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-
-
-def sinkhorn_bytes(T, n, mode):
-    fwd, bwd = T * 8 * n * n, T * 12 * n * n
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-
-
-def pre_mapping_bytes(T, n, C, esize, mode, splits=1):
-    """The two-read design (spec §6.2): fwd reads x twice (projection, then F_pre) and writes layer_input, plus the
-    coefficient outputs and split partials; bwd reads x and g_li twice (the <g_li, x_i> pass, then the d_x/d_phi
-    pass) and writes d_x, plus the small per-token vectors. phi stays in L2 and is not counted."""
-    m = n * n + 2 * n
-    small_fwd = 4 * (2 * n + n * n + m + 1) + 2 * 4 * splits * (m + 1)
-    small_bwd = 4 * (3 * n + n * n + 2 * n + m + 1 + 2 * m + 2 * n * n)
-    fwd = T * (2 * n * C * esize + C * esize + small_fwd)
-    bwd = T * (2 * (n * C + C) * esize + n * C * esize + small_bwd)
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-
-
 def pre_mapping_cases(T, n, C, dtype, device):
     """``{mode: (ours, eager reference, reference builder)}``, the call arguments of each mode's reference."""
-    g = torch.Generator(device="cpu").manual_seed(T + C + 1)
+    g = torch.Generator(device=device).manual_seed(T + C + 1)
     m, K = n * n + 2 * n, n * C
-    x = torch.randn(T, n, C, generator=g).to(device, dtype)
-    phi = (torch.randn(K, m, generator=g) / K**0.5).to(device)
+    x = _randn(g, T, n, C, dtype=dtype)
+    phi = _randn(g, K, m) / K**0.5
     alpha = torch.tensor([0.7, 0.5, 1.2], device=device)
-    bias = (torch.randn(m, generator=g) * 0.5).to(device)
+    bias = _randn(g, m) * 0.5
     fwd_args = (x, phi, alpha, bias, ITERS, 2.0, 1e-6, 0.0)
     out = torch.ops.mhc.pre_mapping_fwd(*fwd_args)
-    grads = (
-        torch.randn(T, C, generator=g).to(device, dtype),
-        torch.randn(T, n, generator=g).to(device),
-        torch.randn(T, n, n, generator=g).to(device),
-        torch.randn(T, n, generator=g).to(device),
-    )
+    grads = (_randn(g, T, C, dtype=dtype), _randn(g, T, n), _randn(g, T, n, n), _randn(g, T, n))
     bwd_args = (*grads, x, phi, alpha, bias, out[3], out[1], out[4], out[5], ITERS, 2.0, 0.0)
     cases = {
         "fwd": (lambda: torch.ops.mhc.pre_mapping_fwd(*fwd_args), lambda: ref.pre_mapping(*fwd_args), ref.pre_mapping),
@@ -208,13 +183,18 @@ def pre_mapping_cases(T, n, C, dtype, device):
     return cases, {"fwd": fwd_args, "bwd": bwd_args}
 
 
+def _randn(g, *shape, dtype=torch.float32):
+    """Drawn on the generator's device (no host copy of GB-sized inputs)."""
+    return torch.randn(*shape, generator=g, device=g.device, dtype=dtype)
+
+
 def post_res_cases(T, n, C, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(T + C)
-    y = torch.randn(T, C, generator=g).to(device, dtype)
-    x = torch.randn(T, n, C, generator=g).to(device, dtype)
-    h_post = (torch.rand(T, n, generator=g) * 2).to(device)
-    h_res = ref.sinkhorn(torch.randn(T, n, n, generator=g)).to(device)
-    grad = torch.randn(T, n, C, generator=g).to(device, dtype)
+    g = torch.Generator(device=device).manual_seed(T + C)
+    y = _randn(g, T, C, dtype=dtype)
+    x = _randn(g, T, n, C, dtype=dtype)
+    h_post = torch.rand(T, n, generator=g, device=device) * 2
+    h_res = ref.sinkhorn(_randn(g, T, n, n))
+    grad = _randn(g, T, n, C, dtype=dtype)
     args = (y, x, h_post, h_res)
 
     def ours_fwd():
@@ -251,13 +231,17 @@ def sinkhorn_cases(L, gL):
     }
 
 
-FULL_TOKENS, FULL_HIDDEN = (4096, 8192, 16384, 65536), (1280, 1920, 2560, 4096, 7168)
+#: The full sweep (issue 11): decode (1, 13), split-K (512) and training token counts; the paper's C and DeepSeek's.
+FULL_TOKENS, FULL_HIDDEN = (1, 13, 512, 4096, 16384, 65536), (1280, 1920, 2560, 4096, 7168)
 #: ``--quick``: the target shapes of the kernel issue (n=4, T=16384).
 QUICK_TOKENS, QUICK_HIDDEN = (16384,), (2560, 4096, 7168)
-#: decode-sized token counts for the fused pre-mapping forward (GPU runs only).
-DECODE_TOKENS = (1, 13, 137)
+#: The Transformer block: C in {2560, 4096}, one sequence of 4096 tokens (the paper's sequence length).
+BLOCK_HIDDEN, BLOCK_TOKENS = (2560, 4096), 4096
 #: a CPU run (host timer or stand-in): tiny shapes, the harness is what is exercised.
 CPU_TOKENS, CPU_HIDDEN = (64,), (256,)
+CPU_BLOCK_HIDDEN, CPU_BLOCK_TOKENS = (64,), 32  # float32 on a CPU (bf16 matmuls are slow there)
+#: Implementations timed beside ours, in table order (record key prefix, column title).
+ALTERNATIVES = (("eager", "eager"), ("compile", "torch.compile"), ("tilekernels", "TileKernels"), ("liger", "Liger"))
 
 
 def shapes(args) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -265,6 +249,12 @@ def shapes(args) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if args.device == "cpu":
         tokens, hidden = CPU_TOKENS, CPU_HIDDEN
     return tuple(args.tokens or tokens), tuple(args.hidden or hidden)
+
+
+def block_shapes(args) -> tuple[tuple[int, ...], int]:
+    if args.device == "cpu":
+        return CPU_BLOCK_HIDDEN, CPU_BLOCK_TOKENS
+    return tuple(args.block_hidden or BLOCK_HIDDEN), args.block_tokens or BLOCK_TOKENS
 
 
 def run(args) -> dict:
@@ -276,38 +266,74 @@ def run(args) -> dict:
         bench, how = make_timer(device, cupti=not args.no_cupti)
     copy_gbs = copy_bandwidth_gbs(device, bench)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    n = args.n
     tokens, hidden = shapes(args)
-    rows = []
-    compiled = {}
+    others = [] if args.no_baselines else third_party.load_all()
+    rows, compiled = [], {}
 
     def time_baselines(name, eager_fn, builder, call_args):
-        eager_us = bench(eager_fn).us
-        comp_us = None
+        """Eager and torch.compile of the reference; a failure (e.g. out of memory) is a ``None`` and a note."""
+        eager_us = comp_us = None
+        try:
+            eager_us = bench(eager_fn).us
+        except Exception as exc:  # noqa: BLE001 - a failing baseline is reported, not fatal
+            print(f"eager baseline for {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         if not args.no_compile:
             try:
                 if name not in compiled:
                     compiled[name] = torch.compile(builder)
                 cfn = compiled[name]
                 comp_us = bench(lambda: cfn(*call_args)).us
-            except Exception as exc:  # noqa: BLE001 - a failing baseline is reported, not fatal
-                print(f"torch.compile baseline for {name} failed: {exc}", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001
+                print(f"torch.compile baseline for {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _free(device)
         return eager_us, comp_us
 
-    decode = len(DECODE_TOKENS) * len(hidden) if device != "cpu" else 0
-    progress = _progress(len(tokens) * len(hidden) * 3 + len(tokens) * 3 + decode, "bench")
+    def time_others(op, mode, inputs):
+        out = {}
+        for b in others:
+            fn = b.case(op, mode, inputs)
+            if fn is not None:
+                try:
+                    out[b.name] = bench(fn).us
+                except Exception as exc:  # noqa: BLE001
+                    b.notes[(op, mode)] = f"{b.label} {op} {mode} failed while timing: {type(exc).__name__}: {exc}"
+        return out
+
+    ns = [args.n] + [k for k in (args.n_sweep or []) if k != args.n]
+    block_hidden, block_tokens = block_shapes(args)
+    n_blocks = 0 if args.no_block else len(block_hidden) * len(block_bench.VARIANTS)
+    extra = (len(ns) - 1) * len(QUICK_TOKENS if device != "cpu" else CPU_TOKENS) * len(hidden) * 5
+    progress = _progress(len(tokens) * (len(hidden) * 5 + 3) + extra + n_blocks, "bench")
     truncated = False
+    block_records, block_notes = [], []
     try:
-        _sweep(args, bench, copy_gbs, dtype, n, tokens, hidden, rows, time_baselines, progress)
-        if args.device != "cpu":
-            _decode(args, bench, copy_gbs, dtype, n, hidden, rows, time_baselines, progress)
+        for i, n in enumerate(ns):
+            sweep_tokens = tokens if i == 0 else (QUICK_TOKENS if device != "cpu" else CPU_TOKENS)
+            _sweep(args, bench, copy_gbs, dtype, n, sweep_tokens, hidden, rows, time_baselines, time_others, progress)
+        if not args.no_block:
+            # on a CPU the host clock (6 calls) even under --timer standin: the kernels exercised the timer's code
+            block_timer = bench if device != "cpu" else make_timer("cpu")[0]
+            block_records, block_notes = block_bench.run(
+                block_timer, copy_gbs, block_hidden, block_tokens, args.n, torch.float32 if device == "cpu" else dtype,
+                device, progress,
+            )  # fmt: skip
     except _Stopped:
         truncated = True
         print("bench: stopped (SIGTERM); writing what was measured", file=sys.stderr)
     progress.close()
-    meta = _meta(device, how, copy_gbs, dtype, n)
+    meta = _meta(device, how, copy_gbs, dtype, args.n)
     meta["truncated"] = truncated
-    return {"meta": meta, "records": rows}
+    meta["n_sweep"] = ns
+    meta["baselines"] = {b.name: {"label": b.label, "available": b.available, "note": b.note} for b in others}
+    meta["baseline_skips"] = sorted({note for b in others for note in b.notes.values()})
+    if args.no_baselines:
+        meta["baseline_skips"] = ["third-party baselines not run (--no-baselines)"]
+    return {"meta": meta, "records": rows, "block": block_records, "block_notes": block_notes}
+
+
+def _free(device):
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 class _Stopped(BaseException):  # not caught by the "except Exception" around a baseline
@@ -318,37 +344,42 @@ def _on_sigterm(signum, frame):
     raise _Stopped
 
 
-def _sweep(args, bench, copy_gbs, dtype, n, tokens, hidden, rows, time_baselines, progress):
+def _sweep(args, bench, copy_gbs, dtype, n, tokens, hidden, rows, time_baselines, time_others, progress):
     device = args.device
     for T in tokens:
         for C in hidden:
             cases, call_args, grad = post_res_cases(T, n, C, dtype, device)
+            inputs = {"y": call_args[0], "x": call_args[1], "h_post": call_args[2], "h_res": call_args[3],
+                      "grad": grad, "iters": ITERS}  # fmt: skip
             for mode, (ours, eager, builder) in cases.items():
                 t = bench(ours)
                 base_args = call_args if mode == "fwd" else (grad, *call_args)
                 eager_us, comp_us = time_baselines(f"post_res_{mode}", eager, builder, base_args)
-                nbytes = post_res_bytes(T, n, C, dtype.itemsize, mode)
-                rows.append(_row("post_res", mode, T, n, C, t, nbytes, copy_gbs, eager_us, comp_us))
+                alt = time_others("post_res", mode, inputs)
+                rows.append(_row("post_res", mode, T, n, C, t, dtype, copy_gbs, eager_us, comp_us, alt))
                 progress.update()
-            del cases, call_args, grad
+            del cases, call_args, grad, inputs
+            _free(device)
             _pre_mapping_rows(args, bench, copy_gbs, dtype, n, T, C, rows, time_baselines, ("fwd", "bwd"))
-            progress.update()
+            progress.update(3)
         L = torch.randn(T, n, n, device=device) * 2
         gL = torch.randn_like(L)
         sk = sinkhorn_cases(L, gL)
-        times = {}
+        times, alts = {}, {}
         for mode, (ours, eager, builder) in sk.items():
             t = bench(ours)
             times[mode] = t
             base_args = (L, ITERS) if mode == "fwd" else (gL, L, ITERS)
             eager_us, comp_us = time_baselines(f"sinkhorn_{mode}", eager, builder, base_args)
-            rows.append(_row("sinkhorn", mode, T, n, 0, t, sinkhorn_bytes(T, n, mode), copy_gbs, eager_us, comp_us))
+            alts[mode] = time_others("sinkhorn", mode, {"L": L, "gL": gL, "iters": ITERS})
+            rows.append(_row("sinkhorn", mode, T, n, 0, t, dtype, copy_gbs, eager_us, comp_us, alts[mode]))
             progress.update()
         kernel = None
         if times["fwd"].kernel_us is not None and times["bwd"].kernel_us is not None:
             kernel = times["fwd"].kernel_us + times["bwd"].kernel_us
         total = Timing(times["fwd"].us + times["bwd"].us, None, None, kernel)
-        rows.append(_row("sinkhorn", "fwd+bwd", T, n, 0, total, sinkhorn_bytes(T, n, "fwd+bwd"), copy_gbs, None, None))
+        both = {k: alts["fwd"][k] + alts["bwd"][k] for k in alts["fwd"] if k in alts["bwd"]}
+        rows.append(_row("sinkhorn", "fwd+bwd", T, n, 0, total, dtype, copy_gbs, None, None, both))
         progress.update()
 
 
@@ -358,25 +389,27 @@ def _pre_mapping_rows(args, bench, copy_gbs, dtype, n, T, C, rows, time_baseline
         ours, eager, builder = cases[mode]
         t = bench(ours)
         eager_us, comp_us = time_baselines(f"pre_mapping_{mode}", eager, builder, call_args[mode])
-        nbytes = pre_mapping_bytes(T, n, C, dtype.itemsize, mode)
-        rows.append(_row("pre_mapping", mode, T, n, C, t, nbytes, copy_gbs, eager_us, comp_us))
+        rows.append(_row("pre_mapping", mode, T, n, C, t, dtype, copy_gbs, eager_us, comp_us, {}))
+    del cases, call_args
+    _free(args.device)
 
 
-def _decode(args, bench, copy_gbs, dtype, n, hidden, rows, time_baselines, progress):
-    """Decode-sized forward of the fused pre-mapping (T = 1, 13, 137): launch-latency bound, two launches."""
-    for T in DECODE_TOKENS:
-        for C in hidden:
-            _pre_mapping_rows(args, bench, copy_gbs, dtype, n, T, C, rows, time_baselines, ("fwd",))
-            progress.update()
-
-
-def _row(op, mode, T, n, C, t: Timing, nbytes, copy_gbs, eager_us, comp_us):
+def _row(op, mode, T, n, C, t: Timing, dtype, copy_gbs, eager_us, comp_us, others: dict):
+    nbytes = bytemodel.op_bytes(op, mode, T, n, C, dtype.itemsize)
     gbs = nbytes / (t.us * 1e-6) / 1e9
-    return {
+    floor = bytemodel.floor_us(nbytes, copy_gbs)
+    row = {
         "op": op, "mode": mode, "T": T, "n": n, "C": C, "us": t.us, "p20_us": t.p20_us, "p80_us": t.p80_us,
         "kernel_us": t.kernel_us, "bytes": nbytes, "GBps": gbs, "pct_copy": 100 * gbs / copy_gbs,
+        "GBps_kernel": nbytes / (t.kernel_us * 1e-6) / 1e9 if t.kernel_us else None,
+        "floor_us": floor, "x_floor": t.us / floor if floor > 0 else None,
         "eager_us": eager_us, "compile_us": comp_us,
+        "tilekernels_us": others.get("tilekernels"), "liger_us": others.get("liger"),
     }  # fmt: skip
+    for key, _ in ALTERNATIVES:
+        alt = row[f"{key}_us"]
+        row[f"speedup_{key}"] = alt / t.us if alt is not None and t.us > 0 else None
+    return row
 
 
 def _progress(total, desc):
@@ -396,6 +429,18 @@ def _progress(total, desc):
         return _Null()
 
 
+def driver_version() -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)  # fmt: skip
+        return (out.stdout.strip().splitlines() or [None])[0]
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _meta(device, how, copy_gbs, dtype, n):
     commit_id = gpu_run.commit()
     try:
@@ -406,6 +451,7 @@ def _meta(device, how, copy_gbs, dtype, n):
         tl_version = None
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu"),
+        "driver": driver_version() if device == "cuda" else None, "cuda": torch.version.cuda,
         "torch": torch.__version__, "tilelang": tl_version, "mhc": mhc.__version__, "commit": commit_id,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "timer": how,
         "copy_GBps": copy_gbs, "dtype": str(dtype).removeprefix("torch."), "n": n, "sinkhorn_iters": ITERS,
@@ -416,52 +462,135 @@ def _meta(device, how, copy_gbs, dtype, n):
 # ---------------------------------------------------------------------------------------------------- reports
 
 
+def _f(v, fmt="{:.1f}"):
+    return "–" if v is None else fmt.format(v)
+
+
+def _alt(r, key):
+    us, sp = r.get(f"{key}_us"), r.get(f"speedup_{key}")
+    return "–" if us is None else f"{us:.1f} ({sp:.2f}x)" if sp is not None else f"{us:.1f}"
+
+
 def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [
         f"# mHC kernel timings: {m['device']}",
         "",
-        f"commit `{m['commit'][:12]}`, {m['date']}, torch {m['torch']}, tilelang {m['tilelang']}, "
-        f"activations {m['dtype']}, n={m['n']}, Sinkhorn {m['sinkhorn_iters']} iterations.",
+        f"commit `{m['commit'][:12]}`, {m['date']}, driver {m.get('driver') or '–'}, torch {m['torch']}, "
+        f"tilelang {m['tilelang']}, activations {m['dtype']}, Sinkhorn {m['sinkhorn_iters']} iterations.",
         f"Measured copy bandwidth: {m['copy_GBps']:.0f} GB/s (read + write). Timer: {m['timer']}.",
         "",
-        "| op | mode | T | C | µs | p20-p80 µs | kernel µs (CUPTI) | GB/s | % copy | eager µs | compile µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "µs: median per call (CUDA events, L2 flushed), p20-p80 beside it; kernel µs: CUPTI mean kernel time. "
+        "GB/s and % copy from the byte model (docs/benchmarks.md) and the median; floor µs = bytes / measured copy "
+        "bandwidth (t_min), x floor = µs / floor. Alternatives: µs (our speed-up over them).",
+        "",
+        "| op | mode | n | T | C | µs | p20-p80 µs | kernel µs | GB/s | % copy | floor µs | x floor | "
+        + " | ".join(title for _, title in ALTERNATIVES)
+        + " |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(ALTERNATIVES),
     ]
     for r in result["records"]:
         spread = f"{r['p20_us']:.1f}-{r['p80_us']:.1f}" if r["p20_us"] is not None else "–"
-        eager = f"{r['eager_us']:.1f}" if r["eager_us"] is not None else "–"
-        comp = f"{r['compile_us']:.1f}" if r["compile_us"] is not None else "–"
-        kern = f"{r['kernel_us']:.1f}" if r.get("kernel_us") is not None else "–"
-        C = r["C"] or "–"
+        alts = " | ".join(_alt(r, key) for key, _ in ALTERNATIVES)
         lines.append(
-            f"| {r['op']} | {r['mode']} | {r['T']} | {C} | {r['us']:.1f} | {spread} | {kern} | {r['GBps']:.0f} | "
-            f"{r['pct_copy']:.0f} | {eager} | {comp} |"
+            f"| {r['op']} | {r['mode']} | {r.get('n', m['n'])} | {r['T']} | {r['C'] or '–'} | {r['us']:.1f} | "
+            f"{spread} | {_f(r.get('kernel_us'))} | {r['GBps']:.0f} | {r['pct_copy']:.0f} | "
+            f"{_f(r.get('floor_us'))} | {_f(r.get('x_floor'), '{:.2f}')} | {alts} |"
         )
+    lines += block_bench.markdown(result.get("block", []), result.get("block_notes", []))
+    notes = [f"{v['label']}: {v['note']}" for v in m.get("baselines", {}).values()] + m.get("baseline_skips", [])
+    if notes:
+        lines += ["", "## Baselines", ""] + [f"- {note}" for note in notes]
+    if m.get("truncated"):
+        lines += ["", "**Truncated**: the run was stopped before the sweep finished."]
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: pathlib.Path) -> None:
+def plot(result: dict, out: pathlib.Path) -> list[pathlib.Path]:
+    """``bench.png`` (% of copy bandwidth against T, per kernel and C), ``alternatives.png`` (time of each
+    implementation at the largest T, per kernel) and ``block.png`` (block overhead per C). Returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for mode in ("fwd", "bwd"):
-        for T in sorted({r["T"] for r in result["records"] if r["op"] == "post_res"}):
-            pts = [(r["C"], r["pct_copy"]) for r in result["records"] if r["op"] == "post_res" and r["mode"] == mode
-                   and r["T"] == T]  # fmt: skip
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=f"post_res {mode}, T={T}")
-    ax.axhline(85, color="grey", linestyle="--", linewidth=1, label="target 85%")
-    ax.set_xlabel("C (hidden size)")
-    ax.set_ylabel("% of measured copy bandwidth")
-    ax.set_title(f"post/res mapping, n={result['meta']['n']}, {result['meta']['device']}")
+    meta = result["meta"]
+    recs = [r for r in result["records"] if r.get("n", meta["n"]) == meta["n"]]
+    kinds = [(op, mode) for op in ("post_res", "pre_mapping", "sinkhorn") for mode in ("fwd", "bwd")
+             if any(r["op"] == op and r["mode"] == mode for r in recs)]  # fmt: skip
+    paths = []
+    cols = max(1, min(3, len(kinds)))
+    rows_n = max(1, math.ceil(len(kinds) / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, (op, mode) in zip(axes.flat, kinds, strict=False):
+        for C in sorted({r["C"] for r in recs if r["op"] == op}):
+            pts = sorted((r["T"], r["pct_copy"]) for r in recs if r["op"] == op and r["mode"] == mode and r["C"] == C)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"C={C}" if C else "fp32 n×n")
+        ax.axhline(100, color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_title(f"{op} {mode}", fontsize=9)
+        ax.set_xlabel("T (tokens)", fontsize=8)
+        ax.set_ylabel("% of measured copy bandwidth", fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(kinds) :]:
+        ax.axis("off")
+    fig.suptitle(f"mHC kernels, n={meta['n']}, {meta['device']}", fontsize=10)
+    fig.tight_layout()
+    paths.append(out / "bench.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # time against the alternatives at the largest T, largest C of each kernel
+    Tmax = max((r["T"] for r in recs), default=0)
+    chosen = []
+    for op, mode in kinds:
+        cand = [r for r in recs if r["op"] == op and r["mode"] == mode and r["T"] == Tmax]
+        if cand:
+            chosen.append(max(cand, key=lambda r: r["C"]))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    impls = [("us", "ours")] + [(f"{k}_us", title) for k, title in ALTERNATIVES]
+    width = 0.8 / len(impls)
+    for j, (key, title) in enumerate(impls):
+        xs = [i + j * width for i, r in enumerate(chosen) if r.get(key)]
+        ys = [r[key] for r in chosen if r.get(key)]
+        if ys:
+            ax.bar(xs, ys, width, label=title)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(chosen))])
+    ax.set_xticklabels([f"{r['op']} {r['mode']}\nC={r['C'] or '–'}" for r in chosen], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs (median, log scale)")
+    ax.set_title(f"time against the alternatives, T={Tmax}, {meta['device']}", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    paths.append(out / "alternatives.png")
+    fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+
+    blocks = result.get("block", [])
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    hidden = sorted({r["C"] for r in blocks})
+    variants = [v for v in block_bench.VARIANTS if v != "plain" and any(r["variant"] == v for r in blocks)]
+    width = 0.8 / max(1, len(variants))
+    for j, v in enumerate(variants):
+        pts = [(i + j * width, r["overhead_pct"]) for i, C in enumerate(hidden) for r in blocks
+               if r["variant"] == v and r["C"] == C and r["overhead_pct"] is not None]  # fmt: skip
+        if pts:
+            ax.bar(*zip(*pts, strict=True), width, label=v)
+    floors = [(i + 0.4 - width / 2, r["floor_overhead_pct"]) for i, C in enumerate(hidden) for r in blocks
+              if r["variant"] == "mhc" and r["C"] == C and r["floor_overhead_pct"] is not None]  # fmt: skip
+    if floors:
+        ax.plot(*zip(*floors, strict=True), "k_", markersize=30, label="byte-model floor")
+    ax.axhline(bytemodel.PAPER_OVERHEAD_PCT, color="red", linestyle="--", linewidth=1, label="paper 6.7%")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(hidden))])
+    ax.set_xticklabels([f"C={C}" for C in hidden])
+    ax.set_ylabel("block fwd+bwd overhead over plain (%)")
+    ax.set_title(f"mHC block overhead, n={meta['n']}, {meta['device']}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "block.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
 
 
 def gpu_dir_name() -> str:
@@ -472,35 +601,49 @@ def gpu_dir_name() -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="the target shapes only (fits the GPU run's stage 3)")
     ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--n-sweep", type=int, nargs="+", help="extra stream counts, at the quick token count")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    ap.add_argument("--no-baselines", action="store_true", help="skip TileKernels and Liger even when importable")
+    ap.add_argument("--no-block", action="store_true", help="skip the Transformer-block overhead")
     ap.add_argument("--out", default=None, help="output folder (default: profiling/results/<gpu>/)")
     ap.add_argument("--tokens", type=int, nargs="+", help="token counts (override the defaults)")
     ap.add_argument("--hidden", type=int, nargs="+", help="hidden sizes C (override the defaults)")
+    ap.add_argument("--block-hidden", type=int, nargs="+", help="block hidden sizes (default 2560 4096)")
+    ap.add_argument("--block-tokens", type=int, help="block sequence length (default 4096)")
     ap.add_argument("--no-cupti", action="store_true", help="skip the CUPTI kernel-time pass")
     ap.add_argument(
         "--timer", choices=["device", "standin"], default="device",
         help="standin: the CUDA timing code with a host-clock stand-in for do_bench (dry run on a CPU)",
     )  # fmt: skip
-    args = ap.parse_args(argv)
+    return ap
+
+
+def write(result: dict, out: pathlib.Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result)
+    (out / "bench.md").write_text(md)
+    plot(result, out)
+    return md
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)  # the GPU run's stage limit: keep what was measured
     try:
         result = run(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
     out = pathlib.Path(args.out) if args.out else ROOT / "profiling" / "results" / gpu_dir_name()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result)
-    (out / "bench.md").write_text(md)
-    plot(result, out / "bench.png")
+    md = write(result, out)
     print(md)
-    print(f"wrote {out / 'bench.json'}, bench.md, bench.png", file=sys.stderr)
+    print(f"wrote {out / 'bench.json'}, bench.md, bench.png, alternatives.png, block.png", file=sys.stderr)
     return 0
 
 

@@ -166,7 +166,7 @@ def build_stages(work: pathlib.Path, *, dry_run: bool, jobs: int) -> list[Stage]
     stages.append(Stage("6-gpu-suite", "full GPU test suite", 600, pytest, min_s=60 if not dry_run else 10, note=note))
     sweep = _py("-m", "profiling.bench", *dev, "--out", str(work / "bench-full"))
     if dry_run:
-        sweep += ["--timer", "standin", "--no-compile"]
+        sweep += ["--timer", "standin", "--no-compile", "--no-block"]  # stage 3 already ran the block's code
     stages.append(Stage("6-bench-full", "full benchmark sweep", 600, sweep, min_s=60 if not dry_run else 10))
     return stages
 
