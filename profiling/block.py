@@ -8,8 +8,8 @@ Variants (``VARIANTS``):
 * ``mhc``: both sites as ``mhc.MHC(F, C, n)`` with ``post_stream="auto"`` (the FFN site's F_post,res on the
   high-priority stream), residual ``[B, S, n, C]``;
 * ``mhc-no-stream``: the same with ``post_stream=None`` (everything on the current stream);
-* ``mhc-recompute``: a recomputing container when this ``mhc`` has one (``RECOMPUTE_NAMES``; being written on
-  another branch), skipped with a note otherwise.
+* ``mhc-recompute``: both sites in ``mhc.MHCStack(..., recompute_block=2)`` (the paper's block recompute, Eq. 20:
+  the mHC activations are rebuilt in backward), skipped with a note if that container is missing.
 
 The timed step is ``forward; backward(grad)`` with parameter gradients (set to ``None`` before each step). Peak
 memory is ``torch.cuda.max_memory_allocated`` during one step, minus what was allocated before it. The byte-model
@@ -28,8 +28,8 @@ import mhc
 from profiling import bytemodel
 
 VARIANTS = ("plain", "mhc", "mhc-no-stream", "mhc-recompute")
-#: Names a recomputing mHC container may have in ``mhc`` (issue: recompute is written on another branch).
-RECOMPUTE_NAMES = ("MHCStack", "MHCRecompute", "MHCBlock")
+#: The recomputing mHC container of ``mhc`` (mhc/recompute.py).
+RECOMPUTE_NAMES = ("MHCStack",)
 HEAD_DIM = 128
 
 
@@ -107,10 +107,8 @@ def build(variant: str, c: int, n: int, heads: int, device, dtype) -> nn.Module:
         if cls is None:
             raise NotImplementedError(f"mhc has none of {', '.join(RECOMPUTE_NAMES)} (recompute not merged yet)")
         inner = MHCBlock(c, heads, n, "auto", **kw)
-        try:  # the API is not fixed yet: a list of sites is the most likely form
-            return cls([inner.attn, inner.ffn])
-        except Exception as exc:  # noqa: BLE001
-            raise NotImplementedError(f"mhc.{name}([attn site, ffn site]) failed: {type(exc).__name__}: {exc}") from exc
+        # mhc.MHCStack(sites, recompute_block=L_r): one recompute block over the block's two sites
+        return cls([inner.attn, inner.ffn], recompute_block=2)
     raise ValueError(f"block: unknown variant {variant!r}")
 
 

@@ -190,6 +190,19 @@ def test_bench_times_an_importable_baseline_and_reports_the_speedup(tmp_path, mo
     assert "TileKernels" in (tmp_path / "bench.md").read_text()
 
 
+def test_recompute_variant_is_an_mhc_stack_with_the_plain_gradients():
+    torch.manual_seed(0)
+    model = block.build("mhc-recompute", 64, 4, 1, "cpu", torch.float32)
+    assert isinstance(model, block.mhc.MHCStack) and model.recompute_block == 2
+    x = torch.randn(2, 8, 4, 64, requires_grad=True)
+    model(x).square().sum().backward()
+    want = x.grad.clone()
+    x.grad = None
+    model.recompute_block = 0
+    model(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, want, rtol=1e-6, atol=1e-6)
+
+
 def test_recompute_variant_is_optional(monkeypatch):
     for name in block.RECOMPUTE_NAMES:
         monkeypatch.delattr(block.mhc, name, raising=False)
