@@ -83,5 +83,21 @@ def compile_program(func, *, pass_configs: dict[str, Any] | None = None):
     return tilelang.compile(func, out_idx=None, target=target(), pass_configs=configs)
 
 
+HIDDEN_MULTIPLE = 64  # every activation kernel needs C to be a multiple of this (128-bit chunks, 64-wide tiles)
+MAX_HIDDEN = 65536
+ACTIVATION_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+
+
+def validate_activation_config(family: str, n: int, C: int, dtype: str, streams: tuple[int, ...]) -> None:
+    """The build-time arguments every activation kernel family takes: ``n`` in ``streams``, ``C`` a positive
+    multiple of :data:`HIDDEN_MULTIPLE` up to :data:`MAX_HIDDEN`, ``dtype`` in :data:`ACTIVATION_DTYPES`."""
+    if isinstance(n, bool) or not isinstance(n, int) or n not in streams:
+        raise ValueError(f"{family}: n must be one of {streams}, got {n!r}")
+    if isinstance(C, bool) or not isinstance(C, int) or C <= 0 or C % HIDDEN_MULTIPLE or C > MAX_HIDDEN:
+        raise ValueError(f"{family}: C must be a positive multiple of {HIDDEN_MULTIPLE} up to {MAX_HIDDEN}, got {C!r}")
+    if not isinstance(dtype, str) or dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{family}: dtype must be one of {ACTIVATION_DTYPES}, got {dtype!r}")
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)

@@ -77,9 +77,7 @@ __all__ = [
 #: Residual / layer-output dtypes (TileLang names). Coefficients and their gradients are always float32.
 DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
 _STREAMS = (1, 2, 4, 6, 8)  # supported stream counts n
-_MAX_HIDDEN = 65536  # largest supported hidden size C (any positive multiple of 64 up to this)
 
-_HIDDEN_MULTIPLE = 64
 _VECTOR_BYTES = 16  # one 128-bit access per thread and row
 _SMALL_BLOCK = 128  # block size when several tokens share a block (tpt <= 32)
 _MAX_TPT = 256  # most threads one token is spread over
@@ -111,14 +109,7 @@ class _Plan:
 
 
 def _validate(n: int, C: int, dtype: str) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n not in _STREAMS:
-        raise ValueError(f"post_res: n must be one of {_STREAMS}, got {n!r}")
-    if isinstance(C, bool) or not isinstance(C, int) or C <= 0 or C % _HIDDEN_MULTIPLE != 0 or C > _MAX_HIDDEN:
-        raise ValueError(
-            f"post_res: C must be a positive multiple of {_HIDDEN_MULTIPLE} up to {_MAX_HIDDEN}, got {C!r}"
-        )
-    if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise ValueError(f"post_res: dtype must be one of {DTYPES}, got {dtype!r}")
+    _common.validate_activation_config("post_res", n, C, dtype, _STREAMS)
 
 
 def _plan(n: int, C: int, dtype: str) -> _Plan:

@@ -63,22 +63,16 @@ __all__ = [
     "pre_finalize_fwd_program",
 ]
 
-DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+DTYPES: tuple[str, ...] = _common.ACTIVATION_DTYPES
 STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
 TOKENS = 32  # tokens per forward block (one warp does their coefficients)
 THREADS = 128
 _ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _VECTOR_BYTES = 16
-_MAX_HIDDEN = 65536
 
 
 def _validate(n: int, C: int, dtype: str) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n not in STREAMS:
-        raise ValueError(f"pre_finalize: n must be one of {STREAMS}, got {n!r}")
-    if isinstance(C, bool) or not isinstance(C, int) or C <= 0 or C % 64 or C > _MAX_HIDDEN:
-        raise ValueError(f"pre_finalize: C must be a positive multiple of 64 up to {_MAX_HIDDEN}, got {C!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"pre_finalize: dtype must be one of {DTYPES}, got {dtype!r}")
+    _common.validate_activation_config("pre_finalize", n, C, dtype, STREAMS)
 
 
 def choose_slices(num_tokens: int, C: int, dtype: str, num_sms: int) -> int:

@@ -76,14 +76,12 @@ __all__ = [
     "pre_proj_fwd_program",
 ]
 
-DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+DTYPES: tuple[str, ...] = _common.ACTIVATION_DTYPES
 STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
 BM = 64  # tokens per tile
 BK = 64  # K (= n * C) elements per chunk; divides C, so a chunk lies in one stream
 THREADS = 128
 MAX_SPLITS = 64
-_MAX_HIDDEN = 65536
-_HIDDEN_MULTIPLE = 64
 _TF32_ROUND = 0x1000  # added to the fp32 bit pattern: round to nearest before the MMA drops 13 bits
 
 
@@ -102,14 +100,7 @@ def padded_width(m: int) -> int:
 
 
 def _shape(n: int, C: int, dtype: str) -> _Shape:
-    if isinstance(n, bool) or not isinstance(n, int) or n not in STREAMS:
-        raise ValueError(f"pre_proj: n must be one of {STREAMS}, got {n!r}")
-    if isinstance(C, bool) or not isinstance(C, int) or C <= 0 or C % _HIDDEN_MULTIPLE or C > _MAX_HIDDEN:
-        raise ValueError(
-            f"pre_proj: C must be a positive multiple of {_HIDDEN_MULTIPLE} up to {_MAX_HIDDEN}, got {C!r}"
-        )
-    if dtype not in DTYPES:
-        raise ValueError(f"pre_proj: dtype must be one of {DTYPES}, got {dtype!r}")
+    _common.validate_activation_config("pre_proj", n, C, dtype, STREAMS)
     m = n * n + 2 * n
     return _Shape(n=n, C=C, m=m, mp=padded_width(m), K=n * C, chunks=n * C // BK)
 
