@@ -50,6 +50,14 @@ its token tiles, and writes d_x once per tile. Bytes per token (bf16, n=4): forw
 g_li 2C (read once per stream: up to 8C if the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with
 ``accumulate``).
 
+Resources (ptxas -v, sm_90a, CUDA 13.0; all 75 shipped pre_proj configurations: 0 spills, 0 stack). Registers fwd /
+bwd at 128 threads: n = 1: 80 / 151, n = 2: 76 / 158, n = 4: 94-106 / 185-200; at n = 6, 8 the backward runs 256
+threads (:func:`bwd_threads`: at 128 it needed 255 registers and spilled 300 B at n = 8): fwd 144 / 189, bwd 238 /
+255. Dynamic shared memory 12-28 KB fwd, 25-57 KB bwd. So the n = 4 backward fits 2 blocks (8 warps) per SM and
+the n = 8 backward 1: latency hiding there rests on the 64-token tiles' loads in flight; a measured GPU profile
+decides whether the split or the tile sizes change. The backward's bf16/fp16 x-tile loads are 64-bit (the
+conversion to the fp32 tile is fused into them); the forward's and all fp32 loads are 128-bit.
+
 Speed (H100, not measured: no GPU has run these kernels yet). The K-loop is not software-pipelined (TileLang 0.1.15
 could not lower ``T.copy`` with cp.async over the split's dynamic trip count); latency is hidden by occupancy
 (several 128-thread blocks per SM). Estimate: 60-80% of copy bandwidth for T >= 4096.
