@@ -391,7 +391,45 @@ def _pre_mapping_rows(args, bench, copy_gbs, dtype, n, T, C, rows, time_baseline
         eager_us, comp_us = time_baselines(f"pre_mapping_{mode}", eager, builder, call_args[mode])
         rows.append(_row("pre_mapping", mode, T, n, C, t, dtype, copy_gbs, eager_us, comp_us, {}))
     del cases, call_args
+    if args.device == "cuda" and "bwd" in modes:
+        _accumulate_rows(bench, copy_gbs, dtype, n, T, C, rows)
     _free(args.device)
+
+
+def _accumulate_rows(bench, copy_gbs, dtype, n, T, C, rows):
+    """The pre-mapping backward's d_x pass with the residual gradient from post_res summed separately (the kernel,
+    then autograd's add) against the kernel variant that accumulates it (``pre_proj_bwd(..., accumulate=True)``):
+    what a site-level op would save. Direct kernel launches, CUDA only."""
+    from tl_kernels import pre_proj
+
+    m, K = n * n + 2 * n, n * C
+    dt = str(dtype).removeprefix("torch.")
+    try:
+        plain, acc = pre_proj.pre_proj_bwd_kernel(n, C, dt, False), pre_proj.pre_proj_bwd_kernel(n, C, dt, True)
+    except ValueError:
+        return  # a shape the kernels do not serve
+    g = torch.Generator(device="cuda").manual_seed(T + C + 2)
+    x = torch.randn(T, K, device="cuda", generator=g).to(dtype)
+    phi = torch.randn(K, m, device="cuda", generator=g) / K**0.5
+    d_logits, proj = torch.randn(T, m, device="cuda", generator=g), torch.randn(T, m, device="cuda", generator=g)
+    rinv, alpha = torch.rand(T, device="cuda", generator=g) + 0.5, torch.tensor([0.7, 0.5, 1.2], device="cuda")
+    h_pre, g_li = torch.rand(T, n, device="cuda", generator=g), torch.randn(T, C, device="cuda", generator=g).to(dtype)
+    d_post = torch.randn(T, K, device="cuda", generator=g).to(dtype)  # the gradient post_res produced
+    d_x = torch.empty_like(x)
+    splits = pre_proj.choose_splits(T, n, C, torch.cuda.get_device_properties(0).multi_processor_count, "bwd")
+    part = torch.empty(splits, K, m, device="cuda")
+    args = (x, phi, d_logits, proj, rinv, alpha, h_pre, g_li)
+
+    def separate():
+        plain(*args, d_x, part)
+        return d_x + d_post
+
+    def accumulate():
+        acc(*args, d_post, d_x, part)
+        return d_x
+
+    for mode, fn in (("separate", separate), ("accumulate", accumulate)):
+        rows.append(_row("pre_proj_bwd", mode, T, n, C, bench(fn), dtype, copy_gbs, None, None, {}))
 
 
 def _row(op, mode, T, n, C, t: Timing, dtype, copy_gbs, eager_us, comp_us, others: dict):

@@ -69,8 +69,19 @@ def block_extra_bytes(T: int, n: int, C: int, esize: int, mode: str = "fwd+bwd")
     return 2 * (site_bytes(T, n, C, esize, mode) - residual_add_bytes(T, C, esize, mode))
 
 
+def residual_grad_bytes(T: int, n: int, C: int, esize: int, mode: str) -> int:
+    """The d_x pass of the pre-mapping backward (``pre_proj_bwd``) and the sum with the residual gradient that
+    post_res produced: ``separate`` = the kernel (x, g_li in; d_x out: (n + 1) C + n C) then autograd's add (two
+    [T, n, C] reads, one write); ``accumulate`` = the kernel reading the given gradient itself (one extra n C read)."""
+    kernel = T * ((n + 1) * C + n * C) * esize
+    add = T * 3 * n * C * esize
+    return {"separate": kernel + add, "accumulate": kernel + T * n * C * esize}[mode]
+
+
 def op_bytes(op: str, mode: str, T: int, n: int, C: int, esize: int) -> int:
-    """Dispatch by the benchmark's op name (``post_res``, ``sinkhorn``, ``pre_mapping``)."""
+    """Dispatch by the benchmark's op name (``post_res``, ``sinkhorn``, ``pre_mapping``, ``pre_proj_bwd``)."""
+    if op == "pre_proj_bwd":
+        return residual_grad_bytes(T, n, C, esize, mode)
     if op == "post_res":
         return post_res_bytes(T, n, C, esize, mode)
     if op == "sinkhorn":

@@ -91,3 +91,12 @@ def test_cuda_timing_path_end_to_end_with_standin(tmp_path):
     assert result["meta"]["timer"].startswith("STAND-IN")
     timed = [r for r in result["records"] if r["mode"] != "fwd+bwd"]
     assert all(r["p20_us"] <= r["us"] <= r["p80_us"] and r["kernel_us"] > 0 for r in timed)
+
+
+def test_accumulate_byte_model_saves_the_separate_sum():
+    """The site-level saving of pre_proj_bwd(accumulate=True): autograd's separate sum reads two [T, n, C] gradients
+    and writes one; accumulating reads only the given one: 2nC elements a token less (16C bytes at n=4, bf16)."""
+    C = 4096
+    separate = bench.bytemodel.residual_grad_bytes(1, 4, C, 2, "separate")
+    accumulate = bench.bytemodel.residual_grad_bytes(1, 4, C, 2, "accumulate")
+    assert separate - accumulate == 16 * C and accumulate == 26 * C
