@@ -45,6 +45,10 @@ Resources (ptxas -v, sm_90a, CUDA 13.0; all 70 shipped configurations: 0 spills,
 as tl_kernels/sinkhorn.py); shared memory TOKENS * n * 4 B. Backward: 22-56 registers for n <= 4, 92-168 for n = 6,
 8 (post_res's mapping, n coefficient partials per thread).
 
+Verified without a GPU: the generated CUDA source runs in the CPU emulation (tests/emulation; ``shim.h`` emulates
+``mma.sync`` TF32 and ``ldmatrix`` with the PTX ISA's fragment layouts) against float64, and under AddressSanitizer
+with every tensor allocated to its exact size (no out-of-bounds access; a planted short input is caught).
+
 Speed (H100, not measured: no GPU has run these kernels yet). Forward, T = 16384, n = 4: the apply is bandwidth
 bound (10C bytes a token); the Sinkhorn of warp 0 (~6.6k instructions a token, see tl_kernels/sinkhorn.py) is hidden
 behind other blocks' loads only if enough blocks are resident; estimate 70-85% of copy bandwidth for C >= 2560.

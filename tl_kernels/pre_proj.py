@@ -58,6 +58,10 @@ the n = 8 backward 1: latency hiding there rests on the 64-token tiles' loads in
 decides whether the split or the tile sizes change. The backward's bf16/fp16 x-tile loads are 64-bit (the
 conversion to the fp32 tile is fused into them); the forward's and all fp32 loads are 128-bit.
 
+Verified without a GPU: the generated CUDA source runs in the CPU emulation (tests/emulation; ``shim.h`` emulates
+``mma.sync`` TF32 and ``ldmatrix`` with the PTX ISA's fragment layouts) against float64, and under AddressSanitizer
+with every tensor allocated to its exact size (no out-of-bounds access; a planted short input is caught).
+
 Speed (H100, not measured: no GPU has run these kernels yet). The K-loop is not software-pipelined (TileLang 0.1.15
 could not lower ``T.copy`` with cp.async over the split's dynamic trip count); latency is hidden by occupancy
 (several 128-thread blocks per SM). Estimate: 60-80% of copy bandwidth for T >= 4096.

@@ -6,7 +6,8 @@ every CUDA thread of a block is a ``std::thread``, ``__syncthreads`` a ``std::ba
 another. This checks the index math, the guards for a partial last block, the reductions and the stores of the
 *exact source the GPU compiles* against the float64 reference; it says nothing about speed, memory ordering between
 blocks, or code generation by nvcc/ptxas. Only the constructs in ``shim.h`` are supported: a kernel using others
-fails to build here, loudly.
+fails to build here, loudly. ``MHC_EMU_CFLAGS`` adds g++ flags (``-fsanitize=address`` with libasan preloaded into
+python: tests/emulation/test_asan_pre_mapping.py).
 """
 
 from __future__ import annotations
@@ -72,13 +73,15 @@ extern "C" void launch(void **ptrs, const double *scalars, int grid_x, int grid_
 }}
 """
         code = '#include "shim.h"\n' + body + launcher
-        digest = hashlib.sha1((code + (HERE / "shim.h").read_text()).encode()).hexdigest()[:16]
+        extra = os.environ.get("MHC_EMU_CFLAGS", "").split()  # e.g. -fsanitize=address (python under LD_PRELOAD)
+        digest = hashlib.sha1((code + (HERE / "shim.h").read_text() + " ".join(extra)).encode()).hexdigest()[:16]
         so = _cache_dir() / f"k_{digest}.so"
         if not so.exists():
             cpp = so.with_suffix(".cpp")
             cpp.write_text(code)
             tmp = so.with_suffix(f".{os.getpid()}.tmp")
-            cmd = ["g++", "-std=c++20", "-O1", "-w", "-fPIC", "-shared", "-pthread", "-I", str(HERE), str(cpp), "-o"]
+            cmd = ["g++", "-std=c++20", "-O1", "-w", "-fPIC", "-shared", "-pthread", *extra, "-I", str(HERE), str(cpp)]
+            cmd.append("-o")
             subprocess.run([*cmd, str(tmp)], check=True, capture_output=True)
             os.replace(tmp, so)
         self._lib = ctypes.CDLL(str(so))

@@ -1,0 +1,59 @@
+"""Run by tests/emulation/test_asan_pre_mapping.py in a python process with AddressSanitizer preloaded: launches the
+emulated pre-mapping kernels (generated sources read from a JSON file, so this process never imports TileLang, whose
+z3 does not survive ASan) on tensors allocated to their exact sizes, so any out-of-bounds access of the generated
+code lands in an ASan redzone and aborts the process. ``--plant`` makes one input a row short (the check must fire).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from tests.emulation.cuda_emu import EmulatedKernel  # noqa: E402
+
+
+def main(path: str, plant: bool) -> None:
+    src = json.loads(pathlib.Path(path).read_text())
+    torch.manual_seed(0)
+    bf, f32 = torch.bfloat16, torch.float32
+    # pre_proj fwd: n=4, C=128, bf16, T=3 (one partial tile), 2 splits
+    n, C, T, S = 4, 128, 3, 2
+    m, K = n * n + 2 * n, n * C
+    x = torch.randn(T - 1 if plant else T, K).to(bf)
+    EmulatedKernel(src["pre_proj_fwd"])(
+        x=x, phi=torch.randn(K, m), proj_part=torch.empty(S, T, m), sq_part=torch.empty(S, T),
+        num_tokens=T, num_splits=S, grid=(1, S),
+    )  # fmt: skip
+    # pre_proj bwd with accumulate: the same shape, one split
+    EmulatedKernel(src["pre_proj_bwd"])(
+        x=torch.randn(T, K).to(bf), phi=torch.randn(K, m), d_logits=torch.randn(T, m), proj=torch.randn(T, m),
+        rinv=torch.rand(T) + 0.5, alpha=torch.ones(3), h_pre=torch.rand(T, n), g_li=torch.randn(T, C).to(bf),
+        d_x_in=torch.randn(T, K).to(bf), d_x=torch.empty(T, K, dtype=bf), d_phi_part=torch.empty(1, K, m),
+        num_tokens=T, num_splits=1, grid=(K // 64, 1),
+    )  # fmt: skip
+    # pre_finalize fwd: n=4, C=1280, bf16, T=33 (a partial second block), 2 splits
+    n, C, T, S = 4, 1280, 33, 2
+    m = n * n + 2 * n
+    EmulatedKernel(src["pre_finalize_fwd"])(
+        proj_part=torch.randn(S, T, m), sq_part=torch.rand(S, T) + 1, alpha=torch.ones(3), bias=torch.randn(m),
+        x=torch.randn(T, n, C).to(bf), layer_input=torch.empty(T, C, dtype=bf), h_post=torch.empty(T, n),
+        h_res=torch.empty(T, n, n), h_pre=torch.empty(T, n), proj=torch.empty(T, m), rinv=torch.empty(T),
+        rms_eps=1e-6, post_mult=2.0, num_slices=1, num_tokens=T, num_splits=S, grid=(2, 1),
+    )  # fmt: skip
+    # pre_finalize bwd: n=4, C=64, fp32, T=19 (16 tokens a block: a partial second block)
+    n, C, T = 4, 64, 19
+    EmulatedKernel(src["pre_finalize_bwd"])(
+        g_li=torch.randn(T, C), x=torch.randn(T, n, C), grad_h_pre=torch.randn(T, n), grad_h_post=torch.randn(T, n),
+        h_pre=torch.rand(T, n), h_post=torch.rand(T, n), proj=torch.randn(T, m), rinv=torch.rand(T) + 0.5,
+        alpha=torch.ones(3), bias=torch.randn(m), d_pp=torch.empty(T, 2 * n, dtype=f32),
+        res_logits=torch.empty(T, n, n), post_mult=2.0, num_tokens=T, grid=int(src["pre_finalize_bwd_blocks"]),
+    )  # fmt: skip
+    print("ALL OK", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], "--plant" in sys.argv[2:])
