@@ -63,7 +63,8 @@ The output leaves the same way. Everything per token uses local arrays indexed b
 (all loops over n are unrolled), so it stays in registers; the iteration loops stay rolled. Barriers are explicit
 (two per kernel), see _PASS_CONFIGS.
 
-* Forward: z (n * n), two delta vectors and a scratch vector per thread; z moves to the thread's tile row (updated
+* Forward: with eps = 0 and z in registers, the exp-domain iteration (see Performance) with a register copy of the
+  logits for the log-domain fallback; otherwise z (n * n), two delta vectors and a scratch vector per thread; z moves to the thread's tile row (updated
   in place there) when the estimate n * n + 3n + 24 exceeds REG_BUDGET = 168 live values (n >= 11). Shared memory
   = tpb * pitch * 4 B.
 * Backward: two staging tiles (logits, grad_out; the latter also carries the result out) plus the offset history
@@ -104,25 +105,35 @@ load) for n >= 9; warm: from TileLang's disk cache in ~0.1-0.3 s.
 
 Performance (n = 4, iters = 20, T = 16384, H100 SXM; estimated, NOT measured: no GPU on the build machine)
 ----------------------------------------------------------------------------------------------------------
-Since the kernels compile with flush-to-zero (:data:`COMPILE_CONFIGS`), the SASS per token is 4.2k instructions
-forward and 7.8k backward (6.6k and 11.7k before); the MUFU counts below are unchanged, the denormal fixups around
-them are gone. ``python -m tl_kernels.sinkhorn_sass`` (iters = 20, eps = 0, sm_90a, CUDA 13.0 ptxas; "issue-bound"
-is one warp instruction per scheduler per cycle at 1.755 GHz on 132 SMs: an estimate, and a lower bound on time
-only when every scheduler has work; at ~1 warp per scheduler latency dominates)::
+Since the kernels compile with flush-to-zero (:data:`COMPILE_CONFIGS`) and the register-resident forward iterates
+in the exp domain for eps = 0 (:func:`_forward_iteration`: one shifted exp per entry in the first column step, then
+a sum, one ``rcp.approx`` and n multiplies per row or column; a tiny or NaN sum sends the token to the log-domain
+path), the SASS per token at n = 4 is 2.0k forward (6.6k before both changes) and 7.8k backward (11.7k before
+flush-to-zero; the backward still recomputes in the log domain). ``python -m tl_kernels.sinkhorn_sass`` (iters =
+20, eps = 0, sm_90a, CUDA 13.0 ptxas; loop bodies as instructions / iterations per pass, ptxas unrolls some by 2
+or 4; the forward's second loop is the log-domain fallback, not run on the normal path; "issue-bound" is one warp
+instruction per scheduler per cycle at 1.755 GHz on 132 SMs: an estimate, and a lower bound on time only when every
+scheduler has work; at ~1 warp per scheduler latency dominates)::
 
-    n  kernel  SASS/token  loop bodies  regs  smem B  tokens/block  warps/scheduler  issue-bound us
-                                                                    T=4096, 16384    T=4096, 16384
-    2  fwd       2065      99             22    2560  128           0.24, 0.97       0.3, 1.1
-    2  bwd       4227      111 + 95       40   44032  128           0.24, 0.97       0.6, 2.3
-    4  fwd       4153      195            55    8704  128           0.24, 0.97       0.6, 2.3
-    4  bwd       7848      208 + 168      94   95232  128           0.24, 0.97       1.1, 4.3
-    8  fwd      16049      771           145   33280  128           0.24, 0.97       2.2, 8.9
-    8  bwd      36175      937 + 842     168   55552   32           0.24, 0.97       5.0, 20.0
-    16 fwd      84233      4131          255   98688   96           0.24, 0.97      11.6, 46.5
-    16 bwd     148680      3680 + 3636   255   98736   22           0.35, 0.50      20.5, 82.2
+    n  kernel SASS/token  loop bodies      regs  smem B  tokens/block  warps/scheduler  issue-bound us
+                                                                       T=4096, 16384    T=4096, 16384
+    2  fwd        673  93/4 + 99/2        29    2560  128           0.24, 0.97       0.1, 0.4
+    2  bwd       3117  111/2 + 95/1       40   44032  128           0.24, 0.97       0.4, 1.7
+    4  fwd       2042  157/2 + 195/1      72    8704  128           0.24, 0.97       0.3, 1.1
+    4  bwd       7848  208/1 + 168/1      94   95232  128           0.24, 0.97       1.1, 4.3
+    6  fwd       4761  166/1 + 435/1     143   18944  128           0.24, 0.97       0.7, 2.6
+    6  bwd      19932  456/1 + 450/1     157   77312  64            0.24, 0.97       2.8, 11.0
+    8  fwd       6557  284/1 + 771/1     167   33280  128           0.24, 0.97       0.9, 3.6
+    8  bwd      36175  937/1 + 842/1     168   55552  32            0.24, 0.97       5.0, 20.0
+    16 fwd      84265  4131/1             91   98688  96            0.24, 0.97       11.6, 46.6
+    16 bwd     148680  3680/1 + 3636/1   255   98736  22            0.35, 0.50       20.5, 82.2
 
-So at n = 4 the issue-bound floor is ~6.6 us for forward + backward at T = 16384, and with one warp per scheduler
-the kernels are latency-bound well above it: the next lever is several threads per token (more warps). The estimate
+The exp-domain forward agrees with the log-domain one to fp32 rounding in the emulation (same tolerances as
+before); on the GPU its reciprocals are ``rcp.approx`` (1 ulp), which the emulation replaces by division. At n = 4
+the issue-bound floor is now ~5.4 us for forward + backward at T = 16384; with one warp per scheduler the kernels
+are latency-bound above it, so the next levers are the backward's recompute in the exp domain and several threads
+per token.
+The estimate
 below predates the flush-to-zero change.
 
 Both kernels are bound by the MUFU pipe (16 ex2/lg2 per clock per SM) and by latency, not by memory (1 MB in,
@@ -150,7 +161,6 @@ from . import _common
 
 __all__ = [
     "COMPILE_CONFIGS",
-    "exp",
     "forward_in_registers",
     "sinkhorn_bwd_kernel",
     "sinkhorn_bwd_program",
@@ -424,19 +434,79 @@ def _fence():
     T.evaluate(T.call_extern("void", "__threadfence_block"))
 
 
+# Exp-domain forward (registers, eps = 0): a normalising sum below this sends the token to the log-domain path.
+_EXP_DOMAIN_TINY = 2.0**-64
+
+
+def _uses_exp_domain(plan: _Plan) -> bool:
+    return plan.logits_in_regs and plan.eps == 0.0
+
+
 def _forward_iteration(plan: _Plan):
-    """The forward iteration as one macro ``(z, a, b, w)``: ``iters`` x (column step, row step) in fold mode on the
-    _Matrix z (registers or the thread's tile row), leaving log(h_res) in z. a, b, w are n-vectors of scratch."""
+    """The forward iteration as one macro ``(lg, a, b, w)`` on the _Matrix lg (registers or the thread's tile row),
+    which holds the logits before and ``h_res`` after; a, b, w are n-vectors of scratch.
+
+    Register plans with eps = 0 iterate in the exp domain: the first column step is the shifted log-sum-exp of the
+    log domain (exact differences of large logits), after which every half-step is a sum, one reciprocal
+    (``__fdividef``: rcp.approx, 1 ulp) and n multiplies, no exp or log: at n = 4 an iteration is ~100 SASS instructions instead of 195.
+    Every entry stays in [0, 1]; a normalising sum below 2**-64 (a row or column that underflowed, or NaN/Inf in the
+    logits) marks the token, which is then recomputed in the log domain from a register copy of its logits, so
+    extreme logits behave exactly as before. Other plans run the log-domain iteration in fold mode and exponentiate
+    at the end."""
+    n = plan.n
     _, _, col_step, row_step = _emitters(plan)
 
     @T.macro
-    def iterate(lg, a, b, w):
-        for i in T.unroll(plan.n):
+    def log_domain(lg, a, b, w):
+        for i in T.unroll(n):
             a[i] = T.float32(0)
             b[i] = T.float32(0)
         for _t in T.serial(plan.iters):
             col_step(lg, a, b, w, True)
             row_step(lg, a, b, w, True)
+        for i in T.unroll(n):
+            if lg.regs is None:
+                _fence()  # see _CSE_NOTE
+            for j in T.unroll(n):
+                lg.buf[lg.idx(i, j)] = _exp(lg.buf[lg.idx(i, j)])
+
+    if not _uses_exp_domain(plan):
+        return log_domain
+
+    @T.macro
+    def normalise(z, idx, ok):
+        """z[idx(k)] /= sum_k z[idx(k)] (k < n) with one reciprocal; a tiny or NaN sum clears ok[0]."""
+        s = _tree(_add, [z[idx(k)] for k in range(n)])
+        ok[0] = T.if_then_else(s >= T.float32(_EXP_DOMAIN_TINY), ok[0], T.int32(0))
+        rc = T.call_extern("float32", "__fdividef", T.float32(1), s)
+        for k in T.unroll(n):
+            z[idx(k)] = z[idx(k)] * rc
+
+    @T.macro
+    def iterate(lg, a, b, w):
+        z = lg.regs
+        z0 = T.alloc_local((n * n,), T.float32)
+        ok = T.alloc_local((1,), T.int32)
+        ok[0] = T.int32(1)
+        for q in T.unroll(n * n):
+            z0[q] = z[q]
+        # First column step: shifted exps (every entry <= 1, the column's largest is 1) and the column sums.
+        for j in T.unroll(n):
+            mx = _tree(T.max, [z[i * n + j] for i in range(n)])
+            for i in T.unroll(n):
+                z[i * n + j] = _exp(z[i * n + j] - mx)
+            normalise(z, lambda k, j=j: k * n + j, ok)
+        for i in T.unroll(n):
+            normalise(z, lambda k, i=i: i * n + k, ok)
+        for _t in T.serial(plan.iters - 1):
+            for j in T.unroll(n):
+                normalise(z, lambda k, j=j: k * n + j, ok)
+            for i in T.unroll(n):
+                normalise(z, lambda k, i=i: i * n + k, ok)
+        if ok[0] == 0:  # underflow or NaN/Inf: the log-domain path from the saved logits
+            for q in T.unroll(n * n):
+                z[q] = z0[q]
+            log_domain(lg, a, b, w)
 
     return iterate
 
@@ -444,8 +514,8 @@ def _forward_iteration(plan: _Plan):
 def forward_in_registers(n: int, iters: int, eps: float):
     """The Sinkhorn forward device code of :func:`sinkhorn_fwd_program`, for other kernels (the fused pre-mapping):
     a macro ``(z, a, b, w)`` where ``z`` is a thread-local ``(n * n,)`` fp32 array holding one token's logits
-    (row-major). Afterwards ``z`` holds ``log(h_res)``; :func:`exp` of it is h_res. Needs the register variant of the
-    plan (n <= 10); a, b, w are local ``(n,)`` scratch arrays."""
+    (row-major); afterwards ``z`` holds h_res. Needs the register variant of the plan (n <= 10); a, b, w are local
+    ``(n,)`` scratch arrays."""
     plan = _fwd_plan(n, iters, eps)
     if not plan.logits_in_regs:
         raise ValueError(f"sinkhorn: forward_in_registers supports n <= 10, got n={n}")
@@ -456,11 +526,6 @@ def forward_in_registers(n: int, iters: int, eps: float):
         iterate(_Matrix(n, z, None, None), a, b, w)
 
     return run
-
-
-def exp(x):
-    """``exp`` as the Sinkhorn kernels evaluate it (one MUFU ex2), for callers of :func:`forward_in_registers`."""
-    return _exp(x)
 
 
 def sinkhorn_fwd_program(n: int, iters: int, eps: float):
@@ -492,10 +557,9 @@ def sinkhorn_fwd_program(n: int, iters: int, eps: float):
                 for q in T.unroll(n * n):
                     lg_regs[q] = tile[tx * pitch + q]
             iterate(lg, a, b, w)
-            # out = exp(z), written into the thread's own tile row (after its last read of z there).
-            for i in T.unroll(n):
-                for j in T.unroll(n):
-                    tile[tx * pitch + i * n + j] = _exp(lg.buf[lg.idx(i, j)])
+            if plan.logits_in_regs:  # h_res into the thread's own tile row (the shared variant has it there already)
+                for q in T.unroll(n * n):
+                    tile[tx * pitch + q] = lg_regs[q]
             T.sync_threads()
             store_tile(tile, out, bx, tx, num_tokens)
 

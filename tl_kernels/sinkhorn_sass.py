@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 from . import codegen, sinkhorn
 
@@ -26,7 +27,26 @@ SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.755e9
 REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048
 
 
+def _unroll(sass_text: str, loop: dict) -> int:
+    """How many source iterations one pass of a SASS loop runs: the immediate of the loop counter's self-increment
+    (``IADD3 Rk, Rk, 0xN`` where Rk is also tested by an ``ISETP`` of the loop; ptxas unrolls some rolled iteration
+    loops by 2), else 1."""
+    body = [text for addr, text in codegen.sass_instructions(sass_text) if loop["start"] <= addr <= loop["end"]]
+    compared = {reg for text in body if text.split()[0].startswith("ISETP") for reg in re.findall(r"R\d+", text)}
+    steps = [
+        int(m.group(2), 16)
+        for text in body
+        if (m := re.match(r"IADD3 (R\d+), \1, 0x([0-9a-f]+), RZ", text)) and m.group(1) in compared
+    ]
+    steps = [k for k in steps if k <= 8]  # larger steps are byte offsets of pointer-driven loops, not unrolling
+    return max(steps, default=1)
+
+
 def per_token(direction: str, n: int, iters: int, eps: float) -> dict:
+    """SASS instructions one token executes on the normal path. The forward's exp-domain loop (when the plan has one)
+    runs ``iters - 1`` times and the log-domain loop not at all (it is the fallback for underflow or NaN, whose
+    straight-line code is counted: an overestimate of a few dozen instructions); otherwise the log-domain loop runs
+    ``iters`` times. The backward's recompute loop runs ``iters`` times and its sweep loop ``iters - 1`` times."""
     kernel = (sinkhorn.sinkhorn_fwd_kernel if direction == "fwd" else sinkhorn.sinkhorn_bwd_kernel)(n, iters, eps)
     text = codegen.sass(kernel)
     total = len(codegen.sass_instructions(text))
@@ -35,14 +55,20 @@ def per_token(direction: str, n: int, iters: int, eps: float) -> dict:
     outer = [
         a for a in loops if not any(b is not a and b["start"] <= a["start"] and a["end"] <= b["end"] for b in loops)
     ]
-    trips = [iters] if direction == "fwd" else [iters, iters - 1]
+    plan = (sinkhorn._fwd_plan if direction == "fwd" else sinkhorn._bwd_plan)(n, iters, eps)
+    if direction == "bwd":
+        trips = [iters, iters - 1]
+    elif sinkhorn._uses_exp_domain(plan):
+        trips = [iters - 1, 0]  # exp-domain loop, then the log-domain fallback
+    else:
+        trips = [iters]
     if len(outer) != len(trips):
         raise RuntimeError(f"{direction} n={n}: expected {len(trips)} iteration loops, found {outer}")
     count = total - sum(loop["instructions"] for loop in outer)
-    count += sum(loop["instructions"] * t for loop, t in zip(outer, trips, strict=True))
+    passes = [-(-t // _unroll(text, loop)) for loop, t in zip(outer, trips, strict=True)]
+    count += sum(loop["instructions"] * p for loop, p in zip(outer, passes, strict=True))
     stats = codegen.ptxas_stats(codegen.ptx(kernel))
     regs = next(iter(stats.values()))["registers"]
-    plan = (sinkhorn._fwd_plan if direction == "fwd" else sinkhorn._bwd_plan)(n, iters, eps)
     tpb = plan.tokens_per_block
     regs_alloc = -(-regs // 8) * 8 * -(-tpb // 32) * 32  # per block, allocation granularity of 8 per thread
     per_sm = min(REGS_PER_SM // regs_alloc, SMEM_PER_SM // max(plan.smem_bytes, 1), THREADS_PER_SM // tpb)
@@ -52,7 +78,8 @@ def per_token(direction: str, n: int, iters: int, eps: float) -> dict:
         resident = min(blocks, per_sm * SMS)
         warps[T] = resident * math.ceil(tpb / 32) / (SMS * SCHEDULERS)
     return {
-        "n": n, "direction": direction, "per_token": count, "loops": [loop["instructions"] for loop in outer],
+        "n": n, "direction": direction, "per_token": count,
+        "loops": [f"{loop['instructions']}/{_unroll(text, loop)}" for loop in outer],
         "mufu_per_iteration": [loop["mufu"] for loop in outer], "registers": regs, "smem": plan.smem_bytes,
         "tokens_per_block": tpb, "warps_per_scheduler": warps,
         # one warp instruction per scheduler per cycle; a warp issues for 32 tokens (one token per thread)
@@ -66,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eps", type=float, default=0.0)
     ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 6, 8, 16])
     args = ap.parse_args(argv)
-    print("| n | kernel | SASS/token | loop bodies | regs | smem B | tokens/block | warps/scheduler T=4096, 16384 "
+    print("| n | kernel | SASS/token | loop bodies (instructions/iterations per pass) | regs | smem B | tokens/block | warps/scheduler T=4096, 16384 "
           "| issue-bound us T=4096, 16384 |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for n in args.n:

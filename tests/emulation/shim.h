@@ -60,6 +60,7 @@ inline uint32_t __pack_half2(half_t a, half_t b) {
 inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __fdividef(float x, float y) { return x / y; }
 inline float __shfl_xor_sync(unsigned, float v, int m, int w) {
   int tid = threadIdx.x;
   g_slots[tid] = v;

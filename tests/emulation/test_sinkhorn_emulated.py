@@ -63,3 +63,17 @@ def test_sinkhorn_emulation_extreme_logits_stay_finite():
     fwd(logits=L, out=out, num_tokens=5, grid=1)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.sum(-1), torch.ones(5, n), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_sinkhorn_emulation_nan_stays_in_its_token(n):
+    """A NaN logit sends its token down the forward's log-domain fallback (the exp-domain path's sums are NaN):
+    that token's matrix is NaN, every other token is finite and matches the reference."""
+    fwd = EmulatedKernel(sinkhorn.sinkhorn_fwd_kernel(n, 20, 0.0).get_kernel_source())
+    L = torch.randn(6, n, n) * 2
+    L[3, 1, 0] = float("nan")
+    out = torch.empty(6, n, n)
+    fwd(logits=L, out=out, num_tokens=6, grid=1)
+    assert out[3].isnan().any()
+    keep = [0, 1, 2, 4, 5]
+    torch.testing.assert_close(out[keep].double(), ref.sinkhorn(L[keep].double(), 20), rtol=0, atol=1e-6)
