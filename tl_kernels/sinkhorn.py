@@ -442,7 +442,7 @@ def _uses_exp_domain(plan: _Plan) -> bool:
     return plan.logits_in_regs and plan.eps == 0.0
 
 
-def _forward_iteration(plan: _Plan):
+def _forward_iteration(plan: _Plan, exp_domain: bool = True):
     """The forward iteration as one macro ``(lg, a, b, w)`` on the _Matrix lg (registers or the thread's tile row),
     which holds the logits before and ``h_res`` after; a, b, w are n-vectors of scratch.
 
@@ -470,7 +470,7 @@ def _forward_iteration(plan: _Plan):
             for j in T.unroll(n):
                 lg.buf[lg.idx(i, j)] = _exp(lg.buf[lg.idx(i, j)])
 
-    if not _uses_exp_domain(plan):
+    if not (exp_domain and _uses_exp_domain(plan)):
         return log_domain
 
     @T.macro
@@ -528,12 +528,13 @@ def forward_in_registers(n: int, iters: int, eps: float):
     return run
 
 
-def sinkhorn_fwd_program(n: int, iters: int, eps: float):
-    """TileLang program ``kernel(logits[T, n, n] fp32, out[T, n, n] fp32)``; see the module docstring."""
+def sinkhorn_fwd_program(n: int, iters: int, eps: float, exp_domain: bool = True):
+    """TileLang program ``kernel(logits[T, n, n] fp32, out[T, n, n] fp32)``; see the module docstring.
+    ``exp_domain=False`` builds the previous log-domain forward, kept for timing comparisons on a GPU."""
     plan = _fwd_plan(n, iters, eps)
     n, iters, tpb, pitch = plan.n, plan.iters, plan.tokens_per_block, plan.pitch
     load_tile, store_tile, _, _ = _emitters(plan)
-    iterate = _forward_iteration(plan)
+    iterate = _forward_iteration(plan, exp_domain)
     num_tokens = T.dynamic("num_tokens")
 
     @T.prim_func
@@ -698,9 +699,9 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float):
 
 
 @functools.cache
-def sinkhorn_fwd_kernel(n: int, iters: int, eps: float):
+def sinkhorn_fwd_kernel(n: int, iters: int, eps: float, exp_domain: bool = True):
     """Compiled forward kernel (memoised here and in TileLang's disk cache)."""
-    return _common.compile_program(sinkhorn_fwd_program(n, iters, eps), pass_configs=COMPILE_CONFIGS)
+    return _common.compile_program(sinkhorn_fwd_program(n, iters, eps, exp_domain), pass_configs=COMPILE_CONFIGS)
 
 
 @functools.cache

@@ -77,3 +77,18 @@ def test_sinkhorn_emulation_nan_stays_in_its_token(n):
     assert out[3].isnan().any()
     keep = [0, 1, 2, 4, 5]
     torch.testing.assert_close(out[keep].double(), ref.sinkhorn(L[keep].double(), 20), rtol=0, atol=1e-6)
+
+
+def test_sinkhorn_log_domain_forward_stays_reachable_and_agrees():
+    """The previous (log-domain) forward, kept for GPU timing comparisons, against the exp-domain default."""
+    L = torch.randn(9, 4, 4) * 2
+    outs = []
+    for exp_domain in (True, False):
+        kernel = EmulatedKernel(sinkhorn.sinkhorn_fwd_kernel(4, 20, 0.0, exp_domain).get_kernel_source())
+        out = torch.empty(9, 4, 4)
+        kernel(logits=L, out=out, num_tokens=9, grid=1)
+        outs.append(out)
+    assert "__fdividef" in sinkhorn.sinkhorn_fwd_kernel(4, 20, 0.0).get_kernel_source()
+    assert "__fdividef" not in sinkhorn.sinkhorn_fwd_kernel(4, 20, 0.0, False).get_kernel_source()
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(outs[0].double(), ref.sinkhorn(L.double(), 20), rtol=0, atol=1e-6)
