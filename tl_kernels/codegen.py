@@ -496,6 +496,7 @@ def sass(kernel_or_ptx, *, arch: str | None = None) -> str:
 
 _SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _SASS_BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+_SASS_GLOBAL = re.compile(r"\b(LDG|STG|ATOMG|RED)\b")
 
 
 def sass_instructions(sass_text: str) -> list[tuple[int, str]]:
@@ -510,7 +511,8 @@ def sass_instructions(sass_text: str) -> list[tuple[int, str]]:
 
 def sass_loops(sass_text: str) -> list[dict[str, int]]:
     """Every loop of a single-function SASS listing, as the span from a backward branch's target to the branch:
-    ``{"start", "end", "instructions", "mufu"}`` in address order (outer loops include their inner ones)."""
+    ``{"start", "end", "instructions", "mufu", "global"}`` in address order (outer loops include their inner ones);
+    ``mufu`` counts MUFU instructions, ``global`` global-memory ones (LDG/STG/ATOMG/RED: staging loops)."""
     ins = sass_instructions(sass_text)
     index = {addr: i for i, (addr, _) in enumerate(ins)}
     loops = []
@@ -522,6 +524,12 @@ def sass_loops(sass_text: str) -> list[dict[str, int]]:
         if target < addr and target in index:
             body = ins[index[target] : i + 1]
             loops.append(
-                {"start": target, "end": addr, "instructions": len(body), "mufu": sum("MUFU" in t for _, t in body)}
+                {
+                    "start": target,
+                    "end": addr,
+                    "instructions": len(body),
+                    "mufu": sum("MUFU" in t for _, t in body),
+                    "global": sum(bool(_SASS_GLOBAL.search(t)) for _, t in body),
+                }
             )
     return sorted(loops, key=lambda loop: loop["start"])

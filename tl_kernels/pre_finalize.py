@@ -41,7 +41,7 @@ design of spec §6.2, 18C per token. Backward: the reduction g_pre = <g_li, x_i>
 (no atomics: deterministic).
 
 Resources (ptxas -v, sm_90a, CUDA 13.0; all 70 shipped configurations: 0 spills, 0 stack). Forward registers by n =
-1, 2, 4, 6, 8: 40, 60, 96, 168, 254 (the Sinkhorn state of warp 0 sets the count for the whole block; flush-to-zero
+1, 2, 4, 6, 8: 46, 76, 96, 168, 254 (the Sinkhorn state of warp 0 sets the count for the whole block; flush-to-zero
 as tl_kernels/sinkhorn.py); shared memory TOKENS * n * 4 B. Backward: 22-56 registers for n <= 4, 92-168 for n = 6,
 8 (post_res's mapping, n coefficient partials per thread).
 

@@ -40,6 +40,42 @@ row factor equals rowsum(Q_t) + eps <= n + eps, so the product cannot overflow a
 are as accurate as the fp32 reference for moderate logits (max |err| 3e-8..1e-7 * max|grad_out| measured) and
 degrade to ~1e-4 relative only for |L| ~ 1e4 (where Sinkhorn is saturated and the gradient is ~0 anyway).
 
+Factored exp domain (eps = 0, the default where it fits in registers: forward n <= 10, backward n <= 7)
+----------------------------------------------------------------------------------------------------
+With K = exp(L - colmax(L)) (entries in [0, 1], every column's largest exactly 1; the shift cancels in the first
+column step), the iterates are Q_t = diag(u_{t-1}) K diag(v_t) and P_t = diag(u_t) K diag(v_t) with u_0 = 1::
+
+    v_t = 1 / (K^T u_{t-1})        u_t = 1 / (K v_t)        out = diag(u_R) K diag(v_R)
+
+so a half-step is n dot products of length n (n * n FFMA) and n reciprocals (``__fdividef(1, s)``: MUFU.RCP,
+rcp.approx, 1 ulp), and K is never rewritten. The backward works on H = G / K (entrywise): G = grad_out * P_R
+becomes H = grad_out * u_R[i] * v_R[j], and the two VJPs of step t become rank-one updates that need no exp::
+
+    H -= (u_t[i] * sum_j K H) v_t[j]          (row step t)
+    H -= u_{t-1}[i] (v_t[j] * sum_i K H)      (column step t)
+
+with G = K * H at the end: 4 FFMA per entry and iteration, no MUFU. The recompute records u_t, v_t for t < R
+(2 * (iters - 1) * n floats per token, the same history as the log domain's a_t, b_t). The iteration is the fp32
+reference's up to rounding; it is not a reformulation of the gradient. The scalings are recomputed from K at every
+half-step, so rounding does not accumulate across iterations the way in-place scaling or log-domain offsets do.
+
+Fallback: each normalising sum is tracked in a running minimum (one FMNMX). A token whose sums fall below 2**-64
+(a row or column that underflowed, e.g. logits more than ~87 apart), whose final scalings are not finite (NaN or
+Inf logits), or whose backward result overflows or is not finite (huge or NaN grad_out), is recomputed in the log
+domain from the staged logits: the same code as ``exp_domain=False`` builds, which is bit for bit what such a token
+gets (tested in the emulation). Above 2**-64 a term flushed to zero (< 2**-126) changes its sum by < 2**-62.
+
+Accuracy, measured in the CPU emulation (exact division in place of rcp.approx), 512 tokens, 20 iterations, against
+float64 (errors of the backward in units of max|grad_out|):
+
+    logits        n    forward exp / log domain    backward exp / log domain
+    N(0, 4)       2-7  1.3-1.6e-7 / 1.3-2.1e-7      2.1-3.6e-8 / 2.6-4.2e-8
+    N(0, 100)     2-7  2.0-2.8e-7 / 2.3-4.2e-7      3.4-4.7e-8 / 4.8-9.7e-8
+    N(0, 1e8)     2-7  0.5-2.5e-6 / 0.1-51e-6       2.0-7.5e-6 / 1.2-2.6e-4
+
+(torch's own fp32 loop: 1.3-2.0e-7, 1.6-3.6e-7 and 0.1-51e-6 on the same forward cases; at |L| ~ 1e4 some tokens
+take the fallback.)
+
 Layouts and call contracts
 --------------------------
 All tensors are contiguous float32 ``[T, n, n]`` (row-major n x n per token) on the GPU; T = ``num_tokens`` is
@@ -63,16 +99,20 @@ The output leaves the same way. Everything per token uses local arrays indexed b
 (all loops over n are unrolled), so it stays in registers; the iteration loops stay rolled. Barriers are explicit
 (two per kernel), see _PASS_CONFIGS.
 
-* Forward: with eps = 0 and z in registers, the exp-domain iteration (see Performance) with a register copy of the
-  logits for the log-domain fallback; otherwise z (n * n), two delta vectors and a scratch vector per thread; z moves to the thread's tile row (updated
-  in place there) when the estimate n * n + 3n + 24 exceeds REG_BUDGET = 168 live values (n >= 11). Shared memory
+* Forward: with eps = 0 and z in registers (n <= 10), the factored exp-domain iteration (above) on K in place of
+  z, u and v in the two offset vectors, and a register copy of the logits for the fallback; otherwise the log
+  domain: z (n * n), two delta vectors and a scratch vector per thread; z moves to the thread's tile row (updated in
+  place there) when the estimate n * n + 3n + 24 exceeds REG_BUDGET = 168 live values (n >= 11). Shared memory
   = tpb * pitch * 4 B.
-* Backward: two staging tiles (logits, grad_out; the latter also carries the result out) plus the offset history
-  ``hist[((t * 2 + v) * n + i) * tpb + tx]`` (token-minor: conflict-free): (2 * pitch + 2 * (iters - 1) * n) * 4 B
-  per token. The sweep loop fuses "column VJP of step t+1" and "row VJP of step t" into one pass over the rows, so
-  each element of g is read and written once per iteration. P (kept from the previous sweep), L and g are placed
-  greedily in registers while 7n + 24 + (matrices in registers) * n * n <= 168; otherwise L/g live in the tile
-  rows and Q_t is recomputed with exp (2 * n * n exp per iteration instead of n * n + n).
+* Backward: two staging tiles (logits, grad_out; the latter also carries the result out) plus the history
+  ``hist[((t * 2 + v) * n + i) * tpb + tx]`` (token-minor: conflict-free) of u_t, v_t (exp domain) or a_t, b_t (log
+  domain): (2 * pitch + 2 * (iters - 1) * n) * 4 B per token. Exp domain (eps = 0 and 2 n * n + 6 n + 24 <= 168,
+  i.e. n <= 7): K and H in registers, the recompute with its first and last iterations peeled (the last records
+  nothing), then one loop of the two VJPs per step. Log domain (eps > 0, n >= 8, and the fallback): the sweep loop
+  fuses "column VJP of step t+1" and "row VJP of step t" into one pass over the rows, so each element of g is read
+  and written once per iteration. P (kept from the previous sweep), L and g are placed greedily in registers while
+  7n + 24 + (matrices in registers) * n * n <= 168; otherwise L/g live in the tile rows and Q_t is recomputed with
+  exp (2 * n * n exp per iteration instead of n * n + n).
 * Shared-memory matrices get a block-scope fence per row/column (see _CSE_NOTE) so that only one row or column is
   live in registers.
 
@@ -80,72 +120,76 @@ Verification without a GPU: the generated CUDA source was compiled for the CPU (
 std::barrier for __syncthreads, AddressSanitizer) and compared with an fp64 torch reference/autograd for n = 1..16,
 iters in {1, 2, 20}, eps in {0, 1e-6, 0.3}, T in {1, tpb - 1, tpb + 3, 2 tpb + 1}: no out-of-bounds access, every
 output written, max |err| <= 4.2e-7 (forward) and <= 1.3e-7 * max|grad_out| (backward). This caught a real race
-(see _PASS_CONFIGS). It cannot check timing, ex2/lg2.approx rounding or GPU memory-model subtleties.
+(see _PASS_CONFIGS). It cannot check timing, ex2/lg2/rcp.approx rounding or GPU memory-model subtleties. The
+emulation tests also check that moderate logits take the exp-domain path and that a fallback token is the
+log-domain kernels' result bit for bit.
 
 Configurations at iters = 20 (R/S = registers/shared memory; registers from ``ptxas -v --gpu-name sm_90a``
 (CUDA 13.0) for eps = 0 / eps = 1e-6; every kernel listed has 0 B stack frame, 0 B spill stores/loads and no
 ``.local`` in its PTX):
 
-    n   kernel  tpb  shared B  z/L g  P           registers
-    2   fwd     128     2560   R   -  -            22 / 24
-    2   bwd     128    44032   R   R  R            40 / 40
-    4   fwd     128     8704   R   -  -            56 / 61
-    4   bwd     128    95232   R   R  R            96 / 96
-    8   fwd     128    33280   R   -  -           138 / 158
-    8   bwd      32    55552   S   S  R           168 / 168
-    16  fwd      96    98688   S   -  -           168 / 167
-    16  bwd      22    98736   S   S  recompute   255 / 255
+    n   kernel  tpb  shared B  path (eps = 0)              registers
+    2   fwd     128     2560   exp (fallback: z in R)      77 / 23   (ptxas unrolls the n = 2 fallback fully)
+    2   bwd     128    44032   exp: K, H in R              64 / 40
+    4   fwd     128     8704   exp                         72 / 59
+    4   bwd     128    95232   exp: K, H in R              80 / 96
+    7   fwd     128    25088   exp                        128 / 116
+    7   bwd      64    93184   exp: K, H in R             128 / 127
+    8   fwd     128    33280   exp                        168 / 154
+    8   bwd      32    55552   log: L, g in S, P in R     168 / 168
+    16  fwd      96    98688   log: z in S                 91 / 91
+    16  bwd      22    98736   log: L, g in S, recompute 255 / 255
 
-All of n = 1..16 x eps in {0, 1e-6} at iters = 20, and n in {1, 2, 3, 4, 6, 8, 16} x iters in {1, 20} x eps in
-{0, 1e-6}, compile with 0 spills and no local memory. The 228-255 register counts (n >= 9 backward, n = 10
-forward) are ptxas' choice under ``__launch_bounds__(tpb, 1)``: with ``.maxnreg 168`` they still have 0 spills
-(n = 12, 16 backward even at 128). Shared memory never exceeds SMEM_BUDGET_BYTES = 99 KiB per block. Cold compile
+All of n = 1..16 x eps in {0, 1e-6} at iters = 20, and n in {1, 2, 3, 4, 6, 8, 16} x iters in {1, 2, 20} x eps in
+{0, 1e-6}, compile with 0 spills and no local memory. The 180-255 register counts (n = 9 and 12-16 backward; n = 9, 10
+forward, 254 at eps = 0 where the fallback's register copy of the logits sits beside K) are ptxas' choice under
+``__launch_bounds__(tpb, 1)``: with ``.maxnreg 168`` the log-domain ones still had 0 spills (n = 12, 16 backward
+even at 128). Shared memory never exceeds SMEM_BUDGET_BYTES = 99 KiB per block. Cold compile
 (TileLang -> nvcc -> cubin, on 2 cores shared with other jobs): 4-7.5 s for n <= 8, 4-10 s (up to 17 s under
 load) for n >= 9; warm: from TileLang's disk cache in ~0.1-0.3 s.
 
-Performance (n = 4, iters = 20, T = 16384, H100 SXM; estimated, NOT measured: no GPU on the build machine)
-----------------------------------------------------------------------------------------------------------
-Since the kernels compile with flush-to-zero (:data:`COMPILE_CONFIGS`) and the register-resident forward iterates
-in the exp domain for eps = 0 (:func:`_forward_iteration`: one shifted exp per entry in the first column step, then
-a sum, one ``rcp.approx`` and n multiplies per row or column; a tiny or NaN sum sends the token to the log-domain
-path), the SASS per token at n = 4 is 2.0k forward (6.6k before both changes) and 7.8k backward (11.7k before
-flush-to-zero; the backward still recomputes in the log domain). ``python -m tl_kernels.sinkhorn_sass`` (iters =
-20, eps = 0, sm_90a, CUDA 13.0 ptxas; loop bodies as instructions / iterations per pass, ptxas unrolls some by 2
-or 4; the forward's second loop is the log-domain fallback, not run on the normal path; "issue-bound" is one warp
-instruction per scheduler per cycle at 1.755 GHz on 132 SMs: an estimate, and a lower bound on time only when every
-scheduler has work; at ~1 warp per scheduler latency dominates)::
+Performance (n = 4, iters = 20, H100 SXM; estimated, NOT measured: no GPU on the build machine)
+------------------------------------------------------------------------------------------------
+All kernels compile with flush-to-zero (:data:`COMPILE_CONFIGS`). SASS instructions per token, from
+``python -m tl_kernels.sinkhorn_sass --n 2 4 6 7 8 16`` (iters = 20, eps = 0, sm_90a, CUDA 13.0 ptxas; the
+iteration loops' bodies as instructions / iterations per pass, ptxas unrolls some by 2 or 3; the normal path
+counts the exp-domain loops and, once, the fallback's straight-line code, so it is a slight overestimate;
+"issue-bound" is one warp instruction per scheduler per cycle at 1.755 GHz on 132 SMs, a lower bound on time only
+when every scheduler has work)::
 
-    n  kernel SASS/token  loop bodies      regs  smem B  tokens/block  warps/scheduler  issue-bound us
-                                                                       T=4096, 16384    T=4096, 16384
-    2  fwd        673  93/4 + 99/2        29    2560  128           0.24, 0.97       0.1, 0.4
-    2  bwd       3117  111/2 + 95/1       40   44032  128           0.24, 0.97       0.4, 1.7
-    4  fwd       2042  157/2 + 195/1      72    8704  128           0.24, 0.97       0.3, 1.1
-    4  bwd       7848  208/1 + 168/1      94   95232  128           0.24, 0.97       1.1, 4.3
-    6  fwd       4761  166/1 + 435/1     143   18944  128           0.24, 0.97       0.7, 2.6
-    6  bwd      19932  456/1 + 450/1     157   77312  64            0.24, 0.97       2.8, 11.0
-    8  fwd       6557  284/1 + 771/1     167   33280  128           0.24, 0.97       0.9, 3.6
-    8  bwd      36175  937/1 + 842/1     168   55552  32            0.24, 0.97       5.0, 20.0
-    16 fwd      84265  4131/1             91   98688  96            0.24, 0.97       11.6, 46.6
-    16 bwd     148680  3680/1 + 3636/1   255   98736  22            0.35, 0.50       20.5, 82.2
+    n  kernel SASS/token  loop bodies                     regs  smem B  tokens/block  warps/scheduler  issue-bound us
+                                                                                      T=4096, 16384    T=4096, 16384
+    2  fwd       1435*  99/2                              77    2560  128           0.24, 0.97       0.2, 0.8
+    2  bwd       3822   196/8 + 150/1 + 111/2 + 95/1      64   44032  128           0.24, 0.97       0.5, 2.1
+    4  fwd       1528   107/2 + 195/1                     72    8704  128           0.24, 0.97       0.2, 0.8
+    4  bwd       3622   196/3 + 84/1 + 206/1 + 168/1      80   95232  128           0.24, 0.97       0.5, 2.0
+    6  fwd       3623   105/1 + 435/1                    143   18944  128           0.24, 0.97       0.5, 2.0
+    6  bwd       8552   124/1 + 172/1 + 450/1 + 450/1    157   77312  64            0.24, 0.97       1.2, 4.7
+    7  fwd       3833   136/1 + 591/1                    128   25088  128           0.24, 0.97       0.5, 2.1
+    7  bwd       9923   158/1 + 228/1 + 722/1 + 657/1    128   93184  64            0.24, 0.97       1.4, 5.5
+    8  fwd       4435   171/1 + 771/1                    168   33280  128           0.24, 0.97       0.6, 2.5
+    8  bwd      36175   937/1 + 842/1                    168   55552  32            0.24, 0.97       5.0, 20.0
+    16 fwd      84265   4131/1                            91   98688  96            0.24, 0.97       11.6, 46.6
+    16 bwd     148680   3680/1 + 3636/1                  255   98736  22            0.35, 0.50       20.5, 82.2
 
-The exp-domain forward agrees with the log-domain one to fp32 rounding in the emulation (same tolerances as
-before); on the GPU its reciprocals are ``rcp.approx`` (1 ulp), which the emulation replaces by division. At n = 4
-the issue-bound floor is now ~5.4 us for forward + backward at T = 16384; with one warp per scheduler the kernels
-are latency-bound above it, so the next levers are the backward's recompute in the exp domain and several threads
-per token.
-The estimate
-below predates the flush-to-zero change.
+    * ptxas unrolled the n = 2 forward's fallback loop completely; its 20 iterations are counted once.
 
-Both kernels are bound by the MUFU pipe (16 ex2/lg2 per clock per SM) and by latency, not by memory (1 MB in,
-1 MB out). Forward: 816 MUFU ops per token (16 ex2 + 4 lg2 per half-step; the eps trick keeps eps > 0 at the same
-count; + 16 for the output); backward: 1200 (recompute 800, sweeps 19 * (16 + 4) + 16 + 4); counts read off the
-PTX. MUFU floor at ~1.75 GHz: 16384 * 816 / (132 * 16) clk = 3.6 us forward, 5.3 us backward. 16384 tokens are
-512 warps, about one per SM sub-partition, so each half-step also exposes its dependency chain (max tree -> exp ->
-sum tree -> lg2, ~60-90 clk on top of ~160 clk of MUFU issue); estimate ~5-6.5 us forward and ~7.5-9 us backward
-including ~1 us of memory prologue/epilogue each: 13-15.5 us in total, i.e. the 15 us target is met only if the
-MUFU pipe stays >= ~65% busy. If a measurement misses it, the next lever is two threads per token (row halves,
-column partials exchanged with one shfl.xor each) to put two warps on every sub-partition and hide that chain; a
-second one is evaluating part of the exps with an FMA-pipe polynomial (the MUFU pipe is the bottleneck).
+The loops in order: forward = factored iteration, log-domain fallback (0 trips normally); backward (n <= 7) =
+factored recompute, sweep on H, then the fallback's log-domain recompute and sweep (0 trips normally); n >= 8 is
+log domain throughout. At n = 4 that is 1.5k forward and 3.6k backward per token, against 6.6k and 11.7k when the
+latency issue was filed (log domain without flush-to-zero): 4.3x and 3.2x fewer. An iteration is 53 instructions
+forward (16 FFMA of dot products and 4 MUFU.RCP per half-step, plus the FMNMX of the fallback test) and 65 + 84
+backward, against 315 and 328 + 240 before.
+
+Time: at T = 16384 there are 512 warps, about one per scheduler, so the kernels are latency-bound above the
+issue-bound floor (0.8 + 2.0 us). The chain of a forward half-step is a dot product (4 dependent FFMA, ~16 cycles)
+and a MUFU.RCP (~20 cycles including its dependency), ~40 cycles, so 40 half-steps are ~1600 cycles (0.9 us); the
+backward's recompute the same, and its sweep ~50 cycles an iteration (1000 cycles). With ~1 us of staging each way
+per kernel, the estimate is ~2-2.5 us forward and ~3-3.5 us backward: ~5-6 us for forward + backward at T = 16384
+and ~4-5 us at T = 4096 (the same chains with a quarter of the warps; the floor is latency, not issue). The
+latency issue's goal (<= 6 us and <= 4 us) is therefore plausible at T = 16384 and likely missed by ~1 us at
+T = 4096. The next lever there is several threads per token (a row per thread, column sums by shuffles), which
+puts more warps on each scheduler and shortens each chain; it costs shuffles and would need measuring.
 """
 
 from __future__ import annotations
@@ -434,12 +478,75 @@ def _fence():
     T.evaluate(T.call_extern("void", "__threadfence_block"))
 
 
-# Exp-domain forward (registers, eps = 0): a normalising sum below this sends the token to the log-domain path.
+# Factored exp-domain iteration (registers, eps = 0): a normalising sum below this sends the token to the log-domain
+# path. Above it, a term flushed to zero (< 2**-126) changes its sum by less than 2**-62 relative.
 _EXP_DOMAIN_TINY = 2.0**-64
+_FLT_MAX = 3.4028234663852886e38
+
+
+def _rcp(x):
+    """1 / x as ``__fdividef(1, x)``: one MUFU.RCP (rcp.approx.ftz, 1 ulp) under -ftz=true."""
+    return T.call_extern("float32", "__fdividef", T.float32(1), x)
+
+
+def _dot(xs: list, ys: list):
+    """sum_k xs[k] * ys[k] as a left fold: nvcc contracts it into one FMUL and n - 1 dependent FFMAs (the n rows or
+    columns of a half-step are independent, which is the ILP)."""
+    acc = xs[0] * ys[0]
+    for x, y in zip(xs[1:], ys[1:], strict=True):
+        acc = acc + x * y
+    return acc
+
+
+def _factored_emitters(n: int):
+    """Device code of the factored exp-domain Sinkhorn (eps = 0), shared by the forward and the backward recompute.
+
+    With K = exp(L - colmax(L)) (every entry in [0, 1], every column's largest exactly 1) the iterate after column
+    step t is Q_t = diag(u_{t-1}) K diag(v_t) and after row step t P_t = diag(u_t) K diag(v_t), u_0 = 1, with
+    v_t = 1 / (K^T u_{t-1}) and u_t = 1 / (K v_t) (eps = 0 makes the divisor the plain sum). A half-step is n dot
+    products of length n and n reciprocals: n * n FFMA + n MUFU.RCP, and K itself is never rewritten. The smallest
+    normalising sum is tracked (one FMNMX per sum); the caller's ``factored_ok`` test then sends a token whose sums
+    got tiny, or whose scalings are not finite (NaN/Inf logits), to the log-domain path."""
+
+    @T.macro
+    def first_column_step(z, v):
+        """z: logits -> K; v <- v_1 = 1 / colsum(K) (colsum >= 1: no test needed)."""
+        for j in T.unroll(n):
+            mx = _tree(T.max, [z[i * n + j] for i in range(n)])
+            for i in T.unroll(n):
+                z[i * n + j] = _exp(z[i * n + j] - mx)
+            v[j] = _rcp(_tree(_add, [z[i * n + j] for i in range(n)]))
+
+    @T.macro
+    def scale_rows(z, u, v, mn):
+        for i in T.unroll(n):
+            s = _dot([z[i * n + j] for j in range(n)], [v[j] for j in range(n)])
+            mn[0] = T.min(mn[0], s)
+            u[i] = _rcp(s)
+
+    @T.macro
+    def scale_cols(z, u, v, mn):
+        for j in T.unroll(n):
+            s = _dot([z[i * n + j] for i in range(n)], [u[i] for i in range(n)])
+            mn[0] = T.min(mn[0], s)
+            v[j] = _rcp(s)
+
+    def factored_ok(u, v, mn):
+        """True when every sum was >= 2**-64 and the final scalings are finite (NaN fails both comparisons; fminf
+        ignores NaN, hence the second test: a NaN anywhere reaches every u and v)."""
+        scal = _tree(_add, [u[k] for k in range(n)] + [v[k] for k in range(n)])
+        return T.And(mn[0] >= T.float32(_EXP_DOMAIN_TINY), scal <= T.float32(_FLT_MAX))
+
+    return first_column_step, scale_rows, scale_cols, factored_ok
 
 
 def _uses_exp_domain(plan: _Plan) -> bool:
     return plan.logits_in_regs and plan.eps == 0.0
+
+
+def _bwd_uses_exp_domain(plan: _Plan) -> bool:
+    """The factored exp-domain backward needs K and H (2 n * n) and four n-vectors in registers: n <= 7."""
+    return plan.eps == 0.0 and 2 * plan.n * plan.n + 6 * plan.n + 24 <= REG_BUDGET
 
 
 def _forward_iteration(plan: _Plan, exp_domain: bool = True):
@@ -472,37 +579,28 @@ def _forward_iteration(plan: _Plan, exp_domain: bool = True):
 
     if not (exp_domain and _uses_exp_domain(plan)):
         return log_domain
-
-    @T.macro
-    def normalise(z, idx, ok):
-        """z[idx(k)] /= sum_k z[idx(k)] (k < n) with one reciprocal; a tiny or NaN sum clears ok[0]."""
-        s = _tree(_add, [z[idx(k)] for k in range(n)])
-        ok[0] = T.if_then_else(s >= T.float32(_EXP_DOMAIN_TINY), ok[0], T.int32(0))
-        rc = T.call_extern("float32", "__fdividef", T.float32(1), s)
-        for k in T.unroll(n):
-            z[idx(k)] = z[idx(k)] * rc
+    first_column_step, scale_rows, scale_cols, factored_ok = _factored_emitters(n)
 
     @T.macro
     def iterate(lg, a, b, w):
-        z = lg.regs
+        z = lg.regs  # the logits, then K, then h_res
+        u, v = a, b  # row and column scalings: P_t = diag(u_t) K diag(v_t)
         z0 = T.alloc_local((n * n,), T.float32)
-        ok = T.alloc_local((1,), T.int32)
-        ok[0] = T.int32(1)
+        mn = T.alloc_local((1,), T.float32)
         for q in T.unroll(n * n):
             z0[q] = z[q]
-        # First column step: shifted exps (every entry <= 1, the column's largest is 1) and the column sums.
-        for j in T.unroll(n):
-            mx = _tree(T.max, [z[i * n + j] for i in range(n)])
-            for i in T.unroll(n):
-                z[i * n + j] = _exp(z[i * n + j] - mx)
-            normalise(z, lambda k, j=j: k * n + j, ok)
-        for i in T.unroll(n):
-            normalise(z, lambda k, i=i: i * n + k, ok)
+        first_column_step(z, v)
+        mn[0] = T.float32(_FLT_MAX)
+        scale_rows(z, u, v, mn)
         for _t in T.serial(plan.iters - 1):
+            scale_cols(z, u, v, mn)
+            scale_rows(z, u, v, mn)
+        for i in T.unroll(n):
             for j in T.unroll(n):
-                normalise(z, lambda k, j=j: k * n + j, ok)
-            for i in T.unroll(n):
-                normalise(z, lambda k, i=i: i * n + k, ok)
+                z[i * n + j] = z[i * n + j] * u[i] * v[j]
+        # ok as an int first: TVM rewrites not(a >= b and c <= d) as (a < b or d < c), which is false for NaN
+        ok = T.alloc_local((1,), T.int32)
+        ok[0] = T.if_then_else(factored_ok(u, v, mn), T.int32(1), T.int32(0))
         if ok[0] == 0:  # underflow or NaN/Inf: the log-domain path from the saved logits
             for q in T.unroll(n * n):
                 z[q] = z0[q]
@@ -567,10 +665,13 @@ def sinkhorn_fwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
     return sinkhorn_fwd
 
 
-def sinkhorn_bwd_program(n: int, iters: int, eps: float):
-    """TileLang program ``kernel(grad_out[T, n, n], logits[T, n, n], grad_logits[T, n, n])``, all fp32."""
+def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True):
+    """TileLang program ``kernel(grad_out[T, n, n], logits[T, n, n], grad_logits[T, n, n])``, all fp32.
+    ``exp_domain=False`` builds the previous log-domain-only backward, kept for timing comparisons on a GPU."""
     plan = _bwd_plan(n, iters, eps)
     n, iters, tpb, pitch = plan.n, plan.iters, plan.tokens_per_block, plan.pitch
+    use_exp = exp_domain and _bwd_uses_exp_domain(plan)
+    first_column_step, scale_rows, scale_cols, factored_ok = _factored_emitters(n)
     load_tile, store_tile, col_step, row_step = _emitters(plan)
     num_tokens = T.dynamic("num_tokens")
 
@@ -617,6 +718,117 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float):
                     for j in T.unroll(n):
                         p[i * n + j] = prow[j]
 
+    @T.macro
+    def record_uv(hist, tx, slot, u, v):
+        for i in T.unroll(n):
+            hist[((slot * 2) * n + i) * tpb + tx] = u[i]
+            hist[((slot * 2 + 1) * n + i) * tpb + tx] = v[i]
+
+    @T.macro
+    def vjp_pair(k_, h, u, v, up, cs, first):
+        """Row VJP of step t (u_t, v_t), then column VJP of step t (u_{t-1} = up, or 1 when ``first``), on
+        H = G / K:  H -= (u_t[i] sum_j K H)[i] v_t[j];  H -= up[i] (v_t[j] sum_i K H)."""
+        for i in T.unroll(n):
+            r = u[i] * _dot([k_[i * n + j] for j in range(n)], [h[i * n + j] for j in range(n)])
+            for j in T.unroll(n):
+                h[i * n + j] = h[i * n + j] - r * v[j]
+        for j in T.unroll(n):
+            cs[j] = v[j] * _dot([k_[i * n + j] for i in range(n)], [h[i * n + j] for i in range(n)])
+        for i in T.unroll(n):
+            for j in T.unroll(n):
+                h[i * n + j] = h[i * n + j] - (cs[j] if first else up[i] * cs[j])
+
+    @T.macro
+    def exp_domain_backward(tile_l, tile_g, hist, tx, k_, h, u, v, up, cs, mn, ok):
+        """The factored exp-domain backward (eps = 0, register plans); leaves ok[0] = 0 (tile_g untouched) when the
+        token must take the log-domain path. See _bwd_uses_exp_domain."""
+        for q in T.unroll(n * n):
+            k_[q] = tile_l[tx * pitch + q]
+        # Forward recompute in factored form, recording u_t, v_t for t < R (slot t - 1).
+        first_column_step(k_, v)
+        mn[0] = T.float32(_FLT_MAX)
+        scale_rows(k_, u, v, mn)
+        if iters > 1:
+            record_uv(hist, tx, 0, u, v)
+            for t in T.serial(iters - 2):
+                scale_cols(k_, u, v, mn)
+                scale_rows(k_, u, v, mn)
+                record_uv(hist, tx, t + 1, u, v)
+            scale_cols(k_, u, v, mn)
+            scale_rows(k_, u, v, mn)
+        ok[0] = T.if_then_else(factored_ok(u, v, mn), T.int32(1), T.int32(0))
+        if ok[0] != 0:
+            # H = G / K with G = grad_out * P_R = grad_out * K * u_R v_R^T.
+            for i in T.unroll(n):
+                for j in T.unroll(n):
+                    h[i * n + j] = tile_g[tx * pitch + i * n + j] * u[i] * v[j]
+            if iters > 1:
+                for k in T.serial(iters - 1):  # steps t = R .. 2; u_{t-1}, v_{t-1} sit in slot t - 2 = R - 2 - k
+                    slot = iters - 2 - k
+                    for i in T.unroll(n):
+                        up[i] = hist[((slot * 2) * n + i) * tpb + tx]
+                    vjp_pair(k_, h, u, v, up, cs, False)
+                    for i in T.unroll(n):
+                        u[i] = up[i]
+                        v[i] = hist[((slot * 2 + 1) * n + i) * tpb + tx]
+            vjp_pair(k_, h, u, v, up, cs, True)  # step 1: u_0 = 1
+            for q in T.unroll(n * n):
+                h[q] = k_[q] * h[q]  # G = K * H
+            total = _tree(_add, [T.abs(h[q]) for q in range(n * n)])
+            if total <= T.float32(_FLT_MAX):
+                for q in T.unroll(n * n):
+                    tile_g[tx * pitch + q] = h[q]
+            else:  # an overflow in H (or NaN/Inf in grad_out): the log-domain path decides
+                ok[0] = T.int32(0)
+
+    @T.macro
+    def log_domain_backward(lg, g, p, lg_regs, tile_l, tile_g, hist, tx, a, b, w, a_nxt, b_nxt, cs, cs_nxt, prow):
+        """The log-domain backward (every plan; the fallback of the exp-domain one): result in tile_g's row."""
+        if plan.logits_in_regs:
+            for q in T.unroll(n * n):
+                lg_regs[q] = tile_l[tx * pitch + q]
+        for i in T.unroll(n):
+            a[i] = T.float32(0)
+            b[i] = T.float32(0)
+
+        # Forward recompute, recording the cumulative offsets after every half-step but the last two.
+        for t in T.serial(iters):
+            col_step(lg, a, b, w, False)
+            if iters > 1:
+                record(hist, tx, t, 1, b)
+            row_step(lg, a, b, w, False)
+            if iters > 1:
+                record(hist, tx, t, 0, a)
+
+        # Backward. a, b now hold a_R, b_R and play a_cur, b_cur: sweep t = R (init + row VJP of step R).
+        for j in T.unroll(n):
+            cs[j] = T.float32(0)
+        sweep(lg, g, p, a, b, a_nxt, b_nxt, cs, cs_nxt, prow, False, True, True)
+        # Sweeps t = R-1 .. 1: column VJP of step t+1, then row VJP of step t.
+        if iters > 1:
+            for k in T.serial(iters - 1):
+                t = iters - 2 - k  # hist slot of a_{t'}, b_{t'} with t' = iters - 1 - k
+                for i in T.unroll(n):
+                    a_nxt[i] = a[i]
+                    b_nxt[i] = b[i]
+                    cs_nxt[i] = cs[i]
+                    cs[i] = T.float32(0)
+                    a[i] = hist[((t * 2) * n + i) * tpb + tx]
+                    b[i] = hist[((t * 2 + 1) * n + i) * tpb + tx]
+                sweep(lg, g, p, a, b, a_nxt, b_nxt, cs, cs_nxt, prow, True, True, False)
+        # Last sweep: column VJP of step 1, with a_0 = 0.
+        for i in T.unroll(n):
+            a_nxt[i] = a[i]
+            b_nxt[i] = b[i]
+            cs_nxt[i] = cs[i]
+            a[i] = T.float32(0)
+        sweep(lg, g, p, a, b, a_nxt, b_nxt, cs, cs_nxt, prow, True, False, False)
+
+        if plan.grad_in_regs:
+            for i in T.unroll(n):
+                for j in T.unroll(n):
+                    tile_g[tx * pitch + i * n + j] = g.buf[g.idx(i, j)]
+
     @T.prim_func
     def sinkhorn_bwd(
         grad_out: T.Tensor((num_tokens, n, n), T.float32),
@@ -644,54 +856,21 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float):
             g_regs = T.alloc_local((n * n,), T.float32) if plan.grad_in_regs else None
             lg = _Matrix(n, lg_regs, tile_l, tx * pitch)  # the logits
             g = _Matrix(n, g_regs, tile_g, tx * pitch)  # running gradient; tile_g holds grad_out until the init sweep
+            ok = T.alloc_local((1,), T.int32)
 
             load_tile(logits, tile_l, bx, tx, num_tokens)
             load_tile(grad_out, tile_g, bx, tx, num_tokens)
             T.sync_threads()  # from here on every thread touches only its own tile rows and hist column
-            if plan.logits_in_regs:
-                for q in T.unroll(n * n):
-                    lg_regs[q] = tile_l[tx * pitch + q]
-            for i in T.unroll(n):
-                a[i] = T.float32(0)
-                b[i] = T.float32(0)
-
-            # Forward recompute, recording the cumulative offsets after every half-step but the last two.
-            for t in T.serial(iters):
-                col_step(lg, a, b, w, False)
-                if iters > 1:
-                    record(hist, tx, t, 1, b)
-                row_step(lg, a, b, w, False)
-                if iters > 1:
-                    record(hist, tx, t, 0, a)
-
-            # Backward. a, b now hold a_R, b_R and play a_cur, b_cur: sweep t = R (init + row VJP of step R).
-            for j in T.unroll(n):
-                cs[j] = T.float32(0)
-            sweep(lg, g, p, a, b, a_nxt, b_nxt, cs, cs_nxt, prow, False, True, True)
-            # Sweeps t = R-1 .. 1: column VJP of step t+1, then row VJP of step t.
-            if iters > 1:
-                for k in T.serial(iters - 1):
-                    t = iters - 2 - k  # hist slot of a_{t'}, b_{t'} with t' = iters - 1 - k
-                    for i in T.unroll(n):
-                        a_nxt[i] = a[i]
-                        b_nxt[i] = b[i]
-                        cs_nxt[i] = cs[i]
-                        cs[i] = T.float32(0)
-                        a[i] = hist[((t * 2) * n + i) * tpb + tx]
-                        b[i] = hist[((t * 2 + 1) * n + i) * tpb + tx]
-                    sweep(lg, g, p, a, b, a_nxt, b_nxt, cs, cs_nxt, prow, True, True, False)
-            # Last sweep: column VJP of step 1, with a_0 = 0.
-            for i in T.unroll(n):
-                a_nxt[i] = a[i]
-                b_nxt[i] = b[i]
-                cs_nxt[i] = cs[i]
-                a[i] = T.float32(0)
-            sweep(lg, g, p, a, b, a_nxt, b_nxt, cs, cs_nxt, prow, True, False, False)
-
-            if plan.grad_in_regs:
-                for i in T.unroll(n):
-                    for j in T.unroll(n):
-                        tile_g[tx * pitch + i * n + j] = g.buf[g.idx(i, j)]
+            ok[0] = T.int32(0)
+            if use_exp:
+                k_ = T.alloc_local((n * n,), T.float32)
+                h = T.alloc_local((n * n,), T.float32)
+                mn = T.alloc_local((1,), T.float32)
+                exp_domain_backward(tile_l, tile_g, hist, tx, k_, h, a, b, a_nxt, cs, mn, ok)
+            if ok[0] == 0:
+                log_domain_backward(
+                    lg, g, p, lg_regs, tile_l, tile_g, hist, tx, a, b, w, a_nxt, b_nxt, cs, cs_nxt, prow
+                )
             T.sync_threads()
             store_tile(tile_g, grad_logits, bx, tx, num_tokens)
 
@@ -705,6 +884,6 @@ def sinkhorn_fwd_kernel(n: int, iters: int, eps: float, exp_domain: bool = True)
 
 
 @functools.cache
-def sinkhorn_bwd_kernel(n: int, iters: int, eps: float):
+def sinkhorn_bwd_kernel(n: int, iters: int, eps: float, exp_domain: bool = True):
     """Compiled backward kernel (memoised here and in TileLang's disk cache)."""
-    return _common.compile_program(sinkhorn_bwd_program(n, iters, eps), pass_configs=COMPILE_CONFIGS)
+    return _common.compile_program(sinkhorn_bwd_program(n, iters, eps, exp_domain), pass_configs=COMPILE_CONFIGS)

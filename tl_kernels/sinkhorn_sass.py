@@ -27,45 +27,70 @@ SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.755e9
 REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048
 
 
-def _unroll(sass_text: str, loop: dict) -> int:
-    """How many source iterations one pass of a SASS loop runs: the immediate of the loop counter's self-increment
-    (``IADD3 Rk, Rk, 0xN`` where Rk is also tested by an ``ISETP`` of the loop; ptxas unrolls some rolled iteration
-    loops by 2), else 1."""
+def _unroll(sass_text: str, loop: dict, slot_bytes: int = 0) -> int:
+    """How many source iterations one pass of a SASS loop runs, from the loop counter's self-increment (``IADD3 Rk,
+    Rk, 0xN`` or the uniform ``UIADD3 URk, URk, 0xN``, the register also tested by an ``ISETP``/``UISETP`` of the
+    loop): N itself when it is a small count, or N / slot_bytes when the counter is a byte offset into the
+    backward's history (one slot of u, v or a, b per iteration); else 1. ptxas unrolls some loops by 2 or 3."""
     body = [text for addr, text in codegen.sass_instructions(sass_text) if loop["start"] <= addr <= loop["end"]]
-    compared = {reg for text in body if text.split()[0].startswith("ISETP") for reg in re.findall(r"R\d+", text)}
-    steps = [
-        int(m.group(2), 16)
-        for text in body
-        if (m := re.match(r"IADD3 (R\d+), \1, 0x([0-9a-f]+), RZ", text)) and m.group(1) in compared
-    ]
-    steps = [k for k in steps if k <= 8]  # larger steps are byte offsets of pointer-driven loops, not unrolling
-    return max(steps, default=1)
+    compared = {
+        reg for text in body if text.split()[0].lstrip("U").startswith("ISETP") for reg in re.findall(r"U?R\d+", text)
+    }
+    factors = []
+    for text in body:
+        m = re.match(r"U?IADD3 (U?R\d+), \1, 0x([0-9a-f]+), U?RZ", text)
+        if not (m and m.group(1) in compared):
+            continue
+        step = int(m.group(2), 16)
+        if step <= 8:
+            factors.append(step)
+        elif slot_bytes and step % slot_bytes == 0 and step // slot_bytes <= 8:
+            factors.append(step // slot_bytes)
+    return max(factors, default=1)
+
+
+def _iteration_trips(direction: str, n: int, iters: int, eps: float) -> list[int]:
+    """Trip counts of the iteration loops, in address order, on the normal path (fallback loops: 0 trips).
+
+    * forward, exp-domain plan: the factored loop (``iters - 1``), then the log-domain fallback;
+    * backward, exp-domain plan: the factored recompute (``iters - 2``, first and last iterations peeled), the sweep
+      on H (``iters - 1``), then the log-domain recompute and sweep of the fallback;
+    * log-domain plans: the forward loop (``iters``), or the backward's recompute (``iters``) and sweep
+      (``iters - 1``)."""
+    if direction == "fwd":
+        plan = sinkhorn._fwd_plan(n, iters, eps)
+        return [iters - 1, 0] if sinkhorn._uses_exp_domain(plan) else [iters]
+    plan = sinkhorn._bwd_plan(n, iters, eps)
+    return [iters - 2, iters - 1, 0, 0] if sinkhorn._bwd_uses_exp_domain(plan) else [iters, iters - 1]
 
 
 def per_token(direction: str, n: int, iters: int, eps: float) -> dict:
-    """SASS instructions one token executes on the normal path. The forward's exp-domain loop (when the plan has one)
-    runs ``iters - 1`` times and the log-domain loop not at all (it is the fallback for underflow or NaN, whose
-    straight-line code is counted: an overestimate of a few dozen instructions); otherwise the log-domain loop runs
-    ``iters`` times. The backward's recompute loop runs ``iters`` times and its sweep loop ``iters - 1`` times."""
+    """SASS instructions one token executes on the normal path: every instruction outside the iteration loops once
+    (that includes the straight-line code of the fallback path, which the normal path skips: an overestimate of a
+    few hundred instructions), plus each iteration loop's body times its passes (see _iteration_trips). Iteration
+    loops are the outermost loops without global-memory instructions (the others are staging copies)."""
     kernel = (sinkhorn.sinkhorn_fwd_kernel if direction == "fwd" else sinkhorn.sinkhorn_bwd_kernel)(n, iters, eps)
     text = codegen.sass(kernel)
     total = len(codegen.sass_instructions(text))
-    loops = [loop for loop in codegen.sass_loops(text) if loop["mufu"]]
-    # outermost MUFU loops only (an inner loop is contained in an outer one)
+    loops = codegen.sass_loops(text)
     outer = [
-        a for a in loops if not any(b is not a and b["start"] <= a["start"] and a["end"] <= b["end"] for b in loops)
+        a
+        for a in loops
+        if not a["global"] and not any(b is not a and b["start"] <= a["start"] and a["end"] <= b["end"] for b in loops)
     ]
     plan = (sinkhorn._fwd_plan if direction == "fwd" else sinkhorn._bwd_plan)(n, iters, eps)
-    if direction == "bwd":
-        trips = [iters, iters - 1]
-    elif sinkhorn._uses_exp_domain(plan):
-        trips = [iters - 1, 0]  # exp-domain loop, then the log-domain fallback
-    else:
-        trips = [iters]
+    trips = _iteration_trips(direction, n, iters, eps)
+    # ptxas may unroll a small fallback loop completely (n = 2): its code is then counted once as straight-line
+    # code, and the total is an overestimate (marked in the table).
+    fallback_unrolled = len(outer) < len(trips) and not any(trips[len(outer) :])
+    if fallback_unrolled:
+        trips = trips[: len(outer)]
     if len(outer) != len(trips):
         raise RuntimeError(f"{direction} n={n}: expected {len(trips)} iteration loops, found {outer}")
     count = total - sum(loop["instructions"] for loop in outer)
-    passes = [-(-t // _unroll(text, loop)) for loop, t in zip(outer, trips, strict=True)]
+    slot_bytes = 4 * 2 * n * plan.tokens_per_block if direction == "bwd" else 0  # one history slot (u, v)
+    unroll = [_unroll(text, loop, slot_bytes) for loop in outer]
+    passes = [-(-t // u) for u, t in zip(unroll, trips, strict=True)]
     count += sum(loop["instructions"] * p for loop, p in zip(outer, passes, strict=True))
     stats = codegen.ptxas_stats(codegen.ptx(kernel))
     regs = next(iter(stats.values()))["registers"]
@@ -78,9 +103,9 @@ def per_token(direction: str, n: int, iters: int, eps: float) -> dict:
         resident = min(blocks, per_sm * SMS)
         warps[T] = resident * math.ceil(tpb / 32) / (SMS * SCHEDULERS)
     return {
-        "n": n, "direction": direction, "per_token": count,
-        "loops": [f"{loop['instructions']}/{_unroll(text, loop)}" for loop in outer],
-        "mufu_per_iteration": [loop["mufu"] for loop in outer], "registers": regs, "smem": plan.smem_bytes,
+        "n": n, "direction": direction, "per_token": count, "fallback_unrolled": fallback_unrolled,
+        "loops": [f"{loop['instructions']}/{u}" for loop, u in zip(outer, unroll, strict=True)],
+        "mufu_per_pass": [loop["mufu"] for loop in outer], "registers": regs, "smem": plan.smem_bytes,
         "tokens_per_block": tpb, "warps_per_scheduler": warps,
         # one warp instruction per scheduler per cycle; a warp issues for 32 tokens (one token per thread)
         "issue_us": {T: count * T / 32 / (SMS * SCHEDULERS * CLOCK_HZ) * 1e6 for T in (4096, 16384)},
@@ -100,9 +125,11 @@ def main(argv=None) -> int:
         for direction in ("fwd", "bwd"):
             r = per_token(direction, n, args.iters, args.eps)
             w, t = r["warps_per_scheduler"], r["issue_us"]
-            print(f"| {n} | {direction} | {r['per_token']} | {' + '.join(map(str, r['loops']))} | {r['registers']} | "
+            mark = "*" if r["fallback_unrolled"] else ""
+            print(f"| {n} | {direction} | {r['per_token']}{mark} | {' + '.join(map(str, r['loops']))} | {r['registers']} | "
                   f"{r['smem']} | {r['tokens_per_block']} | {w[4096]:.2f}, {w[16384]:.2f} | "
                   f"{t[4096]:.1f}, {t[16384]:.1f} |")  # fmt: skip
+    print("\n\\* includes a fallback loop that ptxas unrolled completely: an overestimate of the normal path.")
     return 0
 
 

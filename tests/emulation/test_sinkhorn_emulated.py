@@ -15,7 +15,11 @@ from .cuda_emu import EmulatedKernel
 sinkhorn = pytest.importorskip("tl_kernels.sinkhorn")
 
 # eps > 0 cases use eps = 0.3: ignoring eps would change the result by ~0.2 (asserted below), far above the tolerance
-CASES = [(1, 20, 0.0), (2, 20, 0.3), (4, 20, 0.0), (4, 1, 0.3), (8, 20, 0.0), (12, 5, 0.3), (16, 20, 0.0)]
+# (n <= 7 with eps = 0 runs the factored exp-domain backward, n = 7 with 64 tokens per block; the others the log domain)
+CASES = [
+    (1, 20, 0.0), (2, 20, 0.3), (4, 20, 0.0), (4, 1, 0.0), (4, 2, 0.0), (4, 1, 0.3), (7, 20, 0.0), (8, 20, 0.0),
+    (12, 5, 0.3), (16, 20, 0.0),
+]  # fmt: skip
 #: tl_kernels/sinkhorn.py claims max |err| <= 4.2e-7 (forward) and <= 1.3e-7 * max|grad_out| (backward) here
 FWD_ATOL, BWD_ATOL = 1e-6, 4e-7
 
@@ -92,3 +96,55 @@ def test_sinkhorn_log_domain_forward_stays_reachable_and_agrees():
     assert "__fdividef" not in sinkhorn.sinkhorn_fwd_kernel(4, 20, 0.0, False).get_kernel_source()
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
     torch.testing.assert_close(outs[0].double(), ref.sinkhorn(L.double(), 20), rtol=0, atol=1e-6)
+
+
+def _run_both(direction, n, L, g=None):
+    """The default kernel and the log-domain one (exp_domain=False) on the same inputs."""
+    outs = []
+    for exp_domain in (True, False):
+        build = getattr(sinkhorn, f"sinkhorn_{direction}_kernel")
+        kernel = EmulatedKernel(build(n, 20, 0.0, exp_domain).get_kernel_source())
+        out = torch.full_like(L, float("nan"))
+        grid = -(-L.shape[0] // kernel.threads)
+        if direction == "fwd":
+            kernel(logits=L, out=out, num_tokens=L.shape[0], grid=grid)
+        else:
+            kernel(grad_out=g, logits=L, grad_logits=out, num_tokens=L.shape[0], grid=grid)
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_exp_domain_runs_and_its_fallback_is_the_log_domain_kernel(direction):
+    """Tokens 0-4 have moderate logits: the factored exp-domain path computes them (its rounding differs from the
+    log-domain kernel's in some bits) to the same accuracy. Token 5 has a row 200 below the rest, whose exps
+    underflow (a row sum of 0): it takes the fallback and matches the log-domain kernel bit for bit."""
+    n = 4
+    L = torch.randn(6, n, n) * 2
+    L[5, 2, :] -= 200.0
+    g = torch.randn(6, n, n)
+    new, old = _run_both(direction, n, L, g)
+    if direction == "fwd":
+        want, atol = ref.sinkhorn(L.double(), 20), FWD_ATOL
+    else:
+        want, atol = ref.sinkhorn_backward(g.double(), L.double(), 20), BWD_ATOL * float(g.abs().max())
+    torch.testing.assert_close(new[:5].double(), want[:5], rtol=0, atol=atol)
+    # the log-domain backward's offsets carry ~ulp(200) absolute error here (module docstring): 4x the tolerance
+    torch.testing.assert_close(new[5].double(), want[5], rtol=0, atol=4 * atol)
+    assert torch.equal(new[5], old[5]), "the fallback token must be the log-domain kernel's result"
+    assert not torch.equal(new[:5], old[:5]), "moderate logits must take the exp-domain path"
+
+
+def test_backward_nan_stays_in_its_token():
+    """NaN in one token's grad_out (its H goes non-finite: the fallback) or logits (the recompute's sums): that
+    token's gradient is NaN, the others match the reference."""
+    n = 4
+    L = torch.randn(6, n, n) * 2
+    g = torch.randn(6, n, n)
+    g[1, 0, 3] = float("nan")
+    L[3, 2, 1] = float("nan")
+    new, _ = _run_both("bwd", n, L, g)
+    assert new[1].isnan().any() and new[3].isnan().any()
+    keep = [0, 2, 4, 5]
+    want = ref.sinkhorn_backward(g[keep].double(), L[keep].double(), 20)
+    torch.testing.assert_close(new[keep].double(), want, rtol=0, atol=BWD_ATOL * float(g[keep].abs().max()))

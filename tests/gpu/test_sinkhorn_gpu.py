@@ -88,6 +88,33 @@ def test_extreme_logits_stay_finite_and_row_stochastic(n, magnitude):
     assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("n", [2, 4, 7])
+def test_exp_domain_against_the_log_domain_kernels(n):
+    """The factored exp-domain kernels (the defaults for eps = 0, n <= 7 backward, n <= 10 forward) against the
+    log-domain ones kept for comparison (exp_domain=False): equally accurate on moderate logits; a token whose row
+    underflows (200 below the rest) takes the fallback and is the log-domain kernels' result bit for bit."""
+    from tl_kernels.sinkhorn import sinkhorn_bwd_kernel, sinkhorn_fwd_kernel
+
+    L = _logits(4099, n)
+    L[7, 0, :] -= 200.0
+    g = torch.randn_like(L)
+    outs = {}
+    for exp_domain in (True, False):
+        h, d = torch.empty_like(L), torch.empty_like(L)
+        sinkhorn_fwd_kernel(n, 20, 0.0, exp_domain)(L, h)
+        sinkhorn_bwd_kernel(n, 20, 0.0, exp_domain)(g, L, d)
+        outs[exp_domain] = (h, d)
+    assert torch.equal(outs[True][0][7], outs[False][0][7]) and torch.equal(outs[True][1][7], outs[False][1][7])
+    keep = torch.ones(4099, dtype=torch.bool, device="cuda")
+    keep[7] = False
+    want_h = ref.sinkhorn(L[keep].double(), 20)
+    want_d = ref.sinkhorn_backward(g[keep].double(), L[keep].double(), 20)
+    for exp_domain in (True, False):
+        h, d = outs[exp_domain]
+        torch.testing.assert_close(h[keep], want_h.float(), rtol=0, atol=FWD_ATOL)
+        torch.testing.assert_close(d[keep], want_d.float(), rtol=0, atol=BWD_ATOL * float(g.abs().max()))
+
+
 def test_nan_propagates_to_its_token_only():
     L = _logits(300, 4)
     L[123, 1, 2] = float("nan")
