@@ -236,6 +236,8 @@ def sinkhorn_cases(L, gL):
 FULL_TOKENS, FULL_HIDDEN = (1, 13, 512, 4096, 16384, 65536), (1280, 1920, 2560, 4096, 7168)
 #: ``--quick``: the target shapes of the kernel issue (n=4, T=16384).
 QUICK_TOKENS, QUICK_HIDDEN = (16384,), (2560, 4096, 7168)
+#: Sinkhorn alone (the latency issue) is also timed at these token counts in ``--quick`` on a GPU: ~1 s in all.
+SINKHORN_TOKENS = (1, 13, 4096, 16384, 65536)
 #: The Transformer block: C in {2560, 4096}, one sequence of 4096 tokens (the paper's sequence length).
 BLOCK_HIDDEN, BLOCK_TOKENS = (2560, 4096), 4096
 #: a CPU run (host timer or stand-in): tiny shapes, the harness is what is exercised.
@@ -304,6 +306,8 @@ def run(args) -> dict:
     block_hidden, block_tokens = block_shapes(args)
     n_blocks = 0 if args.no_block else len(block_hidden) * len(block_bench.VARIANTS)
     extra = (len(ns) - 1) * len(QUICK_TOKENS if device != "cpu" else CPU_TOKENS) * len(hidden) * 5
+    if args.quick and device != "cpu":
+        extra += 3 * len([t for t in SINKHORN_TOKENS if t not in tokens])
     progress = _progress(len(tokens) * (len(hidden) * 5 + 3) + extra + n_blocks, "bench")
     truncated = False
     block_records, block_notes = [], []
@@ -311,6 +315,9 @@ def run(args) -> dict:
         for i, n in enumerate(ns):
             sweep_tokens = tokens if i == 0 else (QUICK_TOKENS if device != "cpu" else CPU_TOKENS)
             _sweep(args, bench, copy_gbs, dtype, n, sweep_tokens, hidden, rows, time_baselines, time_others, progress)
+            if args.quick and i == 0:
+                for T in (t for t in (SINKHORN_TOKENS if device != "cpu" else ()) if t not in sweep_tokens):
+                    _sinkhorn_rows(bench, copy_gbs, dtype, n, T, device, rows, time_baselines, time_others, progress)
         if not args.no_block:
             # on a CPU the host clock (6 calls) even under --timer standin: the kernels exercised the timer's code
             block_timer = bench if device != "cpu" else make_timer("cpu")[0]
@@ -363,31 +370,40 @@ def _sweep(args, bench, copy_gbs, dtype, n, tokens, hidden, rows, time_baselines
             _free(device)
             _pre_mapping_rows(args, bench, copy_gbs, dtype, n, T, C, rows, time_baselines, ("fwd", "bwd"))
             progress.update(3)
-        L = torch.randn(T, n, n, device=device) * 2
-        gL = torch.randn_like(L)
-        sk = sinkhorn_cases(L, gL)
-        times, alts = {}, {}
-        for mode, (ours, eager, builder) in sk.items():
-            t = bench(ours)
-            times[mode] = t
-            base_args = (L, ITERS) if mode == "fwd" else (gL, L, ITERS)
-            eager_us, comp_us = time_baselines(f"sinkhorn_{mode}", eager, builder, base_args)
-            alts[mode] = time_others("sinkhorn", mode, {"L": L, "gL": gL, "iters": ITERS})
-            rows.append(_row("sinkhorn", mode, T, n, 0, t, dtype, copy_gbs, eager_us, comp_us, alts[mode]))
-            progress.update()
-        kernel = None
-        if times["fwd"].kernel_us is not None and times["bwd"].kernel_us is not None:
-            kernel = times["fwd"].kernel_us + times["bwd"].kernel_us
-        total = Timing(times["fwd"].us + times["bwd"].us, None, None, kernel)
-        both = {k: alts["fwd"][k] + alts["bwd"][k] for k in alts["fwd"] if k in alts["bwd"]}
-        rows.append(_row("sinkhorn", "fwd+bwd", T, n, 0, total, dtype, copy_gbs, None, None, both))
-        if device == "cuda":  # the previous log-domain forward, kept reachable until the default is measured faster
-            from tl_kernels.sinkhorn import sinkhorn_fwd_kernel
-
-            old, out = sinkhorn_fwd_kernel(n, ITERS, 0.0, False), torch.empty_like(L)
-            t_old = bench(functools.partial(old, L, out))
-            rows.append(_row("sinkhorn", "fwd-log", T, n, 0, t_old, dtype, copy_gbs, None, None, {}))
+        _sinkhorn_rows(bench, copy_gbs, dtype, n, T, device, rows, time_baselines, time_others, progress)
         progress.update()
+
+
+def _sinkhorn_rows(bench, copy_gbs, dtype, n, T, device, rows, time_baselines, time_others, progress):
+    """Sinkhorn fwd, bwd and fwd+bwd at T tokens (20 iterations), with the baselines and, on a GPU, the previous
+    log-domain kernels beside the defaults."""
+    L = torch.randn(T, n, n, device=device) * 2
+    gL = torch.randn_like(L)
+    sk = sinkhorn_cases(L, gL)
+    times, alts = {}, {}
+    for mode, (ours, eager, builder) in sk.items():
+        t = bench(ours)
+        times[mode] = t
+        base_args = (L, ITERS) if mode == "fwd" else (gL, L, ITERS)
+        eager_us, comp_us = time_baselines(f"sinkhorn_{mode}", eager, builder, base_args)
+        alts[mode] = time_others("sinkhorn", mode, {"L": L, "gL": gL, "iters": ITERS})
+        rows.append(_row("sinkhorn", mode, T, n, 0, t, dtype, copy_gbs, eager_us, comp_us, alts[mode]))
+        progress.update()
+    kernel = None
+    if times["fwd"].kernel_us is not None and times["bwd"].kernel_us is not None:
+        kernel = times["fwd"].kernel_us + times["bwd"].kernel_us
+    total = Timing(times["fwd"].us + times["bwd"].us, None, None, kernel)
+    both = {k: alts["fwd"][k] + alts["bwd"][k] for k in alts["fwd"] if k in alts["bwd"]}
+    rows.append(_row("sinkhorn", "fwd+bwd", T, n, 0, total, dtype, copy_gbs, None, None, both))
+    if device == "cuda":  # the previous log-domain kernels, kept reachable until the defaults are measured faster
+        from tl_kernels.sinkhorn import sinkhorn_bwd_kernel, sinkhorn_fwd_kernel
+
+        out = torch.empty_like(L)
+        old_fwd, old_bwd = sinkhorn_fwd_kernel(n, ITERS, 0.0, False), sinkhorn_bwd_kernel(n, ITERS, 0.0, False)
+        t_fwd = bench(functools.partial(old_fwd, L, out))
+        t_bwd = bench(functools.partial(old_bwd, gL, L, out))
+        rows.append(_row("sinkhorn", "fwd-log", T, n, 0, t_fwd, dtype, copy_gbs, None, None, {}))
+        rows.append(_row("sinkhorn", "bwd-log", T, n, 0, t_bwd, dtype, copy_gbs, None, None, {}))
 
 
 def _pre_mapping_rows(args, bench, copy_gbs, dtype, n, T, C, rows, time_baselines, modes):

@@ -36,8 +36,8 @@ def post_res_bytes(T: int, n: int, C: int, esize: int, mode: str) -> int:
 
 def sinkhorn_bytes(T: int, n: int, mode: str) -> int:
     """Sinkhorn (Eq. 9), fp32: fwd reads the logits and writes h_res; bwd reads the gradient and the logits.
-    ``fwd-log``: the previous log-domain forward (same bytes), timed beside the default for comparison."""
-    return _pick(T * 8 * n * n, T * 12 * n * n, "fwd" if mode == "fwd-log" else mode)
+    ``fwd-log``, ``bwd-log``: the previous log-domain kernels (same bytes), timed beside the defaults."""
+    return _pick(T * 8 * n * n, T * 12 * n * n, {"fwd-log": "fwd", "bwd-log": "bwd"}.get(mode, mode))
 
 
 def pre_mapping_bytes(T: int, n: int, C: int, esize: int, mode: str, splits: int = 1) -> int:
