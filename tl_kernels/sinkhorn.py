@@ -20,14 +20,16 @@ with the integer k = round(max(max z, ln eps) / ln 2) (1.5 * 2**23 rounding tric
 is built from exponent bits: the eps term costs no MUFU op (shifts >= 2**20, i.e. logits >= ~1e6, use the exact
 max; eps is negligible there). Finite logits of any size give no Inf/NaN; NaN propagates to its token.
 
-Forward: z itself is kept (registers, or the thread's shared tile row for n >= 11) and updated in place, as the
-fp32 reference does. Measured in a CPU emulation of the generated CUDA (below): max |out - fp64| = 2-4e-7 for
-N(0, 4) logits; 8e-8 (the same as torch's fp32 loop) for logits of scale 1e4, 3e6 and 1e30.
+Forward, log domain (eps > 0, n >= 11, and the fallback of the factored exp domain below): z itself is kept
+(registers, or the thread's shared tile row for n >= 11) and updated in place, as the fp32 reference does. Measured
+in a CPU emulation of the generated CUDA (below): max |out - fp64| = 2-4e-7 for N(0, 4) logits; 8e-8 (the same as
+torch's fp32 loop) for logits of scale 1e4, 3e6 and 1e30.
 
-Backward: the exact derivative of the truncated iteration (the paper's choice). A half-step z' = z - log(sum_d
-exp(z) + eps) along d has the VJP g <- g - exp(z') * sum_d(g), and out = exp(z) gives g = grad_out * out. The
-recompute keeps z factorised as z[i, j] = L[i, j] + a[i] + b[j] (a column step rewrites b, a row step a), so with
-a_t, b_t the offsets after iteration t (a_0 = b_0 = 0), P_t = exp(L + a_t[i] + b_t[j]) (after row step t) and
+Backward (both domains): the exact derivative of the truncated iteration (the paper's choice). A half-step z' = z -
+log(sum_d exp(z) + eps) along d has the VJP g <- g - exp(z') * sum_d(g), and out = exp(z) gives g = grad_out * out.
+The log-domain recompute keeps z factorised as z[i, j] = L[i, j] + a[i] + b[j] (a column step rewrites b, a row step
+a), so with a_t, b_t the offsets after iteration t (a_0 = b_0 = 0), P_t = exp(L + a_t[i] + b_t[j]) (after row step
+t) and
 Q_t = exp(L + a_{t-1}[i] + b_t[j]) (after column step t)::
 
     g = grad_out * P_R
@@ -40,8 +42,8 @@ row factor equals rowsum(Q_t) + eps <= n + eps, so the product cannot overflow a
 are as accurate as the fp32 reference for moderate logits (max |err| 3e-8..1e-7 * max|grad_out| measured) and
 degrade to ~1e-4 relative only for |L| ~ 1e4 (where Sinkhorn is saturated and the gradient is ~0 anyway).
 
-Factored exp domain (eps = 0, the default where it fits in registers: forward n <= 10, backward n <= 7)
-----------------------------------------------------------------------------------------------------
+Factored exp domain (eps = 0 and n <= 10: the default, forward and backward)
+----------------------------------------------------------------------------
 With K = exp(L - colmax(L)) (entries in [0, 1], every column's largest exactly 1; the shift cancels in the first
 column step), the iterates are Q_t = diag(u_{t-1}) K diag(v_t) and P_t = diag(u_t) K diag(v_t) with u_0 = 1::
 
@@ -60,21 +62,22 @@ reference's up to rounding; it is not a reformulation of the gradient. The scali
 half-step, so rounding does not accumulate across iterations the way in-place scaling or log-domain offsets do.
 
 Fallback: each normalising sum is tracked in a running minimum (one FMNMX). A token whose sums fall below 2**-64
-(a row or column that underflowed, e.g. logits more than ~87 apart), whose final scalings are not finite (NaN or
-Inf logits), or whose backward result overflows or is not finite (huge or NaN grad_out), is recomputed in the log
-domain from the staged logits: the same code as ``exp_domain=False`` builds, which is bit for bit what such a token
-gets (tested in the emulation). Above 2**-64 a term flushed to zero (< 2**-126) changes its sum by < 2**-62.
+(e.g. a row whose logits all sit more than ~44 below their columns' maxima), whose final scalings are not finite
+(NaN or Inf logits), or whose backward result overflows or is not finite (huge or NaN grad_out), is recomputed in
+the log domain from the staged logits: the same code as ``exp_domain=False`` builds, which is bit for bit what
+such a token gets (tested in the emulation). Above 2**-64 a term flushed to zero (< 2**-126) changes its sum by
+< 2**-62.
 
-Accuracy, measured in the CPU emulation (exact division in place of rcp.approx), 512 tokens, 20 iterations, against
-float64 (errors of the backward in units of max|grad_out|):
+Accuracy, measured in the CPU emulation (exact division in place of rcp.approx), 512 tokens, 20 iterations, n in
+{2, 4, 7, 8, 10}, against float64 (the backward's errors in units of max|grad_out|):
 
-    logits        n    forward exp / log domain    backward exp / log domain
-    N(0, 4)       2-7  1.3-1.6e-7 / 1.3-2.1e-7      2.1-3.6e-8 / 2.6-4.2e-8
-    N(0, 100)     2-7  2.0-2.8e-7 / 2.3-4.2e-7      3.4-4.7e-8 / 4.8-9.7e-8
-    N(0, 1e8)     2-7  0.5-2.5e-6 / 0.1-51e-6       2.0-7.5e-6 / 1.2-2.6e-4
+    logits        forward exp / log domain     backward exp / log domain
+    N(0, 4)       1.3-1.9e-7 / 1.3-2.2e-7      2.1-4.0e-8 / 2.6-5.3e-8
+    N(0, 100)     2.0-3.6e-7 / 2.3-4.2e-7      3.4-4.7e-8 / 4.8-11e-8
+    N(0, 1e8)     0.5-21e-6  / 0.1-51e-6       2.0-45e-6  / 1.2-260e-6
 
-(torch's own fp32 loop: 1.3-2.0e-7, 1.6-3.6e-7 and 0.1-51e-6 on the same forward cases; at |L| ~ 1e4 some tokens
-take the fallback.)
+At |L| ~ 1e4 the errors come from the problem's conditioning (torch's own fp32 loop: 0.1-51e-6 on the same forward
+cases), and some tokens take the fallback.
 
 Layouts and call contracts
 --------------------------
@@ -106,9 +109,9 @@ The output leaves the same way. Everything per token uses local arrays indexed b
   = tpb * pitch * 4 B.
 * Backward: two staging tiles (logits, grad_out; the latter also carries the result out) plus the history
   ``hist[((t * 2 + v) * n + i) * tpb + tx]`` (token-minor: conflict-free) of u_t, v_t (exp domain) or a_t, b_t (log
-  domain): (2 * pitch + 2 * (iters - 1) * n) * 4 B per token. Exp domain (eps = 0 and 2 n * n + 6 n + 24 <= 168,
-  i.e. n <= 7): K and H in registers, the recompute with its first and last iterations peeled (the last records
-  nothing), then one loop of the two VJPs per step. Log domain (eps > 0, n >= 8, and the fallback): the sweep loop
+  domain): (2 * pitch + 2 * (iters - 1) * n) * 4 B per token. Exp domain (eps = 0, n <= EXP_DOMAIN_BWD_MAX_N =
+  10): K and H in registers, the recompute with its first and last iterations peeled (the last records nothing),
+  then one loop of the two VJPs per step. Log domain (eps > 0, n >= 11, and the fallback): the sweep loop
   fuses "column VJP of step t+1" and "row VJP of step t" into one pass over the rows, so each element of g is read
   and written once per iteration. P (kept from the previous sweep), L and g are placed greedily in registers while
   7n + 24 + (matrices in registers) * n * n <= 168; otherwise L/g live in the tile rows and Q_t is recomputed with
@@ -136,7 +139,9 @@ Configurations at iters = 20 (R/S = registers/shared memory; registers from ``pt
     7   fwd     128    25088   exp                        128 / 116
     7   bwd      64    93184   exp: K, H in R             128 / 127
     8   fwd     128    33280   exp                        168 / 154
-    8   bwd      32    55552   log: L, g in S, P in R     168 / 168
+    8   bwd      32    55552   exp: K, H in R             168 / 168
+    10  fwd     128    51712   exp                        254 / 221
+    10  bwd      32    74496   exp: K, H in R             248 / 168
     16  fwd      96    98688   log: z in S                 91 / 91
     16  bwd      22    98736   log: L, g in S, recompute 255 / 255
 
@@ -151,7 +156,7 @@ load) for n >= 9; warm: from TileLang's disk cache in ~0.1-0.3 s.
 Performance (n = 4, iters = 20, H100 SXM; estimated, NOT measured: no GPU on the build machine)
 ------------------------------------------------------------------------------------------------
 All kernels compile with flush-to-zero (:data:`COMPILE_CONFIGS`). SASS instructions per token, from
-``python -m tl_kernels.sinkhorn_sass --n 2 4 6 7 8 16`` (iters = 20, eps = 0, sm_90a, CUDA 13.0 ptxas; the
+``python -m tl_kernels.sinkhorn_sass --n 2 4 6 7 8 10 16`` (iters = 20, eps = 0, sm_90a, CUDA 13.0 ptxas; the
 iteration loops' bodies as instructions / iterations per pass, ptxas unrolls some by 2 or 3; the normal path
 counts the exp-domain loops and, once, the fallback's straight-line code, so it is a slight overestimate;
 "issue-bound" is one warp instruction per scheduler per cycle at 1.755 GHz on 132 SMs, a lower bound on time only
@@ -168,18 +173,20 @@ when every scheduler has work)::
     7  fwd       3833   136/1 + 591/1                    128   25088  128           0.24, 0.97       0.5, 2.1
     7  bwd       9923   158/1 + 228/1 + 722/1 + 657/1    128   93184  64            0.24, 0.97       1.4, 5.5
     8  fwd       4435   171/1 + 771/1                    168   33280  128           0.24, 0.97       0.6, 2.5
-    8  bwd      36175   937/1 + 842/1                    168   55552  32            0.24, 0.97       5.0, 20.0
+    8  bwd      11865   196/1 + 292/1 + 937/1 + 842/1    168   55552  32            0.24, 0.97       1.6, 6.6
+    10 fwd       7223   253/1 + 1203/1                   254   51712  128           0.24, 0.97       1.0, 4.0
+    10 bwd      19222   284/1 + 444/1 + 1460/1 + 1434/1  248   74496  32            0.24, 0.75       2.7, 10.6
     16 fwd      84265   4131/1                            91   98688  96            0.24, 0.97       11.6, 46.6
     16 bwd     148680   3680/1 + 3636/1                  255   98736  22            0.35, 0.50       20.5, 82.2
 
     * ptxas unrolled the n = 2 forward's fallback loop completely; its 20 iterations are counted once.
 
-The loops in order: forward = factored iteration, log-domain fallback (0 trips normally); backward (n <= 7) =
-factored recompute, sweep on H, then the fallback's log-domain recompute and sweep (0 trips normally); n >= 8 is
-log domain throughout. At n = 4 that is 1.5k forward and 3.6k backward per token, against 6.6k and 11.7k when the
-latency issue was filed (log domain without flush-to-zero): 4.3x and 3.2x fewer. An iteration is 53 instructions
-forward (16 FFMA of dot products and 4 MUFU.RCP per half-step, plus the FMNMX of the fallback test) and 65 + 84
-backward, against 315 and 328 + 240 before.
+The loops in order: forward = factored iteration, log-domain fallback (0 trips normally); backward (n <= 10) =
+factored recompute, sweep on H, then the fallback's log-domain recompute and sweep (0 trips normally); n = 16 is log
+domain throughout (36k per token for the n = 8 backward before it moved to the exp domain). At n = 4 that is 1.5k
+forward and 3.6k backward per token, against 6.6k and 11.7k when the latency issue was filed (log domain without
+flush-to-zero): 4.3x and 3.2x fewer. An iteration is 53 instructions forward (16 FFMA of dot products and 4 MUFU.RCP
+per half-step, plus the FMNMX of the fallback test) and 65 + 84 backward, against 315 and 328 + 240 before.
 
 Time: at T = 16384 there are 512 warps, about one per scheduler, so the kernels are latency-bound above the
 issue-bound floor (0.8 + 2.0 us). The chain of a forward half-step is a dot product (4 dependent FFMA, ~16 cycles)
@@ -544,22 +551,25 @@ def _uses_exp_domain(plan: _Plan) -> bool:
     return plan.logits_in_regs and plan.eps == 0.0
 
 
+#: Largest n whose factored exp-domain backward keeps K and H (2 n * n floats) and four n-vectors in registers:
+#: ptxas gives n = 8, 9, 10 168, 236, 248 registers with 0 spills (32 tokens per block there).
+EXP_DOMAIN_BWD_MAX_N = 10
+
+
 def _bwd_uses_exp_domain(plan: _Plan) -> bool:
-    """The factored exp-domain backward needs K and H (2 n * n) and four n-vectors in registers: n <= 7."""
-    return plan.eps == 0.0 and 2 * plan.n * plan.n + 6 * plan.n + 24 <= REG_BUDGET
+    return plan.eps == 0.0 and plan.n <= EXP_DOMAIN_BWD_MAX_N
 
 
 def _forward_iteration(plan: _Plan, exp_domain: bool = True):
     """The forward iteration as one macro ``(lg, a, b, w)`` on the _Matrix lg (registers or the thread's tile row),
     which holds the logits before and ``h_res`` after; a, b, w are n-vectors of scratch.
 
-    Register plans with eps = 0 iterate in the exp domain: the first column step is the shifted log-sum-exp of the
-    log domain (exact differences of large logits), after which every half-step is a sum, one reciprocal
-    (``__fdividef``: rcp.approx, 1 ulp) and n multiplies, no exp or log: at n = 4 an iteration is ~100 SASS instructions instead of 195.
-    Every entry stays in [0, 1]; a normalising sum below 2**-64 (a row or column that underflowed, or NaN/Inf in the
-    logits) marks the token, which is then recomputed in the log domain from a register copy of its logits, so
-    extreme logits behave exactly as before. Other plans run the log-domain iteration in fold mode and exponentiate
-    at the end."""
+    Register plans with eps = 0 run the factored exp-domain iteration (module docstring): K = exp(L - colmax)
+    replaces the logits in lg, a and b hold the row and column scalings u, v, and every half-step is n dot products
+    and n reciprocals (``__fdividef``: rcp.approx, 1 ulp): at n = 4 an iteration is 53 SASS instructions instead of
+    195. A normalising sum below 2**-64 or non-finite scalings (underflow, NaN/Inf logits) mark the token, which is
+    then recomputed in the log domain from a register copy of its logits, so extreme logits behave exactly as with
+    ``exp_domain=False``. Other plans run the log-domain iteration in fold mode and exponentiate at the end."""
     n = plan.n
     _, _, col_step, row_step = _emitters(plan)
 

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--eps", type=float, default=0.0)
-    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 6, 8, 16])
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 6, 7, 8, 10, 16])
     args = ap.parse_args(argv)
     print("| n | kernel | SASS/token | loop bodies (instructions/iterations per pass) | regs | smem B | tokens/block | warps/scheduler T=4096, 16384 "
           "| issue-bound us T=4096, 16384 |")  # fmt: skip
