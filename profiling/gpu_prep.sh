@@ -30,3 +30,8 @@ ls -l .device
 tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
 dev=$(du -sb .device | cut -f1)
 echo "travels: working tree $((tree / 1024)) KiB + .device $((dev / 1024)) KiB = $(((tree + dev) / 1048576)) MiB of 64 MiB"
+if [ $((tree + dev)) -gt $((64 * 1048576)) ]; then
+  # the cache holds every kernel ever compiled here (experiments included); the shipped ones alone pack to ~8 MiB
+  echo "over the 64 MiB carry limit: slim the kernel cache (rm -rf $cache/$version; make) and run this again" >&2
+  exit 1
+fi

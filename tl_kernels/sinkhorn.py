@@ -525,18 +525,13 @@ def _factored_emitters(n: int):
             v[j] = _rcp(_tree(_add, [z[i * n + j] for i in range(n)]))
 
     @T.macro
-    def scale_rows(z, u, v, mn):
-        for i in T.unroll(n):
-            s = _dot([z[i * n + j] for j in range(n)], [v[j] for j in range(n)])
+    def scale(z, src, dst, mn, cols):
+        """A half-step: dst[k] <- 1 / sum_l z[l, k] src[l] (cols: v from u) or 1 / sum_l z[k, l] src[l] (rows: u
+        from v); the running minimum mn[0] takes every sum."""
+        for k in T.unroll(n):
+            s = _dot([z[l * n + k] if cols else z[k * n + l] for l in range(n)], [src[l] for l in range(n)])
             mn[0] = T.min(mn[0], s)
-            u[i] = _rcp(s)
-
-    @T.macro
-    def scale_cols(z, u, v, mn):
-        for j in T.unroll(n):
-            s = _dot([z[i * n + j] for i in range(n)], [u[i] for i in range(n)])
-            mn[0] = T.min(mn[0], s)
-            v[j] = _rcp(s)
+            dst[k] = _rcp(s)
 
     def factored_ok(u, v, mn):
         """True when every sum was >= 2**-64 and the final scalings are finite (NaN fails both comparisons; fminf
@@ -544,7 +539,7 @@ def _factored_emitters(n: int):
         scal = _tree(_add, [u[k] for k in range(n)] + [v[k] for k in range(n)])
         return T.And(mn[0] >= T.float32(_EXP_DOMAIN_TINY), scal <= T.float32(_FLT_MAX))
 
-    return first_column_step, scale_rows, scale_cols, factored_ok
+    return first_column_step, scale, factored_ok
 
 
 def _uses_exp_domain(plan: _Plan) -> bool:
@@ -589,7 +584,7 @@ def _forward_iteration(plan: _Plan, exp_domain: bool = True):
 
     if not (exp_domain and _uses_exp_domain(plan)):
         return log_domain
-    first_column_step, scale_rows, scale_cols, factored_ok = _factored_emitters(n)
+    first_column_step, scale, factored_ok = _factored_emitters(n)
 
     @T.macro
     def iterate(lg, a, b, w):
@@ -601,10 +596,10 @@ def _forward_iteration(plan: _Plan, exp_domain: bool = True):
             z0[q] = z[q]
         first_column_step(z, v)
         mn[0] = T.float32(_FLT_MAX)
-        scale_rows(z, u, v, mn)
+        scale(z, v, u, mn, False)
         for _t in T.serial(plan.iters - 1):
-            scale_cols(z, u, v, mn)
-            scale_rows(z, u, v, mn)
+            scale(z, u, v, mn, True)
+            scale(z, v, u, mn, False)
         for i in T.unroll(n):
             for j in T.unroll(n):
                 z[i * n + j] = z[i * n + j] * u[i] * v[j]
@@ -681,7 +676,7 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
     plan = _bwd_plan(n, iters, eps)
     n, iters, tpb, pitch = plan.n, plan.iters, plan.tokens_per_block, plan.pitch
     use_exp = exp_domain and _bwd_uses_exp_domain(plan)
-    first_column_step, scale_rows, scale_cols, factored_ok = _factored_emitters(n)
+    first_column_step, scale, factored_ok = _factored_emitters(n)
     load_tile, store_tile, col_step, row_step = _emitters(plan)
     num_tokens = T.dynamic("num_tokens")
 
@@ -757,15 +752,15 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
         # Forward recompute in factored form, recording u_t, v_t for t < R (slot t - 1).
         first_column_step(k_, v)
         mn[0] = T.float32(_FLT_MAX)
-        scale_rows(k_, u, v, mn)
+        scale(k_, v, u, mn, False)
         if iters > 1:
             record_uv(hist, tx, 0, u, v)
             for t in T.serial(iters - 2):
-                scale_cols(k_, u, v, mn)
-                scale_rows(k_, u, v, mn)
+                scale(k_, u, v, mn, True)
+                scale(k_, v, u, mn, False)
                 record_uv(hist, tx, t + 1, u, v)
-            scale_cols(k_, u, v, mn)
-            scale_rows(k_, u, v, mn)
+            scale(k_, u, v, mn, True)
+            scale(k_, v, u, mn, False)
         ok[0] = T.if_then_else(factored_ok(u, v, mn), T.int32(1), T.int32(0))
         if ok[0] != 0:
             # H = G / K with G = grad_out * P_R = grad_out * K * u_R v_R^T.
