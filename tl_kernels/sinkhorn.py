@@ -20,10 +20,10 @@ with the integer k = round(max(max z, ln eps) / ln 2) (1.5 * 2**23 rounding tric
 is built from exponent bits: the eps term costs no MUFU op (shifts >= 2**20, i.e. logits >= ~1e6, use the exact
 max; eps is negligible there). Finite logits of any size give no Inf/NaN; NaN propagates to its token.
 
-Forward, log domain (eps > 0, n >= 11, and the fallback of the factored exp domain below): z itself is kept
-(registers, or the thread's shared tile row for n >= 11) and updated in place, as the fp32 reference does. Measured
-in a CPU emulation of the generated CUDA (below): max |out - fp64| = 2-4e-7 for N(0, 4) logits; 8e-8 (the same as
-torch's fp32 loop) for logits of scale 1e4, 3e6 and 1e30.
+Forward, log domain (eps > 0, and the fallback of the factored exp domain below): z itself is kept (registers, or
+the thread's shared tile row for n >= 11) and updated in place, as the fp32 reference does. Measured in a CPU
+emulation of the generated CUDA (below): max |out - fp64| = 2-4e-7 for N(0, 4) logits; 8e-8 (the same as torch's
+fp32 loop) for logits of scale 1e4, 3e6 and 1e30.
 
 Backward (both domains): the exact derivative of the truncated iteration (the paper's choice). A half-step z' = z -
 log(sum_d exp(z) + eps) along d has the VJP g <- g - exp(z') * sum_d(g), and out = exp(z) gives g = grad_out * out.
@@ -42,8 +42,8 @@ row factor equals rowsum(Q_t) + eps <= n + eps, so the product cannot overflow a
 are as accurate as the fp32 reference for moderate logits (max |err| 3e-8..1e-7 * max|grad_out| measured) and
 degrade to ~1e-4 relative only for |L| ~ 1e4 (where Sinkhorn is saturated and the gradient is ~0 anyway).
 
-Factored exp domain (eps = 0 and n <= 10: the default, forward and backward)
-----------------------------------------------------------------------------
+Factored exp domain (eps = 0: the default, forward and backward, every n)
+-------------------------------------------------------------------------
 With K = exp(L - colmax(L)) (entries in [0, 1], every column's largest exactly 1; the shift cancels in the first
 column step), the iterates are Q_t = diag(u_{t-1}) K diag(v_t) and P_t = diag(u_t) K diag(v_t) with u_0 = 1::
 
@@ -68,13 +68,13 @@ the log domain from the staged logits: the same code as ``exp_domain=False`` bui
 such a token gets (tested in the emulation). Above 2**-64 a term flushed to zero (< 2**-126) changes its sum by
 < 2**-62.
 
-Accuracy, measured in the CPU emulation (exact division in place of rcp.approx), 512 tokens, 20 iterations, n in
-{2, 4, 7, 8, 10}, against float64 (the backward's errors in units of max|grad_out|):
+Accuracy, measured in the CPU emulation (exact division in place of rcp.approx), 256-512 tokens, 20 iterations, n
+in {2, 4, 7, 8, 10, 12, 16}, against float64 (the backward's errors in units of max|grad_out|):
 
     logits        forward exp / log domain     backward exp / log domain
-    N(0, 4)       1.3-1.9e-7 / 1.3-2.2e-7      2.1-4.0e-8 / 2.6-5.3e-8
-    N(0, 100)     2.0-3.6e-7 / 2.3-4.2e-7      3.4-4.7e-8 / 4.8-11e-8
-    N(0, 1e8)     0.5-21e-6  / 0.1-51e-6       2.0-45e-6  / 1.2-260e-6
+    N(0, 4)       1.3-2.8e-7 / 1.3-2.3e-7      2.1-4.4e-8 / 2.6-5.3e-8
+    N(0, 100)     2.0-3.6e-7 / 2.3-4.2e-7      3.4-4.7e-8 / 4.8-15e-8
+    N(0, 1e8)     0.4-21e-6  / 0.1-51e-6       2.0-201e-6 / 1.2-260e-6
 
 At |L| ~ 1e4 the errors come from the problem's conditioning (torch's own fp32 loop: 0.1-51e-6 on the same forward
 cases), and some tokens take the fallback.
@@ -102,20 +102,22 @@ The output leaves the same way. Everything per token uses local arrays indexed b
 (all loops over n are unrolled), so it stays in registers; the iteration loops stay rolled. Barriers are explicit
 (two per kernel), see _PASS_CONFIGS.
 
-* Forward: with eps = 0 and z in registers (n <= 10), the factored exp-domain iteration (above) on K in place of
-  z, u and v in the two offset vectors, and a register copy of the logits for the fallback; otherwise the log
-  domain: z (n * n), two delta vectors and a scratch vector per thread; z moves to the thread's tile row (updated in
-  place there) when the estimate n * n + 3n + 24 exceeds REG_BUDGET = 168 live values (n >= 11). Shared memory
-  = tpb * pitch * 4 B.
+* Forward: with eps = 0 the factored exp-domain iteration (above) on K in place of z (registers while the
+  estimate n * n + 3n + 24 fits REG_BUDGET = 168 live values, n <= 10, with a register copy of the logits for the
+  fallback; else the thread's tile row, and the fallback reloads the token from global memory), u and v in the two
+  offset vectors; eps > 0: the log domain, z (n * n), two delta vectors and a scratch vector per thread, z in the
+  tile row for n >= 11. Shared memory = tpb * pitch * 4 B.
 * Backward: two staging tiles (logits, grad_out; the latter also carries the result out) plus the history
   ``hist[((t * 2 + v) * n + i) * tpb + tx]`` (token-minor: conflict-free) of u_t, v_t (exp domain) or a_t, b_t (log
-  domain): (2 * pitch + 2 * (iters - 1) * n) * 4 B per token. Exp domain (eps = 0, n <= EXP_DOMAIN_BWD_MAX_N =
-  10): K and H in registers, the recompute with its first and last iterations peeled (the last records nothing),
-  then one loop of the two VJPs per step. Log domain (eps > 0, n >= 11, and the fallback): the sweep loop
-  fuses "column VJP of step t+1" and "row VJP of step t" into one pass over the rows, so each element of g is read
-  and written once per iteration. P (kept from the previous sweep), L and g are placed greedily in registers while
-  7n + 24 + (matrices in registers) * n * n <= 168; otherwise L/g live in the tile rows and Q_t is recomputed with
-  exp (2 * n * n exp per iteration instead of n * n + n).
+  domain): (2 * pitch + 2 * (iters - 1) * n) * 4 B per token. Exp domain (eps = 0): K and H in registers for
+  n <= EXP_DOMAIN_REGS_MAX_N = 10, else in the rows of the two tiles (the fallback then reloads logits and grad_out
+  from global memory); the recompute with its first and last iterations peeled (the last records nothing), then
+  one pass over the rows per step (the pending column VJP of step t + 1 and the row VJP of step t share u_t). Log
+  domain (eps > 0, and the fallback): the sweep loop fuses "column VJP of step t+1" and "row VJP of step t" into
+  one pass over the rows, so each element of g is read and written once per iteration. P (kept from the previous
+  sweep), L and g are placed greedily in registers while 7n + 24 + (matrices in registers) * n * n <= 168;
+  otherwise L/g live in the tile rows and Q_t is recomputed with exp (2 * n * n exp per iteration instead of
+  n * n + n).
 * Shared-memory matrices get a block-scope fence per row/column (see _CSE_NOTE) so that only one row or column is
   live in registers.
 
@@ -135,58 +137,62 @@ Configurations at iters = 20 (R/S = registers/shared memory; registers from ``pt
     2   fwd     128     2560   exp (fallback: z in R)      77 / 23   (ptxas unrolls the n = 2 fallback fully)
     2   bwd     128    44032   exp: K, H in R              64 / 40
     4   fwd     128     8704   exp                         72 / 59
-    4   bwd     128    95232   exp: K, H in R              80 / 96
+    4   bwd     128    95232   exp: K, H in R              83 / 96
     7   fwd     128    25088   exp                        128 / 116
     7   bwd      64    93184   exp: K, H in R             128 / 127
     8   fwd     128    33280   exp                        168 / 154
     8   bwd      32    55552   exp: K, H in R             168 / 168
     10  fwd     128    51712   exp                        254 / 221
-    10  bwd      32    74496   exp: K, H in R             248 / 168
-    16  fwd      96    98688   log: z in S                 91 / 91
-    16  bwd      22    98736   log: L, g in S, recompute 255 / 255
+    10  bwd      32    74496   exp: K, H in R             255 / 168
+    16  fwd      96    98688   exp: K in S                254 / 91
+    16  bwd      22    98736   exp: K, H in S             255 / 255
 
 All of n = 1..16 x eps in {0, 1e-6} at iters = 20, and n in {1, 2, 3, 4, 6, 8, 16} x iters in {1, 2, 20} x eps in
-{0, 1e-6}, compile with 0 spills and no local memory. The 180-255 register counts (n = 9 and 12-16 backward; n = 9, 10
-forward, 254 at eps = 0 where the fallback's register copy of the logits sits beside K) are ptxas' choice under
-``__launch_bounds__(tpb, 1)``: with ``.maxnreg 168`` the log-domain ones still had 0 spills (n = 12, 16 backward
-even at 128). Shared memory never exceeds SMEM_BUDGET_BYTES = 99 KiB per block. Cold compile
+{0, 1e-6}, compile with 0 spills and no local memory. The 221-255 register counts (n >= 9 at eps = 0, where K and
+H, or K beside the fallback's copy of the logits, fill the registers; n = 12-16 backward at eps > 0) are ptxas'
+choice under ``__launch_bounds__(tpb, 1)``; the log-domain ones had 0 spills even under ``.maxnreg 168`` (n = 12,
+16 backward at 128). Shared memory never exceeds SMEM_BUDGET_BYTES = 99 KiB per block. Cold compile
 (TileLang -> nvcc -> cubin, on 2 cores shared with other jobs): 4-7.5 s for n <= 8, 4-10 s (up to 17 s under
 load) for n >= 9; warm: from TileLang's disk cache in ~0.1-0.3 s.
 
 Performance (n = 4, iters = 20, H100 SXM; estimated, NOT measured: no GPU on the build machine)
 ------------------------------------------------------------------------------------------------
 All kernels compile with flush-to-zero (:data:`COMPILE_CONFIGS`). SASS instructions per token, from
-``python -m tl_kernels.sinkhorn_sass --n 2 4 6 7 8 10 16`` (iters = 20, eps = 0, sm_90a, CUDA 13.0 ptxas; the
+``python -m tl_kernels.sinkhorn_sass --n 2 4 6 7 8 10 11 16`` (iters = 20, eps = 0, sm_90a, CUDA 13.0 ptxas; the
 iteration loops' bodies as instructions / iterations per pass, ptxas unrolls some by 2 or 3; the normal path
 counts the exp-domain loops and, once, the fallback's straight-line code, so it is a slight overestimate;
 "issue-bound" is one warp instruction per scheduler per cycle at 1.755 GHz on 132 SMs, a lower bound on time only
 when every scheduler has work)::
 
-    n  kernel SASS/token  loop bodies                     regs  smem B  tokens/block  warps/scheduler  issue-bound us
-                                                                                      T=4096, 16384    T=4096, 16384
-    2  fwd       1435*  99/2                              77    2560  128           0.24, 0.97       0.2, 0.8
-    2  bwd       3822   196/8 + 150/1 + 111/2 + 95/1      64   44032  128           0.24, 0.97       0.5, 2.1
-    4  fwd       1528   107/2 + 195/1                     72    8704  128           0.24, 0.97       0.2, 0.8
-    4  bwd       3622   196/3 + 84/1 + 206/1 + 168/1      80   95232  128           0.24, 0.97       0.5, 2.0
-    6  fwd       3623   105/1 + 435/1                    143   18944  128           0.24, 0.97       0.5, 2.0
-    6  bwd       8552   124/1 + 172/1 + 450/1 + 450/1    157   77312  64            0.24, 0.97       1.2, 4.7
-    7  fwd       3833   136/1 + 591/1                    128   25088  128           0.24, 0.97       0.5, 2.1
-    7  bwd       9923   158/1 + 228/1 + 722/1 + 657/1    128   93184  64            0.24, 0.97       1.4, 5.5
-    8  fwd       4435   171/1 + 771/1                    168   33280  128           0.24, 0.97       0.6, 2.5
-    8  bwd      11865   196/1 + 292/1 + 937/1 + 842/1    168   55552  32            0.24, 0.97       1.6, 6.6
-    10 fwd       7223   253/1 + 1203/1                   254   51712  128           0.24, 0.97       1.0, 4.0
-    10 bwd      19222   284/1 + 444/1 + 1460/1 + 1434/1  248   74496  32            0.24, 0.75       2.7, 10.6
-    16 fwd      84265   4131/1                            91   98688  96            0.24, 0.97       11.6, 46.6
-    16 bwd     148680   3680/1 + 3636/1                  255   98736  22            0.35, 0.50       20.5, 82.2
+    n  kernel SASS/token  loop bodies                       regs  smem B  tokens/block  warps/scheduler  issue-bound us
+                                                                                        T=4096, 16384    T=4096, 16384
+    2  fwd       1435*  99/2                                77    2560  128           0.24, 0.97       0.2, 0.8
+    2  bwd       3833   196/8 + 150/1 + 110/2 + 93/1        64   44032  128           0.24, 0.97       0.5, 2.1
+    4  fwd       1528   107/2 + 195/1                       72    8704  128           0.24, 0.97       0.2, 0.8
+    4  bwd       3614   196/3 + 84/1 + 206/1 + 168/1        83   95232  128           0.24, 0.97       0.5, 2.0
+    6  fwd       3623   105/1 + 435/1                      143   18944  128           0.24, 0.97       0.5, 2.0
+    6  bwd       8544   124/1 + 172/1 + 450/1 + 450/1      157   77312  64            0.24, 0.97       1.2, 4.7
+    7  fwd       3833   136/1 + 591/1                      128   25088  128           0.24, 0.97       0.5, 2.1
+    7  bwd       9923   158/1 + 228/1 + 722/1 + 657/1      128   93184  64            0.24, 0.97       1.4, 5.5
+    8  fwd       4435   171/1 + 771/1                      168   33280  128           0.24, 0.97       0.6, 2.5
+    8  bwd      11857   196/1 + 292/1 + 937/1 + 842/1      168   55552  32            0.24, 0.97       1.6, 6.6
+    10 fwd       7223   253/1 + 1203/1                     254   51712  128           0.24, 0.97       1.0, 4.0
+    10 bwd      19217   284/1 + 444/1 + 1457/1 + 1434/1    255   74496  32            0.24, 0.75       2.7, 10.6
+    11 fwd      13849   569/1 + 1961/1                     167   61952  128           0.24, 0.97       1.9, 7.7
+    11 bwd      35550   601/1 + 906/1 + 1756/1 + 1731/1    255   84480  32            0.24, 0.50       4.9, 19.6
+    16 fwd      27355   1143/1 + 4131/1                    254   98688  96            0.24, 0.97       3.8, 15.1
+    16 bwd      71942   1192/1 + 1876/1 + 3670/1 + 3636/1  255   98736  22            0.35, 0.50       9.9, 39.8
 
     * ptxas unrolled the n = 2 forward's fallback loop completely; its 20 iterations are counted once.
 
-The loops in order: forward = factored iteration, log-domain fallback (0 trips normally); backward (n <= 10) =
-factored recompute, sweep on H, then the fallback's log-domain recompute and sweep (0 trips normally); n = 16 is log
-domain throughout (36k per token for the n = 8 backward before it moved to the exp domain). At n = 4 that is 1.5k
+The loops in order: forward = factored iteration, log-domain fallback (0 trips normally); backward = factored
+recompute, sweep on H, then the fallback's log-domain recompute and sweep (0 trips normally). At n = 4 that is 1.5k
 forward and 3.6k backward per token, against 6.6k and 11.7k when the latency issue was filed (log domain without
 flush-to-zero): 4.3x and 3.2x fewer. An iteration is 53 instructions forward (16 FFMA of dot products and 4 MUFU.RCP
-per half-step, plus the FMNMX of the fallback test) and 65 + 84 backward, against 315 and 328 + 240 before.
+per half-step, plus the FMNMX of the fallback test) and 65 + 84 backward, against 315 and 328 + 240 before. In the
+log domain with flush-to-zero the n = 8 backward was 36k per token and n = 16 84k forward, 149k backward; with K
+(and H) in the tile rows n >= 11 now costs 2 shared-memory accesses and 1-4 FFMA per entry and half-step instead of
+an ex2 and its arithmetic.
 
 Time: at T = 16384 there are 512 warps, about one per scheduler, so the kernels are latency-bound above the
 issue-bound floor (0.8 + 2.0 us). The chain of a forward half-step is a dot product (4 dependent FFMA, ~16 cycles)
@@ -195,8 +201,10 @@ backward's recompute the same, and its sweep ~50 cycles an iteration (1000 cycle
 per kernel, the estimate is ~2-2.5 us forward and ~3-3.5 us backward: ~5-6 us for forward + backward at T = 16384
 and ~4-5 us at T = 4096 (the same chains with a quarter of the warps; the floor is latency, not issue). The
 latency issue's goal (<= 6 us and <= 4 us) is therefore plausible at T = 16384 and likely missed by ~1 us at
-T = 4096. The next lever there is several threads per token (a row per thread, column sums by shuffles), which
-puts more warps on each scheduler and shortens each chain; it costs shuffles and would need measuring.
+T = 4096. There the time is one warp's chain of 40 dependent half-steps per kernel, not instruction issue: several
+threads per token (a row per thread) would add warps but not shorten that chain, because the column sums then need a
+shuffle exchange (~25 cycles) per half-step; overlapping the launches (programmatic dependent launch) or fusing the
+Sinkhorn into its neighbours (as pre_finalize does for the forward) are the levers left.
 """
 
 from __future__ import annotations
@@ -505,8 +513,9 @@ def _dot(xs: list, ys: list):
     return acc
 
 
-def _factored_emitters(n: int):
-    """Device code of the factored exp-domain Sinkhorn (eps = 0), shared by the forward and the backward recompute.
+def _factored_emitters(plan: _Plan):
+    """Device code of the factored exp-domain Sinkhorn (eps = 0), shared by the forward and the backward, on _Matrix
+    accessors (registers, or the thread's tile row with a fence per row or column, see _CSE_NOTE).
 
     With K = exp(L - colmax(L)) (every entry in [0, 1], every column's largest exactly 1) the iterate after column
     step t is Q_t = diag(u_{t-1}) K diag(v_t) and after row step t P_t = diag(u_t) K diag(v_t), u_0 = 1, with
@@ -514,24 +523,72 @@ def _factored_emitters(n: int):
     products of length n and n reciprocals: n * n FFMA + n MUFU.RCP, and K itself is never rewritten. The smallest
     normalising sum is tracked (one FMNMX per sum); the caller's ``factored_ok`` test then sends a token whose sums
     got tiny, or whose scalings are not finite (NaN/Inf logits), to the log-domain path."""
+    n, tpb, pitch = plan.n, plan.tokens_per_block, plan.pitch
 
     @T.macro
-    def first_column_step(z, v):
-        """z: logits -> K; v <- v_1 = 1 / colsum(K) (colsum >= 1: no test needed)."""
+    def first_column_step(m, v):
+        """m: logits -> K; v <- v_1 = 1 / colsum(K) (colsum >= 1: no test needed)."""
         for j in T.unroll(n):
-            mx = _tree(T.max, [z[i * n + j] for i in range(n)])
+            if m.regs is None:
+                _fence()  # see _CSE_NOTE
+            mx = _tree(T.max, [m.buf[m.idx(i, j)] for i in range(n)])
             for i in T.unroll(n):
-                z[i * n + j] = _exp(z[i * n + j] - mx)
-            v[j] = _rcp(_tree(_add, [z[i * n + j] for i in range(n)]))
+                m.buf[m.idx(i, j)] = _exp(m.buf[m.idx(i, j)] - mx)
+            v[j] = _rcp(_tree(_add, [m.buf[m.idx(i, j)] for i in range(n)]))
 
     @T.macro
-    def scale(z, src, dst, mn, cols):
-        """A half-step: dst[k] <- 1 / sum_l z[l, k] src[l] (cols: v from u) or 1 / sum_l z[k, l] src[l] (rows: u
+    def scale(m, src, dst, mn, cols):
+        """A half-step: dst[k] <- 1 / sum_l m[l, k] src[l] (cols: v from u) or 1 / sum_l m[k, l] src[l] (rows: u
         from v); the running minimum mn[0] takes every sum."""
         for k in T.unroll(n):
-            s = _dot([z[l * n + k] if cols else z[k * n + l] for l in range(n)], [src[l] for l in range(n)])
+            if m.regs is None:
+                _fence()  # see _CSE_NOTE
+            s = _dot([m.buf[m.idx(l, k) if cols else m.idx(k, l)] for l in range(n)], [src[l] for l in range(n)])
             mn[0] = T.min(mn[0], s)
             dst[k] = _rcp(s)
+
+    @T.macro
+    def apply_scalings(m, u, v):
+        """m: K -> diag(u) K diag(v)."""
+        for i in T.unroll(n):
+            if m.regs is None:
+                _fence()  # see _CSE_NOTE
+            for j in T.unroll(n):
+                m.buf[m.idx(i, j)] = m.buf[m.idx(i, j)] * u[i] * v[j]
+
+    @T.macro
+    def sweep(kk, hh, u, v, cc, cs, pending):
+        """Backward step t on H = G / K (u = u_t, v = v_t), one pass over the rows: first the column VJP of step
+        t + 1 (``pending``; cc = v_{t+1} * colsum(K * H) from the previous sweep, and u_t is its row factor too),
+        then the row VJP of step t; leaves cc = v_t * colsum(K * H) for the next sweep::
+
+            H -= u_t[i] cc[j];   H -= (u_t[i] sum_j K H) v_t[j];   cs[j] += K H
+
+        4 FFMA per entry, no MUFU."""
+        for j in T.unroll(n):
+            cs[j] = T.float32(0)
+        for i in T.unroll(n):
+            if kk.regs is None:
+                _fence()  # see _CSE_NOTE
+            if pending:
+                for j in T.unroll(n):
+                    hh.buf[hh.idx(i, j)] = hh.buf[hh.idx(i, j)] - u[i] * cc[j]
+            r = u[i] * _dot([kk.buf[kk.idx(i, j)] for j in range(n)], [hh.buf[hh.idx(i, j)] for j in range(n)])
+            for j in T.unroll(n):
+                hh.buf[hh.idx(i, j)] = hh.buf[hh.idx(i, j)] - r * v[j]
+                cs[j] = cs[j] + kk.buf[kk.idx(i, j)] * hh.buf[hh.idx(i, j)]
+        for j in T.unroll(n):
+            cc[j] = v[j] * cs[j]
+
+    @T.macro
+    def reload_row(src, tile, bx, tx, num_tokens):
+        """The thread's own token from global memory into its tile row: the fallback of a shared-memory plan, whose
+        K (and H) overwrote the staged inputs. Rare, so the uncoalesced loads do not matter."""
+        if bx * tpb + tx < num_tokens:
+            for i in T.unroll(n):
+                _fence()  # see _CSE_NOTE
+                for j in T.unroll(n):
+                    tile[tx * pitch + i * n + j] = src[bx * tpb + tx, i, j]
 
     def factored_ok(u, v, mn):
         """True when every sum was >= 2**-64 and the final scalings are finite (NaN fails both comparisons; fminf
@@ -539,20 +596,22 @@ def _factored_emitters(n: int):
         scal = _tree(_add, [u[k] for k in range(n)] + [v[k] for k in range(n)])
         return T.And(mn[0] >= T.float32(_EXP_DOMAIN_TINY), scal <= T.float32(_FLT_MAX))
 
-    return first_column_step, scale, factored_ok
+    return first_column_step, scale, apply_scalings, sweep, reload_row, factored_ok
 
 
 def _uses_exp_domain(plan: _Plan) -> bool:
-    return plan.logits_in_regs and plan.eps == 0.0
+    """The factored exp domain serves eps = 0 (every n; eps > 0 stays in the log domain)."""
+    return plan.eps == 0.0
 
 
 #: Largest n whose factored exp-domain backward keeps K and H (2 n * n floats) and four n-vectors in registers:
-#: ptxas gives n = 8, 9, 10 168, 236, 248 registers with 0 spills (32 tokens per block there).
-EXP_DOMAIN_BWD_MAX_N = 10
+#: ptxas gives n = 8, 9, 10 168, 236, 248 registers with 0 spills (32 tokens per block there). Above it K and H
+#: live in the thread's rows of the two staging tiles.
+EXP_DOMAIN_REGS_MAX_N = 10
 
 
 def _bwd_uses_exp_domain(plan: _Plan) -> bool:
-    return plan.eps == 0.0 and plan.n <= EXP_DOMAIN_BWD_MAX_N
+    return _uses_exp_domain(plan)
 
 
 def _forward_iteration(plan: _Plan, exp_domain: bool = True):
@@ -583,32 +642,38 @@ def _forward_iteration(plan: _Plan, exp_domain: bool = True):
                 lg.buf[lg.idx(i, j)] = _exp(lg.buf[lg.idx(i, j)])
 
     if not (exp_domain and _uses_exp_domain(plan)):
-        return log_domain
-    first_column_step, scale, factored_ok = _factored_emitters(n)
+
+        @T.macro
+        def log_only(lg, a, b, w, src, bx, tx, num_tokens):
+            log_domain(lg, a, b, w)
+
+        return log_only
+    first_column_step, scale, apply_scalings, _, reload_row, factored_ok = _factored_emitters(plan)
 
     @T.macro
-    def iterate(lg, a, b, w):
-        z = lg.regs  # the logits, then K, then h_res
-        u, v = a, b  # row and column scalings: P_t = diag(u_t) K diag(v_t)
-        z0 = T.alloc_local((n * n,), T.float32)
+    def iterate(lg, a, b, w, src, bx, tx, num_tokens):
+        u, v = a, b  # row and column scalings: P_t = diag(u_t) K diag(v_t); lg: the logits, then K, then h_res
+        z0 = T.alloc_local((n * n,), T.float32) if lg.regs is not None else None
+        if lg.regs is not None:
+            for q in T.unroll(n * n):
+                z0[q] = lg.regs[q]
         mn = T.alloc_local((1,), T.float32)
-        for q in T.unroll(n * n):
-            z0[q] = z[q]
-        first_column_step(z, v)
+        first_column_step(lg, v)
         mn[0] = T.float32(_FLT_MAX)
-        scale(z, v, u, mn, False)
+        scale(lg, v, u, mn, False)
         for _t in T.serial(plan.iters - 1):
-            scale(z, u, v, mn, True)
-            scale(z, v, u, mn, False)
-        for i in T.unroll(n):
-            for j in T.unroll(n):
-                z[i * n + j] = z[i * n + j] * u[i] * v[j]
+            scale(lg, u, v, mn, True)
+            scale(lg, v, u, mn, False)
+        apply_scalings(lg, u, v)
         # ok as an int first: TVM rewrites not(a >= b and c <= d) as (a < b or d < c), which is false for NaN
         ok = T.alloc_local((1,), T.int32)
         ok[0] = T.if_then_else(factored_ok(u, v, mn), T.int32(1), T.int32(0))
-        if ok[0] == 0:  # underflow or NaN/Inf: the log-domain path from the saved logits
-            for q in T.unroll(n * n):
-                z[q] = z0[q]
+        if ok[0] == 0:  # underflow or NaN/Inf: the log-domain path from the logits
+            if lg.regs is not None:
+                for q in T.unroll(n * n):
+                    lg.regs[q] = z0[q]
+            else:
+                reload_row(src, lg.tile, bx, tx, num_tokens)
             log_domain(lg, a, b, w)
 
     return iterate
@@ -626,7 +691,7 @@ def forward_in_registers(n: int, iters: int, eps: float):
 
     @T.macro
     def run(z, a, b, w):
-        iterate(_Matrix(n, z, None, None), a, b, w)
+        iterate(_Matrix(n, z, None, None), a, b, w, None, None, None, None)
 
     return run
 
@@ -660,7 +725,7 @@ def sinkhorn_fwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
             if plan.logits_in_regs:
                 for q in T.unroll(n * n):
                     lg_regs[q] = tile[tx * pitch + q]
-            iterate(lg, a, b, w)
+            iterate(lg, a, b, w, logits, bx, tx, num_tokens)
             if plan.logits_in_regs:  # h_res into the thread's own tile row (the shared variant has it there already)
                 for q in T.unroll(n * n):
                     tile[tx * pitch + q] = lg_regs[q]
@@ -676,7 +741,7 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
     plan = _bwd_plan(n, iters, eps)
     n, iters, tpb, pitch = plan.n, plan.iters, plan.tokens_per_block, plan.pitch
     use_exp = exp_domain and _bwd_uses_exp_domain(plan)
-    first_column_step, scale, factored_ok = _factored_emitters(n)
+    first_column_step, scale, _, exp_sweep, reload_row, factored_ok = _factored_emitters(plan)
     load_tile, store_tile, col_step, row_step = _emitters(plan)
     num_tokens = T.dynamic("num_tokens")
 
@@ -730,59 +795,51 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
             hist[((slot * 2 + 1) * n + i) * tpb + tx] = v[i]
 
     @T.macro
-    def vjp_pair(k_, h, u, v, up, cs, first):
-        """Row VJP of step t (u_t, v_t), then column VJP of step t (u_{t-1} = up, or 1 when ``first``), on
-        H = G / K:  H -= (u_t[i] sum_j K H)[i] v_t[j];  H -= up[i] (v_t[j] sum_i K H)."""
-        for i in T.unroll(n):
-            r = u[i] * _dot([k_[i * n + j] for j in range(n)], [h[i * n + j] for j in range(n)])
-            for j in T.unroll(n):
-                h[i * n + j] = h[i * n + j] - r * v[j]
-        for j in T.unroll(n):
-            cs[j] = v[j] * _dot([k_[i * n + j] for i in range(n)], [h[i * n + j] for i in range(n)])
-        for i in T.unroll(n):
-            for j in T.unroll(n):
-                h[i * n + j] = h[i * n + j] - (cs[j] if first else up[i] * cs[j])
-
-    @T.macro
-    def exp_domain_backward(tile_l, tile_g, hist, tx, k_, h, u, v, up, cs, mn, ok):
-        """The factored exp-domain backward (eps = 0, register plans); leaves ok[0] = 0 (tile_g untouched) when the
-        token must take the log-domain path. See _bwd_uses_exp_domain."""
-        for q in T.unroll(n * n):
-            k_[q] = tile_l[tx * pitch + q]
+    def exp_domain_backward(kk, hh, tile_g, hist, tx, u, v, cc, cs, mn, acc, ok):
+        """The factored exp-domain backward (eps = 0). kk holds the logits and becomes K; hh becomes H = G / K (from
+        grad_out in tile_g's row) and then the gradient G. Registers (n <= EXP_DOMAIN_REGS_MAX_N): the result goes to
+        tile_g's row only when ok; tile rows otherwise (kk, hh = the rows of tile_l, tile_g). ok[0] = 0 sends the
+        token to the log-domain path."""
         # Forward recompute in factored form, recording u_t, v_t for t < R (slot t - 1).
-        first_column_step(k_, v)
+        first_column_step(kk, v)
         mn[0] = T.float32(_FLT_MAX)
-        scale(k_, v, u, mn, False)
+        scale(kk, v, u, mn, False)
         if iters > 1:
             record_uv(hist, tx, 0, u, v)
             for t in T.serial(iters - 2):
-                scale(k_, u, v, mn, True)
-                scale(k_, v, u, mn, False)
+                scale(kk, u, v, mn, True)
+                scale(kk, v, u, mn, False)
                 record_uv(hist, tx, t + 1, u, v)
-            scale(k_, u, v, mn, True)
-            scale(k_, v, u, mn, False)
+            scale(kk, u, v, mn, True)
+            scale(kk, v, u, mn, False)
         ok[0] = T.if_then_else(factored_ok(u, v, mn), T.int32(1), T.int32(0))
         if ok[0] != 0:
             # H = G / K with G = grad_out * P_R = grad_out * K * u_R v_R^T.
             for i in T.unroll(n):
+                if hh.regs is None:
+                    _fence()  # see _CSE_NOTE
                 for j in T.unroll(n):
-                    h[i * n + j] = tile_g[tx * pitch + i * n + j] * u[i] * v[j]
+                    hh.buf[hh.idx(i, j)] = tile_g[tx * pitch + i * n + j] * u[i] * v[j]
+            exp_sweep(kk, hh, u, v, cc, cs, False)  # step R
             if iters > 1:
-                for k in T.serial(iters - 1):  # steps t = R .. 2; u_{t-1}, v_{t-1} sit in slot t - 2 = R - 2 - k
+                for k in T.serial(iters - 1):  # steps t = R - 1 .. 1: u_t, v_t sit in slot t - 1 = R - 2 - k
                     slot = iters - 2 - k
                     for i in T.unroll(n):
-                        up[i] = hist[((slot * 2) * n + i) * tpb + tx]
-                    vjp_pair(k_, h, u, v, up, cs, False)
-                    for i in T.unroll(n):
-                        u[i] = up[i]
+                        u[i] = hist[((slot * 2) * n + i) * tpb + tx]
                         v[i] = hist[((slot * 2 + 1) * n + i) * tpb + tx]
-            vjp_pair(k_, h, u, v, up, cs, True)  # step 1: u_0 = 1
-            for q in T.unroll(n * n):
-                h[q] = k_[q] * h[q]  # G = K * H
-            total = _tree(_add, [T.abs(h[q]) for q in range(n * n)])
-            if total <= T.float32(_FLT_MAX):
-                for q in T.unroll(n * n):
-                    tile_g[tx * pitch + q] = h[q]
+                    exp_sweep(kk, hh, u, v, cc, cs, True)
+            # The column VJP of step 1 (u_0 = 1), then G = K * H; |G| summed to catch an overflow or NaN.
+            acc[0] = T.float32(0)
+            for i in T.unroll(n):
+                if hh.regs is None:
+                    _fence()  # see _CSE_NOTE
+                for j in T.unroll(n):
+                    hh.buf[hh.idx(i, j)] = kk.buf[kk.idx(i, j)] * (hh.buf[hh.idx(i, j)] - cc[j])
+                    acc[0] = acc[0] + T.abs(hh.buf[hh.idx(i, j)])
+            if acc[0] <= T.float32(_FLT_MAX):
+                if hh.regs is not None:
+                    for q in T.unroll(n * n):
+                        tile_g[tx * pitch + q] = hh.regs[q]
             else:  # an overflow in H (or NaN/Inf in grad_out): the log-domain path decides
                 ok[0] = T.int32(0)
 
@@ -868,10 +925,21 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
             T.sync_threads()  # from here on every thread touches only its own tile rows and hist column
             ok[0] = T.int32(0)
             if use_exp:
-                k_ = T.alloc_local((n * n,), T.float32)
-                h = T.alloc_local((n * n,), T.float32)
                 mn = T.alloc_local((1,), T.float32)
-                exp_domain_backward(tile_l, tile_g, hist, tx, k_, h, a, b, a_nxt, cs, mn, ok)
+                acc = T.alloc_local((1,), T.float32)
+                if n <= EXP_DOMAIN_REGS_MAX_N:
+                    k_ = T.alloc_local((n * n,), T.float32)
+                    h = T.alloc_local((n * n,), T.float32)
+                    for q in T.unroll(n * n):
+                        k_[q] = tile_l[tx * pitch + q]
+                    kk, hh = _Matrix(n, k_, None, None), _Matrix(n, h, None, None)
+                else:  # K and H overwrite the thread's tile rows; the fallback reloads them
+                    kk, hh = _Matrix(n, None, tile_l, tx * pitch), _Matrix(n, None, tile_g, tx * pitch)
+                exp_domain_backward(kk, hh, tile_g, hist, tx, a, b, a_nxt, cs, mn, acc, ok)
+                if n > EXP_DOMAIN_REGS_MAX_N:  # noqa: SIM102 - compile-time test, then the token's run-time one
+                    if ok[0] == 0:
+                        reload_row(logits, tile_l, bx, tx, num_tokens)
+                        reload_row(grad_out, tile_g, bx, tx, num_tokens)
             if ok[0] == 0:
                 log_domain_backward(
                     lg, g, p, lg_regs, tile_l, tile_g, hist, tx, a, b, w, a_nxt, b_nxt, cs, cs_nxt, prow

@@ -54,13 +54,15 @@ def main(path: str, plant: bool) -> None:
     )  # fmt: skip
     # Sinkhorn fwd/bwd (exp domain with its log-domain fallback): a partial last block; token 1 underflows (a row 200
     # below the rest: the fallback), token 2 has a NaN logit
-    for n in (4, 7):
+    for n in (4, 7, 16):
         T = int(src[f"sinkhorn_{n}_threads"]) + 3
         L = torch.randn(T, n, n) * 2
         L[1, 0, :] -= 200.0
         L[2, 1, 1] = float("nan")
         grid = int(src[f"sinkhorn_{n}_blocks"])
-        EmulatedKernel(src[f"sinkhorn_fwd_{n}"])(logits=L, out=torch.empty(T, n, n), num_tokens=T, grid=-(-T // 128))
+        EmulatedKernel(src[f"sinkhorn_fwd_{n}"])(
+            logits=L, out=torch.empty(T, n, n), num_tokens=T, grid=int(src[f"sinkhorn_fwd_{n}_blocks"])
+        )
         EmulatedKernel(src[f"sinkhorn_bwd_{n}"])(
             grad_out=torch.randn(T, n, n), logits=L, grad_logits=torch.empty(T, n, n), num_tokens=T, grid=grid
         )

@@ -2,8 +2,8 @@
 python): every tensor is allocated to its exact size, so an out-of-bounds read or write of the generated code (a
 missing guard for rows past T, a wrong stride) aborts the child. A planted short input shows the check can fail.
 Covers pre_proj fwd and bwd (accumulate variant; TF32 MMA emulated), pre_finalize fwd and bwd, and the Sinkhorn
-kernels (n = 4, 7: exp domain, with tokens that take the log-domain fallback), partial tiles and blocks. Skipped
-where g++ has no libasan."""
+kernels (n = 4, 7, 16: exp domain in registers and in shared memory, with tokens that take the log-domain
+fallback), partial tiles and blocks. Skipped where g++ has no libasan."""
 
 from __future__ import annotations
 
@@ -41,13 +41,13 @@ def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
         "pre_finalize_bwd": pre_finalize.pre_finalize_bwd_kernel(4, 64, "float32").get_kernel_source(),
         "pre_finalize_bwd_blocks": -(-19 // post_res._plan(4, 64, "float32").tpb),
     }
-    for n in (4, 7):
-        bwd = sinkhorn.sinkhorn_bwd_kernel(n, 20, 0.0)
+    for n in (4, 7, 16):  # K, H in registers (n = 4, 7) or in the tile rows (n = 16)
         src[f"sinkhorn_fwd_{n}"] = sinkhorn.sinkhorn_fwd_kernel(n, 20, 0.0).get_kernel_source()
-        src[f"sinkhorn_bwd_{n}"] = bwd.get_kernel_source()
+        src[f"sinkhorn_bwd_{n}"] = sinkhorn.sinkhorn_bwd_kernel(n, 20, 0.0).get_kernel_source()
         tpb = sinkhorn._bwd_plan(n, 20, 0.0).tokens_per_block
         src[f"sinkhorn_{n}_threads"] = tpb
         src[f"sinkhorn_{n}_blocks"] = -(-(tpb + 3) // tpb)
+        src[f"sinkhorn_fwd_{n}_blocks"] = -(-(tpb + 3) // sinkhorn._fwd_plan(n, 20, 0.0).tokens_per_block)
     path = tmp_path / "sources.json"
     path.write_text(json.dumps(src))
     env = dict(

@@ -15,8 +15,8 @@ from .cuda_emu import EmulatedKernel
 sinkhorn = pytest.importorskip("tl_kernels.sinkhorn")
 
 # eps > 0 cases use eps = 0.3: ignoring eps would change the result by ~0.2 (asserted below), far above the tolerance
-# (n <= 10 with eps = 0 runs the factored exp domain, n = 7 and 8 with 64 and 32 tokens per block in the backward;
-# the others the log domain)
+# (eps = 0 runs the factored exp domain: K, H in registers for n <= 10, with 64 and 32 tokens per block in the n = 7, 8
+# backward, in the tile rows for n = 16; eps > 0 the log domain)
 CASES = [
     (1, 20, 0.0), (2, 20, 0.3), (4, 20, 0.0), (4, 1, 0.0), (4, 2, 0.0), (4, 1, 0.3), (7, 20, 0.0), (8, 20, 0.0),
     (10, 20, 0.0), (12, 5, 0.3), (16, 20, 0.0),
@@ -115,12 +115,13 @@ def _run_both(direction, n, L, g=None):
     return outs
 
 
+@pytest.mark.parametrize("n", [4, 16])
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
-def test_exp_domain_runs_and_its_fallback_is_the_log_domain_kernel(direction):
+def test_exp_domain_runs_and_its_fallback_is_the_log_domain_kernel(direction, n):
     """Tokens 0-4 have moderate logits: the factored exp-domain path computes them (its rounding differs from the
     log-domain kernel's in some bits) to the same accuracy. Token 5 has a row 200 below the rest, whose exps
-    underflow (a row sum of 0): it takes the fallback and matches the log-domain kernel bit for bit."""
-    n = 4
+    underflow (a row sum of 0): it takes the fallback and matches the log-domain kernel bit for bit. n = 4 keeps K
+    (and H) in registers, n = 16 in the thread's tile rows, whose fallback reloads the token from global memory."""
     L = torch.randn(6, n, n) * 2
     L[5, 2, :] -= 200.0
     g = torch.randn(6, n, n)
@@ -136,10 +137,10 @@ def test_exp_domain_runs_and_its_fallback_is_the_log_domain_kernel(direction):
     assert not torch.equal(new[:5], old[:5]), "moderate logits must take the exp-domain path"
 
 
-def test_backward_nan_stays_in_its_token():
+@pytest.mark.parametrize("n", [4, 16])
+def test_backward_nan_stays_in_its_token(n):
     """NaN in one token's grad_out (its H goes non-finite: the fallback) or logits (the recompute's sums): that
     token's gradient is NaN, the others match the reference."""
-    n = 4
     L = torch.randn(6, n, n) * 2
     g = torch.randn(6, n, n)
     g[1, 0, 3] = float("nan")
