@@ -523,7 +523,7 @@ def _factored_emitters(plan: _Plan):
     products of length n and n reciprocals: n * n FFMA + n MUFU.RCP, and K itself is never rewritten. The smallest
     normalising sum is tracked (one FMNMX per sum); the caller's ``factored_ok`` test then sends a token whose sums
     got tiny, or whose scalings are not finite (NaN/Inf logits), to the log-domain path."""
-    n, tpb, pitch = plan.n, plan.tokens_per_block, plan.pitch
+    n, iters, tpb, pitch = plan.n, plan.iters, plan.tokens_per_block, plan.pitch
 
     @T.macro
     def first_column_step(m, v):
@@ -546,6 +546,33 @@ def _factored_emitters(plan: _Plan):
             s = _dot([m.buf[m.idx(l, k) if cols else m.idx(k, l)] for l in range(n)], [src[l] for l in range(n)])
             mn[0] = T.min(mn[0], s)
             dst[k] = _rcp(s)
+
+    @T.macro
+    def record_uv(hist, tx, slot, u, v):
+        for i in T.unroll(n):
+            hist[((slot * 2) * n + i) * tpb + tx] = u[i]
+            hist[((slot * 2 + 1) * n + i) * tpb + tx] = v[i]
+
+    @T.macro
+    def iterate_scalings(m, u, v, mn, hist, tx):
+        """The whole forward iteration: m: logits -> K, u, v <- u_R, v_R, mn[0] <- the smallest normalising sum.
+        With ``hist`` (the backward's recompute) u_t, v_t of every t < R are recorded in slot t - 1, the first and
+        last iterations peeled so that the loop records unconditionally."""
+        first_column_step(m, v)
+        mn[0] = T.float32(_FLT_MAX)
+        scale(m, v, u, mn, False)
+        if hist is None:
+            for _t in T.serial(iters - 1):
+                scale(m, u, v, mn, True)
+                scale(m, v, u, mn, False)
+        elif iters > 1:
+            record_uv(hist, tx, 0, u, v)
+            for t in T.serial(iters - 2):
+                scale(m, u, v, mn, True)
+                scale(m, v, u, mn, False)
+                record_uv(hist, tx, t + 1, u, v)
+            scale(m, u, v, mn, True)
+            scale(m, v, u, mn, False)
 
     @T.macro
     def apply_scalings(m, u, v):
@@ -596,7 +623,7 @@ def _factored_emitters(plan: _Plan):
         scal = _tree(_add, [u[k] for k in range(n)] + [v[k] for k in range(n)])
         return T.And(mn[0] >= T.float32(_EXP_DOMAIN_TINY), scal <= T.float32(_FLT_MAX))
 
-    return first_column_step, scale, apply_scalings, sweep, reload_row, factored_ok
+    return iterate_scalings, apply_scalings, sweep, reload_row, factored_ok
 
 
 def _uses_exp_domain(plan: _Plan) -> bool:
@@ -608,10 +635,6 @@ def _uses_exp_domain(plan: _Plan) -> bool:
 #: ptxas gives n = 8, 9, 10 168, 236, 248 registers with 0 spills (32 tokens per block there). Above it K and H
 #: live in the thread's rows of the two staging tiles.
 EXP_DOMAIN_REGS_MAX_N = 10
-
-
-def _bwd_uses_exp_domain(plan: _Plan) -> bool:
-    return _uses_exp_domain(plan)
 
 
 def _forward_iteration(plan: _Plan, exp_domain: bool = True):
@@ -648,7 +671,7 @@ def _forward_iteration(plan: _Plan, exp_domain: bool = True):
             log_domain(lg, a, b, w)
 
         return log_only
-    first_column_step, scale, apply_scalings, _, reload_row, factored_ok = _factored_emitters(plan)
+    iterate_scalings, apply_scalings, _, reload_row, factored_ok = _factored_emitters(plan)
 
     @T.macro
     def iterate(lg, a, b, w, src, bx, tx, num_tokens):
@@ -658,12 +681,7 @@ def _forward_iteration(plan: _Plan, exp_domain: bool = True):
             for q in T.unroll(n * n):
                 z0[q] = lg.regs[q]
         mn = T.alloc_local((1,), T.float32)
-        first_column_step(lg, v)
-        mn[0] = T.float32(_FLT_MAX)
-        scale(lg, v, u, mn, False)
-        for _t in T.serial(plan.iters - 1):
-            scale(lg, u, v, mn, True)
-            scale(lg, v, u, mn, False)
+        iterate_scalings(lg, u, v, mn, None, None)
         apply_scalings(lg, u, v)
         # ok as an int first: TVM rewrites not(a >= b and c <= d) as (a < b or d < c), which is false for NaN
         ok = T.alloc_local((1,), T.int32)
@@ -740,8 +758,8 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
     ``exp_domain=False`` builds the previous log-domain-only backward, kept for timing comparisons on a GPU."""
     plan = _bwd_plan(n, iters, eps)
     n, iters, tpb, pitch = plan.n, plan.iters, plan.tokens_per_block, plan.pitch
-    use_exp = exp_domain and _bwd_uses_exp_domain(plan)
-    first_column_step, scale, _, exp_sweep, reload_row, factored_ok = _factored_emitters(plan)
+    use_exp = exp_domain and _uses_exp_domain(plan)
+    iterate_scalings, _, exp_sweep, reload_row, factored_ok = _factored_emitters(plan)
     load_tile, store_tile, col_step, row_step = _emitters(plan)
     num_tokens = T.dynamic("num_tokens")
 
@@ -789,29 +807,12 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
                         p[i * n + j] = prow[j]
 
     @T.macro
-    def record_uv(hist, tx, slot, u, v):
-        for i in T.unroll(n):
-            hist[((slot * 2) * n + i) * tpb + tx] = u[i]
-            hist[((slot * 2 + 1) * n + i) * tpb + tx] = v[i]
-
-    @T.macro
     def exp_domain_backward(kk, hh, tile_g, hist, tx, u, v, cc, cs, mn, acc, ok):
         """The factored exp-domain backward (eps = 0). kk holds the logits and becomes K; hh becomes H = G / K (from
         grad_out in tile_g's row) and then the gradient G. Registers (n <= EXP_DOMAIN_REGS_MAX_N): the result goes to
         tile_g's row only when ok; tile rows otherwise (kk, hh = the rows of tile_l, tile_g). ok[0] = 0 sends the
         token to the log-domain path."""
-        # Forward recompute in factored form, recording u_t, v_t for t < R (slot t - 1).
-        first_column_step(kk, v)
-        mn[0] = T.float32(_FLT_MAX)
-        scale(kk, v, u, mn, False)
-        if iters > 1:
-            record_uv(hist, tx, 0, u, v)
-            for t in T.serial(iters - 2):
-                scale(kk, u, v, mn, True)
-                scale(kk, v, u, mn, False)
-                record_uv(hist, tx, t + 1, u, v)
-            scale(kk, u, v, mn, True)
-            scale(kk, v, u, mn, False)
+        iterate_scalings(kk, u, v, mn, hist, tx)  # the forward recompute, recording u_t, v_t for t < R
         ok[0] = T.if_then_else(factored_ok(u, v, mn), T.int32(1), T.int32(0))
         if ok[0] != 0:
             # H = G / K with G = grad_out * P_R = grad_out * K * u_R v_R^T.

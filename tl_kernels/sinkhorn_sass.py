@@ -61,7 +61,7 @@ def _iteration_trips(direction: str, n: int, iters: int, eps: float) -> list[int
         plan = sinkhorn._fwd_plan(n, iters, eps)
         return [iters - 1, 0] if sinkhorn._uses_exp_domain(plan) else [iters]
     plan = sinkhorn._bwd_plan(n, iters, eps)
-    return [iters - 2, iters - 1, 0, 0] if sinkhorn._bwd_uses_exp_domain(plan) else [iters, iters - 1]
+    return [iters - 2, iters - 1, 0, 0] if sinkhorn._uses_exp_domain(plan) else [iters, iters - 1]
 
 
 def per_token(direction: str, n: int, iters: int, eps: float) -> dict:
