@@ -271,7 +271,7 @@ def test_state_dict_round_trip():
 
 
 def _tk_site(x, F, fn, scale, base, n, iters):
-    """DeepSeek TileKernels' convention, written from spec §5 (eps = 0, pre_eps = 0, post_mult = 2): mixes from
+    """DeepSeek TileKernels' convention, written from docs/spec.md §7 (eps = 0, pre_eps = 0, post_mult = 2): mixes from
     fn [m, nC]; comb ends with a column normalisation; out[o] = post[o] y + sum_i comb[i, o] x[i]."""
     flat = x.flatten(-2)
     mixes = (flat @ fn.T) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + 1e-6)
