@@ -29,14 +29,15 @@ ACCEPTANCE_MISSING = (
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """One dry run (about 3 minutes on a CPU) shared by the tests below."""
+    """One dry run shared by the tests below: designed to fit its default 170 s budget, it took 5 minutes on this
+    2-core machine at a load average of 58 (measured). Its budget is raised from the dry run's default 170 s to 450 s so that a busy machine does not turn
+    this check of every stage's code into a timing test (a stage's own limit still applies; the limit logic itself is
+    test_a_stage_over_its_limit_is_killed_and_reported)."""
     tmp_path = tmp_path_factory.mktemp("gpu_run_dry")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "profiling.gpu_run", str(out), "--dry-run", "--work", str(tmp_path / "work")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=200,
-    )  # fmt: skip
+    cmd = [sys.executable, "-m", "profiling.gpu_run", str(out), "--dry-run", "--work", str(tmp_path / "work")]
+    proc = subprocess.run([*cmd, "--budget", "450"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=520)
     summary = json.loads((out / "summary.json").read_text())
     return proc, out, tmp_path, summary
 
