@@ -5,7 +5,7 @@ claim (composite Amax gain of ``H_res``: ~3000 for HC at 27B, ~1.6 for mHC) chec
 
 The task is synthetic and generated here (no download): sequences from a fixed random order-2 Markov source over a
 small vocabulary, with sparse transitions (each context allows ``--branching`` next tokens), so the best achievable
-loss is about ``log(branching)`` nats. ``hc`` is the unconstrained dynamic HC of spec §1.3 (:class:`HyperConnection`);
+loss is about ``log(branching)`` nats. ``hc`` is the unconstrained dynamic HC of ``docs/spec.md`` §6 (:class:`HyperConnection`);
 ``mhc`` is :class:`mhc.MHC` in an :class:`mhc.MHCStack` (block recomputation with ``--recompute``). Writes
 ``metrics.json`` (losses, gradient norms, gains per logged step, final gains per depth) and ``loss.png``,
 ``composite_gain_depth.png``, ``composite_gain_steps.png`` into ``--out``.
@@ -80,7 +80,7 @@ class FFN(nn.Module):
 
 
 class HyperConnection(nn.Module):
-    """Dynamic Hyper-Connections (spec §1.3, HC Eq. 2 and its dynamic form), unconstrained, for comparison.
+    """Dynamic Hyper-Connections (``docs/spec.md`` §6, HC Eq. 2 and its dynamic form), unconstrained, for comparison.
 
     Per token, with the residual ``H [n, C]`` and ``H~ = RMSNorm(H)`` per stream:
 
@@ -159,7 +159,7 @@ class TinyLM(nn.Module):
             h = mhc.expand(h, self.n)
         h = self.sites(h)
         if self.residual != "plain":
-            h = mhc.collapse(h, "sum")  # HC's choice: sum the streams, then the final norm
+            h = mhc.collapse(h, self.n, "sum")  # HC's choice: sum the streams, then the final norm
         return self.lm_head(self.norm(h))
 
 
@@ -284,7 +284,7 @@ def plot(results: dict, out: str, args) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--residual", default="plain,hc,mhc", help="comma list of plain, hc, mhc")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)

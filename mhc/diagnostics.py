@@ -1,4 +1,4 @@
-"""Stability diagnostics of mHC (paper §3.1, Fig. 3, Fig. 7; spec §4.2): Amax gain magnitudes and Sinkhorn residuals.
+"""Stability diagnostics of mHC (paper §3.1, Fig. 3, Fig. 7; ``docs/spec.md`` §8): Amax gains and Sinkhorn residuals.
 
 Orientation: ``h_res`` is in the paper's orientation, ``x_next = h_res @ x`` (``x_next[i] = sum_j h_res[i, j] x[j]``;
 ``docs/design.md`` §1). Hence for a matrix ``P`` (one site's ``h_res`` or a composite):
@@ -13,7 +13,11 @@ tokens** (``mean_t max_i |sum_j P_t[i, j]|``); ``average="matrix"`` takes the ma
 instead (``max_i |sum_j mean_t P_t[i, j]|``), a lower bound of the former.
 
 Sinkhorn residuals: ``max_t max_i |sum_j h_res[i, j] - 1|`` (rows; 0 up to rounding, Sinkhorn ends with rows) and the
-same for columns (the 20-iteration truncation error, ~1e-3).
+same for columns (the truncation error of the iteration: below 1e-3 with 20 iterations for logits of standard
+deviation up to 1, a few percent at 3 to 6, and O(1) for sharper logits, where 20 iterations do not converge;
+``docs/spec.md`` §3.3). A column error above ``col_tol`` (default :data:`COLUMN_TOL` = 0.05, i.e. one site's
+backward gain more than 5% away from 1) is flagged: :func:`sinkhorn_report` returns ``converged=False`` and warns,
+and :meth:`Recorder.summary` lists the sites in ``unconverged_sites`` and warns once.
 
 Collecting during training without host syncs::
 
@@ -30,12 +34,35 @@ recorder is active.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Recorder", "amax_gains", "collect", "composite", "gains", "sinkhorn_residuals"]
+__all__ = [
+    "COLUMN_TOL",
+    "Recorder",
+    "amax_gains",
+    "collect",
+    "composite",
+    "gains",
+    "sinkhorn_report",
+    "sinkhorn_residuals",
+]
+
+#: Largest column-sum error of ``h_res`` not flagged as an unconverged Sinkhorn projection (module docstring).
+COLUMN_TOL = 0.05
+
+
+def _unconverged_message(where: str, col: float, tol: float) -> str:
+    return (
+        f"{where}: the Sinkhorn projection did not converge: a column of h_res sums to 1 +- {col:.3g} (tolerance "
+        f"{tol:g}), so the site's backward gain is off by that much and its gradient through H_res can vanish. "
+        "The logits are too sharp for the iteration count (20 iterations converge for logits of standard deviation "
+        "up to about 3, docs/spec.md §3.3): lower alpha_res or phi's scale, or raise sinkhorn_iters"
+    )
+
 
 _STATS = (
     "single_forward",
@@ -82,6 +109,18 @@ def sinkhorn_residuals(h_res: Tensor) -> tuple[Tensor, Tensor]:
     return (h_res.sum(-1) - 1).abs().amax(), (h_res.sum(-2) - 1).abs().amax()
 
 
+def sinkhorn_report(h_res: Tensor, *, tol: float = COLUMN_TOL, warn: bool = True) -> dict:
+    """Row and column errors of ``h_res [..., n, n]`` as Python floats (this syncs), and whether the projection
+    converged: ``{"row_residual", "col_residual", "converged", "tol"}``. Warns (``RuntimeWarning``) when the column
+    error exceeds ``tol``, unless ``warn=False``. E.g. ``mhc.sinkhorn(torch.randn(8, 4, 4) * 1e4)`` has columns
+    summing to 0.5 .. 2 and is flagged."""
+    row, col = (float(v) for v in sinkhorn_residuals(h_res))
+    converged = col <= tol
+    if not converged and warn:
+        warnings.warn(_unconverged_message("mhc.diagnostics.sinkhorn_report", col, tol), RuntimeWarning, stacklevel=2)
+    return {"row_residual": row, "col_residual": col, "converged": converged, "tol": tol}
+
+
 def composite(h_res_per_layer: Sequence[Tensor]) -> list[Tensor]:
     """Per-token composites ``[h_res_0, h_res_1 @ h_res_0, ...]`` (paper orientation; each ``[..., n, n]``)."""
     out: list[Tensor] = []
@@ -114,10 +153,11 @@ class Recorder:
     """Device-side accumulator of the diagnostics of each forward pass (see the module docstring). Created by
     :func:`collect`; ``summary()`` is the only method that syncs."""
 
-    def __init__(self, average: str = "token"):
+    def __init__(self, average: str = "token", col_tol: float = COLUMN_TOL):
         if average not in ("token", "matrix"):
             raise ValueError(f"mhc.diagnostics.Recorder: expected average in ('token', 'matrix'), got {average!r}")
         self.average = average
+        self.col_tol = float(col_tol)
         self.passes: list[list[Tensor]] = []
         self._seen: set[int] = set()
         self._product: Tensor | None = None
@@ -140,7 +180,8 @@ class Recorder:
 
     def summary(self) -> dict:
         """Sync and return per-depth lists averaged over the recorded passes (``max`` over passes for the two
-        Sinkhorn residuals), plus ``passes`` and ``layers``. Passes of another depth than the first are skipped."""
+        Sinkhorn residuals), plus ``passes``, ``layers`` and ``unconverged_sites`` (the depths whose column error
+        exceeds ``col_tol``; a ``RuntimeWarning`` names them). Passes of another depth than the first are skipped."""
         if not self.passes:
             raise RuntimeError("mhc.diagnostics.Recorder.summary: nothing recorded (no forward pass ran under collect)")
         depth = len(self.passes[0])
@@ -149,16 +190,22 @@ class Recorder:
         for i, name in enumerate(_STATS):
             col = table[:, :, i]
             out[name] = (col.amax(0) if name.endswith("residual") else col.mean(0)).tolist()
+        bad = [i for i, e in enumerate(out["col_residual"]) if not e <= self.col_tol]
+        out["unconverged_sites"] = bad
+        if bad:
+            worst = max(out["col_residual"][i] for i in bad)
+            where = f"mhc.diagnostics: sites {bad}"
+            warnings.warn(_unconverged_message(where, worst, self.col_tol), RuntimeWarning, stacklevel=2)
         return out
 
 
 @contextlib.contextmanager
-def collect(model: nn.Module, *, average: str = "token") -> Iterator[Recorder]:
+def collect(model: nn.Module, *, average: str = "token", col_tol: float = COLUMN_TOL) -> Iterator[Recorder]:
     """Hook every module of ``model`` that has an ``_h_res_hook`` slot (every :class:`mhc.MHC`) for the duration of
     the ``with`` block and yield the :class:`Recorder`; the hooks are removed on exit, even on error."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc.diagnostics.collect: expected model to be an nn.Module, got {type(model).__name__}")
-    rec = Recorder(average)
+    rec = Recorder(average, col_tol)
     hooked = [m for m in model.modules() if hasattr(m, "_h_res_hook")]
     if not hooked:
         raise ValueError("mhc.diagnostics.collect: expected a model containing mhc.MHC layers, found none")

@@ -27,6 +27,29 @@ def _require_lead(op: str, name: str, t: Tensor, expected: tuple, layout: str) -
         raise ValueError(f"{op}: expected {name} of shape {expected} {layout}, got {tuple(t.shape)}")
 
 
+def _streams_of(phi) -> int | None:
+    """The ``n`` with ``n*n + 2n == phi.shape[-1]``, or ``None``."""
+    if not isinstance(phi, Tensor) or phi.dim() != 2:
+        return None
+    m = phi.shape[-1]
+    n = int(round((m + 1) ** 0.5)) - 1  # n*n + 2n = (n + 1)^2 - 1
+    return n if n >= 1 and n * n + 2 * n == m else None
+
+
+def _require_expanded(op: str, residual: Tensor, phi) -> None:
+    """Name a forgotten :func:`mhc.expand`: ``phi [n*C, m]`` fixes ``n`` and ``C``; a residual ``[..., S, C]`` whose
+    stream dimension is not that ``n`` is an embedding that was never expanded (else the op would blame ``phi``)."""
+    n = _streams_of(phi)
+    if n is None or phi.shape[0] % n != 0:
+        return
+    C = phi.shape[0] // n
+    if residual.shape[-1] == C and residual.shape[-2] != n:
+        raise ValueError(
+            f"{op}: expected residual of shape [..., n={n}, C={C}] (phi is {tuple(phi.shape)} = [n*C, n*n + 2n]), "
+            f"got {tuple(residual.shape)}: did you forget mhc.expand(x, {n})?"
+        )
+
+
 def sinkhorn(logits: Tensor, iters: int = 20, *, eps: float = 0.0) -> Tensor:
     """Sinkhorn-Knopp projection (Eq. 9) of ``exp(logits)``, differentiable (exact unrolled backward).
 
@@ -36,6 +59,17 @@ def sinkhorn(logits: Tensor, iters: int = 20, *, eps: float = 0.0) -> Tensor:
         eps: guard added to each normalising sum; 0 (default) is exactly Eq. 9.
     Returns:
         ``[..., n, n]``: rows sum to 1, columns to within the truncation error.
+
+    Convergence: rows always sum to 1; the column error shrinks geometrically, at a rate per iteration that goes to
+    1 as the logits sharpen (the Birkhoff contraction ratio ``tanh(D/4)^2``, ``D`` growing linearly with the spread
+    of the logits; ``docs/spec.md`` §3.3). Measured for ``n = 4``, 20 iterations, 2000 matrices of i.i.d.
+    ``N(0, std^2)`` logits (``python -m profiling.sinkhorn_convergence --n 4 --iters 20``), the worst column error is
+    7.8e-4 at std 1, 4.4e-2 at std 3, 9.4e-2 at std 6, 0.22 at std 10 and 2.0 (columns summing to 0.5 .. 2) at std
+    100 and beyond, where ``exp(logits)`` is a 0/1 pattern that 20 iterations cannot balance and the gradient
+    vanishes (at std 1e4 its largest entry is 0 in float32, 4e-16 in float64). That regime is a property of the
+    math, not an error: the result stays finite and its rows stochastic, and :func:`mhc.diagnostics.sinkhorn_report`
+    flags it.
+
     Raises:
         ValueError: the last two dims differ, ``iters < 1`` or ``eps < 0``. (On CUDA, ``n > 16`` runs the PyTorch
             reference, with a warning.)
@@ -85,6 +119,7 @@ def pre_mapping(
     _checks.require_float(op, "sinkhorn_eps", sinkhorn_eps)
     for name, t in (("phi", phi), ("alpha", alpha), ("bias", bias)):
         _checks.require_tensor(op, name, t)
+    _require_expanded(op, residual, phi)
     flat = _checks.aligned_contiguous(residual.reshape(-1, n, C))
     phi, alpha, bias = (_checks.aligned_contiguous(t) for t in (phi, alpha, bias))
     layer_input, h_post, h_res, *_ = _ops.pre_mapping_fwd(
@@ -111,6 +146,11 @@ def post_res(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tens
     _checks.require_tensor(op, "layer_output", layer_output)
     _checks.require_tensor(op, "h_post", h_post)
     _checks.require_tensor(op, "h_res", h_res)
+    if h_res.dim() >= 2 and h_res.shape[-1] != n and layer_output.dim() == residual.dim():
+        raise ValueError(
+            f"{op}: expected residual of shape [..., n={h_res.shape[-1]}, C] (from h_res {tuple(h_res.shape)}), "
+            f"got {tuple(residual.shape)}, the rank of layer_output: did you forget mhc.expand(x, {h_res.shape[-1]})?"
+        )
     _require_lead(op, "layer_output", layer_output, (*lead, C), "[..., C]")
     _require_lead(op, "h_post", h_post, (*lead, n), "[..., n]")
     _require_lead(op, "h_res", h_res, (*lead, n, n), "[..., n, n]")

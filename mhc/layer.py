@@ -8,11 +8,11 @@ A model::
     h = mhc.expand(embed(tokens), n)                      # [B, S, n, C]
     for attn, ffn in blocks:                              # MHC(attn_module, C, n, kind="attn", layer_index=2*i) ...
         h = ffn(attn(h))
-    logits = lm_head(final_norm(mhc.collapse(h, head)))   # head: mhc.MHCHead(C, n) or "sum" / "mean"
+    logits = lm_head(final_norm(mhc.collapse(h, n, head)))  # head: mhc.MHCHead(C, n), "sum" or "mean"
 
-Initialisation (``init="identity"``, the default) follows the "A.6" static biases quoted by
-``shared/docs/mhc-spec.md`` §1.5 and ``peers.md`` (PaddleFleet PR #1848), so that a fresh layer is a plain pre-norm
-residual around its home stream ``k = layer_index % n``:
+Initialisation (``init="identity"``, the default) follows the "A.6" static biases that PaddleFleet PR #1848
+attributes to the paper (``docs/spec.md`` §5, where their provenance is discussed), so that a fresh layer is a plain
+pre-norm residual around its home stream ``k = layer_index % n``:
 
 * ``b_pre = -3`` except ``+3`` at stream ``k``: ``H_pre[k] = σ(3) = 0.9526``, the others ``σ(-3) = 0.0474``;
 * ``b_post = 0``: ``H_post = 2σ(0) = 1`` on every stream (F's output is added to each stream once);
@@ -20,8 +20,8 @@ residual around its home stream ``k = layer_index % n``:
   diagonal ``1 / (1 + (n-1)e^-6) = 0.99262`` and off-diagonal ``0.00246`` at ``n = 4`` (0.99753 at n = 2,
   0.98294 at n = 8); rows sum to 1 exactly;
 * ``phi = 0`` and ``alpha = 0.01`` (the paper's gating init, Table 5): the coefficients start as the bias values for
-  every token. Zero ``phi`` is Hyper-Connections' own choice for its dynamic weights (``W = 0``, ``s = 0.01``, spec
-  §1.3): the start is then exactly the static map above, and learning still begins at step one because
+  every token. Zero ``phi`` is Hyper-Connections' own choice for its dynamic weights (``W = 0``, ``s = 0.01``,
+  ``docs/spec.md`` §6): the start is then exactly the static map above, and learning still begins at step one because
   ``d phi = x^T (d logits * alpha / r)`` is non-zero (only ``d alpha``, proportional to ``phi``, starts at zero).
 
 With streams that are equal (as :func:`expand` makes them), the site then computes on every stream
@@ -36,7 +36,10 @@ another dtype (an FSDP2 ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` cas
 inside, and the gradient flows back through that cast. A sublayer output in another dtype than the residual (bf16 out
 of ``torch.autocast`` next to an fp32 residual) is cast to the residual dtype. The mHC ops run with autocast disabled
 (autocast would otherwise lower the ``x @ phi`` projection inside the op to bf16); the sublayer runs under the
-caller's autocast. The projection runs in fp32; on CUDA it follows ``torch.backends.cuda.matmul.allow_tf32``
+caller's autocast. Without autocast, the sublayer is called in the dtype of its parameters: the layer input is cast
+to the dtype of the sublayer's first floating-point parameter (so ``Precision.BF16`` around an fp32 ``nn.Linear``
+keeps a bf16 residual and computes the sublayer in fp32; use ``torch.autocast`` to run it in bf16). The projection
+runs in fp32; on CUDA it follows ``torch.backends.cuda.matmul.allow_tf32``
 (the paper's TF32, opt-in; the layer never changes global settings).
 """
 
@@ -156,18 +159,34 @@ def expand(x: Tensor, n: int) -> Tensor:
     return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
 
 
-def collapse(residual: Tensor, how: str | MHCHead = "sum") -> Tensor:
+def collapse(residual: Tensor, n: int | MHCHead, how: str | MHCHead = "sum") -> Tensor:
     """``n`` residual streams ``[..., n, C]`` -> ``[..., C]`` for the final norm and unembedding.
 
-    ``how``: ``"sum"`` (Hyper-Connections' choice: sum, then the final norm), ``"mean"``, or an :class:`MHCHead`
-    (DeepSeek's learned per-token weights, spec §1.2).
+    ``n`` is the stream count, as in :func:`expand` (``collapse(h, 4)``, ``collapse(h, 4, "mean")``); the
+    residual's stream dimension must equal it, so an un-expanded ``[B, S, C]`` is refused instead of being summed
+    over ``S``. ``how``: ``"sum"`` (Hyper-Connections' choice: sum, then the final norm), ``"mean"``, or an
+    :class:`MHCHead` (DeepSeek's learned per-token weights, ``docs/spec.md`` §1.3). An :class:`MHCHead` knows its
+    ``n`` and may be passed in ``n``'s place: ``collapse(h, head)``.
     """
-    if isinstance(how, MHCHead):
-        return how(residual)
+    if isinstance(n, MHCHead):
+        how, n = n, n.n_streams
+    if isinstance(n, str):
+        raise TypeError(
+            f"mhc.collapse: expected n (the stream count, as in mhc.expand(x, n)) before how, got {n!r}: "
+            f"write mhc.collapse(h, n, {n!r})"
+        )
+    _require_int("mhc.collapse", "n", n, 1)
     if not isinstance(residual, Tensor):
         raise TypeError(f"mhc.collapse: expected residual to be a torch.Tensor, got {type(residual).__name__}")
-    if residual.dim() < 2:
-        raise ValueError(f"mhc.collapse: expected residual of shape [..., n, C], got {list(residual.shape)}")
+    if residual.dim() < 2 or residual.shape[-2] != n:
+        raise ValueError(
+            f"mhc.collapse: expected residual of shape [..., n={n}, C], got {list(residual.shape)}"
+            + f": did you forget mhc.expand(x, {n})?"
+        )
+    if isinstance(how, MHCHead):
+        if how.n_streams != n:
+            raise ValueError(f"mhc.collapse: expected an MHCHead with n_streams={n}, got n_streams={how.n_streams}")
+        return how(residual)
     if how == "sum":
         return residual.sum(-2)
     if how == "mean":
@@ -176,7 +195,7 @@ def collapse(residual: Tensor, how: str | MHCHead = "sum") -> Tensor:
 
 
 class MHCHead(nn.Module):
-    """DeepSeek's learned collapse at the head (spec §1.2, TileKernels' ``mhc_head``): per token,
+    """DeepSeek's learned collapse at the head (``docs/spec.md`` §1.3, TileKernels' ``mhc_head``): per token,
 
         x~ = vec(x) / sqrt(mean(vec(x)^2) + rms_eps)          (RMS-normalised flattened residual, [n*C])
         w  = sigmoid(alpha * (x~ @ phi) + bias) + eps          ([n]; phi [n*C, n], alpha [1], bias [n])
@@ -279,7 +298,9 @@ class MHC(nn.Module):
         kind: ``"attn"`` or ``"ffn"``: with ``post_stream="auto"`` FFN sites run F_post,res on the high-priority
             stream (paper §4.3.3).
         layer_index: picks the home stream ``layer_index % n`` of ``init="identity"``; count sites (attention and FFN
-            separately, as Hyper-Connections does), e.g. ``2*block`` and ``2*block + 1``.
+            separately, as Hyper-Connections does), e.g. ``2*block`` and ``2*block + 1``. ``None`` (default): unset;
+            the layer starts on stream 0 and an :class:`mhc.MHCStack` assigns the site's position in the stack
+            (re-initialising the biases, if they are still the fresh ones, for the new home stream).
         sinkhorn_iters, post_mult, rms_eps, sinkhorn_eps: as :func:`mhc.pre_mapping` (paper: 20, 2.0).
         init: ``"identity"`` (plain residual at start, the A.6 biases; see the module docstring) or ``"uniform"``.
         precision: an :class:`mhc.Precision`.
@@ -298,7 +319,7 @@ class MHC(nn.Module):
         n_streams: int = 4,
         *,
         kind: str = "attn",
-        layer_index: int = 0,
+        layer_index: int | None = None,
         sinkhorn_iters: int = 20,
         post_mult: float = 2.0,
         rms_eps: float = 1e-6,
@@ -316,7 +337,7 @@ class MHC(nn.Module):
         self.sublayer = sublayer
         self.hidden_size = _require_int("MHC", "hidden_size", hidden_size, 1)
         self.n_streams = _require_int("MHC", "n_streams", n_streams, 1)
-        self.layer_index = _require_int("MHC", "layer_index", layer_index, 0)
+        self.layer_index = None if layer_index is None else _require_int("MHC", "layer_index", layer_index, 0)
         self.sinkhorn_iters = _require_int("MHC", "sinkhorn_iters", sinkhorn_iters, 1)
         for name, v in (("post_mult", post_mult), ("rms_eps", rms_eps), ("sinkhorn_eps", sinkhorn_eps)):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -348,8 +369,32 @@ class MHC(nn.Module):
 
     @property
     def home_stream(self) -> int:
-        """The stream ``init="identity"`` reads from: ``layer_index % n_streams``."""
-        return self.layer_index % self.n_streams
+        """The stream ``init="identity"`` reads from: ``layer_index % n_streams`` (0 while ``layer_index`` is unset)."""
+        return (self.layer_index or 0) % self.n_streams
+
+    def assign_layer_index_(self, index: int) -> MHC:
+        """Set an unset ``layer_index`` (what :class:`mhc.MHCStack` does with each site's position). If the biases
+        are still the fresh ``init`` values for the old home stream, they are re-initialised for the new one;
+        trained or loaded biases are kept (``layer_index`` only chooses the initialisation). Returns ``self``."""
+        _require_int("MHC.assign_layer_index_", "index", index, 0)
+        if self.layer_index is not None:
+            raise ValueError(f"MHC.assign_layer_index_: layer_index is already set ({self.layer_index})")
+        fresh = self.init == "identity" and self.bias.device.type != "meta" and self._pre_bias_is_fresh()
+        self.layer_index = index
+        if fresh:
+            with torch.no_grad():
+                self.bias[: self.n_streams].copy_(self._fresh_pre_bias())
+        return self
+
+    def _fresh_pre_bias(self) -> Tensor:
+        n = self.n_streams
+        b = torch.full((n,), -3.0, device=self.bias.device, dtype=self.bias.dtype)
+        b[self.home_stream] = 3.0
+        return b
+
+    def _pre_bias_is_fresh(self) -> bool:
+        with torch.no_grad():
+            return bool(torch.equal(self.bias[: self.n_streams], self._fresh_pre_bias()))
 
     @property
     def high_priority_post(self) -> bool:
@@ -364,8 +409,7 @@ class MHC(nn.Module):
             self.alpha.fill_(0.01)
             self.bias.zero_()
             if self.init == "identity":
-                self.bias[:n].fill_(-3.0)
-                self.bias[self.home_stream] = 3.0
+                self.bias[:n].copy_(self._fresh_pre_bias())
                 eye = torch.eye(n, device=self.bias.device, dtype=self.bias.dtype)
                 self.bias[2 * n :].copy_((6.0 * eye - 3.0).flatten())
 
@@ -438,11 +482,23 @@ class MHC(nn.Module):
                 out = F.post_res(y, residual, ctx.h_post, ctx.h_res)
         return out
 
+    def _sublayer_input(self, layer_input: Tensor) -> Tensor:
+        """The layer input in the dtype the sublayer computes in: unchanged under autocast (autocast picks the
+        dtypes) or when the sublayer has no floating-point parameter; else cast to its first floating-point
+        parameter's dtype (a bf16 residual policy around an fp32 sublayer computes the sublayer in fp32)."""
+        dev = layer_input.device.type
+        if not isinstance(self.sublayer, nn.Module) or (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)):
+            return layer_input
+        for p in self.sublayer.parameters():
+            if p.is_floating_point():
+                return layer_input.to(p.dtype)
+        return layer_input
+
     def forward(self, residual: Tensor, *args, **kwargs) -> Tensor:
         if self.sublayer is None:
             raise TypeError("MHC.forward: this layer has no sublayer (sublayer=None); use pre() and post()")
         layer_input, ctx = self.pre(residual)
-        layer_output = self.sublayer(layer_input, *args, **kwargs)
+        layer_output = self.sublayer(self._sublayer_input(layer_input), *args, **kwargs)
         if not isinstance(layer_output, Tensor):
             raise TypeError(
                 f"MHC.forward: expected the sublayer to return a torch.Tensor [..., C], got {type(layer_output).__name__}"

@@ -156,7 +156,7 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
-class MHCStack(nn.Module):
+class MHCStack(nn.ModuleList):
     """A sequence of :class:`~mhc.MHC` sites applied in order, with optional block recomputation (module docstring).
 
     Args:
@@ -166,10 +166,16 @@ class MHCStack(nn.Module):
 
     ``forward(residual, *args, **kwargs)``: ``[..., n, C] -> [..., n, C]``; extra arguments go to every sublayer.
     Recomputation only happens when gradients are being recorded; under ``torch.no_grad`` the plain path runs.
+
+    The stack *is* an ``nn.ModuleList`` of its sites: ``stack[i]``, ``len(stack)``, iteration, and the state-dict keys
+    of a plain ``nn.ModuleList`` (``sites.0.phi`` for ``self.sites = MHCStack(...)``), with or without recomputation,
+    so a checkpoint moves between a ModuleList of sites and a stack. Checkpoints written by the earlier layout
+    (``sites.layers.0.phi``) still load. Sites built without a ``layer_index`` get their position in the stack
+    (:meth:`mhc.MHC.assign_layer_index_`), so that ``init="identity"`` rotates the home stream as Hyper-Connections
+    does; sites with one keep it.
     """
 
     def __init__(self, layers: Iterable[MHC], recompute_block: int | str | None = "auto"):
-        super().__init__()
         layers = list(layers)
         if not layers:
             raise ValueError("MHCStack: expected at least one mhc.MHC layer, got none")
@@ -178,7 +184,6 @@ class MHCStack(nn.Module):
                 raise TypeError(f"MHCStack: expected layers[{i}] to be an mhc.MHC, got {type(layer).__name__}")
             if layer.sublayer is None:
                 raise ValueError(f"MHCStack: expected layers[{i}] to have a sublayer, got sublayer=None")
-        self.layers = nn.ModuleList(layers)
         if recompute_block == "auto":
             recompute_block = optimal_block(layers[0].n_streams, len(layers))
         elif recompute_block is None:
@@ -189,21 +194,31 @@ class MHCStack(nn.Module):
             )
         elif recompute_block < 0:
             raise ValueError(f"MHCStack: expected recompute_block >= 0, got {recompute_block}")
+        super().__init__(layers)
+        for i, layer in enumerate(layers):
+            if layer.layer_index is None:
+                layer.assign_layer_index_(i)
         self.recompute_block = recompute_block
+        self._register_load_state_dict_pre_hook(_accept_old_keys)
+
+    @property
+    def layers(self) -> list[MHC]:
+        """The sites, in order (the stack itself is the ``nn.ModuleList``)."""
+        return list(self)
 
     def extra_repr(self) -> str:
         return f"recompute_block={self.recompute_block}"
 
     def blocks(self) -> list[list[MHC]]:
         """The sites grouped into recompute blocks (one block of all sites when recomputation is off)."""
-        r = self.recompute_block or len(self.layers)
-        layers = list(self.layers)
+        layers = list(self)
+        r = self.recompute_block or len(layers)
         return [layers[i : i + r] for i in range(0, len(layers), r)]
 
     def forward(self, residual: Tensor, *args, **kwargs) -> Tensor:
         h = residual
         if not self.recompute_block or not torch.is_grad_enabled():
-            for layer in self.layers:
+            for layer in self:
                 h = layer(h, *args, **kwargs)
             return h
         compiling = torch.compiler.is_compiling()
@@ -221,6 +236,14 @@ class MHCStack(nn.Module):
             else:
                 h = _run_block_eager(block, h, args, kwargs)
         return h
+
+
+def _accept_old_keys(state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: rename ``{prefix}layers.<i>.*`` (the layout before the stack became a ModuleList)
+    to ``{prefix}<i>.*``."""
+    old = prefix + "layers."
+    for key in [k for k in state_dict if k.startswith(old) and k[len(old) :].split(".", 1)[0].isdigit()]:
+        state_dict[prefix + key[len(old) :]] = state_dict.pop(key)
 
 
 def _run_block(block: list[MHC], h: Tensor, args: tuple, kwargs: dict) -> Tensor:

@@ -159,6 +159,16 @@ def sinkhorn(logits: Tensor, iters: int = 20, eps: float = 0.0) -> Tensor:
     Returns:
         ``[..., n, n]`` in ``logits.dtype``. Rows sum to 1 (the last step normalises rows); columns are within the
         truncation error of ``iters`` steps.
+
+    Convergence: rows always sum to 1; the column error shrinks geometrically, at a rate per iteration that goes to
+    1 as the logits sharpen (the Birkhoff contraction ratio ``tanh(D/4)^2``, ``D`` growing linearly with the spread
+    of the logits; ``docs/spec.md`` §3.3). Measured for ``n = 4``, 20 iterations, 2000 matrices of i.i.d.
+    ``N(0, std^2)`` logits (``python -m profiling.sinkhorn_convergence --n 4 --iters 20``), the worst column error is
+    7.8e-4 at std 1, 4.4e-2 at std 3, 9.4e-2 at std 6, 0.22 at std 10 and 2.0 (columns summing to 0.5 .. 2) at std
+    100 and beyond, where ``exp(logits)`` is a 0/1 pattern that 20 iterations cannot balance and the gradient
+    vanishes (at std 1e4 its largest entry is 0 in float32, 4e-16 in float64). That regime is a property of the
+    math, not an error: the result stays finite and its rows stochastic, and :func:`mhc.diagnostics.sinkhorn_report`
+    flags it.
     """
     if iters < 1:
         raise ValueError(f"sinkhorn: expected iters >= 1, got {iters}")

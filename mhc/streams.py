@@ -3,8 +3,8 @@ run on a dedicated high-priority compute stream, so overlapped communication nev
 
 The fork and join live *inside* an opaque custom op, ``mhc::post_res_hp_fwd`` (and its backward
 ``mhc::post_res_hp_bwd``), so ``torch.compile`` sees one node and CUDA-graph capture sees a fork from and a join to
-the capturing stream (the recipe of ``shared/docs/conventions.md`` §3.5, verified there on an H100: the kernel ran on
-the high-priority stream, and a captured graph replayed correctly with the node at priority -3). On CUDA::
+the capturing stream (a recipe checked on an H100 outside this repository's tests: the kernel ran on the
+high-priority stream, and a captured graph replayed correctly with the node at priority -3). On CUDA::
 
     hp = high_priority_stream(device)        # created once per device, on first use (never at import)
     hp.wait_stream(cur)                      # fork: hp sees everything cur has queued (the inputs)

@@ -65,8 +65,9 @@ def cmd_compare(rest: list[str]) -> int:
     current = args.current
     if current is None:
         if not _has_gpu():
-            print("No CUDA GPU on this machine: nothing to compare (committed results are GPU timings).")
-            return 0
+            print("bench-compare: no CUDA GPU on this machine, so no current run to compare: the committed results are "
+                  "GPU timings (exit 2). Compare two existing runs with --current DIR [--baseline DIR].")  # fmt: skip
+            return compare.NOTHING_TO_COMPARE
         current = CURRENT_OUT
         rc = bench.main([*([] if args.full else ["--quick"]), *bench_args, "--out", str(current)])
         if rc:

@@ -2,8 +2,8 @@
 and Liger-Kernel's mHC ops (``liger_kernel.ops.mhc``, Triton). Neither is a dependency: each is used when it
 imports and its adapter agrees with our reference on a small input, and skipped with a note otherwise.
 
-The adapters are written from the documented APIs (``../shared/docs/peers.md`` §2.1, §2.6 and its 2026-11
-addendum; ``mhc-spec.md`` §5), which differ between releases, so each one looks a function up under a few module
+The adapters are written from the packages' documented APIs (their READMEs and docstrings; the conventions are in
+``docs/spec.md`` §7), which differ between releases, so each one looks a function up under a few module
 paths and binds its parameters **by name** (``bind``): a parameter it does not know makes the baseline skip with
 that name in the note, never a wrong call. Conventions bridged:
 

@@ -12,8 +12,10 @@ the Transformer-block overhead (:mod:`profiling.block`). ``python -m profiling``
 Timer (:func:`make_timer`): TileLang's ``do_bench`` with the CUDA-event backend (L2 flushed before every call,
 256 MB, 25 ms warm-up, 200 ms of repetitions), reporting the median and the 20th/80th percentiles of the per-call
 times, then its CUPTI backend for the mean kernel time alone (``kernel_us``; TileLang 0.1.15's CUPTI backend
-returns one float and ignores ``quantiles``). On a CPU the host clock. Bytes come from the one byte model,
-:mod:`profiling.bytemodel` (spec §6.2: every input read once, every output written once).
+returns one float and ignores ``quantiles``). On a CPU the host clock (:func:`host_bench`: at least 7 calls and
+0.2 s per measurement), and records whose p20-p80 range is wider than half their median are flagged as noise in
+``bench.md`` and on stderr (:func:`noise_warning`). Bytes come from the one byte model, :mod:`profiling.bytemodel`
+(``docs/spec.md`` §10: every input read once, every output written once).
 
 The copy bandwidth is measured on the device (a 1 GiB bf16 ``copy_``, read + write), so "% copy" is the fraction of
 what this GPU can actually move, not of a datasheet number, and ``floor_us`` = bytes / that bandwidth
@@ -114,17 +116,63 @@ def make_timer(device: str, do_bench=None, *, cupti: bool = True):
         how = "tilelang do_bench: CUDA events per call, L2 flushed (256 MB), median [p20, p80]"
         return bench, how + ("; CUPTI mean kernel time" if cupti else "")
 
-    def bench(fn) -> Timing:
-        fn()
-        ts = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e6)
-        ts.sort()
-        return Timing(statistics.median(ts), ts[1], ts[-2])
+    return host_bench, (
+        f"host clock (CPU dry run): median [p20, p80] of {CPU_MIN_CALLS}-{CPU_MAX_CALLS} calls (at least "
+        f"{CPU_MIN_S:g} s) after one warm-up call"
+    )
 
-    return bench, "host clock (CPU dry run), median of 5"
+
+#: the host-clock timer's repetitions: at least CPU_MIN_CALLS calls and CPU_MIN_S seconds, at most CPU_MAX_CALLS
+CPU_MIN_CALLS, CPU_MAX_CALLS, CPU_MIN_S = 7, 100, 0.2
+#: a record whose p20-p80 range is wider than this fraction of its median is flagged as noise (:func:`unstable`)
+UNSTABLE_SPREAD = 0.5
+
+
+def host_bench(fn, clock=time.perf_counter) -> Timing:
+    """The host-clock timer of CPU runs: one warm-up call, then calls until both :data:`CPU_MIN_CALLS` calls and
+    :data:`CPU_MIN_S` seconds are reached (at most :data:`CPU_MAX_CALLS`); median and 20th/80th percentiles. On a
+    busy machine single calls swing by an order of magnitude, so a handful of calls is not enough; the spread shows
+    how far the median can be trusted (:func:`unstable`)."""
+    fn()
+    ts: list[float] = []
+    start = clock()
+    while len(ts) < CPU_MAX_CALLS and (len(ts) < CPU_MIN_CALLS or clock() - start < CPU_MIN_S):
+        t0 = clock()
+        fn()
+        ts.append((clock() - t0) * 1e6)
+    ts.sort()
+    q = statistics.quantiles(ts, n=5, method="inclusive")  # 20th, 40th, 60th, 80th percentiles
+    return Timing(statistics.median(ts), q[0], q[3])
+
+
+def spread(record: dict) -> float | None:
+    """``(p80 - p20) / median`` of a record, ``None`` without percentiles."""
+    if record.get("p20_us") is None or record.get("p80_us") is None or not record.get("us"):
+        return None
+    return (record["p80_us"] - record["p20_us"]) / record["us"]
+
+
+def unstable(records: list[dict], limit: float = UNSTABLE_SPREAD) -> list[dict]:
+    """The records whose p20-p80 range exceeds ``limit`` times their median: too noisy to mean anything."""
+    return [r for r in records if (s := spread(r)) is not None and s > limit]
+
+
+def noise_warning(result: dict) -> str | None:
+    """One paragraph naming how many records are too noisy, with the machine's load, or ``None``."""
+    records = [*result.get("records", []), *result.get("block", [])]
+    bad = unstable(records)
+    if not bad:
+        return None
+    worst = max(bad, key=spread)
+    load = result["meta"].get("loadavg")
+    where = f" (load average {load:.1f} on {os.cpu_count()} cores)" if load is not None else ""
+    name = worst.get("op") or worst.get("variant")
+    return (
+        f"**Unstable timings**: {len(bad)} of {len(records)} records have a p20-p80 range wider than "
+        f"{UNSTABLE_SPREAD:.0%} of their median (worst: {name} {worst.get('mode', '')}, "
+        f"{spread(worst):.0%}){where}. The machine is busy or the calls are too short to time: treat those numbers "
+        "as noise and rerun on an idle machine."
+    )
 
 
 def standin_do_bench(fn, warmup=25, rep=100, quantiles=None, backend="event", return_mode="mean", **_):
@@ -319,7 +367,7 @@ def run(args) -> dict:
                 for T in (t for t in (SINKHORN_TOKENS if device != "cpu" else ()) if t not in sweep_tokens):
                     _sinkhorn_rows(bench, copy_gbs, dtype, n, T, device, rows, time_baselines, time_others, progress)
         if not args.no_block:
-            # on a CPU the host clock (6 calls) even under --timer standin: the kernels exercised the timer's code
+            # on a CPU the host clock (host_bench) even under --timer standin: the kernels exercised the timer's code
             block_timer = bench if device != "cpu" else make_timer("cpu")[0]
             block_records, block_notes = block_bench.run(
                 block_timer, copy_gbs, block_hidden, block_tokens, args.n, torch.float32 if device == "cpu" else dtype,
@@ -517,6 +565,7 @@ def _meta(device, how, copy_gbs, dtype, n):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "timer": how,
         "copy_GBps": copy_gbs, "dtype": str(dtype).removeprefix("torch."), "n": n, "sinkhorn_iters": ITERS,
         "python": sys.version.split()[0],
+        "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }  # fmt: skip
 
 
@@ -532,6 +581,15 @@ def _alt(r, key):
     return "–" if us is None else f"{us:.1f} ({sp:.2f}x)" if sp is not None else f"{us:.1f}"
 
 
+def _time_legend(timer: str) -> str:
+    """What the µs columns are, for the timer that made them."""
+    if timer.startswith("host clock"):
+        return "µs: median per call on the host clock (a CPU run), p20-p80 beside it; no kernel time."
+    if timer.startswith("STAND-IN"):
+        return "µs: the CUDA timing code driven by a host-clock stand-in (a dry run), p20-p80 beside it."
+    return "µs: median per call (CUDA events, L2 flushed), p20-p80 beside it; kernel µs: CUPTI mean kernel time."
+
+
 def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [
@@ -541,7 +599,7 @@ def markdown(result: dict) -> str:
         f"tilelang {m['tilelang']}, activations {m['dtype']}, Sinkhorn {m['sinkhorn_iters']} iterations.",
         f"Measured copy bandwidth: {m['copy_GBps']:.0f} GB/s (read + write). Timer: {m['timer']}.",
         "",
-        "µs: median per call (CUDA events, L2 flushed), p20-p80 beside it; kernel µs: CUPTI mean kernel time. "
+        _time_legend(m["timer"]) + " "
         "GB/s and % copy from the byte model (docs/benchmarks.md) and the median; floor µs = bytes / measured copy "
         "bandwidth (t_min), x floor = µs / floor. Alternatives: µs (our speed-up over them).",
         "",
@@ -558,6 +616,9 @@ def markdown(result: dict) -> str:
             f"{spread} | {_f(r.get('kernel_us'))} | {r['GBps']:.0f} | {r['pct_copy']:.0f} | "
             f"{_f(r.get('floor_us'))} | {_f(r.get('x_floor'), '{:.2f}')} | {alts} |"
         )
+    warning = noise_warning(result)
+    if warning:
+        lines += ["", warning]
     lines += block_bench.markdown(result.get("block", []), result.get("block_notes", []))
     notes = [f"{v['label']}: {v['note']}" for v in m.get("baselines", {}).values()] + m.get("baseline_skips", [])
     if notes:
@@ -663,7 +724,7 @@ def gpu_dir_name() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="the target shapes only (fits the GPU run's stage 3)")
     ap.add_argument("--n", type=int, default=4)
@@ -704,6 +765,9 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out) if args.out else ROOT / "profiling" / "results" / gpu_dir_name()
     md = write(result, out)
     print(md)
+    warning = noise_warning(result)
+    if warning:
+        print("WARNING: " + warning.replace("**", ""), file=sys.stderr)
     print(f"wrote {out / 'bench.json'}, bench.md, bench.png, alternatives.png, block.png", file=sys.stderr)
     return 0
 

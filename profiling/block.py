@@ -195,7 +195,7 @@ def markdown(records: list[dict], notes: list[str]) -> list[str]:
         f"Pre-norm block (RMSNorm + causal SDPA attention, RMSNorm + SwiGLU FFN), one sequence. Overhead = time / "
         f"plain - 1. Floor = the byte model's extra mHC traffic at the measured copy bandwidth / plain time. Paper: "
         f"{bytemodel.PAPER_OVERHEAD_PCT}% end to end at n=4 in its training setup, with DualPipe overlap, which one GPU "
-        "cannot reproduce (the model behind that number is not stated; spec §7).",
+        "cannot reproduce (the model behind that number is not stated; docs/spec.md §11).",
         "",
         "| C | T | variant | µs | p20-p80 µs | overhead % | floor % | paper % | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -1,4 +1,4 @@
-"""The one byte model of the benchmarks (spec §6.2): minimum DRAM traffic per kernel, the floor time
+"""The one byte model of the benchmarks (``docs/spec.md`` §10): minimum DRAM traffic per kernel, the floor time
 ``bytes / bandwidth`` (TransformerEngine calls it t_min) and the analytic floor tables for H100 and H200.
 
 Every input is read once and every output written once; activations count in their dtype, coefficients in fp32;
@@ -16,7 +16,7 @@ from __future__ import annotations
 NOMINAL_GBPS = {"H100 SXM": 3350.0, "H200": 4800.0}
 #: Assumed fraction of the nominal bandwidth a copy achieves (typical, not measured here).
 ACHIEVABLE = 0.9
-#: The paper's measured end-to-end training overhead of mHC at n=4 (with DualPipe overlap; spec §4.1).
+#: The paper's measured end-to-end training overhead of mHC at n=4 (with DualPipe overlap; docs/spec.md §11).
 PAPER_OVERHEAD_PCT = 6.7
 
 
@@ -41,7 +41,7 @@ def sinkhorn_bytes(T: int, n: int, mode: str) -> int:
 
 
 def pre_mapping_bytes(T: int, n: int, C: int, esize: int, mode: str, splits: int = 1) -> int:
-    """The two-read design (spec §6.2): fwd reads x twice (projection, then F_pre) and writes layer_input, plus the
+    """The two-read design (``docs/spec.md`` §10): fwd reads x twice (projection, then F_pre) and writes layer_input, plus the
     coefficient outputs and split partials; bwd reads x and g_li twice (the <g_li, x_i> pass, then the d_x/d_phi
     pass) and writes d_x, plus the small per-token vectors. phi stays in L2 and is not counted."""
     m = n * n + 2 * n
@@ -127,7 +127,7 @@ def floor_rows(gbps: float, n: int = 4, esize: int = 2, hidden=TABLE_HIDDEN, tok
 def floor_markdown(n: int = 4, esize: int = 2, achievable: float = ACHIEVABLE) -> str:
     """The analytic floor tables (µs) for H100 SXM and H200 at ``achievable`` x nominal bandwidth."""
     lines = [
-        f"Analytic floor times in µs (spec §6.2 byte model, n={n}, {8 * esize}-bit activations): bytes / bandwidth, "
+        f"Analytic floor times in µs (byte model of docs/spec.md §10, n={n}, {8 * esize}-bit activations): bytes / bandwidth, "
         f"at {achievable:.0%} of nominal HBM bandwidth. The {achievable:.0%} is an ASSUMPTION (a typical copy "
         "efficiency), not a measurement; a GPU run measures its own copy bandwidth and uses that instead.",
     ]

@@ -4,6 +4,10 @@ Records are matched by their key (kernels: op, mode, n, T, C; blocks: variant, n
 CUPTI kernel time when both runs have it, else the median per call. A record slower by more than ``threshold``
 (default 10%) prints a ``FLAG`` line and makes the exit status 1; faster ones are listed as improvements; records
 only in one run are counted. Runs on different devices are refused (the comparison would mean nothing).
+
+Exit status: 0 when something was compared and nothing is slower, 1 when anything is slower, 2 when there is
+nothing to compare: no committed results for this GPU, no CUDA GPU to make a current run on (the committed results
+are GPU timings), or two runs without a record in common. Each of those says so on one line.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import pathlib
 from dataclasses import dataclass
 
 THRESHOLD = 0.10
+#: exit status of a comparison that compared nothing (module docstring)
+NOTHING_TO_COMPARE = 2
 
 
 @dataclass(frozen=True)
@@ -93,11 +99,15 @@ def load(path: pathlib.Path) -> dict:
 
 
 def main_compare(baseline_path, current_path, threshold: float = THRESHOLD) -> int:
-    """Prints the comparison; 1 when anything is slower by more than ``threshold``, 2 when there is no baseline."""
+    """Prints the comparison; 1 when anything is slower by more than ``threshold``, 2 when nothing was compared (no
+    baseline, or no record in both runs)."""
     baseline_path = pathlib.Path(baseline_path)
     if not (baseline_path / "bench.json" if baseline_path.is_dir() else baseline_path).is_file():
-        print(f"bench-compare: no committed results at {baseline_path}: nothing to compare against")
-        return 2
+        print(f"bench-compare: no committed results at {baseline_path}: nothing to compare against (exit 2)")
+        return NOTHING_TO_COMPARE
     report = compare(load(baseline_path), load(current_path), threshold)
     print(render(report, threshold))
+    if not (report["slower"] or report["faster"] or report["same"]):
+        print("bench-compare: the two runs have no timed record in common: nothing was compared (exit 2)")
+        return NOTHING_TO_COMPARE
     return 1 if report["slower"] else 0

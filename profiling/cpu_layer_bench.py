@@ -69,7 +69,7 @@ class Model(nn.Module):
         for site in self.sites:
             h = site(h)
         if self.n:
-            h = mhc.collapse(h, "sum")
+            h = mhc.collapse(h, self.n, "sum")
         return self.lm_head(self.norm(h))
 
 

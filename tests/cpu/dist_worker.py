@@ -39,7 +39,7 @@ class Model(nn.Module):
         self.head = nn.Linear(C, 1)
 
     def forward(self, x):
-        return self.head(mhc.collapse(self.stack(mhc.expand(self.embed(x), N)), "mean")).squeeze(-1)
+        return self.head(mhc.collapse(self.stack(mhc.expand(self.embed(x), N)), N, "mean")).squeeze(-1)
 
 
 def make_model(recompute) -> Model:

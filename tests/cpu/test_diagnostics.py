@@ -86,3 +86,30 @@ def test_collect_errors():
         D.gains(torch.zeros(2, 2), average="max")
     with D.collect(_model()) as rec, pytest.raises(RuntimeError, match="nothing recorded"):
         rec.summary()
+
+
+def test_unconverged_sinkhorn_is_reported_and_flagged():
+    """Extreme logits: finite rows-stochastic output whose columns are far from 1; the diagnostics say so."""
+    torch.manual_seed(0)
+    h = mhc.sinkhorn(torch.randn(8, N, N) * 1e4)
+    with pytest.warns(RuntimeWarning, match="did not converge: a column of h_res sums to 1 \\+- 1"):
+        rep = D.sinkhorn_report(h)
+    assert rep["converged"] is False and rep["col_residual"] > 0.4 and rep["row_residual"] < 1e-5
+    ok = D.sinkhorn_report(mhc.sinkhorn(torch.randn(8, N, N)), warn=True)
+    assert ok["converged"] is True and ok["col_residual"] < 1e-2
+
+
+def test_recorder_flags_unconverged_sites():
+    model = _model(3)
+    with torch.no_grad():
+        model[1].alpha[2] = 1e4  # sharp res logits at site 1 only
+        model[1].phi.normal_(0, 1.0)
+    with D.collect(model) as rec:
+        model(torch.randn(2, 5, N, C))
+    with pytest.warns(RuntimeWarning, match=r"sites \[1\]"):
+        stats = rec.summary()
+    assert stats["unconverged_sites"] == [1] and stats["col_residual"][1] > D.COLUMN_TOL
+    calm = _model(3)
+    with D.collect(calm) as rec:
+        calm(torch.randn(2, 5, N, C))
+    assert rec.summary()["unconverged_sites"] == []

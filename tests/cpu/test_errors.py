@@ -180,3 +180,33 @@ def test_non_tensor_input_is_a_type_error():
     kw["h_post"] = [[0.5] * N] * T
     with pytest.raises(TypeError, match="h_post.*torch.Tensor.*list"):
         call_post(**kw)
+
+
+def test_what_arrives_under_torch_compile_fullgraph():
+    """README: under torch.compile(fullgraph=True) Dynamo re-raises our errors as its own RuntimeError subclasses
+    whose message carries the original ValueError/TypeError and its text; without fullgraph a check in the mhc.*
+    functions graph-breaks and the ValueError itself arrives."""
+    from torch._dynamo.exc import TorchRuntimeError, Unsupported
+
+    torch._dynamo.reset()
+    kw = good_pre()
+    kw["phi"] = kw["phi"][:-1].clone()
+
+    def public(residual, phi, alpha, bias):
+        return mhc.pre_mapping(residual, phi, alpha, bias)[0]
+
+    def raw_op(residual, phi, alpha, bias):
+        return torch.ops.mhc.pre_mapping_fwd(residual, phi, alpha, bias, 20, 2.0, 1e-6, 0.0)[0]
+
+    def python_check(logits):
+        return mhc.sinkhorn(logits, iters=0)
+
+    want = r"ValueError\('mhc::pre_mapping_fwd: expected phi of shape \(256, 24\).*got \(255, 24\)'\)"
+    for fn in (public, raw_op):  # the check that fires runs on fake tensors inside the op
+        with pytest.raises(TorchRuntimeError, match=want):
+            torch.compile(fn, backend="eager", fullgraph=True)(**kw)
+    with pytest.raises(Unsupported, match=r"ValueError\('mhc.sinkhorn: expected iters >= 1, got 0'\)"):
+        torch.compile(python_check, backend="eager", fullgraph=True)(torch.randn(2, N, N))
+    assert issubclass(TorchRuntimeError, RuntimeError) and issubclass(Unsupported, RuntimeError)
+    with pytest.raises(ValueError, match="mhc.sinkhorn: expected iters >= 1, got 0"):
+        torch.compile(python_check, backend="eager")(torch.randn(2, N, N))

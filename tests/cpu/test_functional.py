@@ -77,11 +77,67 @@ def test_settings_are_forwarded():
         torch.testing.assert_close(a, b)
 
 
+def test_forgotten_expand_is_named_not_phi():
+    """An embedding [B, S, C] passed as the residual used to be blamed on phi ('expected phi of shape (512, 80)')."""
+    n, C = 4, 64
+    phi, alpha, bias = _params(n, C)
+    for x in (torch.randn(2, 8, C), torch.randn(3, C)):
+        with pytest.raises(ValueError, match=r"n=4, C=64\].*did you forget mhc.expand\(x, 4\)"):
+            mhc.pre_mapping(x, phi, alpha, bias)
+    h_post, h_res = torch.rand(2, 8, n), torch.rand(2, 8, n, n)
+    with pytest.raises(ValueError, match=r"did you forget mhc.expand\(x, 4\)"):
+        mhc.post_res(torch.randn(2, 8, C), torch.randn(2, 8, C), h_post, h_res)
+    with pytest.raises(ValueError, match=r"expected phi of shape \(256, 24\)"):  # a wrong phi is still phi's fault
+        mhc.pre_mapping(torch.randn(2, n, C), phi[:-1], alpha, bias)
+
+
+# ---------------------------------------------------------------------------------------------------- against the paper
+
+
+def _paper_site(x, y_fn, phi, alpha, bias, iters=20, post_mult=2.0, rms_eps=1e-6):
+    """Eq. 3 and Eq. 14-19 in float64, written from docs/spec.md without mhc.reference; Sinkhorn in the exp domain
+    (Eq. 9 as the paper writes it: M = exp(logits), then iters x (columns, rows))."""
+    T, n, C = x.shape
+    xv = x.double().reshape(T, n * C)
+    r = (xv.square().mean(-1, keepdim=True) + rms_eps).sqrt()
+    proj = xv @ phi.double() / r
+    a = alpha.double()
+    pre = torch.sigmoid(a[0] * proj[:, :n] + bias[:n].double())
+    post = post_mult * torch.sigmoid(a[1] * proj[:, n : 2 * n] + bias[n : 2 * n].double())
+    M = torch.exp(a[2] * proj[:, 2 * n :] + bias[2 * n :].double()).reshape(T, n, n)
+    for _ in range(iters):
+        M = M / M.sum(1, keepdim=True)
+        M = M / M.sum(2, keepdim=True)
+    li = (pre[:, :, None] * x.double()).sum(1)
+    y = y_fn(li)
+    return torch.bmm(M, x.double()) + post[:, :, None] * y[:, None, :]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+def test_site_against_an_independent_float64_implementation(dtype, tol):
+    """What the acceptance script checks first, without it: the public API (bf16 activations included) against
+    float64 math written from the paper's equations. Relative to the output's largest entry."""
+    torch.manual_seed(0)
+    n, C, T = 4, 128, 64
+    phi, alpha, bias = _params(n, C)
+    x = torch.randn(T, n, C).to(dtype)
+    w = torch.randn(C, C, dtype=torch.float64) / C**0.5
+    li, h_post, h_res = mhc.pre_mapping(x, phi, alpha, bias)
+    got = mhc.post_res((li.double() @ w).to(dtype), x, h_post, h_res)
+    want = _paper_site(x, lambda t: t @ w, phi, alpha, bias)
+    err = (got.double() - want).abs().max() / want.abs().max()
+    assert err < tol, err
+
+
 ACCEPTANCE = pathlib.Path(__file__).resolve().parents[3] / "shared" / "verify" / "acceptance.py"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ACCEPTANCE.exists(), reason="the shared acceptance script is not beside this checkout")
+@pytest.mark.skipif(
+    not ACCEPTANCE.exists(),
+    reason=f"needs the independent acceptance script at {ACCEPTANCE}, which this repository does not ship; "
+    "test_site_against_an_independent_float64_implementation runs its first check everywhere",
+)
 def test_acceptance_harness_dry_run_on_cpu(tmp_path):
     """The independent acceptance script (written from the paper, not from this code) agrees on CPU."""
     root = pathlib.Path(__file__).resolve().parents[2]

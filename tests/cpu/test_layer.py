@@ -163,7 +163,10 @@ def test_shape_errors_under_fake_tensors():
         (lambda: mhc.Precision(torch.int8), TypeError, "residual in"),
         (lambda: mhc.Precision(coefficients=torch.bfloat16), TypeError, r"coefficients in \(float32, float64\)"),
         (lambda: mhc.expand(torch.randn(3), 0), ValueError, "n >= 1, got 0"),
-        (lambda: mhc.collapse(torch.randn(2, 4, 8), "max"), ValueError, "how in"),
+        (lambda: mhc.collapse(torch.randn(2, 4, 8), 4, "max"), ValueError, "how in"),
+        (lambda: mhc.collapse(torch.randn(2, 4, 8), "sum"), TypeError, r"expected n \(the stream count"),
+        (lambda: mhc.collapse(torch.randn(2, 4, 8), 0), ValueError, "n >= 1, got 0"),
+        (lambda: mhc.collapse(torch.randn(2, 4, 8), 4, mhc.MHCHead(8, 2)), ValueError, "n_streams=4, got n_streams=2"),
         (lambda: mhc.MHC(None, 8, 2)(torch.randn(1, 2, 8)), TypeError, "no sublayer"),
         (lambda: mhc.MHC(lambda t: (t,), 8, 2)(torch.randn(1, 2, 8)), TypeError, "return a torch.Tensor"),
     ],
@@ -268,7 +271,7 @@ def test_state_dict_round_trip():
 
 
 def _tk_site(x, F, fn, scale, base, n, iters):
-    """DeepSeek TileKernels' convention, written from spec §5 (eps = 0, pre_eps = 0, post_mult = 2): mixes from
+    """DeepSeek TileKernels' convention, written from docs/spec.md §7 (eps = 0, pre_eps = 0, post_mult = 2): mixes from
     fn [m, nC]; comb ends with a column normalisation; out[o] = post[o] y + sum_i comb[i, o] x[i]."""
     flat = x.flatten(-2)
     mixes = (flat @ fn.T) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + 1e-6)
@@ -306,10 +309,20 @@ def test_expand_and_collapse():
     x = torch.randn(2, 3, C, requires_grad=True)
     h = mhc.expand(x, N)
     assert h.shape == (2, 3, N, C) and h.is_contiguous()
-    torch.testing.assert_close(mhc.collapse(h, "mean"), x)
-    torch.testing.assert_close(mhc.collapse(h, "sum"), N * x)
-    mhc.collapse(h * torch.arange(1.0, N + 1)[:, None], "sum").sum().backward()
+    torch.testing.assert_close(mhc.collapse(h, N, "mean"), x)
+    torch.testing.assert_close(mhc.collapse(h, N), N * x)
+    mhc.collapse(h * torch.arange(1.0, N + 1)[:, None], N, "sum").sum().backward()
     torch.testing.assert_close(x.grad, torch.full_like(x, N * (N + 1) / 2))
+
+
+def test_collapse_refuses_an_unexpanded_residual():
+    """[B, S, C] without mhc.expand used to be summed over S, a silent [B, C]."""
+    x = torch.randn(2, 16, C)
+    for how in ("sum", "mean", mhc.MHCHead(C, N)):
+        with pytest.raises(ValueError, match=rf"n={N}, C\], got \[2, 16, {C}\]: did you forget mhc.expand"):
+            mhc.collapse(x, N, how)
+    with pytest.raises(ValueError, match="did you forget mhc.expand"):
+        mhc.collapse(x, mhc.MHCHead(C, N))
 
 
 def test_head_formula_init_and_gradients():
@@ -377,3 +390,36 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
     for a, b in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- sublayer dtype
+
+
+def test_bf16_policy_runs_an_fp32_sublayer_without_autocast():
+    """Precision.BF16 around an fp32 nn.Linear, no autocast: the sublayer runs in its parameters' dtype (it used to
+    raise 'mat1 and mat2 must have the same dtype' from inside the user's Linear)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    layer = mhc.MHC(lin, 64, 4, precision=mhc.Precision.BF16)
+    x = mhc.expand(torch.randn(2, 3, 64), 4)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    seen = []
+    handle = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    layer(x)
+    handle.remove()
+    assert seen == [torch.float32]
+    layer_input, ctx = layer.pre(x)  # the same computation by hand: the sublayer in fp32 on the bf16 layer input
+    torch.testing.assert_close(out, layer.post(ctx, lin(layer_input.float())), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.float32
+
+
+def test_autocast_still_chooses_the_sublayer_dtype():
+    lin = nn.Linear(64, 64)
+    layer = mhc.MHC(lin, 64, 4, precision=mhc.Precision.FP32)
+    seen = []
+    lin.register_forward_hook(lambda m, a, o: seen.append((a[0].dtype, o.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(mhc.expand(torch.randn(2, 64), 4))
+    assert seen == [(torch.float32, torch.bfloat16)] and out.dtype == torch.float32

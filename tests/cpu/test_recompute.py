@@ -138,3 +138,48 @@ def test_errors():
         mhc.MHCStack(_layers(2), recompute_block=-1)
     with pytest.raises(ValueError, match="expected num_layers >= 1, got 0"):
         mhc.optimal_block(4, 0)
+
+
+@pytest.mark.parametrize("recompute_block", [None, 2])
+def test_checkpoint_keys_are_a_plain_module_lists(recompute_block):
+    """A stack keeps nn.ModuleList's keys (sites.0.phi, not sites.layers.0.phi), so checkpoints move both ways."""
+
+    class Model(nn.Module):
+        def __init__(self, sites):
+            super().__init__()
+            self.sites = sites
+
+    torch.manual_seed(0)
+    layers = _layers(3)
+    plain = Model(nn.ModuleList(copy.deepcopy(layers)))
+    stacked = Model(mhc.MHCStack(copy.deepcopy(layers), recompute_block=recompute_block))
+    assert list(stacked.state_dict()) == list(plain.state_dict())
+    assert "sites.0.phi" in stacked.state_dict()
+    fresh = Model(mhc.MHCStack(_layers(3), recompute_block=recompute_block))
+    fresh.load_state_dict(plain.state_dict())
+    for a, b in zip(fresh.state_dict().values(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    old_layout = {k.replace("sites.", "sites.layers.", 1): v for k, v in plain.state_dict().items()}
+    fresh = Model(mhc.MHCStack(_layers(3), recompute_block=recompute_block))
+    fresh.load_state_dict(old_layout)  # checkpoints of the earlier layout still load
+    torch.testing.assert_close(fresh.sites[2].phi, plain.sites[2].phi, rtol=0, atol=0)
+    assert len(stacked.sites) == 3 and stacked.sites[1] is stacked.sites.layers[1]
+
+
+def test_stack_assigns_unset_layer_indices():
+    sites = [mhc.MHC(_ffn(), C, N, kind="ffn") for _ in range(6)]
+    assert all(s.layer_index is None and s.home_stream == 0 for s in sites)
+    stack = mhc.MHCStack(sites)
+    assert [s.layer_index for s in stack] == list(range(6))
+    for i, s in enumerate(stack):  # the identity init follows the new home stream
+        assert torch.sigmoid(s.bias[:N]).argmax().item() == i % N
+        want = mhc.MHC(None, C, N, kind="ffn", layer_index=i)
+        torch.testing.assert_close(s.bias, want.bias, rtol=0, atol=0)
+    kept = mhc.MHC(_ffn(), C, N, layer_index=7)
+    trained = mhc.MHC(_ffn(), C, N)
+    with torch.no_grad():
+        trained.bias.add_(0.5)
+    before = trained.bias.detach().clone()
+    stack = mhc.MHCStack([kept, trained])
+    assert kept.layer_index == 7 and trained.layer_index == 1
+    torch.testing.assert_close(trained.bias, before, rtol=0, atol=0)  # not fresh: parameters are left alone

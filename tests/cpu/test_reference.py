@@ -170,7 +170,7 @@ def test_pre_mapping_backward_equals_autograd(n):
 @given(n=st.integers(1, 16), seed=st.integers(0, 2**31 - 1), std=st.floats(0.0, 1.0))
 def test_sinkhorn_rows_exact_columns_within_truncation(n, seed, std):
     """Rows sum to 1 (the last step normalises rows); at logit std <= 1 and 20 iterations the column error stays
-    within the paper's truncation error (spec §2.2 measured <= 2.6e-3 at n=4, std 1; we allow 1e-2 for n up to 16)."""
+    within the truncation error (docs/spec.md §3.3 measured <= 7.8e-4 at n=4, std 1; we allow 1e-2 for n up to 16)."""
     g = torch.Generator().manual_seed(seed)
     L = torch.randn(8, n, n, generator=g, dtype=F64) * std
     H = ref.sinkhorn(L, 20)
@@ -183,7 +183,7 @@ def test_sinkhorn_column_error_shrinks_with_iterations():
     L = torch.randn(256, 4, 4, dtype=F64)
     errs = [(ref.sinkhorn(L, k).sum(-2) - 1).abs().max().item() for k in (1, 5, 20, 80)]
     assert errs[0] > errs[1] > errs[2] > errs[3]
-    assert errs[2] < 1e-2  # spec §2.2: 2.6e-3 at std 1, 20 iterations
+    assert errs[2] < 1e-2  # docs/spec.md §3.3: 7.8e-4 at std 1, 20 iterations
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

@@ -46,3 +46,13 @@ def test_hc_init_is_a_pre_norm_residual():
     h = torch.randn(3, 4, 8)
     want = h + sub(h[:, 1]).unsqueeze(1)  # reads stream 5 % 4 = 1, writes F to every stream, H_res = I
     torch.testing.assert_close(site(h), want)
+
+
+def test_help_text_is_a_whole_sentence(capsys):
+    """--help used to end mid-sentence ('... the paper's stability')."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _load().main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the paper's stability claim" in text and "checked at toy scale, on the CPU." in text
