@@ -51,7 +51,7 @@ import mhc
 from mhc import reference as ref
 from profiling import baselines as third_party
 from profiling import block as block_bench
-from profiling import bytemodel, gpu_run
+from profiling import bytemodel, gpu_run, model
 from profiling.bytemodel import post_res_bytes, pre_mapping_bytes, sinkhorn_bytes  # noqa: F401 (the harness API)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -466,6 +466,7 @@ def _row(op, mode, T, n, C, t: Timing, dtype, copy_gbs, eager_us, comp_us, other
         "floor_us": floor, "x_floor": t.us / floor if floor > 0 else None,
         "eager_us": eager_us, "compile_us": comp_us,
         "tilekernels_us": others.get("tilekernels"), "liger_us": others.get("liger"),
+        "model_us": model.measured_beside(op, mode, T, n, C, dtype, copy_gbs),  # docs/benchmarks.md, Performance model
     }  # fmt: skip
     for key, _ in ALTERNATIVES:
         alt = row[f"{key}_us"]
@@ -543,12 +544,13 @@ def markdown(result: dict) -> str:
         "",
         "µs: median per call (CUDA events, L2 flushed), p20-p80 beside it; kernel µs: CUPTI mean kernel time. "
         "GB/s and % copy from the byte model (docs/benchmarks.md) and the median; floor µs = bytes / measured copy "
-        "bandwidth (t_min), x floor = µs / floor. Alternatives: µs (our speed-up over them).",
+        "bandwidth (t_min), x floor = µs / floor; model µs: the performance model's prediction at the measured copy "
+        "bandwidth (profiling/model). Alternatives: µs (our speed-up over them).",
         "",
-        "| op | mode | n | T | C | µs | p20-p80 µs | kernel µs | GB/s | % copy | floor µs | x floor | "
+        "| op | mode | n | T | C | µs | p20-p80 µs | kernel µs | GB/s | % copy | floor µs | x floor | model µs | "
         + " | ".join(title for _, title in ALTERNATIVES)
         + " |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(ALTERNATIVES),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(ALTERNATIVES),
     ]
     for r in result["records"]:
         spread = f"{r['p20_us']:.1f}-{r['p80_us']:.1f}" if r["p20_us"] is not None else "–"
@@ -556,7 +558,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['op']} | {r['mode']} | {r.get('n', m['n'])} | {r['T']} | {r['C'] or '–'} | {r['us']:.1f} | "
             f"{spread} | {_f(r.get('kernel_us'))} | {r['GBps']:.0f} | {r['pct_copy']:.0f} | "
-            f"{_f(r.get('floor_us'))} | {_f(r.get('x_floor'), '{:.2f}')} | {alts} |"
+            f"{_f(r.get('floor_us'))} | {_f(r.get('x_floor'), '{:.2f}')} | {_f(r.get('model_us'))} | {alts} |"
         )
     lines += block_bench.markdown(result.get("block", []), result.get("block_notes", []))
     notes = [f"{v['label']}: {v['note']}" for v in m.get("baselines", {}).values()] + m.get("baseline_skips", [])

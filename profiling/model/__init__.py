@@ -9,9 +9,36 @@ from its SASS and CUDA source (:mod:`.counts`), and turns them into time bounds 
 :mod:`.gpus`. ``docs/benchmarks.md`` ("Performance model") explains the formulas and the limits.
 
 :func:`predict` is the hook for a GPU run: it returns the record of one (kernel, n, C, dtype, T, gpu), to be stored
-beside the measured time.
+beside the measured time; :func:`measured_beside` is what ``profiling.bench`` calls for each timed row.
 """
+
+from __future__ import annotations
+
+import warnings
 
 from .bounds import KERNELS, predict, records
 
-__all__ = ["KERNELS", "predict", "records"]
+__all__ = ["KERNELS", "measured_beside", "predict", "records"]
+
+_DTYPE_NAMES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
+
+
+def measured_beside(op: str, mode: str, T: int, n: int, C: int, dtype, copy_gbps: float) -> float | None:
+    """The predicted µs for a benchmark row (``op``/``mode`` as in ``profiling.bench``), at the measured copy
+    bandwidth, when the row runs on an H100 or H200 and the model covers it; else ``None``. Never raises: a model
+    failure must not cost a GPU run its measurements (it warns instead)."""
+    import torch
+
+    kernel = f"{op}_{mode}"
+    if kernel not in KERNELS or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    gpu = next((g for g in ("H100", "H200") if g in name), None)
+    dtype_name = _DTYPE_NAMES.get(str(dtype))
+    if gpu is None or dtype_name is None:
+        return None
+    try:
+        return predict(kernel, n, C, dtype_name, T, gpu, copy_gbps=copy_gbps)["t_pred_us"]
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        warnings.warn(f"performance model failed for {kernel} n={n} C={C} T={T}: {exc}", stacklevel=2)
+        return None

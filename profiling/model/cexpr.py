@@ -82,16 +82,22 @@ def _apply(op: str, a, b):
     if op == "%":
         return np.asarray(a, dtype=np.int64) - _tdiv(a, b) * np.asarray(b, dtype=np.int64)
     if op == "&&":
-        return np.logical_and(a, b).astype(np.int64)
+        return np.logical_and(a, b)
     if op == "||":
-        return np.logical_or(a, b).astype(np.int64)
+        return np.logical_or(a, b)
     fn = {
         "+": np.add, "-": np.subtract, "*": np.multiply, "<<": np.left_shift, ">>": np.right_shift,
         "&": np.bitwise_and, "|": np.bitwise_or, "^": np.bitwise_xor,
         "<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal, "==": np.equal, "!=": np.not_equal,
     }[op]  # fmt: skip
-    out = fn(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
-    return out.astype(np.int64) if out.dtype == bool else out
+    if op in ("<", "<=", ">", ">=", "==", "!="):
+        return fn(a, b)  # bool arrays stand for C's 0/1 (numpy promotes them in arithmetic)
+    return fn(_int(a), _int(b))
+
+
+def _int(v):
+    v = np.asarray(v)
+    return v.astype(np.int64) if v.dtype == bool else v
 
 
 class _Parser:

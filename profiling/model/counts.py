@@ -34,7 +34,8 @@ from . import cexpr, sass, source
 __all__ = ["KernelInfo", "LaunchCounts", "count", "kernel_info"]
 
 MAX_SAMPLED_BLOCKS = 96
-MAX_ELEMENTS = 24_000_000
+MAX_ELEMENTS = 24_000_000  # total threads x blocks kept for one launch
+MAX_KEY_ELEMENTS = 1_500_000  # blocks x threads x loop iterations evaluated for one scope
 
 
 @dataclass
@@ -190,7 +191,6 @@ def count(
         scale = grid[0] * grid[1] * grid[2] / len(linear)
         nb = len(linear)
     tx = np.arange(warps * 32)
-    shape2 = (nb, warps * 32)
     base = {
         "blockIdx.x": bx.reshape(nb, 1), "blockIdx.y": by.reshape(nb, 1), "blockIdx.z": bz.reshape(nb, 1),
         "threadIdx.x": tx.reshape(1, -1), "threadIdx.y": 0, "threadIdx.z": 0,
@@ -236,15 +236,17 @@ def count(
         axes: list[source.Scope] = [s for s in chain if s.kind == "for" and (id(s) in counted or s.var in refs)]
         ndim = 2 + len(axes)
         pad = [1] * len(axes)
-        env = _Env(
-            {**base, "blockIdx.x": bx.reshape(nb, 1, *pad), "blockIdx.y": by.reshape(nb, 1, *pad),
-             "blockIdx.z": bz.reshape(nb, 1, *pad), "threadIdx.x": tx.reshape(1, -1, *pad)},
-            ks.defs, assume,
-        )  # fmt: skip
-        mask = np.broadcast_to(lane_valid, shape2)
-        mask = mask.reshape(*shape2, *([1] * len(axes)))
+
+        def make_env(sel):
+            return _Env(
+                {**base, "blockIdx.x": bx[sel].reshape(-1, 1, *pad), "blockIdx.y": by[sel].reshape(-1, 1, *pad),
+                 "blockIdx.z": bz[sel].reshape(-1, 1, *pad), "threadIdx.x": tx.reshape(1, -1, *pad)},
+                ks.defs, assume,
+            )  # fmt: skip
+
+        env = make_env(slice(None))
         try_sizes = []
-        for a, s in enumerate(axes):
+        for s in axes:
             try:
                 lo = np.asarray(_compile(s.init)(env))
                 hi = np.asarray(_compile(s.bound)(env))
@@ -252,11 +254,17 @@ def count(
             except cexpr.Unknown:
                 unknown.add(f"line {s.line}: for bound {s.bound}")
                 size = 1
-            size = max(1, min(size, 4096))
-            try_sizes.append(size)
+            try_sizes.append(max(1, min(size, 4096)))
+        # bound the arrays: fewer sampled blocks for scopes inside long loops (the count is scaled back)
+        step = max(1, math.ceil(nb * warps * 32 * math.prod(try_sizes) / MAX_KEY_ELEMENTS))
+        sel = slice(None, None, step)
+        nbk = len(range(nb)[sel])
+        env = make_env(sel)
+        for a, s in enumerate(axes):
             shp = [1] * ndim
-            shp[2 + a] = size
-            env.values[s.var] = np.arange(size).reshape(shp)
+            shp[2 + a] = try_sizes[a]
+            env.values[s.var] = np.arange(try_sizes[a]).reshape(shp)
+        mask = np.broadcast_to(lane_valid, (nbk, warps * 32)).reshape(nbk, warps * 32, *pad)
         for s in chain:
             if s.kind == "for":
                 if s in axes:
@@ -280,8 +288,8 @@ def count(
                     mask = mask & _fit(c, ndim)
                     continue
                 mask = mask & _fit(~c if s.kind == "else" else c, ndim)
-        full = np.broadcast_to(mask, (nb, warps * 32, *try_sizes))
-        per_warp = full.reshape(nb, warps, 32, *try_sizes).any(axis=2)  # (nb, warps, *axes)
+        full = np.broadcast_to(mask, (nbk, warps * 32, *try_sizes))
+        per_warp = full.reshape(nbk, warps, 32, *try_sizes).any(axis=2)  # (blocks, warps, *axes)
         # axes of loops that are not rolled around this instruction: exists
         for a in reversed(range(len(axes))):
             if id(axes[a]) not in counted:
@@ -290,13 +298,15 @@ def count(
         for s in axes:
             if id(s) in counted:
                 weights /= counted[id(s)]
-        per_warp_counts = per_warp.reshape(nb, warps, -1).sum(axis=2) * weights
-        value = (float(per_warp_counts.sum()) * scale, float(per_warp_counts.max()) if per_warp_counts.size else 0.0)
+        per_warp_counts = per_warp.reshape(nbk, warps, -1).sum(axis=2) * weights
+        value = (
+            float(per_warp_counts.sum()) * scale * nb / nbk,
+            float(per_warp_counts.max()) if per_warp_counts.size else 0.0,
+        )
         cache[key] = value
         return value
 
     by_pipe: dict[str, float] = defaultdict(float)
-    warp_total = np.zeros(1)
     per_warp_max = 0.0
     ldg_groups: dict[tuple[int, ...], float] = defaultdict(float)
     smem_cache: dict[tuple[int, str, int], tuple[float, float]] = {}
@@ -328,7 +338,6 @@ def count(
     result.max_warp_instructions = per_warp_max
     result.load_rounds_per_warp = float(sum(ldg_groups.values()))
     result.unknown_conditions = sorted(unknown)
-    del warp_total
     for k, lp in enumerate(info.loops):
         s = info.loop_scope[k]
         result.loops.append({
