@@ -99,6 +99,40 @@ def _loop_scopes(ks: source.KernelSource, ins, loops) -> list[source.Scope | Non
     return out
 
 
+def _constant(text: str) -> int | None:
+    try:
+        value = _compile(text)(lambda name: (_ for _ in ()).throw(cexpr.Unknown(name)))
+    except cexpr.Unknown:
+        return None
+    return int(value)
+
+
+def _accesses_per_iteration(ks, loop_scope, accesses: dict[int, int], rolled: set[int]) -> dict[int, float]:
+    """Memory accesses per iteration of ``loop_scope`` for each source line inside it: the line's accesses times
+    the constant trip counts of the loops between (which ptxas unrolled); lines under another SASS loop or a loop
+    of unknown length are left out."""
+    out = {}
+    for line, n in accesses.items():
+        scope = ks.line_scope.get(line)
+        if scope is None:
+            continue
+        chain = scope.chain()
+        if loop_scope not in chain:
+            continue
+        factor = 1
+        for s in chain[chain.index(loop_scope) + 1 :]:
+            if s.kind != "for":
+                continue
+            lo, hi = _constant(s.init), _constant(s.bound)
+            if id(s) in rolled or lo is None or hi is None:
+                factor = 0
+                break
+            factor *= max(0, hi - lo)
+        if factor:
+            out[line] = n * factor
+    return out
+
+
 def kernel_info(name: str, cuda_src: str, sass_text: str, resources: dict) -> KernelInfo:
     ks = source.parse(cuda_src)
     ins = sass.parse_annotated(sass_text)
@@ -107,10 +141,11 @@ def kernel_info(name: str, cuda_src: str, sass_text: str, resources: dict) -> Ke
     accesses = dict(ks.global_accesses)
     for line, acc in ks.shared.items():
         accesses[line] = accesses.get(line, 0) + len(acc)
+    rolled = {id(s) for s in scopes if s is not None}
     unroll = []
     for lp, scope in zip(lps, scopes, strict=True):
-        direct = {ln for ln, s in ks.line_scope.items() if s is scope} if scope is not None else set()
-        unroll.append(max(sass.unroll_factor(ins, lp), sass.copies_per_pass(ins, lp, direct, accesses)))
+        expected = _accesses_per_iteration(ks, scope, accesses, rolled) if scope is not None else {}
+        unroll.append(max(sass.unroll_factor(ins, lp), sass.copies_per_pass(ins, lp, expected)))
     return KernelInfo(
         name=name, src=ks, ins=ins, loops=lps, loop_scope=scopes, unroll=unroll, registers=int(resources.get("registers") or 0),
         smem_bytes=int(resources.get("smem_bytes") or 0), spill_bytes=int(resources.get("spill_bytes") or 0),

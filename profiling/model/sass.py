@@ -148,16 +148,17 @@ def loops(ins: list[Instruction]) -> list[Loop]:
     return sorted(found, key=lambda lp: (lp.start, -lp.end))
 
 
-def copies_per_pass(ins: list[Instruction], loop: Loop, direct_lines: set[int], accesses: dict[int, int]) -> int:
-    """Source iterations per pass of a SASS loop from its memory instructions: for each source line directly in the
-    loop's body, the loop's LDG/STG/LDS/STS attributed to the line divided by the line's memory accesses in the
-    source; the median over such lines, rounded (1 when no line has memory instructions)."""
+def copies_per_pass(ins: list[Instruction], loop: Loop, expected: dict[int, float]) -> int:
+    """Source iterations per pass of a SASS loop from its memory instructions: for each source line of the loop's
+    body, the loop's LDG/STG/LDS/STS attributed to the line divided by ``expected[line]``, the line's memory
+    accesses per source iteration (its accesses times the trips of the unrolled loops between it and the loop); the
+    median over such lines, rounded (1 when no line has memory instructions)."""
     per_line: dict[int, int] = {}
     for i in loop.body:
         x = ins[i]
-        if x.line in direct_lines and x.opcode.split(".")[0] in ("LDG", "STG", "LDS", "STS"):
+        if x.line in expected and x.opcode.split(".")[0] in ("LDG", "STG", "LDS", "STS"):
             per_line[x.line] = per_line.get(x.line, 0) + 1
-    ratios = sorted(per_line[ln] / accesses[ln] for ln in per_line if accesses.get(ln))
+    ratios = sorted(per_line[ln] / expected[ln] for ln in per_line)
     return max(1, round(ratios[len(ratios) // 2])) if ratios else 1
 
 
