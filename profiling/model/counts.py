@@ -145,7 +145,8 @@ def kernel_info(name: str, cuda_src: str, sass_text: str, resources: dict) -> Ke
     unroll = []
     for lp, scope in zip(lps, scopes, strict=True):
         expected = _accesses_per_iteration(ks, scope, accesses, rolled) if scope is not None else {}
-        unroll.append(max(sass.unroll_factor(ins, lp), sass.copies_per_pass(ins, lp, expected)))
+        by_counter = sass.unroll_factor(ins, lp)
+        unroll.append(by_counter if by_counter is not None else sass.copies_per_pass(ins, lp, expected))
     return KernelInfo(
         name=name, src=ks, ins=ins, loops=lps, loop_scope=scopes, unroll=unroll, registers=int(resources.get("registers") or 0),
         smem_bytes=int(resources.get("smem_bytes") or 0), spill_bytes=int(resources.get("spill_bytes") or 0),

@@ -162,14 +162,15 @@ def copies_per_pass(ins: list[Instruction], loop: Loop, expected: dict[int, floa
     return max(1, round(ratios[len(ratios) // 2])) if ratios else 1
 
 
-def unroll_factor(ins: list[Instruction], loop: Loop) -> int:
+def unroll_factor(ins: list[Instruction], loop: Loop) -> int | None:
     """Source iterations per pass of a SASS loop, from the counter that decides the backward branch: the branch's
     predicate is set by an ``ISETP``/``UISETP`` of the loop; a register it compares that the loop increments onto
-    itself by a small constant (``IADD3 R, R, 0xN``, ``VIADD``, ``UIADD3``) gives N; otherwise 1."""
+    itself by a small constant (``IADD3 R, R, 0xN``, ``VIADD``, ``UIADD3``) gives N. ``None`` when that cannot be
+    told (no such compare, or a counter stepping by more than 64: a byte offset)."""
     body = [ins[i].text for i in loop.body]
     m = re.match(r"^@(!?)(U?P\d+)\s+BRA", body[-1])
     if not m:
-        return 1
+        return None
     preds = {m.group(2)}
     compared: set[str] = set()
     for t in reversed(body[:-1]):
@@ -190,4 +191,4 @@ def unroll_factor(ins: list[Instruction], loop: Loop) -> int:
             step = abs(int(mm.group(2) or mm.group(3), 16))
             if 1 <= step <= 64:
                 steps.append(step)
-    return min(steps, default=1)
+    return min(steps) if steps else None
