@@ -433,7 +433,9 @@ def _access_wavefronts(info, a: source.SharedAccess, scalars, assume, threads, s
         env = _Env({**values, "threadIdx.x": lanes}, info.src.defs, assume)
         index = np.broadcast_to(np.asarray(_compile(a.index)(env), dtype=np.int64), (32,))
         addr = a.base + index * a.element_bytes
-        width = max(a.width_bytes, 4)
+        # the SASS access decides the width: ptxas merges consecutive elements of unrolled source accesses (four
+        # 4-byte stores become one STS.128) or splits wide ones; the source gives each lane's first address
+        width = max(sass_width, 4)
         words_per_lane = width // 4
         phase = 32 // words_per_lane if words_per_lane <= 4 else 8
         total = 0.0
@@ -446,9 +448,5 @@ def _access_wavefronts(info, a: source.SharedAccess, scalars, assume, threads, s
             for wd in words:
                 per_bank[wd % 32] += 1
             total += max(per_bank.values())
-        # a sub-word access (2 bytes) touches the same words; a SASS access wider than the source one (merged by
-        # the compiler) keeps the source's conflict degree
-        ideal_src = max(1, width * 32 // 128)
-        total = total / ideal_src * max(1, sass_width * 32 // 128)
         worst = max(worst, total)
     return worst if not math.isnan(worst) else 1.0
