@@ -21,15 +21,26 @@ from .bounds import KERNELS, predict, records
 __all__ = ["KERNELS", "measured_beside", "predict", "records"]
 
 _DTYPE_NAMES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
+#: ``MHC_BENCH_MODEL``: ``0`` off, ``all`` every timed row, default the target token count only (each prediction
+#: takes 1-3 s of CPU on the GPU machine, which a full sweep's hundreds of rows cannot afford).
+MODEL_ENV = "MHC_BENCH_MODEL"
+DEFAULT_TOKENS = (16384,)
+_FAILED: list[str] = []
 
 
 def measured_beside(op: str, mode: str, T: int, n: int, C: int, dtype, copy_gbps: float) -> float | None:
     """The predicted µs for a benchmark row (``op``/``mode`` as in ``profiling.bench``), at the measured copy
-    bandwidth, when the row runs on an H100 or H200 and the model covers it; else ``None``. Never raises: a model
-    failure must not cost a GPU run its measurements (it warns instead)."""
+    bandwidth, when the row runs on an H100 or H200, the model covers it and ``MHC_BENCH_MODEL`` selects it; else
+    ``None``. Never raises: a model failure must not cost a GPU run its measurements (it warns once, then the model
+    stays off for the process)."""
+    import os
+
     import torch
 
     kernel = f"{op}_{mode}"
+    setting = os.environ.get(MODEL_ENV, "")
+    if setting == "0" or _FAILED or (setting != "all" and T not in DEFAULT_TOKENS):
+        return None
     if kernel not in KERNELS or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
@@ -40,5 +51,6 @@ def measured_beside(op: str, mode: str, T: int, n: int, C: int, dtype, copy_gbps
     try:
         return predict(kernel, n, C, dtype_name, T, gpu, copy_gbps=copy_gbps)["t_pred_us"]
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        warnings.warn(f"performance model failed for {kernel} n={n} C={C} T={T}: {exc}", stacklevel=2)
+        _FAILED.append(f"{kernel}: {exc}")
+        warnings.warn(f"performance model failed for {kernel} n={n} C={C} T={T} (now off): {exc}", stacklevel=2)
         return None

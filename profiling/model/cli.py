@@ -22,7 +22,33 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--gpu", nargs="+", default=list(gpus.GPUS), choices=list(gpus.GPUS))
     ap.add_argument("--kernel", nargs="+", default=list(bounds.KERNELS), choices=list(bounds.KERNELS))
+    ap.add_argument(
+        "--beside", metavar="BENCH_JSON",
+        help="instead: a GPU run's bench.json (profiling/results/<gpu>/); print measured beside predicted for its "
+        "rows (at its measured copy bandwidth)",
+    )  # fmt: skip
     return ap
+
+
+def beside(path: str) -> list[dict]:
+    """Measured (a GPU run's ``bench.json``) beside predicted, for the rows the model covers, at the run's copy
+    bandwidth: the calibration table."""
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    meta = result["meta"]
+    gpu = next((g for g in gpus.GPUS if g in str(meta.get("device", ""))), None)
+    if gpu is None:
+        raise ValueError(f"{path}: expected a run on an H100 or H200, got device {meta.get('device')!r}")
+    dtype = str(meta.get("dtype", "bfloat16")).replace("torch.", "")
+    rows = []
+    for r in result["records"]:
+        kernel = f"{r['op']}_{r['mode']}"
+        if kernel not in bounds.KERNELS:
+            continue
+        p = bounds.predict(kernel, r["n"], r["C"], dtype, r["T"], gpu, copy_gbps=meta["copy_GBps"])
+        measured = r.get("kernel_us") or r["us"]
+        rows.append({**p, "measured_us": measured, "measured_over_pred": measured / p["t_pred_us"]})
+    return rows
 
 
 def markdown(records: list[dict]) -> str:
@@ -40,6 +66,18 @@ def markdown(records: list[dict]) -> str:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     start = time.perf_counter()
+    if args.beside:
+        rows = beside(args.beside)
+        print(
+            "| kernel | n | C | T | measured µs | predicted µs | measured / predicted |\n|---|---|---|---|---|---|---|"
+        )
+        for r in rows:
+            print(f"| {r['kernel']} | {r['n']} | {r['C']} | {r['T']} | {r['measured_us']:.1f} | {r['t_pred_us']:.1f} | "
+                  f"{r['measured_over_pred']:.2f} |")  # fmt: skip
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     records = bounds.records(args.kernel, args.n, tuple(args.C), args.dtype, tuple(args.T), tuple(args.gpu))
     copy = ", ".join(f"{g} {gpus.GPUS[g].copy_gbps / 1000:.1f} TB/s" for g in args.gpu)
     print(f"Performance model (n={args.n}, {args.dtype}; assumed copy bandwidth {copy}; estimates from SASS, "

@@ -362,10 +362,14 @@ def count(
             result.div_sequences += total
             result.div_sequences_static += 1
         base_op = x.opcode.split(".")[0]
-        if base_op == "LDG":
+        if base_op in ("LDG", "LDGSTS"):  # LDGSTS (cp.async): a global load written straight to shared memory
             result.ldg_bytes += total * 32 * _width(x.opcode)
             ldg_groups[holders[i]] = max(ldg_groups[holders[i]], one_warp)
-        if base_op in ("LDS", "STS", "LDSM", "ATOMS"):
+        if base_op == "LDGSTS":
+            ideal = max(1, _width(x.opcode) * 32 // 128)
+            result.smem_wavefronts += total * ideal
+            result.smem_ideal_wavefronts += total * ideal
+        if base_op in ("LDS", "STS", "LDSM", "STSM", "ATOMS"):
             wf, ideal = _smem_wavefronts(info, x, scalars, assume, smem_cache, threads, result)
             result.smem_wavefronts += total * wf
             result.smem_ideal_wavefronts += total * ideal
@@ -395,9 +399,9 @@ def _smem_wavefronts(info, x, scalars, assume, memo, threads, result) -> tuple[f
     op = x.opcode
     width = _width(op)
     ideal = max(1, width * 32 // 128)
-    if op.startswith("LDSM"):
-        m = re.search(r"\.x(\d)", op, re.IGNORECASE)
-        k = int(m.group(1)) if m else 1
+    if op.startswith(("LDSM", "STSM")):  # LDSM.16.M88.4 = ldmatrix .x4: four 8x8 matrices, 4 wavefronts
+        m = re.search(r"\.MT?88(?:\.(\d))?", op)
+        k = int(m.group(1)) if m and m.group(1) else 1
         return float(k), float(k)
     write = op.startswith("STS")
     key = (x.line or -1, "w" if write else "r", width)

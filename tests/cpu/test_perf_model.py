@@ -159,3 +159,21 @@ def test_bad_input_is_rejected():
         bounds.predict("post_res_fwd", 4, 2560, "bfloat16", 16, "A100")
     with pytest.raises(ValueError, match="dtype must be one of"):
         bounds.predict("post_res_fwd", 4, 2560, "int8", 16, "H100")
+
+
+def test_beside_puts_a_gpu_runs_measurement_next_to_the_prediction(tmp_path):
+    """The calibration path: a GPU run's bench.json (here synthetic) against the model at the run's bandwidth."""
+    meta = {"device": "NVIDIA H100 80GB HBM3", "copy_GBps": 2800.0, "dtype": "bfloat16"}
+    records = [
+        {"op": "post_res", "mode": "fwd", "n": 4, "C": 2560, "T": 16384, "us": 300.0, "kernel_us": 290.0},
+        {"op": "pre_proj_bwd", "mode": "accumulate", "n": 4, "C": 2560, "T": 16384, "us": 1.0},  # not modelled
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"meta": meta, "records": records}))
+    (row,) = cli.beside(str(path))
+    assert (row["kernel"], row["gpu"], row["copy_gbps"]) == ("post_res_fwd", "H100", 2800.0)
+    assert row["t_dram_us"] == pytest.approx(row["parts"][0]["bytes"] / 2800.0 / 1e3)
+    assert row["measured_over_pred"] == pytest.approx(290.0 / row["t_pred_us"])
+    path.write_text(json.dumps({"meta": {**meta, "device": "NVIDIA A100"}, "records": records}))
+    with pytest.raises(ValueError, match="H100 or H200"):
+        cli.beside(str(path))
