@@ -133,11 +133,13 @@ def _recording(num_sms: int):
 
 
 def expand(op: Op, num_sms: int) -> list[Launch | Glue]:
-    """The kernel launches and torch glue of one ``mhc::*`` op, in order, through :mod:`mhc._cuda`."""
+    """The TileLang launches (in order) and then the torch glue ops of one ``mhc::*`` op, through :mod:`mhc._cuda`."""
     from mhc import _cuda
 
     name = op.name.split("::")[-1].split(".")[0]
-    fn = getattr(_cuda, name)
+    fn = getattr(_cuda, name, None)
+    if fn is None:
+        raise ValueError(f"{op.name}: mhc._cuda has no {name}() to replay (the model needs the op's CUDA wrapper)")
     log = _Log()
     with op.mode, _recording(num_sms) as launches, log:
         fn(*op.args, **op.kwargs)

@@ -27,7 +27,8 @@ _ELEMENT = {
 _FOR = re.compile(r"^for \((?:int|int64_t|uint) (\w+) = (.+?); \1 < (.+); \+\+\1\) \{$")
 _IF = re.compile(r"^if \((.*)\) \{$")
 _ELSE_IF = re.compile(r"^\} else if \((.*)\) \{$")
-_DEF = re.compile(r"^(?:const )?(?:int|int64_t|uint|bool|unsigned int) (\w+) = (.+);$")
+_DEF = re.compile(r"^(?:const )?(?:int|int64_t|uint|bool|unsigned int) (\w+)(?: = (.+))?;$")
+_ASSIGN = re.compile(r"^(\w+) = (.+);$")
 _DYN = re.compile(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\);")
 _STATIC = re.compile(r"__shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[(\d*)\];")
 
@@ -136,6 +137,8 @@ def parse(source: str) -> KernelSource:
     ks.scopes.append(root)
     stack = [root]
     buffers: dict[str, tuple[int, str | None]] = {}
+    declared: set[str] = set()
+    assignments: dict[str, list[tuple[str, Scope]]] = {}
     for i in range(start + 1, len(lines)):
         lineno = i + 1
         text = strip_comments(lines[i]).strip()
@@ -177,7 +180,12 @@ def parse(source: str) -> KernelSource:
             continue
         ks.line_scope[lineno] = top
         if m := _DEF.match(text):
-            ks.defs.setdefault(m.group(1), m.group(2))
+            declared.add(m.group(1))
+            assignments.setdefault(m.group(1), [])
+            if m.group(2) is not None:
+                assignments[m.group(1)].append((m.group(2), top))
+        elif (m := _ASSIGN.match(text)) and m.group(1) in declared:
+            assignments[m.group(1)].append((m.group(2), top))
         if pointer_use is not None and (uses := len(pointer_use.findall(text))):
             ks.global_accesses[lineno] = uses
         acc = _shared_accesses(lineno, text, buffers) if buffers else []
@@ -192,4 +200,11 @@ def parse(source: str) -> KernelSource:
             s = Scope("block", lineno, top, depth=top.depth + 1)
             ks.scopes.append(s)
             stack.append(s)
+    # An integer local assigned once is its expression (of the loop variables where it sits in a loop). One assigned
+    # several times outside every loop (a TileLang ``T.alloc_var`` prints ``int count = 0;`` and later
+    # ``count = EXPR;``) takes its last assignment; one reassigned inside a loop varies and stays unknown.
+    for name, assigned in assignments.items():
+        in_loop = any(any(x.kind == "for" for x in scope.chain()) for _, scope in assigned)
+        if len(assigned) == 1 or (assigned and not in_loop):
+            ks.defs[name] = assigned[-1][0]
     return ks
