@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("tilelang")
 
-from profiling.model import bounds, cexpr, cli, gpus, probes, source  # noqa: E402
+from profiling.model import bounds, cexpr, cli, counts, gpus, probes, source  # noqa: E402
 
 H100 = gpus.gpu("H100")
 ROWS = 1 << 14
@@ -57,6 +57,40 @@ def test_source_scopes_and_shared_accesses():
     (write,) = ks.shared[6]
     assert write.write and write.index.endswith("+ i)") and write.element_bytes == 4
     assert not ks.shared[8][0].write
+
+
+def test_occupancy_by_hand():
+    occ = bounds.occupancy(H100, threads=128, registers=94, smem_bytes=12288)
+    # 94 registers -> 3072 per warp (units of 256) -> 12288 per 4-warp block -> 5 blocks in 65536
+    assert (occ["blocks_per_sm"], occ["limited_by"]) == (5, "registers")
+    occ = bounds.occupancy(H100, threads=128, registers=32, smem_bytes=100 * 1024)
+    assert (occ["blocks_per_sm"], occ["limited_by"]) == (2, "shared_memory")  # 228 KB / (100 KB + 1 KB)
+    occ = bounds.occupancy(H100, threads=1024, registers=16, smem_bytes=0)
+    assert (occ["blocks_per_sm"], occ["limited_by"]) == (2, "threads")
+
+
+@pytest.mark.parametrize(
+    ("index", "ctype", "sass_width", "wavefronts"),
+    [
+        ("((int)threadIdx.x)", "float", 4, 1),  # 32 consecutive words
+        ("(((int)threadIdx.x) * 2)", "float", 4, 2),  # even words: 2 per bank
+        ("((((int)threadIdx.x) & 3) + ((((int)threadIdx.x) >> 2) * 64))", "bfloat16_t", 2, 8),  # pre_proj's tile
+        ("(((int)threadIdx.x) * 4)", "float", 16, 4),  # 16 bytes a lane: 4 phases of 8 lanes, conflict-free
+        ("(((int)threadIdx.x) * 8)", "float", 16, 8),  # 32-byte stride: 2 words per bank in each phase
+        ("0", "float", 4, 1),  # broadcast
+    ],
+)
+def test_shared_wavefronts_by_hand(index, ctype, sass_width, wavefronts):
+    src = (
+        'extern "C" __global__ void __launch_bounds__(32, 1) k(float* __restrict__ y) {\n'
+        "  extern __shared__ __align__(1024) uchar buf_dyn_shmem[];\n"
+        "  void* s = ((void*)((char*)buf_dyn_shmem + 0));\n"
+        f"  y[0] = (float)(({ctype}*)s)[{index}];\n"
+        "}\n"
+    )
+    (access,) = source.parse(src).shared[4]
+    info = counts.KernelInfo("k", source.parse(src), [], [], [], [], 32, 0, 0)
+    assert counts._access_wavefronts(info, access, {}, {}, 32, sass_width) == wavefronts
 
 
 # ------------------------------------------------------------------------------------------ known by hand
