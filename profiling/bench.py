@@ -466,7 +466,6 @@ def _row(op, mode, T, n, C, t: Timing, dtype, copy_gbs, eager_us, comp_us, other
         "floor_us": floor, "x_floor": t.us / floor if floor > 0 else None,
         "eager_us": eager_us, "compile_us": comp_us,
         "tilekernels_us": others.get("tilekernels"), "liger_us": others.get("liger"),
-        "model_us": model.measured_beside(op, mode, T, n, C, dtype, copy_gbs),  # docs/benchmarks.md, Performance model
     }  # fmt: skip
     for key, _ in ALTERNATIVES:
         alt = row[f"{key}_us"]
@@ -705,6 +704,10 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
     out = pathlib.Path(args.out) if args.out else ROOT / "profiling" / "results" / gpu_dir_name()
     md = write(result, out)
+    if model.annotate(result):  # predictions beside the measurements, once those are on disk (CPU work only)
+        (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        md = markdown(result)
+        (out / "bench.md").write_text(md)
     print(md)
     print(f"wrote {out / 'bench.json'}, bench.md, bench.png, alternatives.png, block.png", file=sys.stderr)
     return 0

@@ -9,7 +9,7 @@ from its SASS and CUDA source (:mod:`.counts`), and turns them into time bounds 
 :mod:`.gpus`. ``docs/benchmarks.md`` ("Performance model") explains the formulas and the limits.
 
 :func:`predict` is the hook for a GPU run: it returns the record of one (kernel, n, C, dtype, T, gpu), to be stored
-beside the measured time; :func:`measured_beside` is what ``profiling.bench`` calls for each timed row.
+beside the measured time; :func:`annotate` is what ``profiling.bench`` calls once its timings are written.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import warnings
 
 from .bounds import KERNELS, predict, records
 
-__all__ = ["KERNELS", "measured_beside", "predict", "records"]
+__all__ = ["KERNELS", "annotate", "measured_beside", "predict", "records"]
 
 _DTYPE_NAMES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
 #: ``MHC_BENCH_MODEL``: ``0`` off, ``all`` every timed row, default the target token count only (each prediction
@@ -45,7 +45,7 @@ def measured_beside(op: str, mode: str, T: int, n: int, C: int, dtype, copy_gbps
         return None
     name = torch.cuda.get_device_name()
     gpu = next((g for g in ("H100", "H200") if g in name), None)
-    dtype_name = _DTYPE_NAMES.get(str(dtype))
+    dtype_name = _DTYPE_NAMES.get(str(dtype), str(dtype) if str(dtype) in _DTYPE_NAMES.values() else None)
     if gpu is None or dtype_name is None:
         return None
     try:
@@ -54,3 +54,18 @@ def measured_beside(op: str, mode: str, T: int, n: int, C: int, dtype, copy_gbps
         _FAILED.append(f"{kernel}: {exc}")
         warnings.warn(f"performance model failed for {kernel} n={n} C={C} T={T} (now off): {exc}", stacklevel=2)
         return None
+
+
+def annotate(result: dict) -> bool:
+    """Add ``model_us`` to the records of a ``profiling.bench`` result (see :func:`measured_beside`); whether any
+    record got one."""
+    meta = result.get("meta", {})
+    dtype, copy_gbps = meta.get("dtype", "bfloat16"), meta.get("copy_GBps")
+    if not copy_gbps:
+        return False
+    added = False
+    for r in result.get("records", []):
+        value = measured_beside(r["op"], r["mode"], r["T"], r.get("n", meta.get("n")), r["C"], dtype, copy_gbps)
+        r["model_us"] = value
+        added = added or value is not None
+    return added

@@ -211,3 +211,25 @@ def test_beside_puts_a_gpu_runs_measurement_next_to_the_prediction(tmp_path):
     path.write_text(json.dumps({"meta": {**meta, "device": "NVIDIA A100"}, "records": records}))
     with pytest.raises(ValueError, match="H100 or H200"):
         cli.beside(str(path))
+
+
+def test_bench_hook_annotates_rows_on_an_h100(monkeypatch):
+    """What a GPU run stores beside its measurements (profiling.bench calls model.annotate after writing)."""
+    import torch
+
+    import profiling.model as model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.delenv(model.MODEL_ENV, raising=False)
+    rows = [
+        {"op": "post_res", "mode": "bwd", "n": 4, "C": 2560, "T": 16384},
+        {"op": "post_res", "mode": "bwd", "n": 4, "C": 2560, "T": 512},  # not the target token count: skipped
+        {"op": "pre_proj_bwd", "mode": "accumulate", "n": 4, "C": 2560, "T": 16384},  # not a model kernel
+    ]
+    result = {"meta": {"dtype": "bfloat16", "copy_GBps": 2900.0, "n": 4}, "records": rows}
+    assert model.annotate(result)
+    expected = bounds.predict("post_res_bwd", 4, 2560, "bfloat16", 16384, "H100", copy_gbps=2900.0)["t_pred_us"]
+    assert [r["model_us"] for r in rows] == [pytest.approx(expected), None, None]
+    monkeypatch.setenv(model.MODEL_ENV, "0")
+    assert not model.annotate(result) and rows[0]["model_us"] is None
