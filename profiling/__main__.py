@@ -9,8 +9,8 @@
 
 Without a CUDA GPU, ``bench`` says so, prints the analytic floor tables (byte model, nominal bandwidth times an
 assumed 90%) and the performance model's predictions (``model``), and runs the harness on the CPU kernels at tiny
-shapes into ``build/bench-cpu/`` (not committed), so
-the harness itself is exercised; its timings say nothing about a GPU.
+shapes into ``build/bench-cpu/`` (not committed), so the harness itself is exercised; its timings say nothing about
+a GPU.
 """
 
 from __future__ import annotations
