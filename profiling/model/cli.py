@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                 json.dump(rows, f, indent=1)
         return 0
     records = bounds.records(args.kernel, args.n, tuple(args.C), args.dtype, tuple(args.T), tuple(args.gpu))
-    copy = ", ".join(f"{g} {gpus.GPUS[g].copy_gbps / 1000:.1f} TB/s" for g in args.gpu)
+    copy = ", ".join(f"{g} {gpus.GPUS[g].copy_gbps / 1000:.3g} TB/s" for g in args.gpu)
     print(f"Performance model (n={args.n}, {args.dtype}; assumed copy bandwidth {copy}; estimates from SASS, "
           "not measurements; bytes = byte model floor, % copy = floor / t_pred):\n")  # fmt: skip
     print(markdown(records))

@@ -14,9 +14,10 @@ Public numbers (NVIDIA):
 
 Parameters that are not datasheet numbers (the model's assumptions, to be calibrated by a GPU run):
 
-* ``copy_gbps``: the bandwidth a plain device-to-device copy reaches, the denominator of "% of copy bandwidth".
-  3000 GB/s for H100 SXM (about 90% of 3.35 TB/s, the efficiency NVIDIA's ``nvbandwidth`` and STREAM-style copies
-  reach on HBM3), 4300 GB/s for H200 (about 90% of 4.8 TB/s). ``profiling.bench`` measures the real one on the GPU.
+* ``copy_gbps``: the bandwidth a plain device-to-device copy reaches, the denominator of "% of copy bandwidth":
+  the datasheet bandwidth times ``profiling.bytemodel.ACHIEVABLE`` (0.9, the byte model's assumed copy efficiency),
+  3015 GB/s for H100 SXM and 4320 GB/s for H200. ``profiling.bench`` measures the real one on the GPU, and a GPU
+  run's predictions use that (``predict(..., copy_gbps=)``).
 * ``dram_latency_us``: loaded DRAM latency for Little's law. Microbenchmarks put unloaded global-memory latency on
   Hopper near 500-600 cycles (about 0.3 us; Luo et al., "Benchmarking and Dissecting the Nvidia Hopper GPU
   Architecture", arXiv 2402.13499, 2024; Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023);
@@ -34,6 +35,8 @@ Parameters that are not datasheet numbers (the model's assumptions, to be calibr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+from profiling import bytemodel
 
 __all__ = ["GPU", "GPUS", "gpu"]
 
@@ -68,8 +71,8 @@ class GPU:
 
 
 GPUS: dict[str, GPU] = {
-    "H100": GPU("H100", sms=132, clock_hz=1.98e9, copy_gbps=3000.0, nominal_gbps=3350.0),
-    "H200": GPU("H200", sms=132, clock_hz=1.98e9, copy_gbps=4300.0, nominal_gbps=4800.0),
+    name: GPU(name, sms=132, clock_hz=1.98e9, copy_gbps=nominal * bytemodel.ACHIEVABLE, nominal_gbps=nominal)
+    for name, nominal in (("H100", bytemodel.NOMINAL_GBPS["H100 SXM"]), ("H200", bytemodel.NOMINAL_GBPS["H200"]))
 }
 
 
