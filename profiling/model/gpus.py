@@ -18,16 +18,16 @@ Parameters that are not datasheet numbers (the model's assumptions, to be calibr
   the datasheet bandwidth times ``profiling.bytemodel.ACHIEVABLE`` (0.9, the byte model's assumed copy efficiency),
   3015 GB/s for H100 SXM and 4320 GB/s for H200. ``profiling.bench`` measures the real one on the GPU, and a GPU
   run's predictions use that (``predict(..., copy_gbps=)``).
-* ``dram_latency_us``: loaded DRAM latency for Little's law. Microbenchmarks put unloaded global-memory latency on
-  Hopper near 500-600 cycles (about 0.3 us; Luo et al., "Benchmarking and Dissecting the Nvidia Hopper GPU
-  Architecture", arXiv 2402.13499, 2024; Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023);
-  under full load queueing roughly doubles it: 0.7 us is used.
-* ``mma_tf32_flop_per_clk``: ``mma.sync`` TF32 throughput per SM; half the dense ``wgmma`` peak (1024 of 2048 FLOP
-  per cycle per SM), because the legacy ``mma.sync`` path on Hopper reaches about half of ``wgmma``'s peak in the
-  microbenchmarks above.
-* ``dependent_cpi``: cycles between two dependent instructions of one warp (FP32 FMA latency on Hopper, about 4
-  cycles in the microbenchmarks above); with no other warp to switch to, a warp issues at best one instruction per
-  ``dependent_cpi`` cycles. An upper bound on a lone warp's time (it ignores instruction-level parallelism).
+* ``dram_latency_us``: loaded DRAM latency for Little's law: 0.7 us (about 1400 cycles). Microbenchmark studies of
+  Hopper (Luo et al., "Benchmarking and Dissecting the Nvidia Hopper GPU Architecture", arXiv 2402.13499, 2024, and
+  arXiv 2501.12084, 2025; Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023) report unloaded
+  global-memory latencies of several hundred cycles; under full load queueing adds to that. An assumption.
+* ``mma_tf32_flop_per_clk``: ``mma.sync`` TF32 throughput per SM, assumed half the dense ``wgmma`` peak (1024 of
+  2048 FLOP per cycle per SM): Luo et al. find that only ``wgmma`` reaches Hopper's tensor-core peak.
+* ``dependent_cpi``: cycles between two dependent instructions of one warp: 4, the dependent FP32 FMA latency
+  measured since Volta (Jia et al., "Dissecting the NVIDIA Volta GPU Architecture via Microbenchmarking", arXiv
+  1804.06826, 2018). With no other warp to switch to, a warp issues at best one instruction per ``dependent_cpi``
+  cycles: an upper bound on a lone warp's time (it ignores instruction-level parallelism).
 * ``launch_us``: the least time a kernel launch occupies the stream in eager PyTorch (host launch overhead and the
   gap between back-to-back kernels, a few microseconds; CUDA graphs shrink it). 2.5 us.
 """
