@@ -5,10 +5,12 @@
     python -m profiling compare            # a quick run into build/bench-current/, then against the committed results
     python -m profiling compare --current DIR [--baseline DIR] [--threshold 0.1]   # two existing runs
     python -m profiling floors             # the analytic floor tables for H100 and H200
+    python -m profiling model [--json PATH]  # the performance model (SASS-based, no GPU): docs/benchmarks.md
 
 Without a CUDA GPU, ``bench`` says so, prints the analytic floor tables (byte model, nominal bandwidth times an
-assumed 90%) and runs the harness on the CPU kernels at tiny shapes into ``build/bench-cpu/`` (not committed), so
-the harness itself is exercised; its timings say nothing about a GPU.
+assumed 90%) and the performance model's predictions (``model``), and runs the harness on the CPU kernels at tiny
+shapes into ``build/bench-cpu/`` (not committed), so the harness itself is exercised; its timings say nothing about
+a GPU.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def cmd_bench(rest: list[str]) -> int:
         print(f"{why}: no GPU timings are made in this run.")
         print("What the byte model predicts instead (docs/benchmarks.md):\n")
         print(bytemodel.floor_markdown(n=args.n))
+        _print_model(args.n)
         print("Timing the CPU kernels at tiny shapes so the harness itself runs (these numbers say nothing about "
               "a GPU):\n", flush=True)  # fmt: skip
         rest = [*rest, "--device", "cpu"]
@@ -50,6 +53,17 @@ def cmd_bench(rest: list[str]) -> int:
         if "--no-compile" not in rest:
             rest.append("--no-compile")  # torch.compile of the reference on a CPU takes minutes; not the point here
     return bench.main(rest)
+
+
+def _print_model(n: int) -> None:
+    """The performance model's table on a machine without a GPU (a failure is reported, not fatal to the bench)."""
+    from profiling.model import cli
+
+    try:
+        cli.main(["--n", str(n)])
+    except Exception as exc:  # noqa: BLE001 - e.g. no nvdisasm: the CPU harness run below still has value
+        print(f"(performance model unavailable: {type(exc).__name__}: {exc})")
+    print()
 
 
 def cmd_compare(rest: list[str]) -> int:
@@ -85,7 +99,13 @@ def cmd_floors(rest: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "compare": cmd_compare, "floors": cmd_floors}
+def cmd_model(rest: list[str]) -> int:
+    from profiling.model import cli
+
+    return cli.main(rest)
+
+
+COMMANDS = {"bench": cmd_bench, "compare": cmd_compare, "floors": cmd_floors, "model": cmd_model}
 
 
 def main(argv=None) -> int:

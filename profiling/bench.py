@@ -53,7 +53,7 @@ import mhc
 from mhc import reference as ref
 from profiling import baselines as third_party
 from profiling import block as block_bench
-from profiling import bytemodel, gpu_run
+from profiling import bytemodel, gpu_run, model
 from profiling.bytemodel import post_res_bytes, pre_mapping_bytes, sinkhorn_bytes  # noqa: F401 (the harness API)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -601,12 +601,13 @@ def markdown(result: dict) -> str:
         "",
         _time_legend(m["timer"]) + " "
         "GB/s and % copy from the byte model (docs/benchmarks.md) and the median; floor µs = bytes / measured copy "
-        "bandwidth (t_min), x floor = µs / floor. Alternatives: µs (our speed-up over them).",
+        "bandwidth (t_min), x floor = µs / floor; model µs: the performance model's prediction at the measured copy "
+        "bandwidth (profiling/model). Alternatives: µs (our speed-up over them).",
         "",
-        "| op | mode | n | T | C | µs | p20-p80 µs | kernel µs | GB/s | % copy | floor µs | x floor | "
+        "| op | mode | n | T | C | µs | p20-p80 µs | kernel µs | GB/s | % copy | floor µs | x floor | model µs | "
         + " | ".join(title for _, title in ALTERNATIVES)
         + " |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(ALTERNATIVES),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(ALTERNATIVES),
     ]
     for r in result["records"]:
         spread = f"{r['p20_us']:.1f}-{r['p80_us']:.1f}" if r["p20_us"] is not None else "–"
@@ -614,7 +615,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['op']} | {r['mode']} | {r.get('n', m['n'])} | {r['T']} | {r['C'] or '–'} | {r['us']:.1f} | "
             f"{spread} | {_f(r.get('kernel_us'))} | {r['GBps']:.0f} | {r['pct_copy']:.0f} | "
-            f"{_f(r.get('floor_us'))} | {_f(r.get('x_floor'), '{:.2f}')} | {alts} |"
+            f"{_f(r.get('floor_us'))} | {_f(r.get('x_floor'), '{:.2f}')} | {_f(r.get('model_us'))} | {alts} |"
         )
     warning = noise_warning(result)
     if warning:
@@ -764,6 +765,10 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
     out = pathlib.Path(args.out) if args.out else ROOT / "profiling" / "results" / gpu_dir_name()
     md = write(result, out)
+    if model.annotate(result):  # predictions beside the measurements, once those are on disk (CPU work only)
+        (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        md = markdown(result)
+        (out / "bench.md").write_text(md)
     print(md)
     warning = noise_warning(result)
     if warning:

@@ -57,6 +57,7 @@ __all__ = [
     "parse_ptxas_output",
     "ptx",
     "ptxas_stats",
+    "sass_with_line_info",
 ]
 
 _CACHE_FORMAT = "mhc-codegen-v1"
@@ -533,3 +534,38 @@ def sass_loops(sass_text: str) -> list[dict[str, int]]:
                 }
             )
     return sorted(loops, key=lambda loop: loop["start"])
+
+
+def sass_with_line_info(kernel_or_ptx, *, arch: str | None = None, ptxas_args: Iterable[str] = (), use_cache=True):
+    """``nvdisasm -gi -c`` of the kernel's cubin built with ``ptxas -lineinfo -O3``: the SASS of every function with
+    ``//## File "...", line N [inlined at "...", line M]`` comments naming the CUDA source line of each instruction
+    (the PTX carries ``.loc`` directives because TileLang's and :func:`ptx`'s nvcc runs pass ``-lineinfo``). Branch
+    targets are labels (``.L_x_12``) defined in the listing. Cached like :func:`ptx`, keyed by the PTX text, the
+    arch, the ptxas options and the tool versions (the performance model, ``profiling/model``, reads it)."""
+    text = kernel_or_ptx if isinstance(kernel_or_ptx, str) else ptx(kernel_or_ptx)
+    if arch is None:
+        if isinstance(kernel_or_ptx, str):
+            m = re.search(r"^\s*\.target\s+(sm_\w+)", text, re.MULTILINE)
+            if m is None:
+                raise ValueError("no arch given and no .target directive in the PTX")
+            arch = m.group(1)
+        else:
+            arch = _kernel_arch(kernel_or_ptx)
+    if not isinstance(kernel_or_ptx, str) and not ptxas_args:
+        ptxas_args = _ptxas_options(kernel_or_ptx.pass_configs)
+    args = [str(a) for a in ptxas_args]
+    key = _key("sass-lineinfo", text, arch, args, _tool_version("ptxas"))
+    if use_cache and (cached := _cache_read(key, ".sass")) is not None:
+        return cached
+    with tempfile.TemporaryDirectory(prefix="mhc-sass-") as tmp:
+        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(text)
+        cmd = [_find_tool("ptxas"), f"--gpu-name={arch}", "-O3", "-lineinfo", *args, src, "-o", cubin]
+        subprocess.run(cmd, check=True, capture_output=True)
+        out = subprocess.run(
+            [_find_tool("nvdisasm"), "-gi", "-c", cubin], check=True, capture_output=True, text=True
+        ).stdout
+    if use_cache:
+        _cache_write(key, ".sass", out)
+    return out

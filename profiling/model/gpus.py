@@ -1,0 +1,84 @@
+"""The machine parameters of the performance model, with where each comes from.
+
+Public numbers (NVIDIA):
+
+* H100 SXM5: 132 SMs (NVIDIA H100 Tensor Core GPU Architecture whitepaper, 2022, Table "H100 SXM5"); 1980 MHz
+  maximum SM clock (``nvidia-smi -q -d CLOCK``, "Max Clocks / SM", on H100 SXM5 and H200 SXM; the whitepaper
+  left the boost clock "not finalized"); HBM3 3.35 TB/s (H100 datasheet).
+* H200 SXM: the same GH100 die with 132 SMs and 1980 MHz; HBM3e 4.8 TB/s, 141 GB (H200 datasheet).
+* Per SM (compute capability 9.0, CUDA C++ Programming Guide, "Compute Capabilities" table and the
+  "Arithmetic Instructions" throughput table): 65536 registers, 2048 threads, 32 blocks, 228 KB shared memory
+  (227 KB usable by one block, 1 KB reserved per block), 4 warp schedulers issuing one instruction each per cycle;
+  per cycle and SM 128 FP32 FMA lanes, 64 INT32 lanes, 16 special-function (MUFU) lanes, 64 FP64 lanes; shared memory
+  serves one 128-byte wavefront (32 banks x 4 bytes) per cycle.
+
+Parameters that are not datasheet numbers (the model's assumptions, to be calibrated by a GPU run):
+
+* ``copy_gbps``: the bandwidth a plain device-to-device copy reaches, the denominator of "% of copy bandwidth":
+  the datasheet bandwidth times ``profiling.bytemodel.ACHIEVABLE`` (0.9, the byte model's assumed copy efficiency),
+  3015 GB/s for H100 SXM and 4320 GB/s for H200. ``profiling.bench`` measures the real one on the GPU, and a GPU
+  run's predictions use that (``predict(..., copy_gbps=)``).
+* ``dram_latency_us``: loaded DRAM latency for Little's law: 0.7 us (about 1400 cycles). Microbenchmark studies of
+  Hopper (Luo et al., "Benchmarking and Dissecting the Nvidia Hopper GPU Architecture", arXiv 2402.13499, 2024, and
+  arXiv 2501.12084, 2025; Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023) report unloaded
+  global-memory latencies of several hundred cycles; under full load queueing adds to that. An assumption.
+* ``mma_tf32_flop_per_clk``: ``mma.sync`` TF32 throughput per SM, assumed half the dense ``wgmma`` peak (1024 of
+  2048 FLOP per cycle per SM): Luo et al. find that only ``wgmma`` reaches Hopper's tensor-core peak.
+* ``dependent_cpi``: cycles between two dependent instructions of one warp: 4, the dependent FP32 FMA latency
+  measured since Volta (Jia et al., "Dissecting the NVIDIA Volta GPU Architecture via Microbenchmarking", arXiv
+  1804.06826, 2018). With no other warp to switch to, a warp issues at best one instruction per ``dependent_cpi``
+  cycles: an upper bound on a lone warp's time (it ignores instruction-level parallelism).
+* ``launch_us``: the least time a kernel launch occupies the stream in eager PyTorch (host launch overhead and the
+  gap between back-to-back kernels, a few microseconds; CUDA graphs shrink it). 2.5 us.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from profiling import bytemodel
+
+__all__ = ["GPU", "GPUS", "gpu"]
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    sms: int
+    clock_hz: float
+    copy_gbps: float
+    nominal_gbps: float
+    dram_latency_us: float = 0.7
+    launch_us: float = 2.5
+    dependent_cpi: float = 4.0
+    schedulers: int = 4
+    regs_per_sm: int = 65536
+    threads_per_sm: int = 2048
+    blocks_per_sm: int = 32
+    smem_per_sm: int = 228 * 1024
+    smem_reserved_per_block: int = 1024
+    # warp instructions per cycle per SM, by pipe (lanes per cycle / 32)
+    fma_rate: float = 4.0
+    alu_rate: float = 2.0
+    mufu_rate: float = 0.5
+    lsu_rate: float = 1.0
+    fp64_rate: float = 2.0
+    mma_tf32_flop_per_clk: float = 1024.0
+    smem_wavefronts_per_clk: float = 1.0
+
+    def with_copy_bandwidth(self, gbps: float) -> GPU:
+        return replace(self, copy_gbps=float(gbps))
+
+
+GPUS: dict[str, GPU] = {
+    name: GPU(name, sms=132, clock_hz=1.98e9, copy_gbps=nominal * bytemodel.ACHIEVABLE, nominal_gbps=nominal)
+    for name, nominal in (("H100", bytemodel.NOMINAL_GBPS["H100 SXM"]), ("H200", bytemodel.NOMINAL_GBPS["H200"]))
+}
+
+
+def gpu(name: str, copy_gbps: float | None = None) -> GPU:
+    """The parameters of ``"H100"`` or ``"H200"``, optionally with a measured copy bandwidth (GB/s)."""
+    if name not in GPUS:
+        raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {name!r}")
+    g = GPUS[name]
+    return g if copy_gbps is None else g.with_copy_bandwidth(copy_gbps)

@@ -1,0 +1,235 @@
+"""The performance model (profiling/model) on cases whose answer is known by hand, and its record format.
+
+No GPU: kernels are compiled for the pinned target (sm_90a) through TileLang's cache and read as SASS; the launches
+of a site are found on fake tensors. The probe kernels (profiling/model/probes.py) take ~15 s each to compile cold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("tilelang")
+
+from profiling.model import bounds, cexpr, cli, counts, gpus, probes, source  # noqa: E402
+
+H100 = gpus.gpu("H100")
+ROWS = 1 << 14
+
+
+def _model(kernel, rows=ROWS, gpu=H100):
+    return bounds.launch_model(probes.launch(kernel, rows), gpu)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def test_c_expressions_follow_c_semantics():
+    env = {"a": -7, "b": 2, "n": 5}.__getitem__
+    assert int(cexpr.compile_expr("a / b")(env)) == -3  # truncation toward zero, not floor
+    assert int(cexpr.compile_expr("a % b")(env)) == -1
+    assert int(cexpr.compile_expr("((0 <= n) && (n < 4)) ? 10 : min(n, 3)")(env)) == 3
+    assert int(cexpr.compile_expr("(((int)n) >> 1) + (int64_t)2")(env)) == 4
+    with pytest.raises(cexpr.Unknown):
+        cexpr.compile_expr("x[0] < 1.5f")(env)
+
+
+def test_source_scopes_and_shared_accesses():
+    src = """extern "C" __global__ void __launch_bounds__(64, 1) k(float* __restrict__ y, int num_tokens) {
+  extern __shared__ __align__(1024) float buf[];
+  int t = (((int)blockIdx.x) * 64);
+  for (int i = 0; i < min(num_tokens, 8); ++i) {
+    if (t < num_tokens) {
+      buf[((((int)threadIdx.x) * 2) + i)] = 0x0p+0f;
+    } else {
+      y[i] = buf[(int)threadIdx.x];
+    }
+  }
+}
+"""
+    ks = source.parse(src)
+    assert (ks.name, ks.threads) == ("k", 64)
+    chain = [s.kind for s in ks.line_scope[6].chain()]
+    assert chain == ["root", "for", "if"]
+    assert [s.kind for s in ks.line_scope[8].chain()] == ["root", "for", "else"]
+    (write,) = ks.shared[6]
+    assert write.write and write.index.endswith("+ i)") and write.element_bytes == 4
+    assert not ks.shared[8][0].write
+
+
+def test_occupancy_by_hand():
+    occ = bounds.occupancy(H100, threads=128, registers=94, smem_bytes=12288)
+    # 94 registers -> 3072 per warp (units of 256) -> 12288 per 4-warp block -> 5 blocks in 65536
+    assert (occ["blocks_per_sm"], occ["limited_by"]) == (5, "registers")
+    occ = bounds.occupancy(H100, threads=128, registers=32, smem_bytes=100 * 1024)
+    assert (occ["blocks_per_sm"], occ["limited_by"]) == (2, "shared_memory")  # 228 KB / (100 KB + 1 KB)
+    occ = bounds.occupancy(H100, threads=1024, registers=16, smem_bytes=0)
+    assert (occ["blocks_per_sm"], occ["limited_by"]) == (2, "threads")
+
+
+@pytest.mark.parametrize(
+    ("index", "ctype", "sass_width", "wavefronts"),
+    [
+        ("((int)threadIdx.x)", "float", 4, 1),  # 32 consecutive words
+        ("(((int)threadIdx.x) * 2)", "float", 4, 2),  # even words: 2 per bank
+        ("((((int)threadIdx.x) & 3) + ((((int)threadIdx.x) >> 2) * 64))", "bfloat16_t", 2, 8),  # pre_proj's tile
+        ("(((int)threadIdx.x) * 4)", "float", 16, 4),  # 16 bytes a lane: 4 phases of 8 lanes, conflict-free
+        ("(((int)threadIdx.x) * 8)", "float", 16, 8),  # 32-byte stride: 2 words per bank in each phase
+        ("0", "float", 4, 1),  # broadcast
+    ],
+)
+def test_shared_wavefronts_by_hand(index, ctype, sass_width, wavefronts):
+    src = (
+        'extern "C" __global__ void __launch_bounds__(32, 1) k(float* __restrict__ y) {\n'
+        "  extern __shared__ __align__(1024) uchar buf_dyn_shmem[];\n"
+        "  void* s = ((void*)((char*)buf_dyn_shmem + 0));\n"
+        f"  y[0] = (float)(({ctype}*)s)[{index}];\n"
+        "}\n"
+    )
+    (access,) = source.parse(src).shared[4]
+    info = counts.KernelInfo("k", source.parse(src), [], [], [], [], 32, 0, 0)
+    assert counts._access_wavefronts(info, access, {}, {}, 32, sass_width) == wavefronts
+
+
+# ------------------------------------------------------------------------------------------ known by hand
+
+
+def test_copy_kernel_predicts_copy_bandwidth():
+    """A plain copy moves exactly its bytes and nothing else: about 100% of copy bandwidth (DRAM-bound)."""
+    m = _model(probes.copy_kernel(), rows=1 << 17)
+    assert m.bytes == 2 * (1 << 17) * probes.COLS * 2
+    assert m.t_dram_us == pytest.approx(m.bytes / H100.copy_gbps / 1e3)
+    assert max(m.t_issue_us, m.t_smem_us, m.t_latency_us) < m.t_dram_us
+    assert 0.97 <= m.t_dram_us / m.t_pred_us <= 1.0
+
+
+def test_planted_8way_bank_conflict_predicts_8x_shared_time():
+    free, conflict = _model(probes.smem_kernel(1)), _model(probes.smem_kernel(8))
+    assert not free.detail["bank_conflicts"]
+    assert [c["wavefronts"] for c in conflict.detail["bank_conflicts"]] == [8.0]
+    # every warp fills the buffer with two 16-byte stores per thread (4 wavefronts each), then reads one word per
+    # lane and iteration: 1 wavefront, or 8 with the conflict
+    warps = ROWS * 256 // 32
+    fill = 2 * 4
+    assert free.detail["smem_wavefronts"] == pytest.approx(warps * (probes.ITERS + fill), rel=0.01)
+    assert conflict.detail["smem_wavefronts"] == pytest.approx(warps * (8 * probes.ITERS + fill), rel=0.01)
+    assert conflict.t_smem_us / free.t_smem_us == pytest.approx(
+        (8 * probes.ITERS + fill) / (probes.ITERS + fill), rel=0.01
+    )
+    assert conflict.t_pred_us / free.t_pred_us > 4.0  # shared-memory bound: the conflict is the slowdown
+
+
+def test_division_in_loop_predicts_its_slowdown():
+    plain, div = _model(probes.div_kernel(False)), _model(probes.div_kernel(True))
+    warps = ROWS * 256 // 32
+    assert plain.detail["division_sequences"] == 0
+    assert div.detail["division_sequences"] == warps * probes.ITERS  # one 64-bit division per iteration and warp
+    assert div.detail["int64_instructions"] > plain.detail["int64_instructions"]
+    assert div.t_issue_us / plain.t_issue_us > 3.0
+    assert div.t_pred_us / plain.t_pred_us > 2.0
+
+
+# ------------------------------------------------------------------------------------------ records
+
+
+FIELDS = {
+    "kernel": str, "n": int, "C": int, "dtype": str, "T": int, "gpu": str, "bytes": int, "launches": int,
+    "t_dram_us": float, "t_issue_us": float, "t_smem_us": float, "t_latency_us": float, "t_pred_us": float,
+    "pct_copy_bw": float, "parts": list,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def site_records():
+    out = {}
+    for gpu in ("H100", "H200"):
+        for kernel in ("post_res_fwd", "pre_mapping_fwd", "sinkhorn_fwd", "site_fwd"):
+            out[kernel, gpu] = bounds.predict(kernel, 4, 2560, "bfloat16", 16384, gpu)
+    return out
+
+
+def test_record_schema(site_records):
+    for (kernel, gpu), r in site_records.items():
+        for key, kind in FIELDS.items():
+            assert isinstance(r[key], kind), (kernel, key, r[key])
+        assert (r["kernel"], r["gpu"], r["n"], r["C"], r["T"]) == (kernel, gpu, 4, 2560, 16384)
+        assert r["t_pred_us"] >= max(r["t_dram_us"], r["t_issue_us"], r["t_smem_us"], r["t_latency_us"]) * 0.999
+        copy = gpus.GPUS[gpu].copy_gbps
+        assert r["pct_copy_bw"] == pytest.approx(100 * r["bytes"] / (copy * 1e3) / r["t_pred_us"])
+        assert r["launches"] == len(r["parts"]) >= 1
+        for part in r["parts"]:
+            if not part.get("torch_glue"):
+                assert part["registers"] > 0 and part["occupancy"]["blocks_per_sm"] >= 1
+                assert part["warp_instructions_total"] > 0
+        json.dumps(r)  # JSON-ready
+    # a site's forward is its pre-mapping and post_res forwards, launch by launch
+    for gpu in ("H100", "H200"):
+        site, pre, post = (site_records[k, gpu] for k in ("site_fwd", "pre_mapping_fwd", "post_res_fwd"))
+        assert site["launches"] == pre["launches"] + post["launches"]
+        assert math.isclose(site["t_pred_us"], pre["t_pred_us"] + post["t_pred_us"], rel_tol=1e-9)
+
+
+def test_h200_faster_for_dram_bound_kernels(site_records):
+    h100, h200 = site_records["post_res_fwd", "H100"], site_records["post_res_fwd", "H200"]
+    assert h100["t_dram_us"] >= max(h100["t_issue_us"], h100["t_smem_us"], h100["t_latency_us"])  # DRAM-bound
+    assert h200["t_pred_us"] < h100["t_pred_us"]
+    assert h100["t_dram_us"] / h200["t_dram_us"] == pytest.approx(gpus.GPUS["H200"].copy_gbps / H100.copy_gbps)
+
+
+def test_cli_writes_json(tmp_path, capsys):
+    path = tmp_path / "model.json"
+    assert cli.main(["--kernel", "post_res_bwd", "--C", "2560", "--gpu", "H100", "--json", str(path)]) == 0
+    records = json.loads(path.read_text())
+    assert [(r["kernel"], r["gpu"]) for r in records] == [("post_res_bwd", "H100")]
+    assert "post_res_bwd" in capsys.readouterr().out
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        bounds.predict("post_res", 4, 2560, "bfloat16", 16, "H100")
+    with pytest.raises(ValueError, match="gpu must be one of"):
+        bounds.predict("post_res_fwd", 4, 2560, "bfloat16", 16, "A100")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        bounds.predict("post_res_fwd", 4, 2560, "int8", 16, "H100")
+
+
+def test_beside_puts_a_gpu_runs_measurement_next_to_the_prediction(tmp_path):
+    """The calibration path: a GPU run's bench.json (here synthetic) against the model at the run's bandwidth."""
+    meta = {"device": "NVIDIA H100 80GB HBM3", "copy_GBps": 2800.0, "dtype": "bfloat16"}
+    records = [
+        {"op": "post_res", "mode": "fwd", "n": 4, "C": 2560, "T": 16384, "us": 300.0, "kernel_us": 290.0},
+        {"op": "pre_proj_bwd", "mode": "accumulate", "n": 4, "C": 2560, "T": 16384, "us": 1.0},  # not modelled
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"meta": meta, "records": records}))
+    (row,) = cli.beside(str(path))
+    assert (row["kernel"], row["gpu"], row["copy_gbps"]) == ("post_res_fwd", "H100", 2800.0)
+    assert row["t_dram_us"] == pytest.approx(row["parts"][0]["bytes"] / 2800.0 / 1e3)
+    assert row["measured_over_pred"] == pytest.approx(290.0 / row["t_pred_us"])
+    path.write_text(json.dumps({"meta": {**meta, "device": "NVIDIA A100"}, "records": records}))
+    with pytest.raises(ValueError, match="H100 or H200"):
+        cli.beside(str(path))
+
+
+def test_bench_hook_annotates_rows_on_an_h100(monkeypatch):
+    """What a GPU run stores beside its measurements (profiling.bench calls model.annotate after writing)."""
+    import torch
+
+    import profiling.model as model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.delenv(model.MODEL_ENV, raising=False)
+    rows = [
+        {"op": "post_res", "mode": "bwd", "n": 4, "C": 2560, "T": 16384},
+        {"op": "post_res", "mode": "bwd", "n": 4, "C": 2560, "T": 512},  # not the target token count: skipped
+        {"op": "pre_proj_bwd", "mode": "accumulate", "n": 4, "C": 2560, "T": 16384},  # not a model kernel
+    ]
+    result = {"meta": {"dtype": "bfloat16", "copy_GBps": 2900.0, "n": 4}, "records": rows}
+    assert model.annotate(result)
+    expected = bounds.predict("post_res_bwd", 4, 2560, "bfloat16", 16384, "H100", copy_gbps=2900.0)["t_pred_us"]
+    assert [r["model_us"] for r in rows] == [pytest.approx(expected), None, None]
+    monkeypatch.setenv(model.MODEL_ENV, "0")
+    assert not model.annotate(result) and rows[0]["model_us"] is None
