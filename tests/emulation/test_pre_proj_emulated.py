@@ -43,12 +43,12 @@ def test_pre_proj_fwd_generated_source_on_cpu(n, C, dtype, T, splits):
     m, K = n * n + 2 * n, n * C
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T + BM, K, generator=g).to(DT[dtype])
-    x[T:] = float("nan")  # rows past T must be read as zero (a NaN row would poison nothing else, but must not fault)
+    x[T:] = float("nan")  # rows past T must not reach the outputs of rows below T
     phi = torch.randn(K, m, generator=g) / K**0.5
     proj_part = torch.full((splits, T, m), float("nan"))
     sq_part = torch.full((splits, T), float("nan"))
     kernel(x=x, phi=phi, proj_part=proj_part, sq_part=sq_part, num_tokens=T, num_splits=splits,
-           grid=(-(-T // BM), splits))  # fmt: skip
+           grid=(pre_proj.fwd_tiles(T), splits))  # fmt: skip
     chunks = K // BK
     per = -(-chunks // splits)
     xv, pv = x[:T].double(), phi.double()
