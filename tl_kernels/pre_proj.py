@@ -73,6 +73,9 @@ H100 occupancy from registers and shared memory; guarded in tests/kernels/test_s
   0 divisions; 34,272 warp instructions per token; 125 registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for
   528 slots (0.85 wave; was 448 for 264 slots, 1.7 waves). Its x-tile loads are 64-bit (the conversion to the fp32
   tile is fused into them).
+* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 74 / 138, n = 2: 80 / 136, n = 6: 154 / 216,
+  n = 8: 215 / 255 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 139 / 146. Resident
+  blocks per SM follow (:data:`_FWD_RESIDENT`, :data:`_BWD_RESIDENT`, used by :func:`choose_splits`).
 * all shipped configurations: 0 spills, 0 stack (tests/kernels/test_codegen.py).
 
 Verified without a GPU: the generated CUDA source runs in the CPU emulation (tests/emulation; ``shim.h`` emulates
@@ -111,6 +114,10 @@ FWD_WARPS = 8  # the forward: each warp owns 16 tokens (one MMA row tile) and al
 FWD_THREADS = 32 * FWD_WARPS
 FWD_BM = 16 * FWD_WARPS  # tokens per forward block
 MAX_SPLITS = 64
+# Resident blocks per H100 SM by n (registers from ptxas -v at bf16; ``python -m tl_kernels.pre_mapping_sass --n 1 2
+# 4 6 8``): the wave :func:`choose_splits` fills. fp32 activations at n = 4 fit one forward block (139 registers).
+_FWD_RESIDENT = {1: 3, 2: 3, 4: 2, 6: 1, 8: 1}
+_BWD_RESIDENT = {1: 3, 2: 3, 4: 4, 6: 1, 8: 1}
 # Both kernels index in bounds by construction (forward: rows clamped to T - 1, every split non-empty; backward:
 # explicit row guards); TileLang's own guards on the splits' dynamic offsets would cost the forward its 128-bit loads
 # and add dead compares. The ASan test (tests/emulation) checks the bounds with exactly sized tensors.
@@ -151,7 +158,7 @@ def choose_splits(num_tokens: int, n: int, C: int, num_sms: int, direction: str)
         base, work = chunks, -(-num_tokens // BM)
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
-    resident = 2 if direction == "fwd" else (4 if bwd_threads(n) == THREADS else 1)  # blocks per SM (ptxas -v)
+    resident = (_FWD_RESIDENT if direction == "fwd" else _BWD_RESIDENT)[n]
     want = max(1, min(MAX_SPLITS, work, resident * num_sms // max(base, 1)))
     per = -(-work // want)
     return -(-work // per)  # every split gets at least one unit of work
