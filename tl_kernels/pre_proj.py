@@ -28,8 +28,9 @@ Layouts and call contracts (everything contiguous; ``T`` = ``num_tokens`` dynami
   (the caller sums in a fixed order: deterministic, no atomics).
 * ``dt`` in bfloat16 / float16 / float32; n in {1, 2, 4, 6, 8}; C a positive multiple of 64 up to 65536; T >= 1.
 
-Precision (the TF32 error budget). ``T.gemm`` on float32 tiles lowers to ``mma.sync.m16n8k8`` with ``.tf32``
-operands (checked in PTX by tests/kernels), which reads the top 19 bits of each operand. ``phi`` and ``d_proj``
+Precision (the TF32 error budget). Both kernels multiply with ``mma.sync.m16n8k8`` on ``.tf32`` operands (the
+forward through ``T.ptx_mma``, the backward through ``T.gemm`` on float32 tiles; checked in PTX by tests/kernels),
+which reads the top 19 bits of each operand. ``phi`` and ``d_proj``
 are rounded to nearest TF32 when they are staged in shared memory (add 2**12 to the bit pattern, as DeepSeek's
 kernels do; the MMA then drops the low 13 bits): relative error <= 2**-11 per element. bf16 and fp16 activations
 are exact in TF32; fp32 activations are truncated by the MMA (<= 2**-10). Hence, per token,
@@ -67,12 +68,12 @@ Resources and SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.pre_mapping_sass``
 H100 occupancy from registers and shared memory; guarded in tests/kernels/test_sass.py):
 
 * forward: 224 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
-  divisions, 128-bit x loads; 6,272 warp instructions per token; 114 registers, 12 KB shared, 256 threads: 2
-  blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
-* backward: 1,224 per token tile with its MMA loop (was ~4,100 with 41 division sequences, at 185 registers),
-  0 divisions; 34,272 warp instructions per token; 125 registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for
-  528 slots (0.85 wave; was 448 for 264 slots, 1.7 waves). Its x-tile loads are 64-bit (the conversion to the fp32
-  tile is fused into them).
+  divisions, 128-bit x loads; 6,272 warp instructions per token (was 46,172); 114 registers, 12 KB shared, 256
+  threads: 2 blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
+* backward: 1,224 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
+  fp32 division routine, at 185 registers), 0 divisions; 34,272 warp instructions per token (was 108,836); 125
+  registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots (0.85 wave; was 448 for 264 slots, 1.7
+  waves). Its x-tile loads are 64-bit (the conversion to the fp32 tile is fused into them).
 * other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 74 / 138, n = 2: 80 / 136, n = 6: 154 / 216,
   n = 8: 215 / 255 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 139 / 146. Resident
   blocks per SM follow (:data:`_FWD_RESIDENT`, :data:`_BWD_RESIDENT`, used by :func:`choose_splits`).
@@ -95,9 +96,12 @@ __all__ = [
     "BK",
     "BM",
     "DTYPES",
+    "FWD_BM",
+    "FWD_THREADS",
     "STREAMS",
     "choose_splits",
     "bwd_threads",
+    "fwd_tiles",
     "padded_width",
     "pre_proj_bwd_kernel",
     "pre_proj_bwd_program",
