@@ -67,16 +67,17 @@ the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with ``accumulate
 Resources and SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384,
 H100 occupancy from registers and shared memory; guarded in tests/kernels/test_sass.py):
 
-* forward: 224 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
-  divisions, 128-bit x loads; 6,272 warp instructions per token (was 46,172); 114 registers, 12 KB shared, 256
+* forward: 218 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
+  divisions, 128-bit x loads; 6,104 warp instructions per token (was 46,172); 108 registers, 12 KB shared, 256
   threads: 2 blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
 * backward: 1,224 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
   fp32 division routine, at 185 registers), 0 divisions; 34,272 warp instructions per token (was 108,836); 125
   registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots (0.85 wave; was 448 for 264 slots, 1.7
   waves). Its x-tile loads are 64-bit (the conversion to the fp32 tile is fused into them).
-* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 74 / 138, n = 2: 80 / 136, n = 6: 154 / 216,
-  n = 8: 215 / 255 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 139 / 146. Resident
-  blocks per SM follow (:data:`_FWD_RESIDENT`, :data:`_BWD_RESIDENT`, used by :func:`choose_splits`).
+* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 72 / 138, n = 2: 72 / 136, n = 6: 146 / 216,
+  n = 8: 202 / 255 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 128 / 146. Resident
+  blocks per SM follow (:data:`_FWD_RESIDENT`, :data:`_BWD_RESIDENT`, used by :func:`choose_splits`; keyed by n
+  at bf16: the fp32 backward at n = 4 fits 3 blocks, not 4).
 * all shipped configurations: 0 spills, 0 stack (tests/kernels/test_codegen.py).
 
 Verified without a GPU: the generated CUDA source runs in the CPU emulation (tests/emulation; ``shim.h`` emulates
@@ -266,7 +267,8 @@ def pre_proj_fwd_program(n: int, C: int, dtype: str):
                 acc[i] = T.float32(0)
             sq[0] = T.float32(0)
             sq[1] = T.float32(0)
-            load_chunk(x, phi, k_first, row0, row1, tx, q, xc, pd)
+            if count > 0:  # an empty split (not made by choose_splits) writes zeros and reads nothing
+                load_chunk(x, phi, k_first, row0, row1, tx, q, xc, pd)
             T.sync_threads()
             for kk in T.serial(count):
                 buf = kk % 2
