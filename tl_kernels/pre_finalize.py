@@ -49,9 +49,14 @@ Verified without a GPU: the generated CUDA source runs in the CPU emulation (tes
 ``mma.sync`` TF32 and ``ldmatrix`` with the PTX ISA's fragment layouts) against float64, and under AddressSanitizer
 with every tensor allocated to its exact size (no out-of-bounds access; a planted short input is caught).
 
-Speed (H100, not measured: no GPU has run these kernels yet). Forward, T = 16384, n = 4: the apply is bandwidth
-bound (10C bytes a token); the Sinkhorn of warp 0 (~6.6k instructions a token, see tl_kernels/sinkhorn.py) is hidden
-behind other blocks' loads only if enough blocks are resident; estimate 70-85% of copy bandwidth for C >= 2560.
+SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384; guarded in
+tests/kernels/test_sass.py). Forward: the apply loop is 131 instructions a thread per 16-byte chunk of every stream
+(was 400, with 5 division sequences from the slice bounds recomputed in the loop; they are int32 scalars computed
+once now), 128-bit loads and stores, 3,668 warp instructions per token (was 11,200); 96 registers, 512 B shared:
+5 blocks per SM, grid 512 for 660 slots. The Sinkhorn of warp 0 is ~1.5k instructions a token (``python -m
+tl_kernels.sinkhorn_sass``) and runs once per token block, before its apply loop. Backward: 121 instructions per
+chunk of post_res's mapping, 3,388 warp instructions per token, 48 registers. Speed: not measured (no GPU has run
+these kernels); the performance model (profiling/) predicts it from these figures.
 """
 
 import functools
@@ -166,12 +171,18 @@ def pre_finalize_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float)
                     for i in T.unroll(n):
                         hps[tx, i] = T.float32(0)
             T.sync_threads()
+            # The slice's bounds, once, as int32 scalars (inlined into the loops they cost divisions).
+            per = T.alloc_var("int32")
             per = T.ceildiv(chunks, num_slices)
+            q_first = T.alloc_var("int32")
             q_first = by * per
+            q_count = T.alloc_var("int32")
             q_count = T.min(per, chunks - q_first)
+            trips = T.alloc_var("int32")
+            trips = T.ceildiv(q_count, THREADS)
             for tok in T.serial(TOKENS):
                 if bx * TOKENS + tok < num_tokens:
-                    for k in T.serial(T.ceildiv(q_count, THREADS)):
+                    for k in T.serial(trips):
                         if k * THREADS + tx < q_count:
                             c0 = (q_first + k * THREADS + tx) * vec
                             for i in T.unroll(n):

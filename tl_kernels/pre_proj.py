@@ -17,9 +17,10 @@ where ``d_proj[t, j] = d_logits[t, j] * alpha_{g(j)} * rinv[t]`` and ``cx[t] = -
 Layouts and call contracts (everything contiguous; ``T`` = ``num_tokens`` dynamic: one binary per (n, C, dtype)):
 
 * ``pre_proj_fwd_kernel(n, C, dtype)(x [T, K] dt, phi [K, m] f32, proj_part [S, T, m] f32, sq_part [S, T] f32)``,
-  grid ``(ceil(T / BM), S)``; ``S`` (split-K, the leading dim of the partials) is dynamic and chosen by the caller
-  (:func:`choose_splits`); split ``s`` covers K-chunks ``[s * ceil(KC / S), ...)``, so the caller must make every
-  split non-empty (``choose_splits`` does). The partials are reduced in split order by ``pre_finalize``.
+  grid ``(fwd_tiles(T), S)`` = ``(ceil(T / FWD_BM), S)``; ``S`` (split-K, the leading dim of the partials) is
+  dynamic and chosen by the caller (:func:`choose_splits`); split ``s`` covers K-chunks ``[s * ceil(KC / S), ...)``
+  (KC = K / BK), so the caller must make every split non-empty (``choose_splits`` does). The partials are reduced in
+  split order by ``pre_finalize``.
 * ``pre_proj_bwd_kernel(n, C, dtype, accumulate)(x [T, K] dt, phi [K, m] f32, d_logits [T, m] f32,
   proj [T, m] f32, rinv [T] f32, alpha [3] f32, h_pre [T, n] f32, g_li [T, C] dt,
   [d_x_in [T, K] dt,] d_x [T, K] dt, d_phi_part [S, K, m] f32)``, grid ``(K / BK, S)``; block ``(kb, s)`` owns the
@@ -27,8 +28,9 @@ Layouts and call contracts (everything contiguous; ``T`` = ``num_tokens`` dynami
   (the caller sums in a fixed order: deterministic, no atomics).
 * ``dt`` in bfloat16 / float16 / float32; n in {1, 2, 4, 6, 8}; C a positive multiple of 64 up to 65536; T >= 1.
 
-Precision (the TF32 error budget). ``T.gemm`` on float32 tiles lowers to ``mma.sync.m16n8k8`` with ``.tf32``
-operands (checked in PTX by tests/kernels), which reads the top 19 bits of each operand. ``phi`` and ``d_proj``
+Precision (the TF32 error budget). Both kernels multiply with ``mma.sync.m16n8k8`` on ``.tf32`` operands (the
+forward through ``T.ptx_mma``, the backward through ``T.gemm`` on float32 tiles; checked in PTX by tests/kernels),
+which reads the top 19 bits of each operand. ``phi`` and ``d_proj``
 are rounded to nearest TF32 when they are staged in shared memory (add 2**12 to the bit pattern, as DeepSeek's
 kernels do; the MMA then drops the low 13 bits): relative error <= 2**-11 per element. bf16 and fp16 activations
 are exact in TF32; fp32 activations are truncated by the MMA (<= 2**-10). Hence, per token,
@@ -38,33 +40,50 @@ accumulation error, and the same bound with d_proj for d_x and d_phi. The GPU te
 
 Design. Both kernels are memory-bound: the projection reads 2nC bytes per token (bf16) and does 2 nC m FLOPs,
 24 FLOP/B at n=4, below the TF32 ridge (~150 FLOP/B on H100); phi (K x m x 4 B, 2.75 MB at C=7168) stays in L2.
-Tiles: BM = 64 tokens x BK = 64 channels, 128 threads (4 warps, the MMA tiles partitioned by TileLang), N padded
-to ``mp`` = m rounded up to 16 (16, 16, 32, 48, 80 for n = 1, 2, 4, 6, 8); the padded phi columns are zero-filled
-on load, never read from global memory. Loads are guarded (rows past T read as 0), 128-bit where the row
-alignment allows it. Split-K in the forward and token-splits in the backward are chosen from T so that the grid
-covers every SM at least twice (decode: T = 1 .. 137 still spreads over ~2 x SMs blocks); partials are reduced in a
-fixed order, so results are bitwise reproducible for a given (T, S).
-Loop-carried state stays on chip: the forward accumulates proj [BM, mp] and sq across its K-chunks in registers;
-the backward keeps phi's K-slice [BK, mp] in shared memory and the d_phi accumulator [BK, mp] in registers across
-its token tiles, and writes d_x once per tile. Bytes per token (bf16, n=4): forward 8C + 100 B; backward x 8C +
-g_li 2C (read once per stream: up to 8C if the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with
-``accumulate``).
+Splits (split-K in the forward, token splits in the backward) fill at most one wave of resident blocks
+(:func:`choose_splits`); partials are reduced in a fixed order, so results are bitwise reproducible for a given
+(T, S). The split bounds are int32 scalars computed once per block (inlined into the loops they were 64-bit
+divisions: 20 a K-chunk in the forward, 41 a token tile in the backward).
 
-Resources (ptxas -v, sm_90a, CUDA 13.0; all 75 shipped pre_proj configurations: 0 spills, 0 stack). Registers fwd /
-bwd at 128 threads: n = 1: 80 / 151, n = 2: 76 / 158, n = 4: 94-106 / 185-200; at n = 6, 8 the backward runs 256
-threads (:func:`bwd_threads`: at 128 it needed 255 registers and spilled 300 B at n = 8): fwd 144 / 189, bwd 238 /
-255. Dynamic shared memory 12-28 KB fwd, 25-57 KB bwd. So the n = 4 backward fits 2 blocks (8 warps) per SM and
-the n = 8 backward 1: latency hiding there rests on the 64-token tiles' loads in flight; a measured GPU profile
-decides whether the split or the tile sizes change. The backward's bf16/fp16 x-tile loads are 64-bit (the
-conversion to the fp32 tile is fused into them); the forward's and all fp32 loads are 128-bit.
+Forward: FWD_BM = 128 tokens per block of 8 warps; each warp owns 16 tokens (one MMA row tile) for all of the
+split's K-chunks of BK = 64 columns, so the accumulators [16, 8 * ceil(m / 8)] and the two sums of squares stay in
+registers. Within a chunk the K order fed to the MMAs is permuted so that lane (g, q) of MMA step s = 4h + s' holds
+columns 32h + 8q + 2s' (slot q) and + 1 (slot q + 4): each lane reads rows g and g + 8 of x straight from global
+memory into registers with four 128-bit loads a chunk (a warp reads 64 contiguous bytes of each row and half), no
+shared-memory staging of x, no bank conflicts. phi's chunk (a contiguous BK x m block) is staged in shared memory,
+TF32-rounded, in the same permuted order and in the B-fragment layout ``[step][column tile][lane][2]``: one
+conflict-free 64-bit shared load per MMA. The K loop is software-pipelined by hand: the next chunk's x (registers)
+and phi (registers, then the other of two shared buffers) are in flight while this chunk's MMAs run, one barrier a
+chunk. Rows past T are clamped to T - 1 on load (an MMA row only feeds its own output row, which is not stored).
+
+Backward: BM = 64 tokens x BK = 64 channels, 128 threads (256 at n = 6, 8, :func:`bwd_threads`), the MMA tiles
+partitioned by TileLang, N padded to ``mp`` = m rounded up to 16 (16, 16, 32, 48, 80 for n = 1, 2, 4, 6, 8); the
+padded phi columns are zero-filled on load, never read from global memory. It keeps phi's K-slice [BK, mp] in shared
+memory and the d_phi accumulator [BK, mp] in registers across its token tiles, and writes d_x once per tile.
+
+Bytes per token (bf16, n=4): forward 8C + S x 100 B; backward x 8C + g_li 2C (read once per stream: up to 8C if
+the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with ``accumulate``).
+
+Resources and SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384,
+H100 occupancy from registers and shared memory; guarded in tests/kernels/test_sass.py):
+
+* forward: 218 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
+  divisions, 128-bit x loads; 6,104 warp instructions per token (was 46,172); 108 registers, 12 KB shared, 256
+  threads: 2 blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
+* backward: 1,224 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
+  fp32 division routine, at 185 registers), 0 divisions; 34,272 warp instructions per token (was 108,836); 125
+  registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots (0.85 wave; was 448 for 264 slots, 1.7
+  waves). Its x-tile loads are 64-bit (the conversion to the fp32 tile is fused into them).
+* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 72 / 138, n = 2: 72 / 136, n = 6: 146 / 216,
+  n = 8: 202 / 255 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 128 / 146. Resident
+  blocks per SM follow (:data:`_FWD_RESIDENT`, :data:`_BWD_RESIDENT`, used by :func:`choose_splits`; keyed by n
+  at bf16: the fp32 backward at n = 4 fits 3 blocks, not 4).
+* all shipped configurations: 0 spills, 0 stack (tests/kernels/test_codegen.py).
 
 Verified without a GPU: the generated CUDA source runs in the CPU emulation (tests/emulation; ``shim.h`` emulates
 ``mma.sync`` TF32 and ``ldmatrix`` with the PTX ISA's fragment layouts) against float64, and under AddressSanitizer
-with every tensor allocated to its exact size (no out-of-bounds access; a planted short input is caught).
-
-Speed (H100, not measured: no GPU has run these kernels yet). The K-loop is not software-pipelined (TileLang 0.1.15
-could not lower ``T.copy`` with cp.async over the split's dynamic trip count); latency is hidden by occupancy
-(several 128-thread blocks per SM). Estimate: 60-80% of copy bandwidth for T >= 4096.
+with every tensor allocated to its exact size (no out-of-bounds access; a planted short input is caught). Speed:
+not measured (no GPU has run these kernels); the performance model (profiling/) predicts it from the figures above.
 """
 
 import functools
@@ -78,9 +97,12 @@ __all__ = [
     "BK",
     "BM",
     "DTYPES",
+    "FWD_BM",
+    "FWD_THREADS",
     "STREAMS",
     "choose_splits",
     "bwd_threads",
+    "fwd_tiles",
     "padded_width",
     "pre_proj_bwd_kernel",
     "pre_proj_bwd_program",
@@ -93,7 +115,18 @@ STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
 BM = 64  # tokens per tile
 BK = 64  # K (= n * C) elements per chunk; divides C, so a chunk lies in one stream
 THREADS = 128
+FWD_WARPS = 8  # the forward: each warp owns 16 tokens (one MMA row tile) and all of the split's K-chunks
+FWD_THREADS = 32 * FWD_WARPS
+FWD_BM = 16 * FWD_WARPS  # tokens per forward block
 MAX_SPLITS = 64
+# Resident blocks per H100 SM by n (registers from ptxas -v at bf16; ``python -m tl_kernels.pre_mapping_sass --n 1 2
+# 4 6 8``): the wave :func:`choose_splits` fills. fp32 activations at n = 4 fit one forward block (139 registers).
+_FWD_RESIDENT = {1: 3, 2: 3, 4: 2, 6: 1, 8: 1}
+_BWD_RESIDENT = {1: 3, 2: 3, 4: 4, 6: 1, 8: 1}
+# Both kernels index in bounds by construction (forward: rows clamped to T - 1, every split non-empty; backward:
+# explicit row guards); TileLang's own guards on the splits' dynamic offsets would cost the forward its 128-bit loads
+# and add dead compares. The ASan test (tests/emulation) checks the bounds with exactly sized tensors.
+_PASS_CONFIGS = {"tl.disable_safe_memory_legalize": True}
 _TF32_ROUND = 0x1000  # added to the fp32 bit pattern: round to nearest before the MMA drops 13 bits
 
 
@@ -118,19 +151,20 @@ def _shape(n: int, C: int, dtype: str) -> _Shape:
 
 
 def choose_splits(num_tokens: int, n: int, C: int, num_sms: int, direction: str) -> int:
-    """Split count for a launch: enough blocks for ~2 per SM, every split non-empty, at most :data:`MAX_SPLITS`.
+    """Split count for a launch: at most one wave of resident blocks (a second, partial wave would leave SMs idle
+    for a whole block's time), every split non-empty, at most :data:`MAX_SPLITS`.
 
-    fwd: splits of the K-chunks (grid ``ceil(T / BM) x S``); bwd: splits of the token tiles (grid ``K / BK x S``).
+    fwd: splits of the K-chunks (grid ``fwd_tiles(T) x S``); bwd: splits of the token tiles (grid ``K / BK x S``).
     """
     chunks = n * C // BK
-    tiles = -(-num_tokens // BM)
     if direction == "fwd":
-        base, work = tiles, chunks
+        base, work = fwd_tiles(num_tokens), chunks
     elif direction == "bwd":
-        base, work = chunks, tiles
+        base, work = chunks, -(-num_tokens // BM)
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
-    want = max(1, min(MAX_SPLITS, work, -(-2 * num_sms // max(base, 1))))
+    resident = (_FWD_RESIDENT if direction == "fwd" else _BWD_RESIDENT)[n]
+    want = max(1, min(MAX_SPLITS, work, resident * num_sms // max(base, 1)))
     per = -(-work // want)
     return -(-work // per)  # every split gets at least one unit of work
 
@@ -147,13 +181,55 @@ def _tf32(v):
     return T.reinterpret(T.reinterpret(v, "uint32") + T.uint32(_TF32_ROUND), "float32")
 
 
+def fwd_tiles(num_tokens: int) -> int:
+    """Token tiles of the forward (its grid's x extent): ``ceil(T / FWD_BM)``."""
+    return -(-num_tokens // FWD_BM)
+
+
+def _fwd_fragment_index(r, j, nt_count: int):
+    """Where phi's chunk element (row ``r`` < BK, column ``j``) lies in the forward's shared B-fragment order.
+
+    Lane ``4g + q`` of MMA step ``s`` (= 4h + s') holds, for the column tile ``nt``, the pair (b0, b1) = phi rows
+    ``32h + 8q + 2s'`` and ``+ 1``, column ``8nt + g``; the pairs are stored ``[s][nt][lane][2]`` so that a warp
+    reads one step's tile with one conflict-free 64-bit shared load per lane."""
+    step = (r // 32) * 4 + (r // 2) % 4
+    lane = (j % 8) * 4 + (r // 8) % 4
+    return ((step * nt_count + j // 8) * 32 + lane) * 2 + r % 2
+
+
 def pre_proj_fwd_program(n: int, C: int, dtype: str):
     """``proj_part[s] = x[:, K_s] @ phi[K_s]`` and ``sq_part[s] = sum over K_s of x^2``; see the module docstring."""
     sh = _shape(n, C, dtype)
-    m, mp, K, chunks = sh.m, sh.mp, sh.K, sh.chunks
+    m, K, chunks = sh.m, sh.K, sh.chunks
+    nt_count = -(-m // 8)  # MMA column tiles (N = 8 each)
+    frag = BK * nt_count * 8  # floats of one chunk of phi in B-fragment order (padded columns zero)
+    per_thread = -(-BK * m // FWD_THREADS)  # phi elements each thread stages per chunk
     f32 = "float32"
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
+
+    @T.macro
+    def load_chunk(x, phi, kc, row0, row1, tx, q, xd, pd):
+        # x: rows g and g + 8 of the warp's 16 tokens, columns [8q, 8q + 8) and [32 + 8q, 32 + 8q + 8) of the chunk
+        # (128-bit loads; a warp reads 64 contiguous bytes per row and half). phi: the chunk's BK x m block is
+        # contiguous in memory; thread tx takes the elements tx, tx + FWD_THREADS, ... (coalesced).
+        k0 = kc * BK  # a multiple of BK, as the vectorizer must see
+        for h in T.unroll(2):
+            for e in T.vectorized(8):
+                xd[0, 8 * h + e] = x[row0, k0 + 32 * h + 8 * q + e]
+            for e in T.vectorized(8):
+                xd[1, 8 * h + e] = x[row1, k0 + 32 * h + 8 * q + e]
+        for i in T.unroll(per_thread):
+            if (BK * m) % FWD_THREADS == 0 or i * FWD_THREADS + tx < BK * m:
+                f = i * FWD_THREADS + tx
+                pd[i] = phi[k0 + f // m, f % m]
+
+    @T.macro
+    def stage_phi(ps, buf, tx, pd):
+        for i in T.unroll(per_thread):
+            if (BK * m) % FWD_THREADS == 0 or i * FWD_THREADS + tx < BK * m:
+                f = i * FWD_THREADS + tx
+                ps[buf * frag + _fwd_fragment_index(f // m, f % m, nt_count)] = _tf32(pd[i])
 
     @T.prim_func
     def pre_proj_fwd(
@@ -162,35 +238,76 @@ def pre_proj_fwd_program(n: int, C: int, dtype: str):
         proj_part: T.Tensor((num_splits, num_tokens, m), f32),
         sq_part: T.Tensor((num_splits, num_tokens), f32),
     ):
-        with T.Kernel(T.ceildiv(num_tokens, BM), num_splits, threads=THREADS) as (bx, by):
-            xs = T.alloc_shared((BM, BK), dtype)
-            ps = T.alloc_shared((BK, mp), f32)
-            xf = T.alloc_fragment((BM, BK), f32)
-            acc = T.alloc_fragment((BM, mp), f32)
-            sq = T.alloc_fragment((BM, 4), f32)
-            sq_row = T.alloc_fragment((BM,), f32)
-            T.clear(acc)
-            T.clear(sq)
+        with T.Kernel(T.ceildiv(num_tokens, FWD_BM), num_splits, threads=FWD_THREADS) as (bx, by):
+            ps = T.alloc_shared((2 * frag,), f32)  # phi's chunk in B-fragment order, double-buffered
+            xc = T.alloc_local((2, 16), dtype)  # this chunk's x (rows g, g + 8)
+            xn = T.alloc_local((2, 16), dtype)  # the next chunk's x, in flight during this chunk's MMAs
+            pd = T.alloc_local((per_thread,), f32)  # the next chunk's phi elements, in flight
+            acc = T.alloc_local((4 * nt_count,), f32)
+            af = T.alloc_local((4,), f32)
+            bf = T.alloc_local((2,), f32)
+            sq = T.alloc_local((2,), f32)
+            tx = T.get_thread_binding()
+            lane = tx % 32
+            g = lane // 4
+            q = lane % 4
+            tok0 = bx * FWD_BM + (tx // 32) * 16 + g  # rows past T are clamped to T - 1 (MMA rows are independent:
+            row0 = T.min(tok0, num_tokens - 1)  # a clamped row only feeds its own output row, which is not stored)
+            row1 = T.min(tok0 + 8, num_tokens - 1)
+            # The split's bounds, once, as int32 scalars (inlined into the loop they cost 64-bit divisions).
+            per = T.alloc_var("int32")
             per = T.ceildiv(chunks, num_splits)
+            k_first = T.alloc_var("int32")
             k_first = by * per
-            for kk in T.serial(T.min(per, chunks - k_first)):
-                k0 = (k_first + kk) * BK
-                for i, j in T.Parallel(BM, BK):
-                    xs[i, j] = T.if_then_else(bx * BM + i < num_tokens, x[bx * BM + i, k0 + j], T.cast(0, dtype))
-                for i, j in T.Parallel(BK, mp):
-                    ps[i, j] = T.if_then_else(j < m, _tf32(phi[k0 + i, j]), T.float32(0))
-                T.copy(xs, xf)
-                for jj in T.serial(BK // 4):
-                    for i, j in T.Parallel(BM, 4):
-                        sq[i, j] += xf[i, jj * 4 + j] * xf[i, jj * 4 + j]
-                T.gemm(xf, ps, acc)
-            T.reduce_sum(sq, sq_row, dim=1)
-            for i in T.Parallel(BM):
-                if bx * BM + i < num_tokens:
-                    sq_part[by, bx * BM + i] = sq_row[i]
-            for i, j in T.Parallel(BM, mp):
-                if bx * BM + i < num_tokens and j < m:
-                    proj_part[by, bx * BM + i, j] = acc[i, j]
+            count = T.alloc_var("int32")
+            count = T.min(per, chunks - by * per)
+            for i in T.serial(2 * frag // FWD_THREADS):
+                ps[i * FWD_THREADS + tx] = T.float32(0)  # the padded columns (m % 8 != 0) stay zero
+            for i in T.unroll(4 * nt_count):
+                acc[i] = T.float32(0)
+            sq[0] = T.float32(0)
+            sq[1] = T.float32(0)
+            if count > 0:  # an empty split (not made by choose_splits) writes zeros and reads nothing
+                load_chunk(x, phi, k_first, row0, row1, tx, q, xc, pd)
+            T.sync_threads()
+            for kk in T.serial(count):
+                buf = kk % 2
+                stage_phi(ps, buf, tx, pd)
+                # One barrier a chunk: buffer buf was last read two chunks ago, before the previous barrier.
+                T.sync_threads()
+                if kk + 1 < count:
+                    load_chunk(x, phi, k_first + kk + 1, row0, row1, tx, q, xn, pd)
+                for r in T.unroll(2):
+                    for e in T.unroll(16):
+                        sq[r] += T.cast(xc[r, e], f32) * T.cast(xc[r, e], f32)
+                for s in T.unroll(8):
+                    # Step s = 4h + s': slot q is column 32h + 8q + 2s', slot q + 4 the next column (phi alike).
+                    e0 = (s // 4) * 8 + (s % 4) * 2
+                    af[0] = T.cast(xc[0, e0], f32)
+                    af[1] = T.cast(xc[1, e0], f32)
+                    af[2] = T.cast(xc[0, e0 + 1], f32)
+                    af[3] = T.cast(xc[1, e0 + 1], f32)
+                    for nt in T.unroll(nt_count):
+                        for v in T.vectorized(2):
+                            bf[v] = ps[buf * frag + ((s * nt_count + nt) * 32 + lane) * 2 + v]
+                        T.ptx_mma(f32, "m16n8k8", "row", "col", "tf32", "tf32", "fp32",
+                                  af.data, 0, bf.data, 0, acc.data, 4 * nt, T.bool(False))  # fmt: skip
+                for r in T.unroll(2):
+                    for e in T.unroll(16):
+                        xc[r, e] = xn[r, e]
+            for r in T.unroll(2):
+                sq[r] = sq[r] + T.shfl_xor(sq[r], 1)
+                sq[r] = sq[r] + T.shfl_xor(sq[r], 2)
+            if q == 0:
+                for r in T.unroll(2):
+                    if tok0 + 8 * r < num_tokens:
+                        sq_part[by, tok0 + 8 * r] = sq[r]
+            for r in T.unroll(2):
+                if tok0 + 8 * r < num_tokens:
+                    for nt in T.unroll(nt_count):
+                        for c in T.unroll(2):
+                            if nt * 8 + 2 * q + c < m:
+                                proj_part[by, tok0 + 8 * r, nt * 8 + 2 * q + c] = acc[4 * nt + 2 * r + c]
 
     return pre_proj_fwd
 
@@ -219,15 +336,23 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             stream = k0 // C  # BK divides C: the slice lies in one stream
             c0 = k0 - stream * C
             tiles = T.ceildiv(num_tokens, BM)
+            # The split's token tiles, once, as int32 scalars (inlined into the loop they cost 64-bit divisions).
+            per = T.alloc_var("int32")
             per = T.ceildiv(tiles, num_splits)
-            first = by * per
+            t_base = T.alloc_var("int32")
+            t_base = by * per * BM
+            count = T.alloc_var("int32")
+            count = T.min(per, tiles - by * per)
             for i, j in T.Parallel(BK, mp):
                 ps[i, j] = T.if_then_else(j < m, _tf32(phi[k0 + i, j]), T.float32(0))
             T.clear(dphi_acc)
-            for tt in T.serial(T.min(per, tiles - first)):
-                t0 = (first + tt) * BM
+            for tt in T.serial(count):
+                t0 = t_base + tt * BM
                 for i, j in T.Parallel(BM, BK):
-                    xs[i, j] = T.if_then_else(t0 + i < num_tokens, T.cast(x[t0 + i, k0 + j], f32), T.float32(0))
+                    # A clamped row: the vectorized load and conversion run before the select (rows past T: zero).
+                    xs[i, j] = T.if_then_else(
+                        t0 + i < num_tokens, T.cast(x[T.min(t0 + i, num_tokens - 1), k0 + j], f32), T.float32(0)
+                    )
                 # d_proj = d_logits * alpha_g * rinv, rows past T and padded columns zero.
                 for i, j in T.Parallel(BM, mp):
                     dps[i, j] = T.if_then_else(
@@ -245,7 +370,7 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
                         for j in T.serial(m):
                             s += d_logits[t, j] * alpha[T.min(j // n, 2)] * proj[t, j]
                         r = rinv[t]
-                        cxs[tx] = -s * r * r * r / T.float32(K)
+                        cxs[tx] = -s * r * r * r * T.float32(1.0 / K)  # a multiply: the division is a call
                         hps[tx] = h_pre[t, stream]
                     else:
                         cxs[tx] = T.float32(0)
@@ -303,10 +428,10 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
 @functools.cache
 def pre_proj_fwd_kernel(n: int, C: int, dtype: str):
     """The compiled forward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
-    return _common.compile_program(pre_proj_fwd_program(n, C, dtype))
+    return _common.compile_program(pre_proj_fwd_program(n, C, dtype), pass_configs=_PASS_CONFIGS)
 
 
 @functools.cache
 def pre_proj_bwd_kernel(n: int, C: int, dtype: str, accumulate: bool = False):
     """The compiled backward kernel for ``(n, C, dtype, accumulate)`` (memoised; TileLang's disk cache below)."""
-    return _common.compile_program(pre_proj_bwd_program(n, C, dtype, accumulate))
+    return _common.compile_program(pre_proj_bwd_program(n, C, dtype, accumulate), pass_configs=_PASS_CONFIGS)

@@ -43,12 +43,12 @@ def test_pre_proj_fwd_generated_source_on_cpu(n, C, dtype, T, splits):
     m, K = n * n + 2 * n, n * C
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T + BM, K, generator=g).to(DT[dtype])
-    x[T:] = float("nan")  # rows past T must be read as zero (a NaN row would poison nothing else, but must not fault)
+    x[T:] = float("nan")  # rows past T must not reach the outputs of rows below T
     phi = torch.randn(K, m, generator=g) / K**0.5
     proj_part = torch.full((splits, T, m), float("nan"))
     sq_part = torch.full((splits, T), float("nan"))
     kernel(x=x, phi=phi, proj_part=proj_part, sq_part=sq_part, num_tokens=T, num_splits=splits,
-           grid=(-(-T // BM), splits))  # fmt: skip
+           grid=(pre_proj.fwd_tiles(T), splits))  # fmt: skip
     chunks = K // BK
     per = -(-chunks // splits)
     xv, pv = x[:T].double(), phi.double()
@@ -58,6 +58,26 @@ def test_pre_proj_fwd_generated_source_on_cpu(n, C, dtype, T, splits):
         mag = xv[:, lo:hi].abs() @ pv[lo:hi].abs()
         assert _max_rel(proj_part[s], want, mag) <= _budget(dtype), f"split {s}: projection outside the TF32 budget"
         torch.testing.assert_close(sq_part[s].double(), xv[:, lo:hi].square().sum(-1), rtol=2e-6, atol=0)
+
+
+def test_pre_proj_fwd_empty_split_writes_zeros_and_reads_nothing():
+    """An empty split (K = 2 chunks over 3 splits: the third has none) yields zero partials; the x tensor holds
+    exactly T rows and K columns, so a read past the last chunk would land outside it (ASan covers the bounds)."""
+    n, C, dtype, T = 2, 64, "bfloat16", 5
+    kernel = EmulatedKernel(pre_proj.pre_proj_fwd_kernel(n, C, dtype).get_kernel_source())
+    m, K = n * n + 2 * n, n * C
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(T, K, generator=g).to(DT[dtype])
+    phi = torch.randn(K, m, generator=g) / K**0.5
+    proj_part, sq_part = torch.full((3, T, m), float("nan")), torch.full((3, T), float("nan"))
+    kernel(x=x, phi=phi, proj_part=proj_part, sq_part=sq_part, num_tokens=T, num_splits=3,
+           grid=(pre_proj.fwd_tiles(T), 3))  # fmt: skip
+    assert torch.equal(proj_part[2], torch.zeros(T, m)) and torch.equal(sq_part[2], torch.zeros(T))
+    xv, pv = x.double(), phi.double()
+    for s in range(2):  # one chunk each
+        lo, hi = s * BK, (s + 1) * BK
+        mag = xv[:, lo:hi].abs() @ pv[lo:hi].abs()
+        assert _max_rel(proj_part[s], xv[:, lo:hi] @ pv[lo:hi], mag) <= _budget(dtype)
 
 
 BWD_CASES = [(4, 256, "bfloat16", 70, 2, False), (4, 256, "bfloat16", 3, 1, True), (8, 64, "float16", 130, 3, False),

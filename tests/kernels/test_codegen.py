@@ -35,6 +35,7 @@ from tl_kernels.registry import ALL_CONFIGS, KernelConfig
 
 POST_RES_CONFIGS = [cfg for cfg in ALL_CONFIGS if cfg.family == "post_res"]
 PRE_PROJ_CONFIGS = [cfg for cfg in ALL_CONFIGS if cfg.family == "pre_proj"]
+PRE_PROJ_FWD_CONFIGS = [cfg for cfg in PRE_PROJ_CONFIGS if cfg.direction == "fwd"]
 PRE_FINALIZE_FWD_CONFIGS = [cfg for cfg in ALL_CONFIGS if cfg.family == "pre_finalize" and cfg.direction == "fwd"]
 
 
@@ -108,6 +109,13 @@ def test_pre_proj_runs_on_tf32_tensor_cores(cfg: KernelConfig, built: dict[str, 
     mma = [line for line in text.splitlines() if "mma.sync.aligned" in line]
     assert mma, "no mma.sync in the PTX"
     assert all(".m16n8k8." in line and ".tf32.tf32." in line and ".f32.tf32" in line for line in mma), mma[:3]
+
+
+@pytest.mark.parametrize("cfg", PRE_PROJ_FWD_CONFIGS, ids=_ids)
+def test_pre_proj_fwd_loads_x_128_bits_at_a_time(cfg: KernelConfig, built: dict[str, dict]) -> None:
+    """Each lane reads its x rows straight into registers, 16 bytes a load (no shared-memory staging of x)."""
+    result = _result(built, cfg)
+    assert result["vector_loads_128"], f"widest global load is {result['vector_load_bits']} bits"
 
 
 @pytest.mark.parametrize("cfg", PRE_FINALIZE_FWD_CONFIGS, ids=_ids)

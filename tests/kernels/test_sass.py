@@ -82,3 +82,56 @@ def test_sass_loop_parser_on_a_listing():
     assert codegen.sass_loops(listing) == [{"start": 0x10, "end": 0x30, "instructions": 3, "mufu": 1, "global": 0}]
     staged = listing.replace("FADD R4, R2, R4", "LDG.E R4, desc[UR4][R2.64]")
     assert codegen.sass_loops(staged)[0]["global"] == 1
+
+
+# ------------------------------------------------------------------------------------------- pre-mapping kernels
+# Guards on the hot loops of tl_kernels/pre_proj.py and tl_kernels/pre_finalize.py (n = 4, C = 7168, bf16), measured
+# with ``python -m tl_kernels.pre_mapping_sass``: instructions per iteration (pre_proj fwd 218 per 64-column K-chunk,
+# was 1,649 with 20 division calls; bwd 1,224 per 64-token tile with its MMA loop, was 3,887 with 41; pre_finalize
+# fwd 131 per chunk, was 400 with 5; bwd 121) plus ~8%, no integer division sequence or call inside the loop, no
+# local memory anywhere, and the widest global load the layout allows.
+
+PRE_MAPPING_GUARDS = [
+    # kernel, most instructions per iteration, widest LDG in bits, 128-bit stores in the loop
+    ("pre_proj_fwd", 236, 128, False),
+    ("pre_proj_bwd", 1320, 64, False),  # the x tile is converted to fp32 on its (64-bit) load
+    ("pre_finalize_fwd", 142, 128, True),
+    ("pre_finalize_bwd", 131, 128, False),
+]
+
+
+@pytest.mark.parametrize("kernel,ceiling,ldg_bits,stg128", PRE_MAPPING_GUARDS, ids=[g[0] for g in PRE_MAPPING_GUARDS])
+def test_pre_mapping_hot_loops(kernel, ceiling, ldg_bits, stg128):
+    pm_sass = pytest.importorskip("tl_kernels.pre_mapping_sass")
+    try:
+        loop = pm_sass.hot_loop(kernel, 4, 7168, "bfloat16")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert loop["instructions"] <= ceiling, loop["instructions"]
+    assert loop["divisions"] == 0, "an integer division (or a call) in the hot loop"
+    assert loop["local"] == 0, "local memory (spills or an indexed local array)"
+    assert loop["ldg_bits"] >= ldg_bits, loop["ldg_bits"]
+    assert not stg128 or loop["stg128"], "layer_input is no longer stored 128 bits at a time"
+
+
+def test_pre_proj_fwd_mmas_per_chunk():
+    """One m16n8k8 per 8-column tile of the m = 24 coefficients and per 8 of the chunk's 64 columns: 3 x 8."""
+    pm_sass = pytest.importorskip("tl_kernels.pre_mapping_sass")
+    try:
+        assert pm_sass.hot_loop("pre_proj_fwd", 4, 7168, "bfloat16")["hmma"] == 24
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_division_and_local_memory_detectors_on_a_listing():
+    pm_sass = pytest.importorskip("tl_kernels.pre_mapping_sass")
+    clean = [
+        "IMAD R4, R2, 0x40, RZ",
+        "LDG.E.128.CONSTANT R8, desc[UR4][R2.64]",
+        "MUFU.RCP R1, R2",
+        "HMMA.1688.F32.TF32 R0",
+    ]
+    assert pm_sass.division_sequences(clean) == 0 and pm_sass.local_memory(clean) == 0
+    assert pm_sass.widest_load_bits(clean) == 128 and pm_sass.widest_load_bits(["LDG.E R2, desc[UR4][R4.64]"]) == 32
+    planted = [*clean, "I2F.U32.RP R5, R3", "MUFU.RCP R5, R5", "CALL.REL.NOINC 0x72f0", "STL [R1], R4"]
+    assert pm_sass.division_sequences(planted) == 2 and pm_sass.local_memory(planted) == 1
