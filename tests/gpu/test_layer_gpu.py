@@ -58,8 +58,9 @@ def test_ffn_post_kernel_runs_on_the_high_priority_stream():
     post = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "post_res" in e.name]
     other = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "post_res" not in e.name]
     assert post, [e.name for e in prof.events()][:50]
-    post_streams = {getattr(e, "stream", None) for e in post} - {None}
-    other_streams = {getattr(e, "stream", None) for e in other} - {None}
+    # a device event's stream is its device_resource_id (FunctionEvent has no ``stream`` attribute)
+    post_streams = {e.device_resource_id for e in post} - {None}
+    other_streams = {e.device_resource_id for e in other} - {None}
     assert post_streams and not (post_streams & other_streams), (post_streams, other_streams)
 
 
