@@ -172,13 +172,12 @@ def build_stages(work: pathlib.Path, *, dry_run: bool, jobs: int) -> list[Stage]
                         acc_cmd, note="" if acc else "acceptance.py not found: run profiling/gpu_prep.sh first"))  # fmt: skip
     # ours, TileKernels, Liger, eager and torch.compile side by side at the target shape (n = 4, C = 4096, T = 16384
     # and Sinkhorn's token counts): stage 3 leaves torch.compile out to keep stages 1-5 inside the budget
-    side = _py("-m", "profiling.bench", *dev, "--quick", "--no-block", "--out", str(work / "bench-compile"))
-    if dry_run:  # the CPU's tiny shapes; no torch.compile on 2 cores (stage 3 ran the same code path)
-        side += ["--timer", "standin", "--hidden", "256", "--no-compile"]
-    else:
-        side += ["--hidden", "4096"]
-    stages.append(Stage("6-bench-compile", "quick bench with torch.compile beside the peers (C=4096)", 240, side,
-                        min_s=60 if not dry_run else 10))  # fmt: skip
+    # (not in the dry run: stage 3 runs the same code there, and torch.compile on 2 cores would not fit)
+    side = _py("-m", "profiling.bench", *dev, "--quick", "--hidden", "4096", "--no-block", "--out",
+               str(work / "bench-compile"))  # fmt: skip
+    if not dry_run:
+        stages.append(Stage("6-bench-compile", "quick bench with torch.compile beside the peers (C=4096)", 240,
+                            side, min_s=60))  # fmt: skip
     pytest = _py("-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider")
     if dry_run:
         pytest += ["--collect-only", "-q"]
