@@ -152,7 +152,10 @@ def build_stages(work: pathlib.Path, *, dry_run: bool, jobs: int) -> list[Stage]
     if dry_run:
         check += ["--tokens", "0", "3"]  # the reference on a CPU: the code path, not the kernels' blocks
     stages.append(Stage("2-correctness", "every registry configuration vs the float64 reference", 150, check))
-    quick = _py("-m", "profiling.bench", *dev, "--quick", "--no-compile", "--out", str(work / "bench-quick"))
+    # no third-party baselines here: TileKernels compiles its kernels on first use, per hidden size (not in the
+    # carried cache), which could push this stage past its limit; 6-bench-compile times them
+    quick = _py("-m", "profiling.bench", *dev, "--quick", "--no-compile", "--no-baselines", "--out",
+                str(work / "bench-quick"))  # fmt: skip
     if dry_run:
         quick += ["--timer", "standin"]
     stages.append(Stage("3-bench-quick", "benchmarks at the target shapes (n=4, T=16384)", 120, quick))
@@ -285,8 +288,12 @@ def _detail(stage: Stage, work: pathlib.Path, log: pathlib.Path) -> str:
                 )
             if sk:
                 text += f", sinkhorn fwd+bwd {sk[-1]['us']:.1f} us (T={sk[-1]['T']})"
-            peers = [v["label"] for v in data.get("meta", {}).get("baselines", {}).values() if v.get("available")]
-            text += f", peers: {', '.join(peers) or 'none importable'}"
+            meta = data.get("meta", {})
+            peers = [v["label"] for v in meta.get("baselines", {}).values() if v.get("available")]
+            if any("--no-baselines" in note for note in meta.get("baseline_skips", [])):
+                text += ", peers not run here"
+            else:
+                text += f", peers: {', '.join(peers) or 'none importable'}"
             return text + (" (truncated)" if data.get("meta", {}).get("truncated") else "")
         if stage.key.startswith("4-"):
             return _tail_line(log, "ERROR SUMMARY", "MISMATCH", "Error", "sanitize cases ran")
@@ -332,12 +339,15 @@ def write_reports(out: pathlib.Path, work: pathlib.Path, meta: dict, results: li
 
 
 def overall(results: list[Result]) -> str:
-    """PASS when every stage that ran passed and every stage 1-5 ran; the stage-6 extras may be skipped."""
-    bad = [r.key for r in results if r.status in ("FAIL", "TIMEOUT")]
-    missing = [r.key for r in results if r.status == "SKIP" and not r.key.startswith("6-")]
+    """PASS when every stage 1-5 ran and passed and no stage failed; the stage-6 extras, which get whatever time is
+    left, may be skipped or cut at their time limit (named in the verdict), but not fail."""
+    extra = [r for r in results if r.key.startswith("6-")]
+    bad = [r.key for r in results if r.status == "FAIL" or (r.status == "TIMEOUT" and r not in extra)]
+    missing = [r.key for r in results if r.status == "SKIP" and r not in extra]
     if bad or missing:
         return "FAIL (" + ", ".join(bad + [f"{k} skipped" for k in missing]) + ")"
-    return "PASS"
+    cut = [r.key for r in extra if r.status == "TIMEOUT"]
+    return "PASS" + (f" ({', '.join(cut)} cut at the time limit)" if cut else "")
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -529,7 +539,7 @@ def main(argv=None) -> int:
     files = [p for p in out.rglob("*") if p.is_file()]
     if len(files) > MAX_OUT_FILES:
         print(f"WARNING: {len(files)} files in {out}, only {MAX_OUT_FILES} come back", flush=True)
-    return 0 if verdict == "PASS" else 1
+    return 0 if verdict.startswith("PASS") else 1
 
 
 if __name__ == "__main__":

@@ -73,6 +73,24 @@ def test_every_family_check_runs_strict(monkeypatch):
         assert check.__wrapped__.__name__.startswith("check_"), name
 
 
+def test_stage_6_may_be_cut_but_not_fail():
+    R = gpu_run.Result
+    core = [R("1-env", "", "PASS"), R("5-acceptance", "", "PASS")]
+    assert gpu_run.overall([*core, R("6-gpu-suite", "", "TIMEOUT")]) == "PASS (6-gpu-suite cut at the time limit)"
+    assert gpu_run.overall([*core, R("6-bench-compile", "", "FAIL")]).startswith("FAIL (6-bench-compile")
+    assert gpu_run.overall([R("2-pre-kernels", "", "TIMEOUT"), *core]).startswith("FAIL (2-pre-kernels")
+
+
+def test_quick_bench_leaves_the_peers_to_stage_6(tmp_path):
+    stages = {s.key: s for s in gpu_run.build_stages(tmp_path, dry_run=False, jobs=16)}
+    assert "--no-baselines" in stages["3-bench-quick"].cmd
+    side = stages["6-bench-compile"].cmd
+    assert "--no-baselines" not in side and "--no-compile" not in side and side[side.index("--hidden") + 1] == "4096"
+    keys = list(stages)
+    assert keys.index("2-pre-kernels") == keys.index("2-correctness") - 1
+    assert keys.index("6-bench-compile") < keys.index("6-gpu-suite")
+
+
 # ---------------------------------------------------------------------------------------------------- the peers
 
 
