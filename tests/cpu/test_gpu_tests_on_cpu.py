@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import torch
 
 from mhc import _cuda
 from tests.cpu.gpu_stubs import cpu_as_cuda
@@ -142,3 +143,39 @@ def test_pre_kernels_direct(calls, T, shape):
 def test_layer_against_float64(calls):
     layer.test_layer_matches_float64_on_cpu("attn")
     assert {"pre_proj_fwd", "pre_finalize_fwd", "post_res_fwd", "pre_proj_bwd", "post_res_bwd"} <= set(_names(calls))
+
+
+# ---------------------------------------------------------------------------------------------------- the fakes
+
+
+def test_fake_kernels_refuse_what_tilelang_would(calls):
+    """The fakes' binding checks can fail: wrong count, dtype, static dim, inconsistent or empty dynamic dims, a
+    scalar of the wrong kind, and a split count that leaves a split without work."""
+    from tl_kernels import pre_finalize, pre_proj, sinkhorn
+
+    L, out = torch.randn(3, 4, 4), torch.empty(3, 4, 4)
+    fwd = sinkhorn.sinkhorn_fwd_kernel(4, 20, 0.0)
+    fwd(L, out)
+    with pytest.raises(TypeError, match="expected 2 arguments"):
+        fwd(L)
+    with pytest.raises(TypeError, match="argument 1 \\(out\\): expected float32, got float64"):
+        fwd(L, out.double())
+    with pytest.raises(ValueError, match="dim 2 must be 4"):
+        fwd(torch.randn(3, 4, 5), out)
+    with pytest.raises(ValueError, match="num_tokens = 2 here but 3 earlier"):
+        fwd(L, out[:2])
+    with pytest.raises(ValueError, match="empty grid"):
+        fwd(L[:0], out[:0])
+    n, C = 4, 256
+    x, phi = torch.randn(5, n * C).bfloat16(), torch.randn(n * C, 24)
+    with pytest.raises(ValueError, match="split 16 of 17 has no K-chunk"):  # 16 chunks: at most 16 splits
+        pre_proj.pre_proj_fwd_kernel(n, C, "bfloat16")(x, phi, torch.empty(17, 5, 24), torch.empty(17, 5))
+    fin = pre_finalize.pre_finalize_fwd_kernel(n, C, "bfloat16", 20, 0.0)
+    args = [torch.zeros(2, 5, 24), torch.ones(2, 5), torch.ones(3), torch.zeros(24), x.view(5, n, C),
+            torch.empty(5, C).bfloat16(), torch.empty(5, n), torch.empty(5, n, n), torch.empty(5, n),
+            torch.empty(5, 24), torch.empty(5)]  # fmt: skip
+    fin(*args, 1e-6, 2.0, 1)
+    with pytest.raises(TypeError, match="num_slices.*expected a Python int32 scalar, got float"):
+        fin(*args, 1e-6, 2.0, 1.0)
+    with pytest.raises(ValueError, match="num_slices=0"):
+        fin(*args, 1e-6, 2.0, 0)
