@@ -16,6 +16,13 @@ Fallback to the PyTorch reference, with one ``warnings.warn`` per configuration 
 * for a *disabled* family: ``MHC_DISABLE_KERNELS=post_res,sinkhorn`` in the environment (read at import), or
   :func:`disable_kernels` / :func:`enable_kernels` at run time; for a kernel that misbehaves on some GPU until fixed.
 
+Strict mode, ``MHC_STRICT_KERNELS=1`` (the GPU tests and every stage of the GPU run set it): every call that would
+take one of these fallbacks, float64 included, raises a ``RuntimeError`` naming the op, the reason and the
+configuration instead, so that a check on a GPU cannot pass on the reference. It is read from ``os.environ`` on
+each fallback decision (a dict lookup and a cached parse, no device work: the wrappers run outside the traced
+graph under ``torch.compile``, and a CUDA graph replays only the kernels captured), so a test can set it with
+``monkeypatch.setenv``.
+
 Nothing here runs at import beyond the registration and reading ``MHC_DISABLE_KERNELS``.
 """
 
@@ -34,6 +41,9 @@ _TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float3
 #: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj and tl_kernels.pre_finalize)
 KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping")
 DISABLE_ENV = "MHC_DISABLE_KERNELS"
+STRICT_ENV = "MHC_STRICT_KERNELS"
+_STRICT_VALUES = {"1": True, "true": True, "yes": True, "on": True, "": False, "0": False, "false": False,
+                  "no": False, "off": False}  # fmt: skip
 
 
 def _parse_disabled(value: str) -> set[str]:
@@ -72,7 +82,35 @@ def fallback_reason(family: str, **shape) -> str | None:
     return _checks.cuda_kernel_unsupported(family, **shape)
 
 
-def _warn_fallback(op: str, reason: str, config: tuple) -> None:
+@functools.lru_cache(maxsize=16)
+def _parse_strict(value: str) -> bool:
+    """``MHC_STRICT_KERNELS``: 1/true/yes/on or 0/false/no/off/empty (case-insensitive); anything else is an error
+    (a typo must not silently turn the check off). Cached per value."""
+    key = value.strip().lower()
+    if key not in _STRICT_VALUES:
+        raise ValueError(f"{STRICT_ENV}: expected one of 1, true, yes, on, 0, false, no, off or empty, got {value!r}")
+    return _STRICT_VALUES[key]
+
+
+def strict_kernels() -> bool:
+    """Whether ``MHC_STRICT_KERNELS`` is on now (read at call time; see the module docstring)."""
+    return _parse_strict(os.environ.get(STRICT_ENV, ""))
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _warn_fallback(op: str, reason: str, config: str, quiet: bool = False) -> None:
+    """Record that ``op`` runs the reference for ``config`` because of ``reason``: raises in strict mode, else warns
+    once per (op, reason, config) unless ``quiet`` (float64, a documented reference path)."""
+    if strict_kernels():
+        raise RuntimeError(
+            f"{op}: no CUDA kernel serves this call ({reason}; configuration {config}) and {STRICT_ENV} is set, "
+            "so the PyTorch reference fallback is refused"
+        )
+    if quiet:
+        return
     key = (op, reason, config)
     if key not in _WARNED:
         _WARNED.add(key)
@@ -105,8 +143,8 @@ def sinkhorn_fwd(logits: Tensor, iters: int, eps: float) -> Tensor:
     _checks.sinkhorn(logits, iters, eps, op)
     reason = _sinkhorn_reason(logits)
     if reason:
-        if logits.dtype != torch.float64:
-            _warn_fallback(op, reason, (logits.shape[-1], logits.dtype))
+        config = f"n={logits.shape[-1]}, iters={iters}, eps={eps}, dtype={_name(logits.dtype)}"
+        _warn_fallback(op, reason, config, quiet=logits.dtype == torch.float64)
         return _reference(reference.sinkhorn, logits, iters, eps)
     out = torch.empty_like(logits)
     if logits.shape[0] > 0:
@@ -121,8 +159,8 @@ def sinkhorn_bwd(grad_out: Tensor, logits: Tensor, iters: int, eps: float) -> Te
     _checks.sinkhorn_bwd(grad_out, logits, iters, eps, op)
     reason = _sinkhorn_reason(logits)
     if reason:
-        if logits.dtype != torch.float64:
-            _warn_fallback(op, reason, (logits.shape[-1], logits.dtype))
+        config = f"n={logits.shape[-1]}, iters={iters}, eps={eps}, dtype={_name(logits.dtype)}"
+        _warn_fallback(op, reason, config, quiet=logits.dtype == torch.float64)
         return _reference(reference.sinkhorn_backward, grad_out, logits, iters, eps)
     grad_logits = torch.empty_like(logits)
     if logits.shape[0] > 0:
@@ -143,9 +181,10 @@ def _post_res_reason(residual: Tensor, h_post: Tensor, h_res: Tensor) -> str | N
 
 
 def _quiet_float64(op: str, reason: str, residual: Tensor, h_res: Tensor) -> None:
-    """float64 is a documented reference path (testing): no warning for it."""
-    if torch.float64 not in (residual.dtype, h_res.dtype):
-        _warn_fallback(op, reason, (tuple(residual.shape[1:]), residual.dtype))
+    """float64 is a documented reference path (testing): no warning for it (strict mode still refuses it)."""
+    _, n, C = residual.shape
+    config = f"n={n}, C={C}, dtypes=({_name(residual.dtype)}, {_name(h_res.dtype)})"
+    _warn_fallback(op, reason, config, quiet=torch.float64 in (residual.dtype, h_res.dtype))
 
 
 def post_res_fwd(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:

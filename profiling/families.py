@@ -13,6 +13,9 @@ and the tolerance for it (``atol + rtol * |want|``, elementwise). A configuratio
 ``ratio`` (max of ``|got - want| / (atol + rtol |want|)``) is at most 1 and nothing is NaN where the reference is
 finite.
 
+Every check runs in strict mode (``MHC_STRICT_KERNELS=1``, :func:`strict`): on CUDA a configuration that no
+kernel serves raises instead of passing on the PyTorch reference.
+
 To add a family: write its function here, add it to :data:`CHECKS`, and the stage-2 driver
 (:mod:`profiling.check_configs`) and :mod:`profiling.sanitize_cases` pick up its registry configurations. A family
 whose module ``tl_kernels.<family>`` does not exist yet is skipped with a note; one whose module exists but has no
@@ -21,7 +24,9 @@ function here fails stage 2, so it cannot go unchecked.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -243,12 +248,34 @@ def kw_dtype(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-#: family name -> check function (see the module docstring).
+def strict(check: Callable[..., dict[str, Err]]) -> Callable[..., dict[str, Err]]:
+    """``check`` with ``MHC_STRICT_KERNELS=1`` for the duration of each call (mhc/_cuda.py reads it per call): a
+    fallback to the reference raises, so a configuration cannot pass stage 2 without its kernel. The previous value
+    is restored afterwards (importing this module changes nothing)."""
+
+    @functools.wraps(check)
+    def run(*args, **kwargs):
+        from mhc._cuda import STRICT_ENV
+
+        before = os.environ.get(STRICT_ENV)
+        os.environ[STRICT_ENV] = "1"
+        try:
+            return check(*args, **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop(STRICT_ENV, None)
+            else:
+                os.environ[STRICT_ENV] = before
+
+    return run
+
+
+#: family name -> check function (see the module docstring), each in strict mode.
 CHECKS: dict[str, Callable[..., dict[str, Err]]] = {
-    "post_res": check_post_res,
-    "sinkhorn": check_sinkhorn,
-    "pre_proj": check_pre_mapping,
-    "pre_finalize": check_pre_mapping,
+    "post_res": strict(check_post_res),
+    "sinkhorn": strict(check_sinkhorn),
+    "pre_proj": strict(check_pre_mapping),
+    "pre_finalize": strict(check_pre_mapping),
 }
 
 #: Token counts checked for every configuration: none (no launch), one, and partial last blocks (Sinkhorn runs 128

@@ -7,6 +7,9 @@
 #                                   loads the shipped kernels instead of compiling them
 #   .device/acceptance.py           a copy of ../shared/verify/acceptance.py (../shared does not travel)
 #   .device/commit.txt              the commit and whether the tree is dirty (.git does not travel)
+#   .device/peers/*.whl             the bench's third-party baselines, pure-Python wheels for Python 3.12 (pip
+#                                   download --no-deps; never committed): TileKernels (TileLang) and Liger (Triton);
+#                                   the GPU run unpacks them onto PYTHONPATH
 #
 # and prints the size of everything that will travel against the 64 MiB limit.
 set -euo pipefail
@@ -15,6 +18,15 @@ shared=${MHC_SHARED:-../shared}
 mkdir -p .device
 [ -f .device/tilelang-site.tar.xz ] || "$shared/device/tilelang-bundle.sh" .device
 install -m 0644 "$shared/verify/acceptance.py" .device/acceptance.py
+# the bench's peers (the GPU machine reaches no registry); a failed download leaves the bench skipping that peer
+mkdir -p .device/peers
+for spec in tile-kernels==2.1.0 liger-kernel==0.8.5; do
+  name=${spec%%==*}
+  if ! ls .device/peers/"${name//-/_}-${spec##*==}"-*.whl >/dev/null 2>&1; then
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .device/peers "$spec" \
+      || echo "could not download $spec: the bench will skip it on the GPU machine" >&2
+  fi
+done
 { git rev-parse HEAD; git status --porcelain --untracked-files=no | grep -q . && echo dirty || echo clean; date -u +%FT%TZ; } > .device/commit.txt
 cache=${TILELANG_CACHE_DIR:-$HOME/.tilelang/cache}
 version=$(python3 -c "import tilelang; print(tilelang.__version__)")

@@ -1,0 +1,359 @@
+"""Run the GPU tests' bodies on a CPU: what `tests/cpu/test_gpu_tests_on_cpu.py` uses to catch API slips (a wrong
+expected value, a kernel called with the wrong arguments, a wrong shape) before device time is spent on them.
+
+:func:`cpu_as_cuda` is a context in which
+
+* ``device="cuda"`` (any torch function's ``device`` argument, ``Tensor.to``, ``Tensor.cuda``, ``torch.Generator``)
+  means the CPU (a ``TorchFunctionMode``);
+* every ``torch.ops.mhc.*`` call goes to its CUDA wrapper in :mod:`mhc._cuda` (a ``TorchDispatchMode``), so the
+  fallback decisions, the split and slice choices and the kernel calls are the GPU's; except calls on float64
+  tensors, which run the CPU ops (on a GPU they are the tests' float64 references on ``.cpu()`` copies: CPU and
+  CUDA tensors are not told apart here);
+* every TileLang kernel builder in ``tl_kernels`` returns a :class:`FakeKernel`: it builds the kernel's TIR program
+  (no compilation) and checks each call against its parameters **by position**, as TileLang's tvm-ffi adapter binds
+  them: count, dtype, rank, the static dims, the dynamic dims bound consistently (``num_tokens``, ``num_splits``)
+  and non-zero (a grid of zero blocks is a launch error), scalars of the right kind, contiguity; then it writes the
+  outputs from the float64 reference (the kernels' documented math, so the test's assertions see correct values);
+* ``torch.cuda`` is stubbed (one device of 132 SMs, streams, ``synchronize``); a ``torch.cuda.graph`` capture
+  records every op dispatched inside it and ``replay()`` re-runs them into the captured outputs.
+
+It finds what a test passes to the kernels and ops and what it asserts about their results; it cannot find a
+kernel's numerical error or a launch fault (those need the GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from mhc import _cuda
+from mhc import reference as ref
+
+SMS = 132  # an H100 SXM; the split and slice choices depend on it
+
+
+def _cpu(device):
+    if isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CudaAsCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple(_cpu(a) for a in args)
+        if "device" in kwargs:
+            kwargs["device"] = _cpu(kwargs["device"])
+        return func(*args, **kwargs)
+
+
+class _RouteToCudaWrappers(TorchDispatchMode):
+    """mhc ops -> mhc._cuda wrappers; inside a graph capture, records every op for replay."""
+
+    def __init__(self):
+        super().__init__()
+        self.recording: list | None = None
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        if func.namespace == "mhc" and not any(t.dtype == torch.float64 for t in tensors):
+            out = getattr(_cuda, func._opname)(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        if self.recording is not None:
+            self.recording.append((func, args, kwargs, out))
+        return out
+
+
+class _Graph:
+    """``torch.cuda.CUDAGraph`` stand-in: the ops dispatched during capture, re-run in order by ``replay``, each
+    result copied into the tensor the capture returned (the static output a real graph writes)."""
+
+    def __init__(self, *args, **kwargs):
+        self.ops = []
+
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            new = func(*args, **kwargs)
+            for o, v in zip(tree_flatten(out)[0], tree_flatten(new)[0], strict=True):
+                if isinstance(o, torch.Tensor) and o is not v:
+                    o.copy_(v)
+
+
+class _Stream:
+    def __init__(self, *args, priority=0, **kwargs):
+        self.priority = priority
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+    @staticmethod
+    def priority_range():
+        return (0, -5)
+
+
+class _Generator(torch.Generator):
+    def __new__(cls, device=None):
+        return super().__new__(cls, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class FakeKernel:
+    """A kernel built from its TIR program; ``__call__`` binds positionally and checks, then runs ``impl``."""
+
+    calls: list
+
+    def __init__(self, name: str, config: tuple, program, impl):
+        self.name, self.config, self.program, self.impl = name, config, program, impl
+
+    def __call__(self, *args):
+        params = list(self.program.params)
+        if len(args) != len(params):
+            names = [p.name.removesuffix("_handle") for p in params]
+            raise TypeError(f"{self.name}{self.config}: expected {len(params)} arguments {names}, got {len(args)}")
+        dyn: dict[str, int] = {}
+        for i, (p, a) in enumerate(zip(params, args, strict=True)):
+            pname = p.name.removesuffix("_handle")
+            buf = self.program.buffer_map.get(p)
+            where = f"{self.name}{self.config} argument {i} ({pname})"
+            if buf is None:  # a scalar
+                kind = str(p.dtype)
+                ok = (
+                    isinstance(a, float) if kind.startswith("float") else isinstance(a, int) and not isinstance(a, bool)
+                )
+                if not ok:
+                    raise TypeError(f"{where}: expected a Python {kind} scalar, got {type(a).__name__}")
+                continue
+            if not isinstance(a, torch.Tensor):
+                raise TypeError(f"{where}: expected a tensor, got {type(a).__name__}")
+            if _dtype_name(a) != str(buf.dtype):
+                raise TypeError(f"{where}: expected {buf.dtype}, got {_dtype_name(a)}")
+            if a.dim() != len(buf.shape):
+                raise ValueError(f"{where}: expected rank {len(buf.shape)}, got shape {tuple(a.shape)}")
+            if not a.is_contiguous():
+                raise ValueError(f"{where}: not contiguous")
+            for d, (want, got) in enumerate(zip(buf.shape, a.shape, strict=True)):
+                if hasattr(want, "value"):  # a static dim
+                    if int(want.value) != got:
+                        raise ValueError(f"{where}: dim {d} must be {int(want.value)}, got shape {tuple(a.shape)}")
+                elif dyn.setdefault(want.name, got) != got:
+                    raise ValueError(f"{where}: {want.name} = {got} here but {dyn[want.name]} earlier")
+        for var, value in dyn.items():
+            if value < 1:
+                raise ValueError(f"{self.name}{self.config}: {var} = {value}: a launch with an empty grid")
+        FakeKernel.calls.append((self.name, self.config, dict(dyn)))
+        with torch.no_grad():
+            self.impl(*args)
+
+
+FakeKernel.calls = []
+
+
+def _put(out: torch.Tensor, value: torch.Tensor) -> None:
+    out.copy_(value.to(out.dtype))
+
+
+def _sinkhorn_fwd(n, iters, eps, exp_domain=True):
+    from tl_kernels import sinkhorn
+
+    def impl(L, out):
+        _put(out, ref.sinkhorn(L.double(), iters, eps))
+
+    return FakeKernel("sinkhorn_fwd", (n, iters, eps, exp_domain), sinkhorn.sinkhorn_fwd_program(n, iters, eps,
+                      exp_domain), impl)  # fmt: skip
+
+
+def _sinkhorn_bwd(n, iters, eps, exp_domain=True):
+    from tl_kernels import sinkhorn
+
+    def impl(g, L, out):
+        _put(out, ref.sinkhorn_backward(g.double(), L.double(), iters, eps))
+
+    return FakeKernel("sinkhorn_bwd", (n, iters, eps, exp_domain), sinkhorn.sinkhorn_bwd_program(n, iters, eps,
+                      exp_domain), impl)  # fmt: skip
+
+
+def _post_res_fwd(n, C, dtype):
+    from tl_kernels import post_res
+
+    def impl(y, x, h_post, h_res, out):
+        _put(out, ref.post_res(y.double(), x.double(), h_post.double(), h_res.double()))
+
+    return FakeKernel("post_res_fwd", (n, C, dtype), post_res.post_res_fwd_program(n, C, dtype), impl)
+
+
+def _post_res_bwd(n, C, dtype):
+    from tl_kernels import post_res
+
+    def impl(g, y, x, h_post, h_res, *outs):
+        want = ref.post_res_backward(g.double(), y.double(), x.double(), h_post.double(), h_res.double())
+        for o, w in zip(outs, want, strict=True):
+            _put(o, w)
+
+    return FakeKernel("post_res_bwd", (n, C, dtype), post_res.post_res_bwd_program(n, C, dtype), impl)
+
+
+def _pre_proj_fwd(n, C, dtype):
+    from tl_kernels import pre_proj
+
+    chunks = n * C // pre_proj.BK
+
+    def impl(x, phi, proj_part, sq_part):
+        S = proj_part.shape[0]
+        per = -(-chunks // S)
+        if (S - 1) * per >= chunks:
+            raise ValueError(f"pre_proj_fwd: split {S - 1} of {S} has no K-chunk ({chunks} chunks): the contract needs "
+                             "every split non-empty")  # fmt: skip
+        for s in range(S):
+            k = slice(s * per * pre_proj.BK, min((s + 1) * per, chunks) * pre_proj.BK)
+            xs = x[:, k].double()
+            _put(proj_part[s], xs @ phi[k].double())
+            _put(sq_part[s], xs.square().sum(1))
+
+    return FakeKernel("pre_proj_fwd", (n, C, dtype), pre_proj.pre_proj_fwd_program(n, C, dtype), impl)
+
+
+def _pre_proj_bwd(n, C, dtype, accumulate=False):
+    from tl_kernels import pre_proj
+
+    K = n * C
+
+    def impl(x, phi, d_logits, proj, rinv, alpha, h_pre, g_li, *rest):
+        d_x_in, d_x, part = rest if accumulate else (None, *rest)
+        T = x.shape[0]
+        S, tiles = part.shape[0], -(-T // pre_proj.BM)
+        scale = ref._group_scale(alpha.double(), n)
+        d_proj = d_logits.double() * scale * rinv.double()[:, None]
+        cx = -(rinv.double() ** 3) / K * (d_logits.double() * scale * proj.double()).sum(1)
+        v = d_proj @ phi.double().T + cx[:, None] * x.double()
+        v = v + (h_pre.double()[..., None] * g_li.double()[:, None, :]).reshape(T, K)
+        if d_x_in is not None:
+            v = v + d_x_in.double()
+        _put(d_x, v)
+        per = -(-tiles // S)
+        for s in range(S):
+            t = slice(min(s * per * pre_proj.BM, T), min((s + 1) * per * pre_proj.BM, T))
+            _put(part[s], x[t].double().T @ d_proj[t])
+
+    prog = pre_proj.pre_proj_bwd_program(n, C, dtype, accumulate)
+    return FakeKernel("pre_proj_bwd", (n, C, dtype, accumulate), prog, impl)
+
+
+def _pre_finalize_fwd(n, C, dtype, iters, eps):
+    from tl_kernels import pre_finalize
+
+    vec = 16 // (4 if dtype == "float32" else 2)
+    chunks = C // vec
+
+    def impl(proj_part, sq_part, alpha, bias, x, li, h_post, h_res, h_pre, proj, rinv, rms_eps, post_mult, slices):
+        per = -(-chunks // slices) if slices >= 1 else 0
+        if not 1 <= slices <= chunks or (slices - 1) * per >= chunks:
+            raise ValueError(f"pre_finalize_fwd: num_slices={slices} with {chunks} chunks of C: the contract needs "
+                             "1 <= num_slices <= C / VEC and every slice non-empty")  # fmt: skip
+        p, r = proj_part[0].clone(), sq_part[0].clone()
+        for s in range(1, proj_part.shape[0]):
+            p, r = p + proj_part[s], r + sq_part[s]
+        ri = torch.rsqrt(r.double() / (n * C) + rms_eps)
+        logits = ref.coefficient_logits(p.double(), ri, alpha.double(), bias.double(), n)
+        pre, post, res = ref.split_coefficients(logits, n)
+        _put(proj, p)
+        _put(rinv, ri)
+        _put(h_pre, torch.sigmoid(pre))
+        _put(h_post, post_mult * torch.sigmoid(post))
+        _put(h_res, ref.sinkhorn(res, iters, eps))
+        _put(li, ref.pre_apply(x.double(), h_pre.double()))
+
+    prog = pre_finalize.pre_finalize_fwd_program(n, C, dtype, iters, eps)
+    return FakeKernel("pre_finalize_fwd", (n, C, dtype, iters, eps), prog, impl)
+
+
+def _pre_finalize_bwd(n, C, dtype):
+    from tl_kernels import pre_finalize
+
+    def impl(g_li, x, g_pre, g_post, h_pre, h_post, proj, rinv, alpha, bias, d_pp, res_logits, post_mult):
+        hp, hq = h_pre.double(), h_post.double()
+        inner = (g_li.double()[:, None, :] * x.double()).sum(-1)
+        _put(d_pp[:, :n], (inner + g_pre.double()) * hp * (1 - hp))
+        _put(d_pp[:, n:], g_post.double() * hq * (1 - hq / post_mult))
+        logits = ref.coefficient_logits(proj.double(), rinv.double(), alpha.double(), bias.double(), n)
+        _put(res_logits, ref.split_coefficients(logits, n)[2])
+
+    return FakeKernel("pre_finalize_bwd", (n, C, dtype), pre_finalize.pre_finalize_bwd_program(n, C, dtype), impl)
+
+
+BUILDERS = {
+    ("sinkhorn", "sinkhorn_fwd_kernel"): _sinkhorn_fwd,
+    ("sinkhorn", "sinkhorn_bwd_kernel"): _sinkhorn_bwd,
+    ("post_res", "post_res_fwd_kernel"): _post_res_fwd,
+    ("post_res", "post_res_bwd_kernel"): _post_res_bwd,
+    ("pre_proj", "pre_proj_fwd_kernel"): _pre_proj_fwd,
+    ("pre_proj", "pre_proj_bwd_kernel"): _pre_proj_bwd,
+    ("pre_finalize", "pre_finalize_fwd_kernel"): _pre_finalize_fwd,
+    ("pre_finalize", "pre_finalize_bwd_kernel"): _pre_finalize_bwd,
+}
+
+
+# ---------------------------------------------------------------------------------------------------- the context
+
+
+@contextlib.contextmanager
+def cpu_as_cuda(monkeypatch):
+    """See the module docstring. Strict mode is on (a fallback raises), as in tests/gpu."""
+    import importlib
+
+    monkeypatch.setenv(_cuda.STRICT_ENV, "1")
+    monkeypatch.setattr(_cuda, "_WARNED", set())
+    for (module, name), builder in BUILDERS.items():
+        monkeypatch.setattr(importlib.import_module(f"tl_kernels.{module}"), name, functools.cache(builder))
+    route = _RouteToCudaWrappers()
+
+    @contextlib.contextmanager
+    def graph(g, *args, **kwargs):
+        route.recording = g.ops
+        try:
+            yield
+        finally:
+            route.recording = None
+
+    stream = _Stream()
+    cuda = {
+        "is_available": lambda: True,
+        "synchronize": lambda *a, **k: None,
+        "device": lambda *a, **k: contextlib.nullcontext(),
+        "current_device": lambda: 0,
+        "device_count": lambda: 1,
+        "get_device_properties": lambda *a: types.SimpleNamespace(multi_processor_count=SMS, name="CPU stand-in"),
+        "Stream": _Stream,
+        "current_stream": lambda *a, **k: stream,
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "CUDAGraph": _Graph,
+        "graph": graph,
+    }
+    for name, value in cuda.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch, "Generator", _Generator)
+    _cuda._sm_count.cache_clear()
+    FakeKernel.calls = []
+    try:
+        with _CudaAsCpu(), route:
+            yield FakeKernel.calls
+    finally:
+        _cuda._sm_count.cache_clear()
