@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from mhc import reference as ref
+from tl_kernels import sinkhorn
 
 from .cuda_emu import EmulatedKernel
-
-sinkhorn = pytest.importorskip("tl_kernels.sinkhorn")
 
 # eps > 0 cases use eps = 0.3: ignoring eps would change the result by ~0.2 (asserted below), far above the tolerance
 # (eps = 0 runs the factored exp domain: K, H in registers for n <= 10, with 64 and 32 tokens per block in the n = 7, 8
@@ -31,8 +30,8 @@ def _tpb(kernel) -> int:
 
 @pytest.mark.parametrize("n,iters,eps", CASES, ids=[f"n{c[0]}-it{c[1]}-eps{c[2]}" for c in CASES])
 def test_sinkhorn_generated_source_on_cpu(n, iters, eps):
-    fwd = EmulatedKernel(sinkhorn.sinkhorn_fwd_kernel(n, iters, eps).get_kernel_source())
-    bwd = EmulatedKernel(sinkhorn.sinkhorn_bwd_kernel(n, iters, eps).get_kernel_source())
+    fwd = EmulatedKernel(sinkhorn.sinkhorn_fwd_kernel(n, iters, eps))
+    bwd = EmulatedKernel(sinkhorn.sinkhorn_bwd_kernel(n, iters, eps))
     for kernel in (fwd, bwd):
         for T in (1, kernel.threads + 3):
             Tp = T + kernel.threads + 1
@@ -61,7 +60,7 @@ def test_sinkhorn_generated_source_on_cpu(n, iters, eps):
 
 def test_sinkhorn_emulation_extreme_logits_stay_finite():
     n, iters = 4, 20
-    fwd = EmulatedKernel(sinkhorn.sinkhorn_fwd_kernel(n, iters, 0.0).get_kernel_source())
+    fwd = EmulatedKernel(sinkhorn.sinkhorn_fwd_kernel(n, iters, 0.0))
     L = (torch.rand(5, n, n) * 2 - 1) * 1e4
     L[1, :, 0] = -1e4  # a column that underflows to zero in the exp domain
     out = torch.empty(5, n, n)
@@ -74,7 +73,7 @@ def test_sinkhorn_emulation_extreme_logits_stay_finite():
 def test_sinkhorn_emulation_nan_stays_in_its_token(n):
     """A NaN logit sends its token down the forward's log-domain fallback (the exp-domain path's sums are NaN):
     that token's matrix is NaN, every other token is finite and matches the reference."""
-    fwd = EmulatedKernel(sinkhorn.sinkhorn_fwd_kernel(n, 20, 0.0).get_kernel_source())
+    fwd = EmulatedKernel(sinkhorn.sinkhorn_fwd_kernel(n, 20, 0.0))
     L = torch.randn(6, n, n) * 2
     L[3, 1, 0] = float("nan")
     out = torch.empty(6, n, n)
@@ -89,7 +88,7 @@ def test_sinkhorn_log_domain_forward_stays_reachable_and_agrees():
     L = torch.randn(9, 4, 4) * 2
     outs = []
     for exp_domain in (True, False):
-        kernel = EmulatedKernel(sinkhorn.sinkhorn_fwd_kernel(4, 20, 0.0, exp_domain).get_kernel_source())
+        kernel = EmulatedKernel(sinkhorn.sinkhorn_fwd_kernel(4, 20, 0.0, exp_domain))
         out = torch.empty(9, 4, 4)
         kernel(logits=L, out=out, num_tokens=9, grid=1)
         outs.append(out)
@@ -104,7 +103,7 @@ def _run_both(direction, n, L, g=None):
     outs = []
     for exp_domain in (True, False):
         build = getattr(sinkhorn, f"sinkhorn_{direction}_kernel")
-        kernel = EmulatedKernel(build(n, 20, 0.0, exp_domain).get_kernel_source())
+        kernel = EmulatedKernel(build(n, 20, 0.0, exp_domain))
         out = torch.full_like(L, float("nan"))
         grid = -(-L.shape[0] // kernel.threads)
         if direction == "fwd":
