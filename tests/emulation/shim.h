@@ -227,8 +227,10 @@ inline float ulp_bound(double exact, int ulps) {
   for (int i = 0; i < ulps; ++i) r = std::nextafter(r, MHC_EMU_APPROX > 0 ? INFINITY : -INFINITY);
   return ftz(r);
 }
-// exact * (1 + sign * rel), rounded to float
-inline float rel_bound(double exact, double rel) { return ftz((float)(exact * (1.0 + MHC_EMU_APPROX * rel))); }
+// exact moved by rel * |exact| in the mode's direction, rounded to float
+inline float rel_bound(double exact, double rel) {
+  return ftz((float)(exact + MHC_EMU_APPROX * rel * std::fabs(exact)));
+}
 }  // namespace emu
 // ex2.approx.f32 (exp2f without --use_fast_math compiles to it): "maximum ulp error is 2 ulp from correctly rounded
 // result across the full range of inputs" (PTX ISA 9.1, 9.7.3.21).

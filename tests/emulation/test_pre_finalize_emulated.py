@@ -6,8 +6,9 @@ its outputs are compared with ``mhc.reference.pre_mapping`` end to end: proj and
 shared Sinkhorn device code) and layer_input, for several split counts, C-slices, a partial last block and
 eps > 0. The backward's d_pp and res_logits are compared with the reference's chain rule.
 
-Not covered here: ``pre_proj`` (the tensor-core GEMMs: the emulator has no ``mma.sync``), the GPU's ex2/lg2/rsqrt
-approximations (libm here) and timing; the GPU tests cover those.
+Every test runs twice (the ``approx_mode`` fixture): each exp2f/expf/__log2f/rsqrtf/__fdividef result moved up, then
+down, by its documented worst-case error (see cuda_emu.py). ``pre_proj`` (the tensor-core GEMMs) is emulated in
+test_pre_proj_emulated.py; timing is for the GPU tests.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from mhc import reference as ref
 from tl_kernels import post_res, pre_finalize
 
 from .cuda_emu import EmulatedKernel
+
+pytestmark = pytest.mark.usefixtures("approx_mode")
 
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ULP = {"bfloat16": 2**-7, "float16": 2**-10, "float32": 2e-6}

@@ -1,7 +1,8 @@
 """The generated CUDA source of the Sinkhorn kernels, executed on the CPU (see cuda_emu.py), against the float64
 reference: register and shared-memory variants (n = 1 .. 16), eps = 0 and eps > 0, partial last blocks, outputs
-past T untouched. The emulation uses libm's exp2/log2 where the GPU uses the ex2/lg2 approximations, so it checks
-the program, not the hardware's rounding (the GPU tests do that)."""
+past T untouched. Every test runs twice (the ``approx_mode`` fixture): with each exp2f/__log2f/__fdividef result
+moved up, then down, by its documented worst-case error (ex2.approx 2 ulp, lg2.approx 2**-22, __fdividef 2 ulp),
+subnormals flushed as under -ftz=true, so the tolerances hold at the hardware's bounds, not only against libm."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from mhc import reference as ref
 from tl_kernels import sinkhorn
 
 from .cuda_emu import EmulatedKernel
+
+pytestmark = pytest.mark.usefixtures("approx_mode")
 
 # eps > 0 cases use eps = 0.3: ignoring eps would change the result by ~0.2 (asserted below), far above the tolerance
 # (eps = 0 runs the factored exp domain: K, H in registers for n <= 10, with 64 and 32 tokens per block in the n = 7, 8
