@@ -64,16 +64,19 @@ def _run_child(info: dict, tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
 @pytest.mark.parametrize("past", [0, 1])
-def test_shared_memory_ends_at_the_declared_size(tmp_path, past):
-    """Thread 0 writes float index 16 + 4 * past of a 64-byte dynamic shared array (+ the 16-byte rounding): inside
-    it returns, one 16-byte row past it the process dies on the guard page."""
+def test_shared_memory_ends_at_the_declared_size(tmp_path, past, kind):
+    """Thread 0 writes float index 12 + 4 * past of a 52-byte shared array (dynamic: the launch's size; static: a
+    ``__shared__ float s[13]``), rounded to 64 bytes: inside it returns, one 16-byte row past it the process dies on
+    the guard page."""
+    decl = "extern __shared__ __align__(1024) float s[];" if kind == "dynamic" else "__shared__ float s[13];"
     info = _kernel(
-        f"""  extern __shared__ __align__(1024) float s[];
+        f"""  {decl}
   if (((int)threadIdx.x) == 0) s[{12 + 4 * past}] = 1.0f;
   out[((int)threadIdx.x)] = 0.0f;""",
         "float* __restrict__ out",
-        smem=52,  # rounded to 64: index 12 (byte 48..51) is inside, index 16 (byte 64) faults
+        smem=52 if kind == "dynamic" else 0,  # index 12 (bytes 48..51) is inside, index 16 (byte 64) faults
     )
     proc = _run_child(info, tmp_path)
     if past:

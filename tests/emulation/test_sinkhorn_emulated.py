@@ -23,7 +23,8 @@ CASES = [
     (1, 20, 0.0), (2, 20, 0.3), (4, 20, 0.0), (4, 1, 0.0), (4, 2, 0.0), (4, 1, 0.3), (7, 20, 0.0), (8, 20, 0.0),
     (10, 20, 0.0), (12, 5, 0.3), (16, 20, 0.0),
 ]  # fmt: skip
-#: tl_kernels/sinkhorn.py claims max |err| <= 4.2e-7 (forward) and <= 1.3e-7 * max|grad_out| (backward) here
+#: tl_kernels/sinkhorn.py measures max |err| <= 5.4e-7 (forward) and <= 7.7e-8 * max|grad_out| (backward) with the
+#: approximate math at its error bounds (4.2e-7 and 1.3e-7 with exact libm)
 FWD_ATOL, BWD_ATOL = 1e-6, 4e-7
 
 
