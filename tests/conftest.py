@@ -1,9 +1,12 @@
-"""Shared test setup: a stable per-test seed, the `gpu` marker, and a guard against sessions that test nothing."""
+"""Shared test setup: a stable per-test seed, the `gpu` marker, and guards against sessions that test nothing and
+against our own modules (mhc, tl_kernels, profiling, tests) being skipped for failing to import: such a skip is turned
+into a failure (only optional third-party packages may be importorskip'ed)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import pytest
 import torch
@@ -18,6 +21,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_OWN_IMPORT = re.compile(r"(could not import|No module named) '(mhc|tl_kernels|profiling|tests)(\.|')")
+
+
+def _own_import_skip(report) -> bool:
+    if not report.skipped:
+        return False
+    longrepr = report.longrepr
+    message = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return bool(_OWN_IMPORT.search(message))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if _own_import_skip(report):
+        report.outcome = "failed"
+        report.longrepr = f"a project module failed to import (turned into a skip): {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if _own_import_skip(report):
+        report.outcome = "failed"
+        report.longrepr = f"a project module failed to import (turned into a skip): {report.longrepr}"
 
 
 @pytest.fixture(autouse=True)

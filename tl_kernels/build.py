@@ -39,7 +39,8 @@ Parallelism and caching. A cold compile is TVM lowering (Python and C++) plus nv
 Measured on this machine (2 cores, shared: load average 2.5-4.5 from other jobs throughout, so treat the
 differences as rough), TileLang 0.1.15, nvcc 13.0:
 
-* all 130 configs cold, ``process`` x 2: 396 s wall (722 s of compile inside the workers); per config, median
+* all the configs of the time cold (130 when measured; ``len(registry.ALL_CONFIGS)`` is the current count),
+  ``process`` x 2: 396 s wall (722 s of compile inside the workers); per config, median
   5.3 s (post_res, max 10.5 s) and 7.5 s (sinkhorn, max 15.1 s) of TileLang compile plus a median 0.14 s / 0.32 s
   of analysis with the captured PTX. Uncaptured, the separate PTX compile took 2.8-3.4 s (post_res) and up to
   9.6 s + 6.2 s of ptxas (sinkhorn n=16 bwd);
@@ -47,7 +48,7 @@ differences as rough), TileLang 0.1.15, nvcc 13.0:
   before PTX capture existed, when ``process`` was also slower). With the cores already busy, two workers gain
   nothing here; on a dedicated 2-core runner ``process`` is the one that can; ``thread`` loses to the GIL and to
   the second nvcc pass;
-* warm rebuild of all 130 (everything in TileLang's cache): 3.8 s end to end (2.9 s in the build, mostly
+* warm rebuild of those 130 (everything in TileLang's cache): 3.8 s end to end (2.9 s in the build, mostly
   importing torch to resolve the target) through the build manifest (below); with ``--force``, asking TileLang
   for each config: 21.6 s ``--jobs 1``, 29.5 s ``process`` x 2 (each worker imports TileLang, about 5 s).
   Warm per config: 0.05-0.5 s to rebuild the TileLang program and hit the disk cache, about 1 ms for the cached

@@ -121,11 +121,21 @@ The output leaves the same way. Everything per token uses local arrays indexed b
 * Shared-memory matrices get a block-scope fence per row/column (see _CSE_NOTE) so that only one row or column is
   live in registers.
 
-Verification without a GPU: the generated CUDA source was compiled for the CPU (one std::thread per CUDA thread,
-std::barrier for __syncthreads, AddressSanitizer) and compared with an fp64 torch reference/autograd for n = 1..16,
-iters in {1, 2, 20}, eps in {0, 1e-6, 0.3}, T in {1, tpb - 1, tpb + 3, 2 tpb + 1}: no out-of-bounds access, every
-output written, max |err| <= 4.2e-7 (forward) and <= 1.3e-7 * max|grad_out| (backward). This caught a real race
-(see _PASS_CONFIGS). It cannot check timing, ex2/lg2/rcp.approx rounding or GPU memory-model subtleties. The
+Verification without a GPU: the generated CUDA source was compiled for the CPU (tests/emulation: one std::thread
+per CUDA thread, run one at a time between barriers; AddressSanitizer) and compared with an fp64 torch
+reference/autograd for n = 1..16, iters in {1, 2, 20}, eps in {0, 1e-6, 0.3}, T in {1, tpb - 1, tpb + 3,
+2 tpb + 1}: no out-of-bounds access, every output written, max |err| <= 4.2e-7 (forward) and <= 1.3e-7 *
+max|grad_out| (backward) with exact libm math. With every ex2/lg2/rcp.approx result moved by its documented
+worst-case error (2 ulp, 2**-22, 2 ulp; ``EmulatedKernel(kernel, approx="up" / "down")``, flush-to-zero), 256
+tokens of N(0, 4) and N(0, 100) logits, n in {2, 4, 7, 8, 10, 12, 16}, eps = 0: forward max |err| 5.4e-7, backward
+7.7e-8 * max|grad_out| (the emulation tests assert 1e-6 and 4e-7 in both directions). This caught a real race
+(see _PASS_CONFIGS); deleting either barrier of either kernel is detected (tests/emulation/
+test_barrier_mutations.py). It cannot check timing or GPU memory-model subtleties.
+
+Logits spanning 160 or more within a token (exp underflows in fp32; a plain exp-domain Sinkhorn then returns a hard
+permutation whose gradient is zero): the row or column sums drop below 2**-64, the token takes the log-domain
+fallback, and outputs and gradients stay finite and match the fp64 reference (tested in the emulation at spans 160,
+200 and 1000 over N(0, 4) noise, gradients within 4e-7 * max|grad_out| * max(1, span / 50)). The
 emulation tests also check that moderate logits take the exp-domain path and that a fallback token is the
 log-domain kernels' result bit for bit.
 

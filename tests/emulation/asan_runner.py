@@ -1,7 +1,8 @@
 """Run by tests/emulation/test_asan_pre_mapping.py in a python process with AddressSanitizer preloaded: launches the
-emulated pre-mapping kernels (generated sources read from a JSON file, so this process never imports TileLang, whose
-z3 does not survive ASan) on tensors allocated to their exact sizes, so any out-of-bounds access of the generated
-code lands in an ASan redzone and aborts the process. ``--plant`` makes one input a row short (the check must fire).
+emulated pre-mapping kernels (generated sources, launch shared-memory sizes and flush-to-zero flags read from a JSON
+file written with cuda_emu.kernel_sources, so this process never imports TileLang, whose z3 does not survive ASan) on
+tensors allocated to their exact sizes (shared memory too), so any out-of-bounds access of the generated code lands
+in an ASan redzone and aborts the process. ``--plant`` makes one input a row short (the check must fire).
 """
 
 from __future__ import annotations

@@ -1,13 +1,28 @@
 """Run TileLang-generated CUDA C on the CPU, for machines without a GPU.
 
 The generated kernel source is compiled with g++ against ``shim.h``, which maps the CUDA built-ins the kernels use
-(thread and block indices, ``__syncthreads``, ``__shfl_xor_sync``, bf16/fp16 conversions, 128-bit stores) onto C++:
-every CUDA thread of a block is a ``std::thread``, ``__syncthreads`` a ``std::barrier``, and blocks run one after
-another. This checks the index math, the guards for a partial last block, the reductions and the stores of the
-*exact source the GPU compiles* against the float64 reference; it says nothing about speed, memory ordering between
-blocks, or code generation by nvcc/ptxas. Only the constructs in ``shim.h`` are supported: a kernel using others
-fails to build here, loudly. ``MHC_EMU_CFLAGS`` adds g++ flags (``-fsanitize=address`` with libasan preloaded into
-python: tests/emulation/test_asan_pre_mapping.py).
+onto C++. The execution model is built to expose bugs a GPU would show only sometimes (details in ``shim.h``):
+
+* every CUDA thread of a block is a ``std::thread``, but only one runs at a time and the baton passes only at
+  synchronisation points, lowest thread first (``schedule="forward"``) or highest first (``"reverse"``): between two
+  ``__syncthreads`` one warp finishes its phase before the next starts, so a shared-memory read that a missing
+  barrier leaves unordered returns stale or poisoned data, deterministically, in at least one of the two schedules
+  (tests/emulation/test_barrier_mutations.py deletes each barrier of each kernel family and checks this);
+* warp collectives (``__shfl_*_sync``, ``mma.sync``, ``ldmatrix``) synchronise the 32 lanes of their warp only;
+* dynamic shared memory is allocated per block at exactly the launch's size (read from TileLang's host code), filled
+  with 0xFF (NaN) and followed by an inaccessible page (an exact-size heap block under ASan), so reading a byte no
+  thread wrote gives NaN and an access past the declared size faults;
+* blocks run in ``block_order`` ``"forward"``, ``"reverse"`` or ``"shuffle"`` (seeded) order, one at a time;
+* the approximate math (``exp2f``, ``expf``, ``__log2f``, ``rsqrtf``, ``__fdividef``) returns the exact value moved by
+  the documented worst-case error of the PTX instruction or CUDA function, all upwards (``approx="up"``) or all
+  downwards (``"down"``), or exact libm (``"exact"``); kernels compiled with ``-ftz=true`` flush subnormals.
+
+It checks the index math, guards, reductions, barriers and stores of the *exact source the GPU compiles* against the
+float64 reference; it says nothing about speed, memory ordering between concurrently running blocks, alignment
+faults (x86 does not fault on misaligned vector accesses) or code generation by nvcc/ptxas. A kernel using a
+construct ``shim.h`` lacks fails to build here, loudly. ``MHC_EMU_CFLAGS`` adds g++ flags (``-fsanitize=address``
+with libasan preloaded into python: tests/emulation/test_asan_pre_mapping.py). Defaults for the options come from
+``MHC_EMU_APPROX`` (``up``), ``MHC_EMU_SCHEDULE`` (``forward``) and ``MHC_EMU_BLOCK_ORDER`` (``forward``).
 """
 
 from __future__ import annotations
@@ -16,6 +31,7 @@ import ctypes
 import hashlib
 import os
 import pathlib
+import random
 import re
 import subprocess
 import tempfile
@@ -24,6 +40,17 @@ import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 _SIG = re.compile(r"static __global__ void __launch_bounds__\((\d+)(?:, \d+)?\) (\w+)\((.*?)\) \{", re.S)
+_DYN_SHARED = re.compile(r"extern __shared__ __align__\(\d+\) (\w+) (\w+)\[\];")
+_STATIC_SHARED = re.compile(r"(?<!extern )__shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[(\d+)\];")
+APPROX_MODES = {"exact": 0, "up": 1, "down": -1}
+SCHEDULES = {"forward": 0, "reverse": 1}
+BLOCK_ORDERS = ("forward", "reverse", "shuffle")
+#: the defaults the options fall back to (tests/emulation/conftest.py sets ``approx`` per test)
+DEFAULTS = {
+    "approx": os.environ.get("MHC_EMU_APPROX", "up"),
+    "schedule": os.environ.get("MHC_EMU_SCHEDULE", "forward"),
+    "block_order": os.environ.get("MHC_EMU_BLOCK_ORDER", "forward"),
+}
 
 
 def _cache_dir() -> pathlib.Path:
@@ -32,17 +59,63 @@ def _cache_dir() -> pathlib.Path:
     return d
 
 
-class EmulatedKernel:
-    """A generated kernel built for the CPU; call with torch CPU tensors by parameter name."""
+def dynamic_smem_bytes(host_source: str) -> int:
+    """The dynamic shared memory size TileLang's host code launches the kernel with: the last argument of the
+    kernel call (TVM's launch parameters end with the dynamic shared memory size when the kernel declares any)."""
+    calls = list(re.finditer(r"TVMFFIFunctionCall\((\w+)_packed, \(TVMFFIAny\*\) stack_ffi_any, (\d+),", host_source))
+    calls = [c for c in calls if c.group(1) != "__tvm_set_device"]
+    if len(calls) != 1:
+        raise ValueError(f"expected one kernel launch in the host source, found {len(calls)}")
+    last = int(calls[0].group(2)) - 1
+    pattern = r"\(\(\(TVMFFIAny\*\)stack_ffi_any\)\[" + str(last) + r"\]\.v_int64\) = \(\(int64_t\)(\d+)\);"
+    values = re.findall(pattern, host_source[: calls[0].start()])
+    if not values:
+        raise ValueError("the dynamic shared memory size is not a constant in the host source")
+    return int(values[-1])
 
-    def __init__(self, source: str):
+
+def kernel_sources(kernel) -> dict:
+    """What :class:`EmulatedKernel` needs from a TileLang ``JITKernel``, as plain data (for a child process)."""
+    source = kernel.get_kernel_source()
+    flags = (kernel.pass_configs or {}).get("tl.device_compile_flags") or []
+    flags = [flags] if isinstance(flags, str) else list(flags)
+    return {
+        "source": source,
+        "smem_bytes": dynamic_smem_bytes(kernel.get_host_source()) if _DYN_SHARED.search(source) else 0,
+        "ftz": any("-ftz=true" in f or "use_fast_math" in f for f in flags)
+        or bool((kernel.pass_configs or {}).get("tl.enable_fast_math")),
+    }
+
+
+class EmulatedKernel:
+    """A generated kernel built for the CPU; call with torch CPU tensors by parameter name.
+
+    ``kernel`` is a TileLang ``JITKernel`` (shared memory size and flush-to-zero read from it) or the dict
+    :func:`kernel_sources` makes of one; ``approx`` is ``"up"``, ``"down"`` or ``"exact"`` (default: ``DEFAULTS``).
+    """
+
+    def __init__(self, kernel, *, approx: str | None = None):
+        info = kernel if isinstance(kernel, dict) else kernel_sources(kernel)
+        source, self.smem_bytes, ftz = info["source"], int(info["smem_bytes"]), bool(info["ftz"])
+        approx = approx or DEFAULTS["approx"]
+        if approx not in APPROX_MODES:
+            raise ValueError(f"approx: expected one of {sorted(APPROX_MODES)}, got {approx!r}")
+        self.approx, self.ftz = approx, ftz
         start = source.index('extern "C" __global__ void __launch_bounds__')
         body = source[start:].replace('extern "C" ', "static ", 1)
-        body = re.sub(
-            r"extern __shared__ __align__\(\d+\) (\w+) (\w+)\[\];",
-            r"\1 *\2 = reinterpret_cast<\1 *>(red_storage);",
+        if _DYN_SHARED.search(body) and self.smem_bytes <= 0:
+            raise ValueError("the kernel declares dynamic shared memory but its launch size is unknown")
+        body = _DYN_SHARED.sub(r"\1 *\2 = reinterpret_cast<\1 *>(emu::g_smem);", body)
+        statics = iter(range(1 << 30))
+        body = _STATIC_SHARED.sub(
+            lambda m: (
+                f"{m[1]} *{m[2]} = reinterpret_cast<{m[1]} *>(emu::static_shared({next(statics)}, "
+                f"sizeof({m[1]}) * {m[3]}));"
+            ),
             body,
         )
+        if "__shared__" in body:
+            raise ValueError("a __shared__ declaration the emulator does not recognise")
         sig = _SIG.match(body)
         if sig is None:
             raise ValueError("unrecognised kernel signature in the generated source")
@@ -59,43 +132,60 @@ class EmulatedKernel:
             else:  # a scalar (int or float) parameter: passed as a double, converted to its type
                 casts.append(f"({typ})scalars[{i}]")
         launcher = f"""
-extern "C" void launch(void **ptrs, const double *scalars, int grid_x, int grid_y) {{
-  for (int by = 0; by < grid_y; ++by)
-  for (int bx = 0; bx < grid_x; ++bx) {{
-    std::barrier<> bar({self.threads});
-    g_bar = &bar;
-    std::vector<std::thread> ts;
-    for (int t = 0; t < {self.threads}; ++t)
-      ts.emplace_back([&, t, bx, by] {{
-        threadIdx.x = t; blockIdx.x = bx; blockIdx.y = by; {name}({", ".join(casts)}); }});
-    for (auto &th : ts) th.join();
+extern "C" void launch(void **ptrs, const double *scalars, int grid_x, const int *order, int blocks, int schedule,
+                       long smem_bytes) {{
+  for (int i = 0; i < blocks; ++i) {{
+    unsigned bx = order[i] % grid_x, by = order[i] / grid_x;
+    emu::run_block({self.threads}, schedule, smem_bytes, bx, by, [&] {{ {name}({", ".join(casts)}); }});
   }}
 }}
 """
-        code = '#include "shim.h"\n' + body + launcher
+        defines = f"#define MHC_EMU_APPROX {APPROX_MODES[approx]}\n#define MHC_EMU_FTZ {int(ftz)}\n"
+        code = defines + '#include "shim.h"\n' + body + launcher
         extra = os.environ.get("MHC_EMU_CFLAGS", "").split()  # e.g. -fsanitize=address (python under LD_PRELOAD)
         digest = hashlib.sha1((code + (HERE / "shim.h").read_text() + " ".join(extra)).encode()).hexdigest()[:16]
         so = _cache_dir() / f"k_{digest}.so"
         if not so.exists():
-            cpp = so.with_suffix(".cpp")
+            cpp = so.with_suffix(f".{os.getpid()}.cpp")
             cpp.write_text(code)
             tmp = so.with_suffix(f".{os.getpid()}.tmp")
             cmd = ["g++", "-std=c++20", "-O1", "-w", "-fPIC", "-shared", "-pthread", *extra, "-I", str(HERE), str(cpp)]
-            cmd.append("-o")
-            subprocess.run([*cmd, str(tmp)], check=True, capture_output=True)
+            proc = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
+            cpp.unlink()
+            if proc.returncode != 0:
+                raise RuntimeError(f"g++ failed to build the emulated kernel:\n{proc.stderr[-4000:]}")
             os.replace(tmp, so)
         self._lib = ctypes.CDLL(str(so))
         self._lib.launch.argtypes = [
             ctypes.POINTER(ctypes.c_void_p),
             ctypes.POINTER(ctypes.c_double),
             ctypes.c_int,
+            ctypes.POINTER(ctypes.c_int),
             ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
         ]
 
-    def __call__(self, *, grid: int | tuple[int, int], **args) -> None:
+    def __call__(
+        self,
+        *,
+        grid: int | tuple[int, int],
+        schedule: str | None = None,
+        block_order: str | None = None,
+        seed: int = 0,
+        **args,
+    ) -> None:
         """Launch ``grid`` blocks (an int, or ``(grid_x, grid_y)``); every parameter is passed by name, tensors and
         scalars alike (``num_tokens`` and other dynamic sizes are scalars: the generated signature orders the
-        parameters by name, not as the TileLang program declares them)."""
+        parameters by name, not as the TileLang program declares them). ``schedule`` orders the threads of a block
+        (``"forward"``/``"reverse"``), ``block_order`` the blocks (``"forward"``/``"reverse"``/``"shuffle"``, the
+        last with ``seed``)."""
+        schedule = schedule or DEFAULTS["schedule"]
+        block_order = block_order or DEFAULTS["block_order"]
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
+        if block_order not in BLOCK_ORDERS:
+            raise ValueError(f"block_order: expected one of {BLOCK_ORDERS}, got {block_order!r}")
         if sorted(args) != sorted(self.names):
             raise ValueError(f"expected arguments {sorted(self.names)}, got {sorted(args)}")
         ptrs = (ctypes.c_void_p * len(self.names))()
@@ -109,4 +199,10 @@ extern "C" void launch(void **ptrs, const double *scalars, int grid_x, int grid_
                 raise ValueError(f"{n}: expected a contiguous CPU tensor")
             ptrs[i] = value.data_ptr()
         gx, gy = (grid, 1) if isinstance(grid, int) else grid
-        self._lib.launch(ptrs, scalars, gx, gy)
+        order = list(range(gx * gy))
+        if block_order == "reverse":
+            order.reverse()
+        elif block_order == "shuffle":
+            random.Random(seed).shuffle(order)
+        c_order = (ctypes.c_int * len(order))(*order)
+        self._lib.launch(ptrs, scalars, gx, c_order, len(order), SCHEDULES[schedule], self.smem_bytes)

@@ -1,24 +1,201 @@
-// CPU emulation shim for TileLang-generated CUDA kernels (one std::thread per CUDA thread, one block at a time).
-// Covers the constructs the post/res, Sinkhorn and pre-mapping finalisation kernels use; anything else fails to compile, loudly.
+// CPU emulation shim for TileLang-generated CUDA kernels. Covers the constructs the post/res, Sinkhorn and pre-mapping
+// kernels use; anything else fails to compile, loudly.
+//
+// Execution model (deterministic, adversarial for missing barriers):
+// * one std::thread per CUDA thread, but exactly one of them runs at any time: a baton (one binary semaphore per
+//   thread) passes at every synchronisation point. A thread runs until it blocks (at __syncthreads, or at a warp
+//   collective: shuffle, mma, ldmatrix) or exits; the next thread to run is the runnable one with the lowest thread
+//   index (schedule 0, "forward") or the highest (schedule 1, "reverse"). So between two __syncthreads warp 0 runs
+//   its whole phase before warp 1 starts (forward), or warp 3 before warp 2 (reverse): a read of another warp's
+//   shared-memory data that a deleted barrier no longer orders sees the value from before the phase, in one of the
+//   two schedules, every time.
+// * warp collectives synchronise only the 32 threads of their warp (the last lane to arrive computes the results of
+//   all 32); only __syncthreads orders shared memory between warps.
+// * shared memory: each block gets a fresh allocation of exactly the declared dynamic size (the launch's), filled
+//   with 0xFF bytes (NaN in every float format, -1 as an integer) and ending at a PROT_NONE page (under ASan: an
+//   exact-size heap block, whose redzones catch both ends), so a read of a never-written byte is poisoned and an
+//   access past the declared size faults.
+// * approximate math (MHC_EMU_APPROX = +1 or -1): exp2f/expf/rsqrtf/__fdividef/__log2f return the correctly rounded
+//   value moved by the PTX ISA's / CUDA's documented worst-case error, all in the chosen direction; 0 = exact libm.
+//   MHC_EMU_FTZ = 1 (a kernel compiled with -ftz=true) flushes subnormal inputs and results of all fp32 arithmetic
+//   (x86 MXCSR FTZ|DAZ) and of the approximations.
 #pragma once
+#include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <semaphore>
 #include <thread>
 #include <vector>
+#include <sys/mman.h>
+#include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+#ifndef MHC_EMU_APPROX
+#define MHC_EMU_APPROX 0
+#endif
+#ifndef MHC_EMU_FTZ
+#define MHC_EMU_FTZ 0
+#endif
+
 struct dim3_ { unsigned x = 0, y = 0, z = 0; };
 inline thread_local dim3_ threadIdx, blockIdx;
-inline std::barrier<> *g_bar = nullptr;
-inline float g_slots[1024];
-alignas(1024) inline unsigned char red_storage[1 << 18];  // dynamic shared memory of the running block
+
+// ---------------------------------------------------------------------------------------------------------------
+// The baton scheduler
+namespace emu {
+enum State : char { kRunnable, kBlocked, kDone };
+struct Block {
+  int threads = 0, schedule = 0;
+  std::vector<std::unique_ptr<std::binary_semaphore>> go;
+  std::vector<State> state;
+  std::binary_semaphore finished{0};
+  bool deadlock = false;
+};
+inline Block *g_block = nullptr;
+
+inline int pick_next() {
+  Block &b = *g_block;
+  if (b.schedule == 0) {
+    for (int t = 0; t < b.threads; ++t)
+      if (b.state[t] == kRunnable) return t;
+  } else {
+    for (int t = b.threads - 1; t >= 0; --t)
+      if (b.state[t] == kRunnable) return t;
+  }
+  return -1;
+}
+// The running thread (tid) gives the baton to the next runnable thread and, unless that is itself, waits for it back.
+inline void pass_baton(int tid) {
+  Block &b = *g_block;
+  int next = pick_next();
+  if (next == tid) return;
+  if (next < 0) {
+    bool all_done = true;
+    for (State s : b.state) all_done &= s == kDone;
+    if (!all_done) {  // threads wait at a barrier that the others will never reach
+      std::fprintf(stderr, "cuda_emu: deadlock: threads blocked at a barrier that not all threads reach\n");
+      std::fflush(stderr);
+      std::abort();
+    }
+    b.finished.release();
+    return;
+  }
+  b.go[next]->release();
+  if (b.state[tid] != kDone) b.go[tid]->acquire();
+}
+// A barrier of `expected` threads; the last to arrive runs `complete` (the collective's work) and wakes the others.
+struct Barrier {
+  int expected = 0, arrived = 0;
+  std::vector<int> waiting;
+  template <class F> void arrive(F &&complete) {
+    int tid = threadIdx.x;
+    if (++arrived == expected) {
+      complete();
+      for (int w : waiting) g_block->state[w] = kRunnable;
+      waiting.clear();
+      arrived = 0;
+    } else {
+      waiting.push_back(tid);
+      g_block->state[tid] = kBlocked;
+    }
+    pass_baton(tid);
+  }
+  void arrive() { arrive([] {}); }
+};
+inline Barrier g_block_bar;
+inline std::vector<Barrier> g_warp_bar;
+inline Barrier &warp_barrier() { return g_warp_bar[threadIdx.x / 32]; }
+
+// Shared memory: exact-size, poisoned (0xFF: NaN in every float format), guarded allocations.
+struct Guarded {
+  unsigned char *ptr = nullptr, *map = nullptr;
+  size_t map_bytes = 0;
+};
+inline Guarded guarded_alloc(size_t bytes) {
+  Guarded g;
+#if defined(__SANITIZE_ADDRESS__)
+  g.ptr = static_cast<unsigned char *>(std::malloc(bytes ? bytes : 1));  // ASan's redzones guard both ends
+  std::memset(g.ptr, 0xFF, bytes);
+#else
+  size_t page = (size_t)sysconf(_SC_PAGESIZE), body = (bytes + page - 1) / page * page;
+  g.map_bytes = body + page;
+  void *p = mmap(nullptr, g.map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) std::abort();
+  g.map = static_cast<unsigned char *>(p);
+  mprotect(g.map + body, page, PROT_NONE);  // the first byte past the (16-byte rounded) size faults
+  size_t rounded = (bytes + 15) / 16 * 16;
+  g.ptr = g.map + body - rounded;
+  std::memset(g.ptr, 0xFF, rounded);
+#endif
+  return g;
+}
+inline void guarded_free(Guarded &g) {
+#if defined(__SANITIZE_ADDRESS__)
+  std::free(g.ptr);
+#else
+  if (g.map) munmap(g.map, g.map_bytes);
+#endif
+  g = Guarded{};
+}
+inline Guarded g_dyn_smem;
+inline unsigned char *g_smem = nullptr;  // the dynamic shared memory of the running block
+// Static __shared__ arrays of the running block, one allocation each (slot = the declaration's index in the source);
+// only one thread runs at a time, so the first to reach a declaration allocates it.
+inline std::vector<Guarded> g_static_smem;
+inline void *static_shared(int slot, size_t bytes) {
+  if ((int)g_static_smem.size() <= slot) g_static_smem.resize(slot + 1);
+  if (!g_static_smem[slot].ptr) g_static_smem[slot] = guarded_alloc(bytes);
+  return g_static_smem[slot].ptr;
+}
+
+// Runs one block of `threads` threads; `body` is the kernel call.
+template <class F> void run_block(int threads, int schedule, size_t smem_bytes, unsigned bx, unsigned by, F body) {
+  Block b;
+  b.threads = threads;
+  b.schedule = schedule;
+  for (int t = 0; t < threads; ++t) b.go.emplace_back(new std::binary_semaphore(0));
+  b.state.assign(threads, kRunnable);
+  g_block = &b;
+  g_block_bar = Barrier{threads};
+  g_warp_bar.assign((threads + 31) / 32, Barrier{});
+  for (int w = 0; w * 32 < threads; ++w) g_warp_bar[w].expected = std::min(32, threads - 32 * w);
+  g_dyn_smem = guarded_alloc(smem_bytes);
+  g_smem = g_dyn_smem.ptr;
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t)
+    ts.emplace_back([&, t] {
+      b.go[t]->acquire();
+#if MHC_EMU_FTZ && (defined(__x86_64__) || defined(__i386__))
+      _mm_setcsr(_mm_getcsr() | 0x8040);  // FTZ | DAZ
+#endif
+      threadIdx.x = t;
+      blockIdx.x = bx;
+      blockIdx.y = by;
+      body();
+      b.state[t] = kDone;
+      pass_baton(t);
+    });
+  b.go[pick_next()]->release();
+  b.finished.acquire();
+  for (auto &th : ts) th.join();
+  guarded_free(g_dyn_smem);
+  g_smem = nullptr;
+  for (Guarded &g : g_static_smem) guarded_free(g);
+  g_static_smem.clear();
+  g_block = nullptr;
+}
+}  // namespace emu
+
 #define __global__
 #define __launch_bounds__(...)
 #define __restrict__
 #define __align__(x)
-#define __log2f log2f
 typedef unsigned char uchar;
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline float max(float a, float b) { return fmaxf(a, b); }
@@ -27,12 +204,63 @@ inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
-#define __syncthreads() g_bar->arrive_and_wait()
+inline void __syncthreads() { emu::g_block_bar.arrive(); }
 typedef unsigned int uint;
 struct uint2 { uint32_t x, y; };
 struct uint4 { uint32_t x, y, z, w; };
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Approximate math at the documented worst-case error.
+namespace emu {
+inline float ftz(float x) {
+#if MHC_EMU_FTZ
+  if (std::fpclassify(x) == FP_SUBNORMAL) return std::copysign(0.0f, x);
+#endif
+  return x;
+}
+// The correctly rounded float of `exact`, moved `ulps` ulps in the mode's direction (up: towards +inf).
+inline float ulp_bound(double exact, int ulps) {
+  float r = ftz((float)exact);
+  if (MHC_EMU_APPROX == 0 || !std::isfinite(r)) return r;
+  for (int i = 0; i < ulps; ++i) r = std::nextafter(r, MHC_EMU_APPROX > 0 ? INFINITY : -INFINITY);
+  return ftz(r);
+}
+// exact moved by rel * |exact| in the mode's direction, rounded to float
+inline float rel_bound(double exact, double rel) {
+  return ftz((float)(exact + MHC_EMU_APPROX * rel * std::fabs(exact)));
+}
+}  // namespace emu
+// ex2.approx.f32 (exp2f without --use_fast_math compiles to it): "maximum ulp error is 2 ulp from correctly rounded
+// result across the full range of inputs" (PTX ISA 9.1, 9.7.3.21).
+inline float emu_exp2f(float x) { return emu::ulp_bound(std::exp2((double)emu::ftz(x)), 2); }
+// expf: CUDA Math API, single precision: maximum 2 ulp.
+inline float emu_expf(float x) { return emu::ulp_bound(std::exp((double)emu::ftz(x)), 2); }
+// lg2.approx.f32: "maximum absolute error is 2^-22 when the input operand is in the range (0.5, 2). For positive
+// finite inputs outside of this interval, maximum relative error is 2^-22" (PTX ISA 9.1, 9.7.3.20).
+inline float emu_log2f(float x) {
+  x = emu::ftz(x);
+  double e = std::log2((double)x);
+  if (!(x > 0.5f && x < 2.0f) || MHC_EMU_APPROX == 0) return emu::rel_bound(e, std::ldexp(1.0, -22));
+  return emu::ftz((float)(e + MHC_EMU_APPROX * std::ldexp(1.0, -22)));
+}
+// rsqrt.approx.f32: "maximum relative error ... over the entire positive finite floating-point range is 2^-22.9"
+// (PTX ISA 9.1, 9.7.3.16); rsqrtf is 2 ulp in the CUDA Math API, a tighter bound: the ISA's is used.
+inline float emu_rsqrtf(float x) { return emu::rel_bound(1.0 / std::sqrt((double)emu::ftz(x)), std::exp2(-22.9)); }
+// __fdividef(x, y): CUDA Math API intrinsics: maximum 2 ulp for 2^-126 <= |y| <= 2^126; 0 for 2^126 < |y| < 2^128.
+inline float __fdividef(float x, float y) {
+  x = emu::ftz(x);
+  y = emu::ftz(y);
+  float ay = std::fabs(y);
+  if (ay > 0x1p126f && std::isfinite(ay)) return std::isfinite(x) ? std::copysign(0.0f, x / y) : NAN;
+  return emu::ulp_bound((double)x / (double)y, 2);
+}
+#define exp2f emu_exp2f
+#define expf emu_expf
+#define __log2f emu_log2f
+#define rsqrtf emu_rsqrtf
+
 struct bfloat16_t {
   uint16_t bits;
   bfloat16_t() = default;
@@ -59,32 +287,59 @@ inline uint32_t __pack_half2(half_t a, half_t b) {
 }
 inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline float __fdividef(float x, float y) { return x / y; }
-inline float __shfl_xor_sync(unsigned, float v, int m, int w) {
-  int tid = threadIdx.x;
-  g_slots[tid] = v;
-  g_bar->arrive_and_wait();
-  int base = tid & ~(w - 1);
-  float r = g_slots[base + ((tid - base) ^ m)];
-  g_bar->arrive_and_wait();
-  return r;
-}
 struct uint1 { uint32_t x; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline uint2 make_uint2(uint32_t x, uint32_t y) { return {x, y}; }
 inline float2 __bfloat1622float2(__nv_bfloat162 v) { return {(float)v.x, (float)v.y}; }
 inline float2 __half22float2(half2 v) { return {(float)v.x, (float)v.y}; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Warp collectives: every lane of the warp must arrive (full mask); the last one computes all lanes' results.
+namespace emu {
+inline uint64_t g_shfl_in[1024], g_shfl_out[1024];
+inline int g_shfl_src[1024];
+template <class T> T shuffle(T v, int src_lane, int width) {
+  static_assert(sizeof(T) <= 8, "shim: shuffle of a value wider than 64 bits");
+  int tid = threadIdx.x, lane = tid & 31, base = tid - lane;
+  int seg = lane & ~(width - 1);
+  if (src_lane < seg || src_lane >= seg + width) src_lane = lane;  // outside the caller's segment: its own value
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  g_shfl_in[tid] = bits;
+  g_shfl_src[tid] = src_lane;
+  Barrier &bar = warp_barrier();
+  bar.arrive([&] {
+    for (int l = 0; l < bar.expected; ++l) g_shfl_out[base + l] = g_shfl_in[base + g_shfl_src[base + l]];
+  });
+  T r;
+  std::memcpy(&r, &g_shfl_out[tid], sizeof(T));
+  return r;
+}
+}  // namespace emu
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int m, int w = 32) {
+  return emu::shuffle(v, (int)(threadIdx.x & 31) ^ m, w);
+}
+template <class T> inline T __shfl_sync(unsigned, T v, int src, int w = 32) {
+  int lane = threadIdx.x & 31;
+  return emu::shuffle(v, (lane & ~(w - 1)) + (src & (w - 1)), w);
+}
+template <class T> inline T __shfl_down_sync(unsigned, T v, unsigned d, int w = 32) {
+  return emu::shuffle(v, (int)(threadIdx.x & 31) + (int)d, w);
+}
+template <class T> inline T __shfl_up_sync(unsigned, T v, unsigned d, int w = 32) {
+  return emu::shuffle(v, (int)(threadIdx.x & 31) - (int)d, w);
+}
+
 namespace tl {
 inline void store_global_128(void *p, uint4 v) { std::memcpy(p, &v, 16); }
 
-// Warp-collective tensor-core and ldmatrix instructions, emulated with the fragment layouts of the PTX ISA. Every
-// thread of the block must reach them together (true for T.gemm: uniform control flow); lanes exchange their
-// fragments through per-thread slots between two block barriers, as __shfl_xor_sync does above.
+// Warp-collective tensor-core and ldmatrix instructions, emulated with the fragment layouts of the PTX ISA.
 enum class DataType { kInt4, kUInt4, kInt8, kUInt8, kInt16, kInt32, kFloat16, kBFloat16, kTensorFloat32, kFloat32,
                       kFloat64, kFloat8_e4m3, kFloat8_e5m2 };
 inline uint32_t g_frag[1024][4];
 inline uint32_t g_frag_b[1024][2];
+inline float g_acc[1024][4];
+inline uint32_t g_ld_out[1024][4];
 inline const char *g_rows[1024];
 inline float tf32_operand(uint32_t bits) {  // mma .tf32 reads the top 19 bits of each operand
   bits &= 0xFFFFE000u; float f; std::memcpy(&f, &bits, 4); return f;
@@ -96,32 +351,36 @@ template <DataType A, DataType B, DataType C, int M, int N, int K, bool TransA, 
 inline void mma_sync(float *c, const unsigned *a, const unsigned *b) {
   static_assert(A == DataType::kTensorFloat32 && B == DataType::kTensorFloat32 && C == DataType::kFloat32 &&
                 M == 16 && N == 8 && K == 8 && !TransA && TransB, "shim: only the TF32 m16n8k8 row.col mma");
-  int tid = threadIdx.x, lane = tid & 31, base = tid - lane, g = lane >> 2, q = lane & 3;
+  int tid = threadIdx.x, base = tid - (tid & 31);
   for (int i = 0; i < 4; ++i) g_frag[tid][i] = a[i];
   for (int i = 0; i < 2; ++i) g_frag_b[tid][i] = b[i];
-  g_bar->arrive_and_wait();
-  auto at = [&](int r, int k) { return tf32_operand(g_frag[base + (r & 7) * 4 + (k & 3)][(r >> 3) + 2 * (k >> 2)]); };
-  auto bt = [&](int k, int n) { return tf32_operand(g_frag_b[base + n * 4 + (k & 3)][k >> 2]); };
-  const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * q, 2 * q + 1, 2 * q, 2 * q + 1};
-  float out[4];
-  for (int i = 0; i < 4; ++i) {
-    float acc = c[i];
-    for (int k = 0; k < 8; ++k) acc += at(rows[i], k) * bt(k, cols[i]);
-    out[i] = acc;
-  }
-  g_bar->arrive_and_wait();
-  for (int i = 0; i < 4; ++i) c[i] = out[i];
+  for (int i = 0; i < 4; ++i) g_acc[tid][i] = c[i];
+  emu::warp_barrier().arrive([base] {
+    auto at = [&](int r, int k) { return tf32_operand(g_frag[base + (r & 7) * 4 + (k & 3)][(r >> 3) + 2 * (k >> 2)]); };
+    auto bt = [&](int k, int n) { return tf32_operand(g_frag_b[base + n * 4 + (k & 3)][k >> 2]); };
+    for (int lane = 0; lane < 32; ++lane) {
+      int g = lane >> 2, q = lane & 3;
+      const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * q, 2 * q + 1, 2 * q, 2 * q + 1};
+      for (int i = 0; i < 4; ++i) {
+        float acc = g_acc[base + lane][i];
+        for (int k = 0; k < 8; ++k) acc += at(rows[i], k) * bt(k, cols[i]);
+        g_acc[base + lane][i] = acc;
+      }
+    }
+  });
+  for (int i = 0; i < 4; ++i) c[i] = g_acc[tid][i];
 }
 // ldmatrix.sync.aligned.x4.m8n8.shared.b16: lane t gives the address of row t % 8 of matrix t / 8 (16 bytes);
 // register i of lane t receives 32-bit word t % 4 of row t / 4 of matrix i.
 inline void ptx_ldmatrix_x4(const void *smem, void *local) {
-  int tid = threadIdx.x, lane = tid & 31, base = tid - lane;
+  int tid = threadIdx.x, base = tid - (tid & 31);
   g_rows[tid] = static_cast<const char *>(smem);
-  g_bar->arrive_and_wait();
-  uint32_t v[4];
-  for (int i = 0; i < 4; ++i) std::memcpy(&v[i], g_rows[base + i * 8 + lane / 4] + 4 * (lane % 4), 4);
-  g_bar->arrive_and_wait();
-  std::memcpy(local, v, 16);
+  emu::warp_barrier().arrive([base] {
+    for (int lane = 0; lane < 32; ++lane)
+      for (int i = 0; i < 4; ++i)
+        std::memcpy(&g_ld_out[base + lane][i], g_rows[base + i * 8 + lane / 4] + 4 * (lane % 4), 4);
+  });
+  std::memcpy(local, g_ld_out[tid], 16);
 }
 struct SumOp { template <typename T> T operator()(T const &x, T const &y) const { return x + y; } };
 struct MaxOp { template <typename T> T operator()(T const &x, T const &y) const { return x > y ? x : y; } };
@@ -137,4 +396,4 @@ struct AllReduce {
     return x;
   }
 };
-}
+}  // namespace tl

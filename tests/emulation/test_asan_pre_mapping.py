@@ -15,10 +15,9 @@ import sys
 
 import pytest
 
-pre_proj = pytest.importorskip("tl_kernels.pre_proj")
-pre_finalize = pytest.importorskip("tl_kernels.pre_finalize")
-post_res = pytest.importorskip("tl_kernels.post_res")
-sinkhorn = pytest.importorskip("tl_kernels.sinkhorn")
+from tl_kernels import post_res, pre_finalize, pre_proj, sinkhorn
+
+from .cuda_emu import kernel_sources
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -34,20 +33,21 @@ def _libasan() -> str:
 
 
 def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
-    src = {
-        "pre_proj_fwd": pre_proj.pre_proj_fwd_kernel(4, 128, "bfloat16").get_kernel_source(),
-        "pre_proj_bwd": pre_proj.pre_proj_bwd_kernel(4, 128, "bfloat16", True).get_kernel_source(),
-        "pre_finalize_fwd": pre_finalize.pre_finalize_fwd_kernel(4, 1280, "bfloat16", 20, 0.0).get_kernel_source(),
-        "pre_finalize_bwd": pre_finalize.pre_finalize_bwd_kernel(4, 64, "float32").get_kernel_source(),
-        "pre_finalize_bwd_blocks": -(-19 // post_res._plan(4, 64, "float32").tpb),
+    kernels = {
+        "pre_proj_fwd": pre_proj.pre_proj_fwd_kernel(4, 128, "bfloat16"),
+        "pre_proj_bwd": pre_proj.pre_proj_bwd_kernel(4, 128, "bfloat16", True),
+        "pre_finalize_fwd": pre_finalize.pre_finalize_fwd_kernel(4, 1280, "bfloat16", 20, 0.0),
+        "pre_finalize_bwd": pre_finalize.pre_finalize_bwd_kernel(4, 64, "float32"),
     }
+    src = {"pre_finalize_bwd_blocks": -(-19 // post_res._plan(4, 64, "float32").tpb)}
     for n in (4, 7, 16):  # K, H in registers (n = 4, 7) or in the tile rows (n = 16)
-        src[f"sinkhorn_fwd_{n}"] = sinkhorn.sinkhorn_fwd_kernel(n, 20, 0.0).get_kernel_source()
-        src[f"sinkhorn_bwd_{n}"] = sinkhorn.sinkhorn_bwd_kernel(n, 20, 0.0).get_kernel_source()
+        kernels[f"sinkhorn_fwd_{n}"] = sinkhorn.sinkhorn_fwd_kernel(n, 20, 0.0)
+        kernels[f"sinkhorn_bwd_{n}"] = sinkhorn.sinkhorn_bwd_kernel(n, 20, 0.0)
         tpb = sinkhorn._bwd_plan(n, 20, 0.0).tokens_per_block
         src[f"sinkhorn_{n}_threads"] = tpb
         src[f"sinkhorn_{n}_blocks"] = -(-(tpb + 3) // tpb)
         src[f"sinkhorn_fwd_{n}_blocks"] = -(-(tpb + 3) // sinkhorn._fwd_plan(n, 20, 0.0).tokens_per_block)
+    src.update({name: kernel_sources(k) for name, k in kernels.items()})  # source, shared memory size, ftz
     path = tmp_path / "sources.json"
     path.write_text(json.dumps(src))
     env = dict(

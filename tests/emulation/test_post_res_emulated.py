@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from mhc import reference as ref
+from tl_kernels import post_res
 
 from .cuda_emu import EmulatedKernel
-
-post_res = pytest.importorskip("tl_kernels.post_res")
 
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ULP = {"bfloat16": 2**-7, "float16": 2**-10, "float32": 2e-6}
@@ -38,8 +37,8 @@ def _rel_close(got, want, mag, tol, name):
 def test_post_res_generated_source_on_cpu(n, C, dtype, tokens):
     dt = DT[dtype]
     plan = post_res._plan(n, C, dtype)
-    fwd = EmulatedKernel(post_res.post_res_fwd_kernel(n, C, dtype).get_kernel_source())
-    bwd = EmulatedKernel(post_res.post_res_bwd_kernel(n, C, dtype).get_kernel_source())
+    fwd = EmulatedKernel(post_res.post_res_fwd_kernel(n, C, dtype))
+    bwd = EmulatedKernel(post_res.post_res_bwd_kernel(n, C, dtype))
     for T in tokens:
         Tp = T + plan.tpb + 1  # allocation past the tokens the kernel is told about: must stay untouched
         y, x, g = torch.randn(Tp, C).to(dt), torch.randn(Tp, n, C).to(dt), torch.randn(Tp, n, C).to(dt)
@@ -77,7 +76,7 @@ def test_post_res_generated_source_on_cpu(n, C, dtype, tokens):
 def test_emulation_catches_a_transposed_h_res():
     """The check can fail: the kernel against the transposed orientation (DeepSeek's comb^T) is rejected."""
     n, C, T = 4, 64, 3
-    fwd = EmulatedKernel(post_res.post_res_fwd_kernel(n, C, "float32").get_kernel_source())
+    fwd = EmulatedKernel(post_res.post_res_fwd_kernel(n, C, "float32"))
     y, x, h_post, h_res = torch.randn(T, C), torch.randn(T, n, C), torch.randn(T, n), torch.randn(T, n, n)
     out = torch.empty(T, n, C)
     fwd(layer_output=y, residual=x, h_post=h_post, h_res=h_res, out=out, num_tokens=T, grid=1)

@@ -6,8 +6,9 @@ its outputs are compared with ``mhc.reference.pre_mapping`` end to end: proj and
 shared Sinkhorn device code) and layer_input, for several split counts, C-slices, a partial last block and
 eps > 0. The backward's d_pp and res_logits are compared with the reference's chain rule.
 
-Not covered here: ``pre_proj`` (the tensor-core GEMMs: the emulator has no ``mma.sync``), the GPU's ex2/lg2/rsqrt
-approximations (libm here) and timing; the GPU tests cover those.
+Every test runs twice (the ``approx_mode`` fixture): each exp2f/expf/__log2f/rsqrtf/__fdividef result moved up, then
+down, by its documented worst-case error (see cuda_emu.py). ``pre_proj`` (the tensor-core GEMMs) is emulated in
+test_pre_proj_emulated.py; timing is for the GPU tests.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import pytest
 import torch
 
 from mhc import reference as ref
+from tl_kernels import post_res, pre_finalize
 
 from .cuda_emu import EmulatedKernel
 
-pre_finalize = pytest.importorskip("tl_kernels.pre_finalize")
-post_res = pytest.importorskip("tl_kernels.post_res")
+pytestmark = pytest.mark.usefixtures("approx_mode")
 
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ULP = {"bfloat16": 2**-7, "float16": 2**-10, "float32": 2e-6}
@@ -55,7 +56,7 @@ def _inputs(T, n, C, dtype, splits, seed=0):
     "n,C,dtype,T,splits,slices,iters,eps", FWD_CASES, ids=[f"n{c[0]}-C{c[1]}-{c[2]}-eps{c[7]}" for c in FWD_CASES]
 )
 def test_pre_finalize_fwd_generated_source_on_cpu(n, C, dtype, T, splits, slices, iters, eps):
-    kernel = EmulatedKernel(pre_finalize.pre_finalize_fwd_kernel(n, C, dtype, iters, eps).get_kernel_source())
+    kernel = EmulatedKernel(pre_finalize.pre_finalize_fwd_kernel(n, C, dtype, iters, eps))
     m, rms_eps, post_mult = n * n + 2 * n, 1e-6, 2.0
     x, phi, alpha, bias, proj_part, sq_part = _inputs(T, n, C, dtype, splits)
     pad = pre_finalize.TOKENS + 1  # rows past T must stay untouched
@@ -96,7 +97,7 @@ BWD_CASES = [(4, 1280, "bfloat16", 3), (4, 64, "float32", 19), (8, 7168, "float1
 
 @pytest.mark.parametrize("n,C,dtype,T", BWD_CASES, ids=[f"n{c[0]}-C{c[1]}-{c[2]}" for c in BWD_CASES])
 def test_pre_finalize_bwd_generated_source_on_cpu(n, C, dtype, T):
-    kernel = EmulatedKernel(pre_finalize.pre_finalize_bwd_kernel(n, C, dtype).get_kernel_source())
+    kernel = EmulatedKernel(pre_finalize.pre_finalize_bwd_kernel(n, C, dtype))
     plan = post_res._plan(n, C, dtype)
     m, post_mult = n * n + 2 * n, 2.0
     g = torch.Generator().manual_seed(1)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cuda_emu import EmulatedKernel
+from tl_kernels import pre_proj
 
-pre_proj = pytest.importorskip("tl_kernels.pre_proj")
+from .cuda_emu import EmulatedKernel
 
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ULP = {"bfloat16": 2**-7, "float16": 2**-10, "float32": 2e-6}
@@ -39,7 +39,7 @@ FWD_CASES = [(4, 256, "bfloat16", 70, 3), (1, 64, "float32", 5, 1), (8, 128, "fl
 
 @pytest.mark.parametrize("n,C,dtype,T,splits", FWD_CASES, ids=[f"n{c[0]}-C{c[1]}-{c[2]}-S{c[4]}" for c in FWD_CASES])
 def test_pre_proj_fwd_generated_source_on_cpu(n, C, dtype, T, splits):
-    kernel = EmulatedKernel(pre_proj.pre_proj_fwd_kernel(n, C, dtype).get_kernel_source())
+    kernel = EmulatedKernel(pre_proj.pre_proj_fwd_kernel(n, C, dtype))
     m, K = n * n + 2 * n, n * C
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T + BM, K, generator=g).to(DT[dtype])
@@ -88,7 +88,7 @@ BWD_CASES = [(4, 256, "bfloat16", 70, 2, False), (4, 256, "bfloat16", 3, 1, True
     "n,C,dtype,T,splits,accumulate", BWD_CASES, ids=[f"n{c[0]}-C{c[1]}-{c[2]}-T{c[3]}-acc{c[5]}" for c in BWD_CASES]
 )
 def test_pre_proj_bwd_generated_source_on_cpu(n, C, dtype, T, splits, accumulate):
-    kernel = EmulatedKernel(pre_proj.pre_proj_bwd_kernel(n, C, dtype, accumulate).get_kernel_source())
+    kernel = EmulatedKernel(pre_proj.pre_proj_bwd_kernel(n, C, dtype, accumulate))
     m, K, dt = n * n + 2 * n, n * C, DT[dtype]
     g = torch.Generator().manual_seed(1)
     Tp = T + BM

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from tl_kernels import codegen
-
-sinkhorn = pytest.importorskip("tl_kernels.sinkhorn")
+from tl_kernels import codegen, sinkhorn, sinkhorn_sass
 
 
 def _sass_or_skip(kernel) -> str:
@@ -58,7 +56,6 @@ def test_sinkhorn_backward_loops_stay_small():
 def test_sinkhorn_instructions_per_token_halved(direction, before, guard):
     """The latency issue's bar: per token at least 2x fewer SASS instructions than when it was filed (6.6k forward,
     11.7k backward); ``guard`` is the measured count (1528, 3622) plus ~8%."""
-    sinkhorn_sass = pytest.importorskip("tl_kernels.sinkhorn_sass")
     _sass_or_skip(sinkhorn.sinkhorn_fwd_kernel(4, 20, 0.0))
     count = sinkhorn_sass.per_token(direction, 4, 20, 0.0)["per_token"]
     assert 2 * count <= before and count <= guard, count
