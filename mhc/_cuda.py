@@ -31,8 +31,9 @@ from torch import Tensor
 from . import _checks, ops, reference
 
 _TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-#: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj and tl_kernels.pre_finalize)
-KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping")
+#: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj and tl_kernels.pre_finalize;
+#: ``boundary``, registered by mhc.boundary, is tl_kernels.boundary)
+KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping", "boundary")
 DISABLE_ENV = "MHC_DISABLE_KERNELS"
 
 

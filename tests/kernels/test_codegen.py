@@ -290,7 +290,11 @@ def test_registry_counts() -> None:
     shapes = {(n, c, d) for n in (1, 2, 4, 6, 8) for c in registry.HIDDEN_SIZES for d in registry.DTYPES
               if n == 4 or d == "bfloat16"}  # fmt: skip
     assert len(shapes) == 35 and len(pre) == 35 * 4 + 5 == 145
-    assert len(ALL_CONFIGS) == 275 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre}
+    boundary = registry.configs("boundary")
+    assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"], c.direction) for c in boundary} == {
+        (*shape, "fwd") for shape in shapes
+    }
+    assert len(ALL_CONFIGS) == 310 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *boundary}
     for family, direction in itertools.product(("pre_proj", "pre_finalize"), ("fwd", "bwd")):
         got = {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in registry.configs(family, direction)}
         assert got == shapes, (family, direction)
@@ -380,7 +384,7 @@ def test_kernel_config_resolves_builders_lazily(monkeypatch) -> None:
 
 def test_registry_import_is_light() -> None:
     code = (
-        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 275; "
+        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 310; "
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tilelang', 'torch', 'tvm') "
         "or m.startswith('tl_kernels.') and m.split('.')[1] in r.FAMILIES]; assert not heavy, heavy"
     )
