@@ -385,14 +385,19 @@ def warmup(
                     grads = (y, h_post, h_res, h_post)
                     pre_mapping_bwd(*grads, x, phi, alpha, bias, out[3], out[1], out[4], out[5], sinkhorn_iters, 2.0,
                                     float(sinkhorn_eps))  # fmt: skip
-                if "boundary" not in DISABLED:  # the fused boundary forward (mhc/boundary.py)
-                    from tl_kernels.boundary import boundary_fwd_kernel
+                if "boundary" not in DISABLED:  # the fused boundary kernels (mhc/boundary.py)
+                    from tl_kernels.boundary import boundary_bwd_kernel, boundary_fwd_kernel
 
                     boundary_fwd_kernel(n, C, _TL_DTYPES[dt])
-                    count += 1
+                    boundary_bwd_kernel(n, C, _TL_DTYPES[dt])
+                    count += 2
                     if launch:
                         settings = (sinkhorn_iters, 2.0, 1e-6, float(sinkhorn_eps))
-                        torch.ops.mhc.boundary_fwd(y, x, h_post, h_res, phi, alpha, bias, *settings)
+                        b = torch.ops.mhc.boundary_fwd(y, x, h_post, h_res, phi, alpha, bias, *settings)
+                        torch.ops.mhc.boundary_bwd(
+                            x, y, h_post, h_res, h_post, y, x, h_post, h_res, b[0], phi, alpha, bias, b[4], b[2],
+                            b[5], b[6], sinkhorn_iters, 2.0, float(sinkhorn_eps),
+                        )  # fmt: skip
     if launch:
         torch.cuda.synchronize(dev)
     return count

@@ -1,4 +1,5 @@
-"""The residual boundary between two mHC sites: site l's F_post,res fused with site l+1's projection (forward).
+"""The residual boundary between two mHC sites: site l's F_post,res fused with site l+1's projection (forward), and
+post_res(l)'s backward on the sum of the two gradients of x_{l+1} (:func:`boundary_bwd_program`).
 
 Math, per token ``t`` (site l's coefficients ``h_post``, ``h_res``; site l+1's ``phi``; ``K = n * C``,
 ``m = n * n + 2n``)::
@@ -57,6 +58,14 @@ codegen; print(codegen.analyze(boundary.boundary_fwd_kernel(4, 7168, 'bfloat16')
 above (the SASS test re-checks three of them). The projection's fragment copy reads ``xs`` one element at a
 time (``LDS.U16``), as pre_proj's does: shared-memory traffic a GPU profile should look at.
 
+Backward (:func:`boundary_bwd_program`): post_res's token-to-thread mapping and reduction with a second gradient
+input; 36C a token at n = 4, bf16 instead of 52C (add + post_res backward). ptxas: 0 spills, 0 stack; registers
+n = 1 bf16 C = 1280: 34, n = 2 fp16 C = 1920: 56, n = 4 bf16 C = 7168: 121, n = 4 fp32 C = 1280: 128, n = 6 bf16
+C = 4096 / 7168: 195 / 210, n = 6 fp32 C = 7168: 224, n = 8 bf16 / fp32 C = 7168: 243 / 245 (same
+``codegen.analyze`` call with ``boundary_bwd_kernel``; all 35 registered configurations spill-free:
+``pytest tests/kernels/test_codegen.py -k boundary``). ``__launch_bounds__`` follows post_res's rule with
+``_BWD_REG_BUDGET``.
+
 Verified without a GPU: the generated source runs in the CPU emulation (tests/emulation/test_boundary_emulated.py,
 and under AddressSanitizer: test_asan_boundary.py). Speed: not measured (no GPU has run this kernel); the 18C a
 token is a byte count, not a time.
@@ -71,6 +80,8 @@ __all__ = [
     "BM",
     "DTYPES",
     "STREAMS",
+    "boundary_bwd_kernel",
+    "boundary_bwd_program",
     "boundary_fwd_kernel",
     "boundary_fwd_program",
     "choose_splits",
@@ -85,6 +96,7 @@ MAX_SPLITS = 64
 _VECTOR_BYTES = 16
 _ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _TILE_BYTES = 64 * 1024  # most shared memory for the x_next tile xs [n, BM, BC]
+_BWD_REG_BUDGET = {1: 48, 2: 72, 4: 128, 6: 168, 8: 255}  # registers a thread, -> __launch_bounds__ min blocks
 _TF32_ROUND = 0x1000  # added to the fp32 bit pattern: round to nearest before the MMA drops 13 bits
 
 
@@ -228,6 +240,176 @@ def boundary_fwd_program(n: int, C: int, dtype: str):
                     proj_part[by, t0 + i, j] = pacc[i, j]
 
     return boundary_fwd
+
+
+def boundary_bwd_program(n: int, C: int, dtype: str):
+    """post_res(l)'s backward on the *sum* of the two gradients that reach ``x_next``, without writing the sum.
+
+    Math, per token (``g = round_dt(grad_x_next + d_x_next)``: the sum rounded once to the activation dtype, exactly
+    as autograd's accumulation of the two gradients of ``x_next`` in the unfused path)::
+
+        d_layer_output[c] = sum_i h_post[i] g[i, c]          d_h_post[i]    = sum_c g[i, c] layer_output[c]
+        d_residual[j, c]  = sum_i h_res[i, j] g[i, c]        d_h_res[i, j]  = sum_c g[i, c] residual[j, c]
+
+    ``grad_x_next`` is the gradient from ``x_next``'s other consumer (the next site's post_res), ``d_x_next`` the
+    pre-mapping's (``pre_proj_bwd``). Call: ``boundary_bwd_kernel(n, C, dtype)(grad_x_next [T, n, C] dt,
+    d_x_next [T, n, C] dt, layer_output [T, C] dt, residual [T, n, C] dt, h_post [T, n] f32, h_res [T, n, n] f32,
+    d_layer_output [T, C] dt, d_residual [T, n, C] dt, d_h_post [T, n] f32, d_h_res [T, n, n] f32)``, grid
+    ``ceil(T / tokens_per_block)`` with post_res's token-to-thread mapping (``tl_kernels.post_res._plan``), its
+    register budget, its fixed-order butterfly and block reduction (deterministic, no atomics). Bitwise the unfused
+    ``g = grad_x_next + d_x_next`` followed by ``post_res_bwd(g, ...)``: same rounding of the sum, same arithmetic.
+
+    Bytes per token (bf16, n = 4): reads 8C + 8C + 2C + 8C, writes 2C + 8C = 36C, against 52C for the add (24C) and
+    post_res's backward (28C). Step towards the fully fused backward (module docstring of mhc/boundary.py).
+    """
+    from . import post_res
+
+    _common.validate_activation_config("boundary", n, C, dtype, STREAMS)
+    import tilelang.language as T
+    from tvm import tirx
+
+    p = post_res._plan(n, C, dtype)
+    vec, tpt, tpb, cw = p.vec, p.tpt, p.tpb, p.coef_vec
+    f32 = "float32"
+    nn = n * n
+    num_coef = nn + n
+    seg = min(tpt, 32)
+    slots_per_token = max(1, tpt // 32)
+    num_slots = p.threads // seg
+    coef_rounds = -(-num_coef // tpt)
+    shuffle_offsets = tuple(seg >> s for s in range(1, seg.bit_length()))
+    # post_res's __launch_bounds__ rule with this kernel's own budget: the second gradient's registers made n = 6
+    # (bf16, C = 7168: 224 threads) spill 56 bytes under post_res's 144-register budget (2 blocks a SM)
+    min_blocks = 1
+    if p.tpb == 1:
+        min_blocks = max(1, min(65536 // (_BWD_REG_BUDGET[n] * p.threads), 2048 // p.threads))
+    num_tokens = T.dynamic("num_tokens")
+
+    @T.macro
+    def chunk(q, t, g1, g2, layer_output, residual, d_lo, d_res, hr, hp, gs, xs, ls, acc, ob, ph, pr):
+        c0 = q * vec
+        for i in T.unroll(n):
+            for e in T.vectorized(vec):
+                gs[i, e] = g1[t, i, c0 + e]
+            for e in T.vectorized(vec):
+                ob[e] = g2[t, i, c0 + e]
+            for e in T.unroll(vec):
+                gs[i, e] = T.cast(T.cast(gs[i, e], f32) + T.cast(ob[e], f32), dtype)
+        for e in T.vectorized(vec):
+            ls[e] = layer_output[t, c0 + e]
+        for j in T.unroll(n):
+            for e in T.vectorized(vec):
+                xs[j, e] = residual[t, j, c0 + e]
+        for e in T.unroll(vec):
+            acc[e] = hp[0] * T.cast(gs[0, e], f32)
+        for i in T.unroll(1, n):
+            for e in T.unroll(vec):
+                acc[e] = acc[e] + hp[i] * T.cast(gs[i, e], f32)
+        for e in T.vectorized(vec):
+            ob[e] = T.cast(acc[e], dtype)
+        T.stg128(d_lo[t, c0], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"))
+        for i in T.unroll(n):
+            for e in T.unroll(vec):
+                ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(ls[e], f32)
+        for j in T.unroll(n):
+            for e in T.unroll(vec):
+                acc[e] = hr[0, j] * T.cast(gs[0, e], f32)
+            for i in T.unroll(1, n):
+                for e in T.unroll(vec):
+                    acc[e] = acc[e] + hr[i, j] * T.cast(gs[i, e], f32)
+            for e in T.vectorized(vec):
+                ob[e] = T.cast(acc[e], dtype)
+            T.stg128(d_res[t, j, c0], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"))
+            for i in T.unroll(n):
+                for e in T.unroll(vec):
+                    pr[i, j] = pr[i, j] + T.cast(gs[i, e], f32) * T.cast(xs[j, e], f32)
+
+    @T.prim_func
+    def boundary_bwd(
+        grad_x_next: T.Tensor((num_tokens, n, C), dtype),
+        d_x_next: T.Tensor((num_tokens, n, C), dtype),
+        layer_output: T.Tensor((num_tokens, C), dtype),
+        residual: T.Tensor((num_tokens, n, C), dtype),
+        h_post: T.Tensor((num_tokens, n), f32),
+        h_res: T.Tensor((num_tokens, n, n), f32),
+        d_layer_output: T.Tensor((num_tokens, C), dtype),
+        d_residual: T.Tensor((num_tokens, n, C), dtype),
+        d_h_post: T.Tensor((num_tokens, n), f32),
+        d_h_res: T.Tensor((num_tokens, n, n), f32),
+    ):
+        with T.Kernel(T.ceildiv(num_tokens, tpb), threads=p.threads) as bx:
+            T.annotate_min_blocks_per_sm(min_blocks)
+            tx = T.get_thread_binding()
+            hr = T.alloc_local((n, n), f32)
+            hp = T.alloc_local((n,), f32)
+            gs = T.alloc_local((n, vec), dtype)
+            xs = T.alloc_local((n, vec), dtype)
+            ls = T.alloc_local((vec,), dtype)
+            acc = T.alloc_local((vec,), f32)
+            ob = T.alloc_local((vec,), dtype)
+            ph = T.alloc_local((n,), f32)
+            pr = T.alloc_local((n, n), f32)
+            total = T.alloc_local((1,), f32)
+            red = T.alloc_shared((num_slots, num_coef), f32)
+            token = tx // tpt
+            t = bx * tpb + token
+            lane = tx % tpt
+            for i in T.unroll(n):
+                ph[i] = 0.0
+                for j in T.unroll(n):
+                    pr[i, j] = 0.0
+            if t < num_tokens:
+                for i in T.unroll(n // cw):
+                    for e in T.vectorized(cw):
+                        hp[i * cw + e] = h_post[t, i * cw + e]
+                for i in T.unroll(n):
+                    for j in T.unroll(n // cw):
+                        for e in T.vectorized(cw):
+                            hr[i, j * cw + e] = h_res[t, i, j * cw + e]
+                for k in post_res._chunk_loop(T, p.iters):
+                    q = k * tpt + lane
+                    if p.guarded:
+                        if q < p.chunks:
+                            chunk(
+                                q, t, grad_x_next, d_x_next, layer_output, residual, d_layer_output, d_residual,
+                                hr, hp, gs, xs, ls, acc, ob, ph, pr,
+                            )  # fmt: skip
+                    else:
+                        chunk(
+                            q, t, grad_x_next, d_x_next, layer_output, residual, d_layer_output, d_residual,
+                            hr, hp, gs, xs, ls, acc, ob, ph, pr,
+                        )  # fmt: skip
+            # fixed-order butterfly over the token's lanes (full-warp shuffles, outside the guard), then slots
+            for offset in shuffle_offsets:
+                for i in T.unroll(n):
+                    ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
+                    for j in T.unroll(n):
+                        pr[i, j] = pr[i, j] + T.shfl_xor(pr[i, j], offset)
+            if tx % seg == 0:
+                for i in T.unroll(n):
+                    for j in T.unroll(n):
+                        red[tx // seg, i * n + j] = pr[i, j]
+                    red[tx // seg, nn + i] = ph[i]
+            T.sync_threads()
+            if t < num_tokens:
+                for r in T.serial(coef_rounds):
+                    c = r * tpt + lane
+                    if c < num_coef:
+                        total[0] = red[token * slots_per_token, c]
+                        for s in T.unroll(1, slots_per_token):
+                            total[0] = total[0] + red[token * slots_per_token + s, c]
+                        if c < nn:
+                            d_h_res[t, c // n, c % n] = total[0]
+                        else:
+                            d_h_post[t, c - nn] = total[0]
+
+    return boundary_bwd
+
+
+@functools.cache
+def boundary_bwd_kernel(n: int, C: int, dtype: str):
+    """The compiled backward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
+    return _common.compile_program(boundary_bwd_program(n, C, dtype))
 
 
 @functools.cache

@@ -1,7 +1,8 @@
-"""The emulated boundary forward (tl_kernels/boundary.py) under AddressSanitizer (g++ -fsanitize=address, libasan
+"""The emulated boundary forward and backward (tl_kernels/boundary.py) under AddressSanitizer (g++ -fsanitize=address, libasan
 preloaded into a child python): every tensor is allocated to its exact size, so an out-of-bounds read or write of the
 generated code (a missing guard for rows past T, a wrong stride in the split's channel blocks or the phi rows)
-aborts the child. Partial token tiles at n = 4 bf16 (BC = 64) and n = 8 fp32 (BC = 32), several splits, one token.
+aborts the child. Forward: partial token tiles at n = 4 bf16 (BC = 64) and n = 8 fp32 (BC = 32), several splits, one token;
+backward: a partial block of several tokens and a one-token block.
 A planted short input shows the check can fail. Skipped where g++ has no libasan."""
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import sys
 import pytest
 
 boundary = pytest.importorskip("tl_kernels.boundary")
+post_res = pytest.importorskip("tl_kernels.post_res")
 
 HERE = pathlib.Path(__file__).resolve().parent
 CASES = [(4, 128, "bfloat16", 67, 2), (8, 64, "float32", 3, 2), (2, 192, "float16", 1, 3)]
+BWD_CASES = [(4, 64, "float32", 19), (4, 1280, "bfloat16", 2)]  # several tokens a block (partial); one a block
 
 
 def _libasan() -> str:
@@ -35,8 +38,13 @@ def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
         dict(n=n, C=C, dtype=dt, T=T, S=S, source=boundary.boundary_fwd_kernel(n, C, dt).get_kernel_source())
         for n, C, dt, T, S in CASES
     ]
+    bwd_cases = [
+        dict(n=n, C=C, dtype=dt, T=T, blocks=-(-T // post_res._plan(n, C, dt).tpb),
+             source=boundary.boundary_bwd_kernel(n, C, dt).get_kernel_source())
+        for n, C, dt, T in BWD_CASES
+    ]  # fmt: skip
     path = tmp_path / "sources.json"
-    path.write_text(json.dumps({"cases": cases}))
+    path.write_text(json.dumps({"cases": cases, "bwd_cases": bwd_cases}))
     env = dict(
         os.environ,
         LD_PRELOAD=_libasan(),

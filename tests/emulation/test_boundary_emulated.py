@@ -138,3 +138,58 @@ def test_next_site_pre_finalize_runs_unchanged():
     for name in ("h_pre", "h_post", "h_res"):
         torch.testing.assert_close(fused[name], plain[name], rtol=0, atol=1e-5)
     torch.testing.assert_close(fused["layer_input"].float(), plain["layer_input"].float(), rtol=2**-8, atol=0)
+
+
+BWD_CASES = [  # (n, C, dtype, T): post_res's mappings (one token a block, several, guarded chunk loops)
+    (4, 1280, "bfloat16", 3),
+    (2, 64, "float16", 17),  # 16 tokens a block, partial last block
+    (1, 1920, "bfloat16", 2),  # guarded last chunk
+    (8, 2560, "float32", 1),
+    (6, 192, "bfloat16", 5),
+]
+
+
+@pytest.mark.parametrize("n,C,dtype,T", BWD_CASES, ids=[f"n{c[0]}-C{c[1]}-{c[2]}-T{c[3]}" for c in BWD_CASES])
+def test_boundary_bwd_generated_source_on_cpu(n, C, dtype, T):
+    """post_res(l)'s backward on grad_x_next + d_x_next: bit for bit the unfused add (rounded to the dtype, as
+    autograd's accumulation) followed by the emulated post_res backward kernel, outputs past T never written; and
+    within one output ulp / fp32 accumulation of float64."""
+    dt, extra = DT[dtype], 2
+    g = torch.Generator().manual_seed(5)
+    g1, g2 = (torch.randn(T + extra, n, C, generator=g).to(dt) for _ in range(2))
+    y, x = torch.randn(T + extra, C, generator=g).to(dt), torch.randn(T + extra, n, C, generator=g).to(dt)
+    h_post, h_res = torch.rand(T + extra, n, generator=g) * 2, torch.rand(T + extra, n, n, generator=g)
+    for t in (g1, g2, y, x, h_post, h_res):
+        t[T:] = float("nan")
+
+    def outputs():
+        return [torch.full((T + extra, C), float("nan")).to(dt), torch.full((T + extra, n, C), float("nan")).to(dt),
+                torch.full((T + extra, n), float("nan")), torch.full((T + extra, n, n), float("nan"))]  # fmt: skip
+
+    grid = -(-T // post_res._plan(n, C, dtype).tpb)
+    fused, plain = outputs(), outputs()
+    EmulatedKernel(boundary.boundary_bwd_kernel(n, C, dtype).get_kernel_source())(
+        grad_x_next=g1, d_x_next=g2, layer_output=y, residual=x, h_post=h_post, h_res=h_res, d_layer_output=fused[0],
+        d_residual=fused[1], d_h_post=fused[2], d_h_res=fused[3], num_tokens=T, grid=grid,
+    )  # fmt: skip
+    EmulatedKernel(post_res.post_res_bwd_kernel(n, C, dtype).get_kernel_source())(
+        grad_out=g1 + g2, layer_output=y, residual=x, h_post=h_post, h_res=h_res, d_layer_output=plain[0],
+        d_residual=plain[1], d_h_post=plain[2], d_h_res=plain[3], num_tokens=T, grid=grid,
+    )  # fmt: skip
+    for a, b in zip(fused, plain, strict=True):
+        assert a[T:].isnan().all(), "written past num_tokens"
+        bits = BITS.get(a.dtype, torch.int32)
+        assert torch.equal(a[:T].view(bits), b[:T].view(bits)), "differs from the unfused add + post_res backward"
+    want = ref.post_res_backward((g1 + g2)[:T].double(), y[:T].double(), x[:T].double(), h_post[:T].double(),
+                                 h_res[:T].double())  # fmt: skip
+    gm = (g1 + g2)[:T].double().abs()
+    mags = (
+        (h_post[:T].double()[..., None] * gm).sum(1),
+        torch.einsum("tij,tic->tjc", h_res[:T].double(), gm),
+        (gm * y[:T].double().abs()[:, None, :]).sum(-1),
+        torch.einsum("tic,tjc->tij", gm, x[:T].double().abs()),
+    )
+    tols = (ULP[dtype] * 2 + 1e-6, ULP[dtype] * 2 + 1e-6, 1e-5, 1e-5)
+    for got, exact, mag, tol in zip(fused, want, mags, tols, strict=True):
+        err = ((got[:T].double() - exact).abs() / (mag + 1e-30)).max().item()
+        assert err <= tol, f"error {err:.3g} > {tol:.3g}"

@@ -7,8 +7,8 @@ unfused CUDA path (mhc::post_res_fwd then mhc::pre_mapping_fwd) and float64 (mar
 * the coefficients and the layer input within the unfused kernels' distance of each other: both paths round the
   same x_next, only the order of the fp32 partial sums differs (atol 2e-5 on coefficients, as the pre-mapping GPU
   test's bound; one output ulp on the layer input);
-* the gradients (the backward is the unfused kernels composed) equal to autograd through the unfused ops within
-  one ulp of the largest gradient element; the forward deterministic: two runs bitwise equal;
+* the gradients (pre_mapping's backward kernels, then tl_kernels.boundary's backward on the summed gradient) equal
+  to autograd through the unfused ops within one ulp of the largest gradient element; the forward deterministic: two runs bitwise equal;
 * under CUDA-graph capture and replay.
 """
 
