@@ -15,6 +15,10 @@ so ``boundary_fwd(y, x, h_post, h_res, phi, ...)`` equals ``post_res`` followed 
     g_total = grad_x_next + d_x_next'           (rounded to the residual dtype, as autograd sums the two)
     (d_y, d_x, d_h_post, d_h_res) = post_res_backward(g_total, y, x, h_post, h_res)
 
+Chains: :func:`run_sites` applies ``mhc.MHC`` sites in order with every boundary between :func:`fusable` sites as
+one ``mhc::boundary_fwd`` (:func:`post_pre`); ``mhc.MHCStack`` uses it on its plain path (no recompute, or under
+``torch.no_grad``).
+
 Ops (``T`` tokens, ``n`` streams, ``C`` hidden, ``m = n*n + 2n``):
 
 * ``mhc::boundary_fwd(layer_output [T,C], residual [T,n,C], h_post [T,n], h_res [T,n,n], phi [nC,m], alpha [3],
@@ -51,7 +55,16 @@ from torch import Tensor
 
 from . import _checks, reference
 
-__all__ = ["boundary", "boundary_backward_reference", "boundary_fwd", "boundary_bwd", "boundary_reference"]
+__all__ = [
+    "boundary",
+    "boundary_backward_reference",
+    "boundary_bwd",
+    "boundary_fwd",
+    "boundary_reference",
+    "fusable",
+    "post_pre",
+    "run_sites",
+]
 
 _FWD = "mhc::boundary_fwd"
 _BWD = "mhc::boundary_bwd"
@@ -288,8 +301,10 @@ def boundary(
     with leading batch dimensions flattened to tokens for the op and restored on the outputs."""
     n, C = residual.shape[-2], residual.shape[-1]
     lead = residual.shape[:-2]
+    aligned = _checks.aligned_contiguous
     flat = (
-        layer_output.reshape(-1, C), residual.reshape(-1, n, C), h_post.reshape(-1, n), h_res.reshape(-1, n, n),
+        aligned(layer_output.reshape(-1, C)), aligned(residual.reshape(-1, n, C)), aligned(h_post.reshape(-1, n)),
+        aligned(h_res.reshape(-1, n, n)),
     )  # fmt: skip
     x_next, li, hp, hr, hq, _proj, _rinv = torch.ops.mhc.boundary_fwd(
         *flat, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps
@@ -371,3 +386,85 @@ def _boundary_bwd_cuda(*args):
 
 
 boundary_bwd.register_kernel("cuda")(_boundary_bwd_cuda)
+
+
+# ---------------------------------------------------------------------------------------------------- chains of sites
+
+
+def _has_module_hooks(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+
+
+def fusable(site, next_site, residual: Tensor) -> bool:
+    """Whether the boundary between ``site`` (whose residual is ``residual``) and ``next_site`` (two
+    :class:`mhc.MHC`) may run as one ``mhc::boundary_fwd``: same ``n`` and ``C``; the next site keeps the residual's
+    dtype (``precision.residual`` None or equal); no module hooks on either site (a hook, e.g. FSDP2's unshard, must
+    see each site's own call); and not on CUDA when ``site`` runs its post on the high-priority stream (not fused
+    yet, see docs/design.md section 7)."""
+    if site.n_streams != next_site.n_streams or site.hidden_size != next_site.hidden_size:
+        return False
+    if next_site.precision.residual not in (None, residual.dtype):
+        return False
+    if _has_module_hooks(site) or _has_module_hooks(next_site):
+        return False
+    return not (residual.device.type == "cuda" and site.high_priority_post)
+
+
+def post_pre(site, ctx, layer_output: Tensor, next_site):
+    """``site.post(ctx, layer_output)`` then ``next_site.pre(...)`` as one ``mhc::boundary_fwd``: returns
+    ``(x_next, next_layer_input, next_ctx)``, the values (and on CPU the bits) of the unfused calls. The caller
+    checks :func:`fusable` first."""
+    from .layer import MHCContext, _autocast_off
+
+    residual = ctx.residual
+    if not isinstance(layer_output, Tensor):
+        raise TypeError(f"MHC.post: expected layer_output to be a torch.Tensor, got {type(layer_output).__name__}")
+    expected = (*residual.shape[:-2], site.hidden_size)
+    if tuple(layer_output.shape) != expected:
+        raise ValueError(
+            f"MHC.post: expected layer_output of shape {list(expected)} (the residual's leading dims, C), "
+            f"got {list(layer_output.shape)}"
+        )
+    y = layer_output.to(residual.dtype)
+    b = next_site
+    cd = b.precision.coefficients
+    with _autocast_off(residual.device):
+        x_next, layer_input, h_post, h_res, _h_pre = boundary(
+            y, residual, ctx.h_post, ctx.h_res, b.phi.to(cd), b.alpha.to(cd), b.bias.to(cd),
+            b.sinkhorn_iters, b.post_mult, b.rms_eps, b.sinkhorn_eps,
+        )  # fmt: skip
+    if b._h_res_hook is not None:
+        b._h_res_hook(b, h_res)
+    return x_next, layer_input, MHCContext(x_next, h_post, h_res)
+
+
+def run_sites(sites, residual: Tensor, args: tuple = (), kwargs: dict | None = None) -> Tensor:
+    """Apply :class:`mhc.MHC` sites in order, ``x <- site(x, *args, **kwargs)``, with every boundary between
+    consecutive :func:`fusable` sites as one ``mhc::boundary_fwd`` (``post_pre``) instead of ``post`` then ``pre``.
+    Each sublayer is called through its own ``__call__`` (its hooks run). Equal to the plain loop (bit for bit on
+    the CPU; on CUDA within the boundary kernel's TF32 budget, docs/design.md section 7)."""
+    kwargs = kwargs or {}
+    sites = list(sites)
+    for i, site in enumerate(sites):
+        if site.sublayer is None:
+            raise TypeError(f"mhc.boundary.run_sites: sites[{i}] has no sublayer (sublayer=None)")
+    h = residual
+    layer_input = ctx = None
+    for i, site in enumerate(sites):
+        if ctx is None:  # not entered through a fused boundary: the site's own pre (hooks run via __call__ below)
+            if _has_module_hooks(site):
+                h = site(h, *args, **kwargs)
+                continue
+            layer_input, ctx = site.pre(h)
+        y = site.sublayer(layer_input, *args, **kwargs)
+        if not isinstance(y, Tensor):
+            raise TypeError(
+                f"MHC.forward: expected the sublayer to return a torch.Tensor [..., C], got {type(y).__name__}"
+            )
+        nxt = sites[i + 1] if i + 1 < len(sites) else None
+        if nxt is not None and fusable(site, nxt, ctx.residual):
+            h, layer_input, ctx = post_pre(site, ctx, y, nxt)
+        else:
+            h = site.post(ctx, y)
+            layer_input = ctx = None
+    return h

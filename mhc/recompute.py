@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .boundary import run_sites
 from .layer import MHC
 
 __all__ = ["MHCStack", "optimal_block", "recompute_policy"]
@@ -203,9 +204,7 @@ class MHCStack(nn.Module):
     def forward(self, residual: Tensor, *args, **kwargs) -> Tensor:
         h = residual
         if not self.recompute_block or not torch.is_grad_enabled():
-            for layer in self.layers:
-                h = layer(h, *args, **kwargs)
-            return h
+            return run_sites(self.layers, h, args, kwargs)  # fused boundaries between matching sites (mhc.boundary)
         compiling = torch.compiler.is_compiling()
         for block in self.blocks():
             if compiling:
