@@ -438,25 +438,41 @@ def post_pre(site, ctx, layer_output: Tensor, next_site):
     return x_next, layer_input, MHCContext(x_next, h_post, h_res)
 
 
-def run_sites(sites, residual: Tensor, args: tuple = (), kwargs: dict | None = None) -> Tensor:
+def run_sites(sites, residual: Tensor, args: tuple = (), kwargs: dict | None = None, *, call_sublayer=None,
+              call_site=None) -> Tensor:  # fmt: skip
     """Apply :class:`mhc.MHC` sites in order, ``x <- site(x, *args, **kwargs)``, with every boundary between
     consecutive :func:`fusable` sites as one ``mhc::boundary_fwd`` (``post_pre``) instead of ``post`` then ``pre``.
-    Each sublayer is called through its own ``__call__`` (its hooks run). Equal to the plain loop (bit for bit on
-    the CPU; on CUDA within the boundary kernel's TF32 budget, docs/design.md section 7)."""
+    Equal to the plain loop (bit for bit on the CPU; on CUDA within the boundary kernel's TF32 budget,
+    docs/design.md section 7).
+
+    ``call_sublayer(site, layer_input) -> layer_output`` runs a sublayer (default: its ``__call__`` with ``args``,
+    ``kwargs``, so its hooks run); ``call_site(site, residual) -> x_next`` runs a site that has module hooks as a
+    whole (default: ``site(residual, *args, **kwargs)``). ``mhc.MHCStack``'s block recompute passes both, in the
+    forward and in the replay, so the two walk a block with the same fusion decisions."""
     kwargs = kwargs or {}
     sites = list(sites)
     for i, site in enumerate(sites):
         if site.sublayer is None:
             raise TypeError(f"mhc.boundary.run_sites: sites[{i}] has no sublayer (sublayer=None)")
+    if call_sublayer is None:
+
+        def call_sublayer(site, layer_input):
+            return site.sublayer(layer_input, *args, **kwargs)
+
+    if call_site is None:
+
+        def call_site(site, h):
+            return site(h, *args, **kwargs)
+
     h = residual
     layer_input = ctx = None
     for i, site in enumerate(sites):
-        if ctx is None:  # not entered through a fused boundary: the site's own pre (hooks run via __call__ below)
+        if ctx is None:  # not entered through a fused boundary
             if _has_module_hooks(site):
-                h = site(h, *args, **kwargs)
+                h = call_site(site, h)
                 continue
             layer_input, ctx = site.pre(h)
-        y = site.sublayer(layer_input, *args, **kwargs)
+        y = call_sublayer(site, layer_input)
         if not isinstance(y, Tensor):
             raise TypeError(
                 f"MHC.forward: expected the sublayer to return a torch.Tensor [..., C], got {type(y).__name__}"
