@@ -17,7 +17,8 @@ so ``boundary_fwd(y, x, h_post, h_res, phi, ...)`` equals ``post_res`` followed 
 
 Chains: :func:`run_sites` applies ``mhc.MHC`` sites in order with every boundary between :func:`fusable` sites as
 one ``mhc::boundary_fwd`` (:func:`post_pre`); ``mhc.MHCStack`` uses it on its plain path (no recompute, or under
-``torch.no_grad``).
+``torch.no_grad``) and inside eager recompute blocks. ``mhc::boundary_hp_fwd`` / ``boundary_hp_bwd`` are the same
+ops forked to the high-priority stream and joined (CUDA; the plain ops elsewhere), for a boundary after an FFN site.
 
 Ops (``T`` tokens, ``n`` streams, ``C`` hidden, ``m = n*n + 2n``):
 
@@ -60,6 +61,8 @@ __all__ = [
     "boundary_backward_reference",
     "boundary_bwd",
     "boundary_fwd",
+    "boundary_hp_bwd",
+    "boundary_hp_fwd",
     "boundary_reference",
     "fusable",
     "post_pre",
@@ -192,7 +195,7 @@ def boundary_fwd(
 
 
 @boundary_fwd.register_fake
-def _(layer_output, residual, h_post, h_res, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps):
+def _fwd_fake(layer_output, residual, h_post, h_res, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps):
     _check_fwd(layer_output, residual, h_post, h_res, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps)
     T, n, C = residual.shape
     m = n * n + 2 * n
@@ -241,7 +244,7 @@ def boundary_bwd(
 
 
 @boundary_bwd.register_fake
-def _(*args):
+def _bwd_fake(*args):
     _check_bwd(args)
     layer_output, residual, h_post, h_res, _x_next, phi, alpha, bias = args[5:13]
     return (
@@ -264,7 +267,7 @@ def _setup(ctx, inputs, output):
     ctx.iters, ctx.post_mult, ctx.sinkhorn_eps = iters, post_mult, sinkhorn_eps
 
 
-def _backward(ctx, g_xn, g_li, g_post, g_res, g_pre, _g_proj, _g_rinv):
+def _backward(ctx, g_xn, g_li, g_post, g_res, g_pre, _g_proj, _g_rinv, bwd_op=None):
     saved = ctx.saved_tensors
     layer_output, residual, h_pre_n, h_post_n = saved[0], saved[1], saved[8], saved[9]
     T, n, _C = residual.shape
@@ -274,7 +277,7 @@ def _backward(ctx, g_xn, g_li, g_post, g_res, g_pre, _g_proj, _g_rinv):
     g_post = torch.zeros_like(h_post_n) if g_post is None else g_post
     g_res = h_post_n.new_zeros((T, n, n)) if g_res is None else g_res
     g_pre = torch.zeros_like(h_pre_n) if g_pre is None else g_pre
-    outs = torch.ops.mhc.boundary_bwd(
+    outs = (bwd_op or torch.ops.mhc.boundary_bwd)(
         *(_checks.aligned_contiguous(g) for g in (g_xn, g_li, g_post, g_res, g_pre)),
         *saved, ctx.iters, ctx.post_mult, ctx.sinkhorn_eps,
     )  # fmt: skip
@@ -282,6 +285,93 @@ def _backward(ctx, g_xn, g_li, g_post, g_res, g_pre, _g_proj, _g_rinv):
 
 
 boundary_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# The same pair on the high-priority stream, for a boundary after an FFN site (paper section 4.3.3): the fork and
+# join of mhc.streams inside opaque ops, as mhc::post_res_hp_fwd; the plain ops on every other device.
+
+
+@torch.library.custom_op("mhc::boundary_hp_fwd", mutates_args=())
+def boundary_hp_fwd(
+    layer_output: Tensor,
+    residual: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    iters: int,
+    post_mult: float,
+    rms_eps: float,
+    sinkhorn_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``mhc::boundary_fwd`` on the high-priority stream (CUDA); the plain op elsewhere."""
+    return torch.ops.mhc.boundary_fwd(
+        layer_output, residual, h_post, h_res, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps
+    )
+
+
+@boundary_hp_fwd.register_kernel("cuda")
+def _(layer_output, residual, h_post, h_res, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps):
+    from .streams import _fork_join
+
+    _check_fwd(layer_output, residual, h_post, h_res, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps)
+    settings = (iters, post_mult, rms_eps, sinkhorn_eps)
+    return _fork_join(
+        lambda *t: torch.ops.mhc.boundary_fwd(*t, *settings), (layer_output, residual, h_post, h_res, phi, alpha, bias)
+    )
+
+
+boundary_hp_fwd.register_fake(_fwd_fake)
+
+
+@torch.library.custom_op("mhc::boundary_hp_bwd", mutates_args=())
+def boundary_hp_bwd(
+    grad_x_next: Tensor,
+    grad_layer_input: Tensor,
+    grad_h_post_next: Tensor,
+    grad_h_res_next: Tensor,
+    grad_h_pre_next: Tensor,
+    layer_output: Tensor,
+    residual: Tensor,
+    h_post: Tensor,
+    h_res: Tensor,
+    x_next: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    h_pre_next: Tensor,
+    h_post_next: Tensor,
+    proj: Tensor,
+    rinv: Tensor,
+    iters: int,
+    post_mult: float,
+    sinkhorn_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``mhc::boundary_bwd`` on the high-priority stream (CUDA); the plain op elsewhere."""
+    return torch.ops.mhc.boundary_bwd(
+        grad_x_next, grad_layer_input, grad_h_post_next, grad_h_res_next, grad_h_pre_next, layer_output, residual,
+        h_post, h_res, x_next, phi, alpha, bias, h_pre_next, h_post_next, proj, rinv, iters, post_mult, sinkhorn_eps,
+    )  # fmt: skip
+
+
+@boundary_hp_bwd.register_kernel("cuda")
+def _(*args):
+    from .streams import _fork_join
+
+    _check_bwd(args)
+    tensors, settings = args[:17], args[17:]
+    return _fork_join(lambda *t: torch.ops.mhc.boundary_bwd(*t, *settings), tensors)
+
+
+boundary_hp_bwd.register_fake(_bwd_fake)
+
+
+def _hp_backward(ctx, *grads):
+    return _backward(ctx, *grads, bwd_op=torch.ops.mhc.boundary_hp_bwd)
+
+
+boundary_hp_fwd.register_autograd(_hp_backward, setup_context=_setup)
 
 
 def boundary(
@@ -296,9 +386,13 @@ def boundary(
     post_mult: float = 2.0,
     rms_eps: float = 1e-6,
     sinkhorn_eps: float = 0.0,
+    *,
+    high_priority: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Differentiable boundary on ``[..., n, C]`` activations: ``(x_next, layer_input, h_post', h_res', h_pre')``
-    with leading batch dimensions flattened to tokens for the op and restored on the outputs."""
+    with leading batch dimensions flattened to tokens for the op and restored on the outputs. ``high_priority``:
+    forward and backward on the device's high-priority stream (``mhc::boundary_hp_*``; CUDA only, a no-op
+    elsewhere)."""
     n, C = residual.shape[-2], residual.shape[-1]
     lead = residual.shape[:-2]
     aligned = _checks.aligned_contiguous
@@ -306,9 +400,8 @@ def boundary(
         aligned(layer_output.reshape(-1, C)), aligned(residual.reshape(-1, n, C)), aligned(h_post.reshape(-1, n)),
         aligned(h_res.reshape(-1, n, n)),
     )  # fmt: skip
-    x_next, li, hp, hr, hq, _proj, _rinv = torch.ops.mhc.boundary_fwd(
-        *flat, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps
-    )
+    op = torch.ops.mhc.boundary_hp_fwd if high_priority else torch.ops.mhc.boundary_fwd
+    x_next, li, hp, hr, hq, _proj, _rinv = op(*flat, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps)
     return (x_next.view(*lead, n, C), li.view(*lead, C), hp.view(*lead, n), hr.view(*lead, n, n), hq.view(*lead, n))
 
 
@@ -399,15 +492,12 @@ def fusable(site, next_site, residual: Tensor) -> bool:
     """Whether the boundary between ``site`` (whose residual is ``residual``) and ``next_site`` (two
     :class:`mhc.MHC`) may run as one ``mhc::boundary_fwd``: same ``n`` and ``C``; the next site keeps the residual's
     dtype (``precision.residual`` None or equal); no module hooks on either site (a hook, e.g. FSDP2's unshard, must
-    see each site's own call); and not on CUDA when ``site`` runs its post on the high-priority stream (not fused
-    yet, see docs/design.md section 7)."""
+    see each site's own call). A site whose post runs on the high-priority stream gets ``mhc::boundary_hp_fwd``."""
     if site.n_streams != next_site.n_streams or site.hidden_size != next_site.hidden_size:
         return False
     if next_site.precision.residual not in (None, residual.dtype):
         return False
-    if _has_module_hooks(site) or _has_module_hooks(next_site):
-        return False
-    return not (residual.device.type == "cuda" and site.high_priority_post)
+    return not (_has_module_hooks(site) or _has_module_hooks(next_site))
 
 
 def post_pre(site, ctx, layer_output: Tensor, next_site):
@@ -432,6 +522,7 @@ def post_pre(site, ctx, layer_output: Tensor, next_site):
         x_next, layer_input, h_post, h_res, _h_pre = boundary(
             y, residual, ctx.h_post, ctx.h_res, b.phi.to(cd), b.alpha.to(cd), b.bias.to(cd),
             b.sinkhorn_iters, b.post_mult, b.rms_eps, b.sinkhorn_eps,
+            high_priority=residual.device.type == "cuda" and site.high_priority_post,
         )  # fmt: skip
     if b._h_res_hook is not None:
         b._h_res_hook(b, h_res)

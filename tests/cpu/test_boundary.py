@@ -178,3 +178,24 @@ def test_torch_compile_fullgraph_matches_eager():
     step(*eager_in).backward()
     for a, b in zip(fused_in, eager_in, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_opcheck_high_priority_variants():
+    """mhc::boundary_hp_fwd / bwd (the fork/join of mhc.streams on CUDA): on the CPU the plain ops, same schema,
+    fakes and autograd; equal outputs."""
+    T, n, C = 3, 2, 32
+    y, x, h_post, h_res, phi, alpha, bias = _inputs(T, n, C, torch.float32)
+    y.requires_grad_(True)
+    phi.requires_grad_(True)
+    args = [y, x, h_post, h_res, phi, alpha, bias, *SETTINGS]
+    torch.library.opcheck(B.boundary_hp_fwd, args)
+    outs = B.boundary_reference(y.detach(), x, h_post, h_res, phi.detach(), alpha, bias, *SETTINGS)
+    grads = [torch.randn_like(o) for o in outs[:5]]
+    x_next, _li, h_post_n, _hr, h_pre_n, proj, rinv = outs
+    bwd = [*grads, y.detach(), x, h_post, h_res, x_next, phi.detach(), alpha, bias, h_pre_n, h_post_n, proj, rinv,
+           6, 2.0, 0.0]  # fmt: skip
+    torch.library.opcheck(B.boundary_hp_bwd, bwd)
+    for a, b in zip(torch.ops.mhc.boundary_hp_fwd(*args), torch.ops.mhc.boundary_fwd(*args), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(torch.ops.mhc.boundary_hp_bwd(*bwd), torch.ops.mhc.boundary_bwd(*bwd), strict=True):
+        assert torch.equal(a, b)
