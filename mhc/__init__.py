@@ -10,6 +10,7 @@ Public API:
 * :func:`warmup` - compile the CUDA kernels a model will use before capturing a CUDA graph;
 * :class:`MHC` - the layer: wraps a sublayer (attention or FFN) into one residual site (:mod:`mhc.layer`), with
   :func:`expand`, :func:`collapse`, :class:`MHCHead` and the mixed-precision policy :class:`Precision`;
+* :mod:`mhc.boundary` - site l's F_post,res fused with site l+1's pre-mapping (``mhc.boundary.boundary``);
 * :class:`MHCStack` - a stack of sites with the paper's block recomputation (:mod:`mhc.recompute`, Eq. 20);
 * :mod:`mhc.diagnostics` - Amax gain magnitudes and Sinkhorn residuals, collected without host syncs.
 
@@ -17,7 +18,7 @@ Importing registers the ops (TileLang kernels for CUDA, the fast exp-domain kern
 nothing is compiled until a CUDA kernel is first called.
 """
 
-from . import _cpu, diagnostics, ops, reference  # noqa: F401  (importing _cpu registers the CPU kernels)
+from . import _cpu, boundary, diagnostics, ops, reference  # noqa: F401  (_cpu, boundary: register kernels, ops)
 from ._cuda import warmup  # importing _cuda registers the TileLang kernels for CUDA tensors
 from .functional import post_res, pre_mapping, sinkhorn
 from .layer import MHC, MHCContext, MHCHead, Precision, collapse, deepseek_to_mhc, expand
@@ -33,6 +34,7 @@ __all__ = [
     "MHCStack",
     "Precision",
     "SiteParams",
+    "boundary",
     "collapse",
     "deepseek_to_mhc",
     "diagnostics",

@@ -38,8 +38,9 @@ from torch import Tensor
 from . import _checks, ops, reference
 
 _TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-#: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj and tl_kernels.pre_finalize)
-KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping")
+#: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj and tl_kernels.pre_finalize;
+#: ``boundary``, registered by mhc.boundary, is tl_kernels.boundary)
+KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping", "boundary")
 DISABLE_ENV = "MHC_DISABLE_KERNELS"
 STRICT_ENV = "MHC_STRICT_KERNELS"
 _STRICT_VALUES = {"1": True, "true": True, "yes": True, "on": True, "": False, "0": False, "false": False,
@@ -427,6 +428,19 @@ def warmup(
                     grads = (y, h_post, h_res, h_post)
                     pre_mapping_bwd(*grads, x, phi, alpha, bias, out[3], out[1], out[4], out[5], sinkhorn_iters, 2.0,
                                     float(sinkhorn_eps))  # fmt: skip
+                if "boundary" not in DISABLED:  # the fused boundary kernels (mhc/boundary.py)
+                    from tl_kernels.boundary import boundary_bwd_kernel, boundary_fwd_kernel
+
+                    boundary_fwd_kernel(n, C, _TL_DTYPES[dt])
+                    boundary_bwd_kernel(n, C, _TL_DTYPES[dt])
+                    count += 2
+                    if launch:
+                        settings = (sinkhorn_iters, 2.0, 1e-6, float(sinkhorn_eps))
+                        b = torch.ops.mhc.boundary_fwd(y, x, h_post, h_res, phi, alpha, bias, *settings)
+                        torch.ops.mhc.boundary_bwd(
+                            x, y, h_post, h_res, h_post, y, x, h_post, h_res, b[0], phi, alpha, bias, b[4], b[2],
+                            b[5], b[6], sinkhorn_iters, 2.0, float(sinkhorn_eps),
+                        )  # fmt: skip
     if launch:
         torch.cuda.synchronize(dev)
     return count

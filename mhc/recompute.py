@@ -25,6 +25,9 @@ Memory per token, in units of ``C`` elements of the residual dtype (coefficients
 so the paper's optimum of Eq. 20, ``L_r* = sqrt(n*L/(n+2))``, is the default (:func:`optimal_block`).
 ``profiling/recompute_memory.py`` measures the saved bytes against ``L_r`` and this model.
 
+Inside a block, boundaries between matching sites run fused (``mhc.boundary.run_sites``), in the forward and in the
+replay alike; see docs/design.md section 7.
+
 Under ``torch.compile`` the saved-tensor hooks would break the graph, so a compiled stack instead wraps each block in
 ``torch.utils.checkpoint`` with a selective policy (:func:`recompute_policy`): ``torch.ops.mhc.*`` ops and aliasing or
 casting ops are recomputed, every other op's output is saved (the sublayers are not recomputed). The compiler's
@@ -45,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .boundary import run_sites
 from .layer import MHC
 
 __all__ = ["MHCStack", "optimal_block", "recompute_policy"]
@@ -107,6 +111,33 @@ class _BlockReplay:
         self.in_sublayer = False
         self.outputs.append(output)
 
+    def call_sublayer(self, args: tuple, kwargs: dict, layer: MHC, layer_input: Tensor) -> Tensor:
+        """Run a sublayer outside the hooks (its graph keeps what it saves) and record its output."""
+        self.in_sublayer = True
+        try:
+            y = layer.sublayer(layer_input, *args, **kwargs)
+        finally:
+            self.in_sublayer = False
+        self.outputs.append(y)
+        return y
+
+    def call_site(self, args: tuple, kwargs: dict, layer: MHC, h: Tensor) -> Tensor:
+        """A site with module hooks, whole: through its ``__call__`` (so the hooks, e.g. FSDP2's unshard and
+        gradient reduction, run) with the sublayer's own saved tensors passed through and its output recorded."""
+        if not isinstance(layer.sublayer, nn.Module):
+            layer_input, ctx = layer.pre(h)
+            return layer.post(ctx, self.call_sublayer(args, kwargs, layer, layer_input))
+        handles = (
+            layer.sublayer.register_forward_pre_hook(self.enter_sublayer),
+            layer.sublayer.register_forward_hook(self.exit_sublayer),
+        )
+        try:
+            return layer(h, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.in_sublayer = False
+
     def pack(self, t: Tensor) -> int | tuple[Tensor]:
         if self.in_sublayer:  # the sublayer's own graph keeps what it saves
             return (t,)
@@ -128,10 +159,17 @@ class _BlockReplay:
             for layer in self.layers:  # diagnostics must not see the replay
                 layer._h_res_hook = None
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_Recorder(saved), _identity):
-                h = self.x0
-                for layer, y in zip(self.layers, self.outputs, strict=True):
+                outputs = iter(self.outputs)
+
+                def recorded(layer, layer_input):
+                    y = next(outputs)
+                    return y.detach().requires_grad_(y.requires_grad)
+
+                def whole(layer, h):
                     _, ctx = layer.pre(h)
-                    h = layer.post(ctx, y.detach().requires_grad_(y.requires_grad))
+                    return layer.post(ctx, recorded(layer, None))
+
+                run_sites(self.layers, self.x0, call_sublayer=recorded, call_site=whole)
         finally:
             for layer, hook in zip(self.layers, hooks, strict=True):
                 layer._h_res_hook = hook
@@ -218,9 +256,7 @@ class MHCStack(nn.ModuleList):
     def forward(self, residual: Tensor, *args, **kwargs) -> Tensor:
         h = residual
         if not self.recompute_block or not torch.is_grad_enabled():
-            for layer in self:
-                h = layer(h, *args, **kwargs)
-            return h
+            return run_sites(list(self), h, args, kwargs)  # fused boundaries between matching sites (mhc.boundary)
         compiling = torch.compiler.is_compiling()
         for block in self.blocks():
             if compiling:
@@ -255,29 +291,9 @@ def _run_block(block: list[MHC], h: Tensor, args: tuple, kwargs: dict) -> Tensor
 def _run_block_eager(block: list[MHC], h: Tensor, args: tuple, kwargs: dict) -> Tensor:
     replay = _BlockReplay(block, h)
     with torch.autograd.graph.saved_tensors_hooks(replay.pack, replay.unpack):
-        for layer in block:
-            if isinstance(layer.sublayer, nn.Module):
-                # through the site's __call__, so module hooks (FSDP2's unshard and gradient reduction) run; the
-                # sublayer keeps its own saved tensors (pass-through while it runs) and its output is recorded
-                handles = (
-                    layer.sublayer.register_forward_pre_hook(replay.enter_sublayer),
-                    layer.sublayer.register_forward_hook(replay.exit_sublayer),
-                )
-                try:
-                    h = layer(h, *args, **kwargs)
-                finally:
-                    for handle in handles:
-                        handle.remove()
-                    replay.in_sublayer = False
-            else:
-                layer_input, ctx = layer.pre(h)
-                replay.in_sublayer = True
-                y = layer.sublayer(layer_input, *args, **kwargs)
-                replay.in_sublayer = False
-                if not isinstance(y, Tensor):
-                    raise TypeError(
-                        f"MHC.forward: expected the sublayer to return a torch.Tensor [..., C], got {type(y).__name__}"
-                    )
-                replay.outputs.append(y)
-                h = layer.post(ctx, y)
-    return h
+        # fused boundaries between matching sites (mhc.boundary.run_sites); the replay walks the block alike
+        return run_sites(
+            block, h, args, kwargs,
+            call_sublayer=functools.partial(replay.call_sublayer, args, kwargs),
+            call_site=functools.partial(replay.call_site, args, kwargs),
+        )  # fmt: skip

@@ -5,7 +5,7 @@
 (the module ``tl_kernels.<family>``), a direction (``fwd`` or ``bwd``) and the keyword arguments of that module's
 ``<family>_<direction>_program`` / ``<family>_<direction>_kernel`` functions, in call order.
 
-Shipped today (275 configurations):
+Shipped today (345 configurations):
 
 * ``post_res`` fwd + bwd: ``n`` in :data:`STREAMS` x ``C`` in :data:`HIDDEN_SIZES` x ``dtype`` in :data:`DTYPES`
   (4 x 5 x 3 x 2 = 120);
@@ -14,7 +14,9 @@ Shipped today (275 configurations):
 * the fused pre-mapping, families ``pre_proj`` (projection GEMM fwd, dual GEMM bwd, plus the bwd variant that
   accumulates into a given gradient for n=4 bf16) and ``pre_finalize`` (coefficients + Sinkhorn + F_pre fwd,
   coefficient bwd): n = 4 x :data:`HIDDEN_SIZES` x :data:`DTYPES`, and n in {1, 2, 6, 8} x :data:`HIDDEN_SIZES` in
-  bfloat16 (35 shapes x 4 + 5 = 145).
+  bfloat16 (35 shapes x 4 + 5 = 145);
+* ``boundary`` fwd (site l's post_res fused with site l+1's projection) + bwd (post_res(l)'s backward on the sum of
+  x_{l+1}'s two gradients): the pre-mapping's 35 shapes (70).
 
 Importing this module imports no kernel module, TileLang or torch: the family module is imported on the first call
 to :meth:`KernelConfig.program` or :meth:`KernelConfig.kernel`, so the registry is usable while a family module
@@ -65,7 +67,7 @@ SINKHORN_EPS: float = 0.0
 PRE_MAPPING_STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
 PRE_MAPPING_FULL_STREAMS: tuple[int, ...] = (4,)
 
-FAMILIES: tuple[str, ...] = ("post_res", "sinkhorn", "pre_proj", "pre_finalize")
+FAMILIES: tuple[str, ...] = ("post_res", "sinkhorn", "pre_proj", "pre_finalize", "boundary")
 DIRECTIONS: tuple[str, ...] = ("fwd", "bwd")
 
 _PACKAGE = __name__.rpartition(".")[0] or "tl_kernels"
@@ -180,8 +182,23 @@ def _pre_mapping_configs() -> list[KernelConfig]:
     return out
 
 
-#: Every configuration the package ships: post_res, sinkhorn, then the pre-mapping families; fwd before bwd.
-ALL_CONFIGS: tuple[KernelConfig, ...] = (*_post_res_configs(), *_sinkhorn_configs(), *_pre_mapping_configs())
+def _boundary_configs() -> list[KernelConfig]:
+    """The fused boundary feeds the next site's pre_finalize: the same shapes as the pre-mapping."""
+    return [
+        KernelConfig.make("boundary", direction, n=n, C=c, dtype=dtype)
+        for n, c, dtype in _pre_mapping_shapes()
+        for direction in DIRECTIONS
+    ]
+
+
+#: Every configuration the package ships: post_res, sinkhorn, the pre-mapping families, then the boundary; fwd
+#: before bwd.
+ALL_CONFIGS: tuple[KernelConfig, ...] = (
+    *_post_res_configs(),
+    *_sinkhorn_configs(),
+    *_pre_mapping_configs(),
+    *_boundary_configs(),
+)
 
 
 def _matches(value: Any, wanted: Any) -> bool:

@@ -1,0 +1,65 @@
+"""The emulated boundary forward and backward (tl_kernels/boundary.py) under AddressSanitizer (g++ -fsanitize=address, libasan
+preloaded into a child python): every tensor is allocated to its exact size, so an out-of-bounds read or write of the
+generated code (a missing guard for rows past T, a wrong stride in the split's channel blocks or the phi rows)
+aborts the child. Forward: partial token tiles at n = 4 bf16 (BC = 64) and n = 8 fp32 (BC = 32), several splits, one token;
+backward: a partial block of several tokens and a one-token block.
+A planted short input shows the check can fail. Skipped where g++ has no libasan."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+boundary = pytest.importorskip("tl_kernels.boundary")
+post_res = pytest.importorskip("tl_kernels.post_res")
+
+HERE = pathlib.Path(__file__).resolve().parent
+CASES = [(4, 128, "bfloat16", 67, 2), (8, 64, "float32", 3, 2), (2, 192, "float16", 1, 3)]
+BWD_CASES = [(4, 64, "float32", 19), (4, 1280, "bfloat16", 2)]  # several tokens a block (partial); one a block
+
+
+def _libasan() -> str:
+    try:
+        path = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        path = ""
+    if not path or not os.path.isabs(path) or not os.path.exists(path):
+        pytest.skip("g++ has no libasan")
+    return path
+
+
+def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
+    cases = [
+        dict(n=n, C=C, dtype=dt, T=T, S=S, source=boundary.boundary_fwd_kernel(n, C, dt).get_kernel_source())
+        for n, C, dt, T, S in CASES
+    ]
+    bwd_cases = [
+        dict(n=n, C=C, dtype=dt, T=T, blocks=-(-T // post_res._plan(n, C, dt).tpb),
+             source=boundary.boundary_bwd_kernel(n, C, dt).get_kernel_source())
+        for n, C, dt, T in BWD_CASES
+    ]  # fmt: skip
+    path = tmp_path / "sources.json"
+    path.write_text(json.dumps({"cases": cases, "bwd_cases": bwd_cases}))
+    env = dict(
+        os.environ,
+        LD_PRELOAD=_libasan(),
+        ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0",
+        MHC_EMU_CFLAGS="-fsanitize=address -fno-omit-frame-pointer",
+    )
+    cmd = [sys.executable, str(HERE / "asan_boundary_runner.py"), str(path), *(["--plant"] if plant else [])]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_boundary_kernel_stays_in_bounds(tmp_path):
+    proc = _run(tmp_path, plant=False)
+    assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_asan_catches_a_planted_short_input(tmp_path):
+    proc = _run(tmp_path, plant=True)
+    assert proc.returncode != 0 and "AddressSanitizer: heap-buffer-overflow" in proc.stderr, proc.stderr[-2000:]

@@ -1,0 +1,195 @@
+"""The generated CUDA source of the fused boundary forward (tl_kernels/boundary.py), TF32 tensor-core GEMM included,
+executed on the CPU (see cuda_emu.py; ``shim.h`` emulates ``mma.sync.m16n8k8`` TF32 with the PTX ISA's fragment
+layouts and truncates MMA operands to TF32 as the hardware does).
+
+Checks:
+
+* ``x_next`` bit for bit the output of the emulated ``post_res`` forward kernel (same arithmetic), and within one
+  output ulp of the float64 reference;
+* every split's projection partial within the TF32 budget of the module docstring (``2**-11 * sum_k |x_k phi_kj|``,
+  asserted at 2**-10; fp32 activations 2**-9) against float64 on the *rounded* x_next, over exactly the channel
+  blocks the split owns in every stream; the sums of squares to fp32 rounding;
+* inputs past T poisoned with NaN and never read into a result, outputs past T never written;
+* the next site's ``pre_finalize`` run unchanged on the boundary's partials gives the layer input and coefficients
+  of ``pre_proj`` + ``pre_finalize`` on the same x_next within the TF32 budget.
+
+Several split counts (including splits of one channel block), partial token tiles, every n, the three dtypes, and the
+BC = 32 tile (fp32 at n = 8). Not covered: the real tensor cores' accumulation order and speed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mhc import reference as ref
+
+from .cuda_emu import EmulatedKernel
+
+boundary = pytest.importorskip("tl_kernels.boundary")
+post_res = pytest.importorskip("tl_kernels.post_res")
+
+DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ULP = {"bfloat16": 2**-8, "float16": 2**-11, "float32": 2**-24}  # half an ulp: the rounding of one store
+BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+BM = boundary.BM
+
+
+def _budget(dtype: str) -> float:
+    return 2**-9 if dtype == "float32" else 2**-10
+
+
+def _inputs(n, C, dtype, T, extra, seed=0):
+    """Inputs with ``extra`` rows past T poisoned with NaN (the kernel sees ``num_tokens = T``)."""
+    g = torch.Generator().manual_seed(seed)
+    dt, m = DT[dtype], n * n + 2 * n
+    y = torch.randn(T + extra, C, generator=g).to(dt)
+    x = torch.randn(T + extra, n, C, generator=g).to(dt)
+    h_post = torch.rand(T + extra, n, generator=g) * 2
+    h_res = torch.rand(T + extra, n, n, generator=g)
+    for t in (y, x, h_post, h_res):
+        t[T:] = float("nan")
+    phi = torch.randn(n * C, m, generator=g) / (n * C) ** 0.5
+    return y, x, h_post, h_res, phi
+
+
+def _run_boundary(n, C, dtype, T, S, y, x, h_post, h_res, phi, extra_out=3):
+    m = n * n + 2 * n
+    out = torch.full((T + extra_out, n, C), float("nan")).to(DT[dtype])
+    proj_part, sq_part = torch.full((S, T, m), float("nan")), torch.full((S, T), float("nan"))
+    kernel = EmulatedKernel(boundary.boundary_fwd_kernel(n, C, dtype).get_kernel_source())
+    kernel(layer_output=y, residual=x, h_post=h_post, h_res=h_res, phi=phi, out=out, proj_part=proj_part,
+           sq_part=sq_part, num_tokens=T, num_splits=S, grid=(-(-T // BM), S))  # fmt: skip
+    assert out[T:].isnan().all(), "out written past num_tokens"
+    return out[:T], proj_part, sq_part
+
+
+CASES = [  # (n, C, dtype, T, splits)
+    (4, 256, "bfloat16", 70, 2),  # two token tiles, the second partial
+    (1, 64, "float32", 5, 1),
+    (8, 128, "float32", 3, 2),  # BC = 32
+    (6, 192, "float16", 65, 3),  # one channel block a split
+    (2, 192, "bfloat16", 1, 3),  # decode: one token
+]
+
+
+@pytest.mark.parametrize("n,C,dtype,T,splits", CASES, ids=[f"n{c[0]}-C{c[1]}-{c[2]}-T{c[3]}-S{c[4]}" for c in CASES])
+def test_boundary_fwd_generated_source_on_cpu(n, C, dtype, T, splits):
+    y, x, h_post, h_res, phi = _inputs(n, C, dtype, T, extra=2)
+    out, proj_part, sq_part = _run_boundary(n, C, dtype, T, splits, y, x, h_post, h_res, phi)
+
+    # x_next: bit for bit post_res's kernel, and one rounding from the float64 reference
+    plan = post_res._plan(n, C, dtype)
+    want = torch.full((T, n, C), float("nan")).to(DT[dtype])
+    EmulatedKernel(post_res.post_res_fwd_kernel(n, C, dtype).get_kernel_source())(
+        layer_output=y[:T].contiguous(), residual=x[:T].contiguous(), h_post=h_post[:T].contiguous(),
+        h_res=h_res[:T].contiguous(), out=want, num_tokens=T, grid=-(-T // plan.tpb),
+    )  # fmt: skip
+    assert torch.equal(out.view(BITS[out.dtype]), want.view(BITS[out.dtype])), "x_next differs from post_res's"
+    exact = ref.post_res(y[:T].double(), x[:T].double(), h_post[:T].double(), h_res[:T].double())
+    mag = torch.einsum("tij,tjc->tic", h_res[:T].double(), x[:T].double().abs()) + (
+        h_post[:T].double()[..., None] * y[:T].double().abs()[:, None, :]
+    )
+    assert ((out.double() - exact).abs() <= ULP[dtype] * exact.abs() + 1e-6 * mag).all()
+
+    # the partials: split s owns channel blocks [s * per, (s + 1) * per) of every stream
+    p = boundary.plan(n, C, dtype)
+    per = -(-p.blocks // splits)
+    xv, pv = out.double().reshape(T, n * C), phi.double()
+    for s in range(splits):
+        cols = torch.zeros(C, dtype=torch.bool)
+        cols[s * per * p.bc : min((s + 1) * per, p.blocks) * p.bc] = True
+        k = cols.repeat(n)
+        want_p, mag_p = xv[:, k] @ pv[k], xv[:, k].abs() @ pv[k].abs()
+        err = ((proj_part[s].double() - want_p).abs() / (mag_p + 1e-30)).max().item()
+        assert err <= _budget(dtype), f"split {s}: projection error {err:.3g} outside the TF32 budget"
+        torch.testing.assert_close(sq_part[s].double(), xv[:, k].square().sum(-1), rtol=2e-6, atol=0)
+
+
+def test_next_site_pre_finalize_runs_unchanged():
+    """pre_finalize on the boundary's partials vs pre_proj's partials of the same x_next: the layer input and the
+    coefficients agree within the TF32 budget (the only difference is the order of the fp32 sums)."""
+    pre_proj = pytest.importorskip("tl_kernels.pre_proj")
+    pre_finalize = pytest.importorskip("tl_kernels.pre_finalize")
+    n, C, dtype, T, S = 4, 128, "bfloat16", 40, 2
+    y, x, h_post, h_res, phi = _inputs(n, C, dtype, T, extra=0, seed=3)
+    x_next, proj_part, sq_part = _run_boundary(n, C, dtype, T, S, y, x, h_post, h_res, phi, extra_out=0)
+    m = n * n + 2 * n
+    pp2, sq2 = torch.empty(S, T, m), torch.empty(S, T)
+    EmulatedKernel(pre_proj.pre_proj_fwd_kernel(n, C, dtype).get_kernel_source())(
+        x=x_next.reshape(T, n * C), phi=phi, proj_part=pp2, sq_part=sq2, num_tokens=T, num_splits=S,
+        grid=(-(-T // pre_proj.BM), S),
+    )  # fmt: skip
+    fin = EmulatedKernel(pre_finalize.pre_finalize_fwd_kernel(n, C, dtype, 20, 0.0).get_kernel_source())
+    alpha, bias = torch.tensor([0.8, 0.6, 1.1]), torch.randn(m, generator=torch.Generator().manual_seed(4)) * 0.5
+    results = []
+    for parts in ((proj_part, sq_part), (pp2, sq2)):
+        o = dict(layer_input=torch.empty(T, C).to(DT[dtype]), h_post=torch.empty(T, n), h_res=torch.empty(T, n, n),
+                 h_pre=torch.empty(T, n), proj=torch.empty(T, m), rinv=torch.empty(T))  # fmt: skip
+        fin(proj_part=parts[0], sq_part=parts[1], alpha=alpha, bias=bias, x=x_next, **o, rms_eps=1e-6,
+            post_mult=2.0, num_slices=1, num_tokens=T, num_splits=S, grid=(-(-T // pre_finalize.TOKENS), 1))  # fmt: skip
+        results.append(o)
+    fused, plain = results
+    mag = x_next.double().reshape(T, n * C).abs() @ phi.double().abs()
+    assert ((fused["proj"].double() - plain["proj"].double()).abs() <= 2 * _budget(dtype) * mag).all()
+    torch.testing.assert_close(fused["rinv"], plain["rinv"], rtol=1e-6, atol=0)
+    # measured: proj 2.4e-6 apart (magnitudes up to 36), coefficients 3e-7, layer_input bit-equal; asserted with
+    # ~30x margin, and the layer input within one bf16 rounding
+    for name in ("h_pre", "h_post", "h_res"):
+        torch.testing.assert_close(fused[name], plain[name], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused["layer_input"].float(), plain["layer_input"].float(), rtol=2**-8, atol=0)
+
+
+BWD_CASES = [  # (n, C, dtype, T): post_res's mappings (one token a block, several, guarded chunk loops)
+    (4, 1280, "bfloat16", 3),
+    (2, 64, "float16", 17),  # 16 tokens a block, partial last block
+    (1, 1920, "bfloat16", 2),  # guarded last chunk
+    (8, 2560, "float32", 1),
+    (6, 192, "bfloat16", 5),
+]
+
+
+@pytest.mark.parametrize("n,C,dtype,T", BWD_CASES, ids=[f"n{c[0]}-C{c[1]}-{c[2]}-T{c[3]}" for c in BWD_CASES])
+def test_boundary_bwd_generated_source_on_cpu(n, C, dtype, T):
+    """post_res(l)'s backward on grad_x_next + d_x_next: bit for bit the unfused add (rounded to the dtype, as
+    autograd's accumulation) followed by the emulated post_res backward kernel, outputs past T never written; and
+    within one output ulp / fp32 accumulation of float64."""
+    dt, extra = DT[dtype], 2
+    g = torch.Generator().manual_seed(5)
+    g1, g2 = (torch.randn(T + extra, n, C, generator=g).to(dt) for _ in range(2))
+    y, x = torch.randn(T + extra, C, generator=g).to(dt), torch.randn(T + extra, n, C, generator=g).to(dt)
+    h_post, h_res = torch.rand(T + extra, n, generator=g) * 2, torch.rand(T + extra, n, n, generator=g)
+    for t in (g1, g2, y, x, h_post, h_res):
+        t[T:] = float("nan")
+
+    def outputs():
+        return [torch.full((T + extra, C), float("nan")).to(dt), torch.full((T + extra, n, C), float("nan")).to(dt),
+                torch.full((T + extra, n), float("nan")), torch.full((T + extra, n, n), float("nan"))]  # fmt: skip
+
+    grid = -(-T // post_res._plan(n, C, dtype).tpb)
+    fused, plain = outputs(), outputs()
+    EmulatedKernel(boundary.boundary_bwd_kernel(n, C, dtype).get_kernel_source())(
+        grad_x_next=g1, d_x_next=g2, layer_output=y, residual=x, h_post=h_post, h_res=h_res, d_layer_output=fused[0],
+        d_residual=fused[1], d_h_post=fused[2], d_h_res=fused[3], num_tokens=T, grid=grid,
+    )  # fmt: skip
+    EmulatedKernel(post_res.post_res_bwd_kernel(n, C, dtype).get_kernel_source())(
+        grad_out=g1 + g2, layer_output=y, residual=x, h_post=h_post, h_res=h_res, d_layer_output=plain[0],
+        d_residual=plain[1], d_h_post=plain[2], d_h_res=plain[3], num_tokens=T, grid=grid,
+    )  # fmt: skip
+    for a, b in zip(fused, plain, strict=True):
+        assert a[T:].isnan().all(), "written past num_tokens"
+        bits = BITS.get(a.dtype, torch.int32)
+        assert torch.equal(a[:T].view(bits), b[:T].view(bits)), "differs from the unfused add + post_res backward"
+    want = ref.post_res_backward((g1 + g2)[:T].double(), y[:T].double(), x[:T].double(), h_post[:T].double(),
+                                 h_res[:T].double())  # fmt: skip
+    gm = (g1 + g2)[:T].double().abs()
+    mags = (
+        (h_post[:T].double()[..., None] * gm).sum(1),
+        torch.einsum("tij,tic->tjc", h_res[:T].double(), gm),
+        (gm * y[:T].double().abs()[:, None, :]).sum(-1),
+        torch.einsum("tic,tjc->tij", gm, x[:T].double().abs()),
+    )
+    tols = (ULP[dtype] * 2 + 1e-6, ULP[dtype] * 2 + 1e-6, 1e-5, 1e-5)
+    for got, exact, mag, tol in zip(fused, want, mags, tols, strict=True):
+        err = ((got[:T].double() - exact).abs() / (mag + 1e-30)).max().item()
+        assert err <= tol, f"error {err:.3g} > {tol:.3g}"

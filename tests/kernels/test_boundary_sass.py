@@ -1,0 +1,75 @@
+"""PTX/SASS guards for the fused boundary forward (tl_kernels/boundary.py), without a GPU (tl_kernels/codegen.py:
+ptxas, cuobjdump from NVIDIA's pip wheels; skipped where they are missing).
+
+Per configuration (n = 4 bf16 at C = 7168, the paper's; n = 8 fp32, the BC = 32 tile; n = 1 bf16): zero spills,
+no stack frame and no local memory; every activation chunk moves with one 128-bit access (each of the block's
+passes loads n + 1 chunks and stores n: ``STG.E.128`` exactly ``passes * n`` times, fully unrolled); the
+projection runs on TF32 tensor cores (``mma.sync.m16n8k8`` tf32 in PTX, ``HMMA.1688.F32.TF32`` in SASS); and no
+atomic or reduction instruction exists anywhere (the split partials and the sums of squares are reduced in a fixed
+order: deterministic). The backward (post_res(l)'s backward on the summed gradient): zero spills, no local
+memory, no atomics, n + 1 128-bit stores per chunk.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from tl_kernels import codegen
+
+boundary = pytest.importorskip("tl_kernels.boundary")
+post_res = pytest.importorskip("tl_kernels.post_res")
+
+CONFIGS = [(4, 7168, "bfloat16"), (8, 7168, "float32"), (1, 1280, "bfloat16")]
+
+
+def _sass_or_skip(kernel) -> str:
+    try:
+        return codegen.sass(kernel)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def _opcodes(sass_text: str) -> collections.Counter:
+    ops = collections.Counter()
+    for _addr, text in codegen.sass_instructions(sass_text):
+        words = text.split()
+        ops[words[1] if words[0].startswith("@") else words[0]] += 1
+    return ops
+
+
+@pytest.mark.parametrize("n,C,dtype", CONFIGS, ids=[f"n{c[0]}-C{c[1]}-{c[2]}" for c in CONFIGS])
+def test_boundary_fwd_resources_and_instructions(n, C, dtype):
+    kernel = boundary.boundary_fwd_kernel(n, C, dtype)
+    sass = _sass_or_skip(kernel)
+    result = codegen.analyze(kernel)
+    assert result["spill_bytes"] == 0 and result["stack_frame_bytes"] == 0, result["kernels"]
+    assert result["vector_loads_128"] and result["vector_stores_128"], result
+    ops = _opcodes(sass)
+    assert not [op for op in ops if op.startswith(("LDL", "STL"))], "local memory in SASS"
+    assert not [op for op in ops if op.startswith(("ATOM", "RED"))], "atomics: the reduction must be fixed-order"
+    p = boundary.plan(n, C, dtype)
+    assert ops["STG.E.128"] == p.passes * n, ops
+    wide_loads = sum(v for op, v in ops.items() if op.startswith("LDG.E.128"))
+    assert wide_loads >= p.passes * (n + 1), ops
+    assert ops["HMMA.1688.F32.TF32"] > 0, "the projection is not on the TF32 tensor cores"
+    mma = [line for line in codegen.ptx(kernel).splitlines() if "mma.sync.aligned" in line]
+    assert mma and all(".m16n8k8." in line and ".tf32.tf32." in line for line in mma), mma[:3]
+
+
+@pytest.mark.parametrize("n,C,dtype", CONFIGS, ids=[f"n{c[0]}-C{c[1]}-{c[2]}" for c in CONFIGS])
+def test_boundary_bwd_resources_and_instructions(n, C, dtype):
+    """post_res(l)'s backward on the summed gradient: zero spills, no local memory, no atomics (the coefficient
+    gradients go through the fixed-order butterfly and block reduction), and per chunk iteration n + 1 128-bit
+    stores (d_layer_output and the n streams of d_residual) in the rolled chunk loop."""
+    kernel = boundary.boundary_bwd_kernel(n, C, dtype)
+    sass = _sass_or_skip(kernel)
+    result = codegen.analyze(kernel)
+    assert result["spill_bytes"] == 0 and result["stack_frame_bytes"] == 0, result["kernels"]
+    assert result["vector_loads_128"] and result["vector_stores_128"], result
+    ops = _opcodes(sass)
+    assert not [op for op in ops if op.startswith(("LDL", "STL"))], "local memory in SASS"
+    assert not [op for op in ops if op.startswith(("ATOM", "RED"))], "atomics: the reduction must be fixed-order"
+    iters = post_res._plan(n, C, dtype).iters
+    assert ops["STG.E.128"] in (n + 1, (n + 1) * iters), ops  # rolled, or fully unrolled by ptxas
