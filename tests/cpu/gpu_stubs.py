@@ -55,6 +55,12 @@ class _CudaAsCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _cuda_impl(func):
+    """The function an ``mhc::*`` custom op runs for CUDA tensors (its ``register_kernel("cuda")``), which the
+    dispatcher would pick on a GPU: the wrappers live in mhc._cuda and mhc.boundary."""
+    return torch._library.custom_ops.OPDEFS[f"{func.namespace}::{func._opname}"]._backend_fns["cuda"]
+
+
 class _RouteToCudaWrappers(TorchDispatchMode):
     """mhc ops -> mhc._cuda wrappers; inside a graph capture, records every op for replay."""
 
@@ -66,7 +72,7 @@ class _RouteToCudaWrappers(TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         if func.namespace == "mhc" and not any(t.dtype == torch.float64 for t in tensors):
-            out = getattr(_cuda, func._opname)(*args, **kwargs)
+            out = _cuda_impl(func)(*args, **kwargs)
         else:
             out = func(*args, **kwargs)
         if self.recording is not None:
@@ -299,6 +305,43 @@ def _pre_finalize_bwd(n, C, dtype):
     return FakeKernel("pre_finalize_bwd", (n, C, dtype), pre_finalize.pre_finalize_bwd_program(n, C, dtype), impl)
 
 
+def _boundary_fwd(n, C, dtype):
+    from tl_kernels import boundary
+
+    p = boundary.plan(n, C, dtype)
+
+    def impl(y, x, h_post, h_res, phi, out, proj_part, sq_part):
+        x_next = ref.post_res(y.double(), x.double(), h_post.double(), h_res.double())
+        _put(out, x_next)
+        xr = out.double()  # the partials use the rounded x_next, as the kernel does
+        S = proj_part.shape[0]
+        per = -(-p.blocks // S)
+        if (S - 1) * per >= p.blocks:
+            raise ValueError(f"boundary_fwd: split {S - 1} of {S} has no channel block ({p.blocks} blocks): the "
+                             "contract needs every split non-empty")  # fmt: skip
+        for s in range(S):
+            c = slice(s * per * p.bc, min((s + 1) * per, p.blocks) * p.bc)
+            xs = xr[:, :, c]
+            rows = phi.double().view(n, C, -1)[:, c]
+            _put(proj_part[s], torch.einsum("tic,icm->tm", xs, rows))
+            _put(sq_part[s], xs.square().sum((1, 2)))
+
+    return FakeKernel("boundary_fwd", (n, C, dtype), boundary.boundary_fwd_program(n, C, dtype), impl)
+
+
+def _boundary_bwd(n, C, dtype):
+    from tl_kernels import boundary
+
+    def impl(g, d, y, x, h_post, h_res, *outs):
+        total = (g + d).double()  # the kernel rounds the sum to the activation dtype once, as autograd does
+        want = ref.post_res_backward(total.to(g.dtype).double(), y.double(), x.double(), h_post.double(),
+                                     h_res.double())  # fmt: skip
+        for o, w in zip(outs, want, strict=True):
+            _put(o, w)
+
+    return FakeKernel("boundary_bwd", (n, C, dtype), boundary.boundary_bwd_program(n, C, dtype), impl)
+
+
 BUILDERS = {
     ("sinkhorn", "sinkhorn_fwd_kernel"): _sinkhorn_fwd,
     ("sinkhorn", "sinkhorn_bwd_kernel"): _sinkhorn_bwd,
@@ -308,6 +351,8 @@ BUILDERS = {
     ("pre_proj", "pre_proj_bwd_kernel"): _pre_proj_bwd,
     ("pre_finalize", "pre_finalize_fwd_kernel"): _pre_finalize_fwd,
     ("pre_finalize", "pre_finalize_bwd_kernel"): _pre_finalize_bwd,
+    ("boundary", "boundary_fwd_kernel"): _boundary_fwd,
+    ("boundary", "boundary_bwd_kernel"): _boundary_bwd,
 }
 
 

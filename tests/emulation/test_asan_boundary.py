@@ -15,8 +15,9 @@ import sys
 
 import pytest
 
-boundary = pytest.importorskip("tl_kernels.boundary")
-post_res = pytest.importorskip("tl_kernels.post_res")
+from tl_kernels import boundary, post_res
+
+from .cuda_emu import kernel_sources
 
 HERE = pathlib.Path(__file__).resolve().parent
 CASES = [(4, 128, "bfloat16", 67, 2), (8, 64, "float32", 3, 2), (2, 192, "float16", 1, 3)]
@@ -35,12 +36,12 @@ def _libasan() -> str:
 
 def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
     cases = [
-        dict(n=n, C=C, dtype=dt, T=T, S=S, source=boundary.boundary_fwd_kernel(n, C, dt).get_kernel_source())
+        dict(n=n, C=C, dtype=dt, T=T, S=S, source=kernel_sources(boundary.boundary_fwd_kernel(n, C, dt)))
         for n, C, dt, T, S in CASES
     ]
     bwd_cases = [
         dict(n=n, C=C, dtype=dt, T=T, blocks=-(-T // post_res._plan(n, C, dt).tpb),
-             source=boundary.boundary_bwd_kernel(n, C, dt).get_kernel_source())
+             source=kernel_sources(boundary.boundary_bwd_kernel(n, C, dt)))
         for n, C, dt, T in BWD_CASES
     ]  # fmt: skip
     path = tmp_path / "sources.json"

@@ -23,11 +23,9 @@ import pytest
 import torch
 
 from mhc import reference as ref
+from tl_kernels import boundary, post_res
 
 from .cuda_emu import EmulatedKernel
-
-boundary = pytest.importorskip("tl_kernels.boundary")
-post_res = pytest.importorskip("tl_kernels.post_res")
 
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ULP = {"bfloat16": 2**-8, "float16": 2**-11, "float32": 2**-24}  # half an ulp: the rounding of one store
@@ -57,7 +55,7 @@ def _run_boundary(n, C, dtype, T, S, y, x, h_post, h_res, phi, extra_out=3):
     m = n * n + 2 * n
     out = torch.full((T + extra_out, n, C), float("nan")).to(DT[dtype])
     proj_part, sq_part = torch.full((S, T, m), float("nan")), torch.full((S, T), float("nan"))
-    kernel = EmulatedKernel(boundary.boundary_fwd_kernel(n, C, dtype).get_kernel_source())
+    kernel = EmulatedKernel(boundary.boundary_fwd_kernel(n, C, dtype))
     kernel(layer_output=y, residual=x, h_post=h_post, h_res=h_res, phi=phi, out=out, proj_part=proj_part,
            sq_part=sq_part, num_tokens=T, num_splits=S, grid=(-(-T // BM), S))  # fmt: skip
     assert out[T:].isnan().all(), "out written past num_tokens"
@@ -81,7 +79,7 @@ def test_boundary_fwd_generated_source_on_cpu(n, C, dtype, T, splits):
     # x_next: bit for bit post_res's kernel, and one rounding from the float64 reference
     plan = post_res._plan(n, C, dtype)
     want = torch.full((T, n, C), float("nan")).to(DT[dtype])
-    EmulatedKernel(post_res.post_res_fwd_kernel(n, C, dtype).get_kernel_source())(
+    EmulatedKernel(post_res.post_res_fwd_kernel(n, C, dtype))(
         layer_output=y[:T].contiguous(), residual=x[:T].contiguous(), h_post=h_post[:T].contiguous(),
         h_res=h_res[:T].contiguous(), out=want, num_tokens=T, grid=-(-T // plan.tpb),
     )  # fmt: skip
@@ -109,18 +107,18 @@ def test_boundary_fwd_generated_source_on_cpu(n, C, dtype, T, splits):
 def test_next_site_pre_finalize_runs_unchanged():
     """pre_finalize on the boundary's partials vs pre_proj's partials of the same x_next: the layer input and the
     coefficients agree within the TF32 budget (the only difference is the order of the fp32 sums)."""
-    pre_proj = pytest.importorskip("tl_kernels.pre_proj")
-    pre_finalize = pytest.importorskip("tl_kernels.pre_finalize")
+    from tl_kernels import pre_finalize, pre_proj
+
     n, C, dtype, T, S = 4, 128, "bfloat16", 40, 2
     y, x, h_post, h_res, phi = _inputs(n, C, dtype, T, extra=0, seed=3)
     x_next, proj_part, sq_part = _run_boundary(n, C, dtype, T, S, y, x, h_post, h_res, phi, extra_out=0)
     m = n * n + 2 * n
     pp2, sq2 = torch.empty(S, T, m), torch.empty(S, T)
-    EmulatedKernel(pre_proj.pre_proj_fwd_kernel(n, C, dtype).get_kernel_source())(
+    EmulatedKernel(pre_proj.pre_proj_fwd_kernel(n, C, dtype))(
         x=x_next.reshape(T, n * C), phi=phi, proj_part=pp2, sq_part=sq2, num_tokens=T, num_splits=S,
         grid=(-(-T // pre_proj.BM), S),
     )  # fmt: skip
-    fin = EmulatedKernel(pre_finalize.pre_finalize_fwd_kernel(n, C, dtype, 20, 0.0).get_kernel_source())
+    fin = EmulatedKernel(pre_finalize.pre_finalize_fwd_kernel(n, C, dtype, 20, 0.0))
     alpha, bias = torch.tensor([0.8, 0.6, 1.1]), torch.randn(m, generator=torch.Generator().manual_seed(4)) * 0.5
     results = []
     for parts in ((proj_part, sq_part), (pp2, sq2)):
@@ -168,11 +166,11 @@ def test_boundary_bwd_generated_source_on_cpu(n, C, dtype, T):
 
     grid = -(-T // post_res._plan(n, C, dtype).tpb)
     fused, plain = outputs(), outputs()
-    EmulatedKernel(boundary.boundary_bwd_kernel(n, C, dtype).get_kernel_source())(
+    EmulatedKernel(boundary.boundary_bwd_kernel(n, C, dtype))(
         grad_x_next=g1, d_x_next=g2, layer_output=y, residual=x, h_post=h_post, h_res=h_res, d_layer_output=fused[0],
         d_residual=fused[1], d_h_post=fused[2], d_h_res=fused[3], num_tokens=T, grid=grid,
     )  # fmt: skip
-    EmulatedKernel(post_res.post_res_bwd_kernel(n, C, dtype).get_kernel_source())(
+    EmulatedKernel(post_res.post_res_bwd_kernel(n, C, dtype))(
         grad_out=g1 + g2, layer_output=y, residual=x, h_post=h_post, h_res=h_res, d_layer_output=plain[0],
         d_residual=plain[1], d_h_post=plain[2], d_h_res=plain[3], num_tokens=T, grid=grid,
     )  # fmt: skip

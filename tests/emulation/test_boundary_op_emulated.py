@@ -19,12 +19,10 @@ import mhc  # noqa: F401  (registers the ops)
 from mhc import _cuda
 from mhc import boundary as B
 from mhc import reference as ref
+from tl_kernels import boundary as tl_boundary
+from tl_kernels import post_res, pre_finalize
 
 from .cuda_emu import EmulatedKernel
-
-tl_boundary = pytest.importorskip("tl_kernels.boundary")
-post_res = pytest.importorskip("tl_kernels.post_res")
-pre_finalize = pytest.importorskip("tl_kernels.pre_finalize")
 
 SETTINGS = (20, 2.0, 1e-6, 0.0)
 _TL = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -34,7 +32,7 @@ def _emulated_launch(device, kernel, *args):
     names = [str(p.name).removesuffix("_handle") for p in kernel.prim_func.params]
     assert len(names) == len(args), (names, len(args))
     named = dict(zip(names, args, strict=True))
-    emu = EmulatedKernel(kernel.get_kernel_source())
+    emu = EmulatedKernel(kernel)
     if "num_slices" in named:  # pre_finalize_fwd
         S, T = named["proj_part"].shape[:2]
         extra, grid = {"num_splits": S, "num_tokens": T}, (-(-T // pre_finalize.TOKENS), named["num_slices"])

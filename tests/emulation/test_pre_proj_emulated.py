@@ -64,7 +64,7 @@ def test_pre_proj_fwd_empty_split_writes_zeros_and_reads_nothing():
     """An empty split (K = 2 chunks over 3 splits: the third has none) yields zero partials; the x tensor holds
     exactly T rows and K columns, so a read past the last chunk would land outside it (ASan covers the bounds)."""
     n, C, dtype, T = 2, 64, "bfloat16", 5
-    kernel = EmulatedKernel(pre_proj.pre_proj_fwd_kernel(n, C, dtype).get_kernel_source())
+    kernel = EmulatedKernel(pre_proj.pre_proj_fwd_kernel(n, C, dtype))
     m, K = n * n + 2 * n, n * C
     g = torch.Generator().manual_seed(2)
     x = torch.randn(T, K, generator=g).to(DT[dtype])

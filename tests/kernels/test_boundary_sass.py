@@ -16,10 +16,7 @@ import collections
 
 import pytest
 
-from tl_kernels import codegen
-
-boundary = pytest.importorskip("tl_kernels.boundary")
-post_res = pytest.importorskip("tl_kernels.post_res")
+from tl_kernels import boundary, codegen, post_res
 
 CONFIGS = [(4, 7168, "bfloat16"), (8, 7168, "float32"), (1, 1280, "bfloat16")]
 

@@ -99,7 +99,8 @@ PRE_MAPPING_GUARDS = [
 
 @pytest.mark.parametrize("kernel,ceiling,ldg_bits,stg128", PRE_MAPPING_GUARDS, ids=[g[0] for g in PRE_MAPPING_GUARDS])
 def test_pre_mapping_hot_loops(kernel, ceiling, ldg_bits, stg128):
-    pm_sass = pytest.importorskip("tl_kernels.pre_mapping_sass")
+    from tl_kernels import pre_mapping_sass as pm_sass
+
     try:
         loop = pm_sass.hot_loop(kernel, 4, 7168, "bfloat16")
     except FileNotFoundError as exc:
@@ -113,7 +114,8 @@ def test_pre_mapping_hot_loops(kernel, ceiling, ldg_bits, stg128):
 
 def test_pre_proj_fwd_mmas_per_chunk():
     """One m16n8k8 per 8-column tile of the m = 24 coefficients and per 8 of the chunk's 64 columns: 3 x 8."""
-    pm_sass = pytest.importorskip("tl_kernels.pre_mapping_sass")
+    from tl_kernels import pre_mapping_sass as pm_sass
+
     try:
         assert pm_sass.hot_loop("pre_proj_fwd", 4, 7168, "bfloat16")["hmma"] == 24
     except FileNotFoundError as exc:
@@ -121,7 +123,8 @@ def test_pre_proj_fwd_mmas_per_chunk():
 
 
 def test_division_and_local_memory_detectors_on_a_listing():
-    pm_sass = pytest.importorskip("tl_kernels.pre_mapping_sass")
+    from tl_kernels import pre_mapping_sass as pm_sass
+
     clean = [
         "IMAD R4, R2, 0x40, RZ",
         "LDG.E.128.CONSTANT R8, desc[UR4][R2.64]",
