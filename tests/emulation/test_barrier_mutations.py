@@ -1,7 +1,7 @@
 """Barrier mutation tests: the emulation (cuda_emu.py, shim.h) must not hide a missing ``__syncthreads``.
 
 For each shipped kernel family (post_res bwd, Sinkhorn fwd/bwd in the exp domain with K in registers and in the
-tile rows and in the log domain, pre_proj fwd/bwd, pre_finalize fwd/bwd) at a representative configuration (several
+tile rows and in the log domain, pre_proj fwd/bwd, pre_finalize fwd/bwd, boundary fwd/bwd) at a representative configuration (several
 warps per block, partial last blocks), every ``__syncthreads`` found in the generated source is deleted in turn and
 the mutant is run under both thread schedules; the mutation is detected when some output differs bit for bit from the
 unmutated kernel's (whose outputs are the same under every schedule and block order: asserted too). The barriers
@@ -23,7 +23,7 @@ import re
 import pytest
 import torch
 
-from tl_kernels import post_res, pre_finalize, pre_proj, sinkhorn
+from tl_kernels import boundary, post_res, pre_finalize, pre_proj, sinkhorn
 
 from .cuda_emu import BLOCK_ORDERS, SCHEDULES, EmulatedKernel, kernel_sources
 
@@ -125,6 +125,39 @@ def _pre_finalize(direction):
     return kernel, inputs
 
 
+def _boundary(direction):
+    n, dt = 4, torch.bfloat16
+    m = n * n + 2 * n
+    if direction == "fwd":
+        # two token tiles (the second partial), two splits of two channel blocks each: the tile is reused across
+        # channel blocks, so both the tile-write -> MMA barrier and the MMA -> next-write barrier are exercised
+        C, T, S = 256, 70, 2
+        kernel = boundary.boundary_fwd_kernel(n, C, "bfloat16")
+
+        def inputs(g):
+            ins = dict(layer_output=torch.randn(T, C, generator=g).to(dt), residual=torch.randn(T, n, C, generator=g).to(dt),
+                       h_post=torch.rand(T, n, generator=g) * 2, h_res=torch.rand(T, n, n, generator=g),
+                       phi=torch.randn(n * C, m, generator=g) / (n * C) ** 0.5)  # fmt: skip
+            outs = dict(out=torch.empty(T, n, C, dtype=dt), proj_part=torch.empty(S, T, m), sq_part=torch.empty(S, T))
+            return ins, outs, dict(num_tokens=T, num_splits=S, grid=(-(-T // boundary.BM), S))
+
+        return kernel, inputs
+    C = 1280  # one token per block over several warps, as post_res_bwd-n4-C1280
+    kernel = boundary.boundary_bwd_kernel(n, C, "bfloat16")
+    tpb = post_res._plan(n, C, "bfloat16").tpb
+    T = tpb + 2
+
+    def inputs(g):
+        ins = dict(grad_x_next=torch.randn(T, n, C, generator=g).to(dt), d_x_next=torch.randn(T, n, C, generator=g).to(dt),
+                   layer_output=torch.randn(T, C, generator=g).to(dt), residual=torch.randn(T, n, C, generator=g).to(dt),
+                   h_post=torch.randn(T, n, generator=g), h_res=torch.randn(T, n, n, generator=g))  # fmt: skip
+        outs = dict(d_layer_output=torch.empty(T, C, dtype=dt), d_residual=torch.empty(T, n, C, dtype=dt),
+                    d_h_post=torch.empty(T, n), d_h_res=torch.empty(T, n, n))  # fmt: skip
+        return ins, outs, dict(num_tokens=T, grid=-(-T // tpb))
+
+    return kernel, inputs
+
+
 CASES = {
     "post_res_bwd-n4-C64": lambda: _post_res_bwd(64),  # 16 tokens per block, 4 warps
     "post_res_bwd-n4-C1280": lambda: _post_res_bwd(1280),  # one token per block, 5 warps
@@ -138,6 +171,8 @@ CASES = {
     "pre_proj_bwd": lambda: _pre_proj("bwd"),
     "pre_finalize_fwd": lambda: _pre_finalize("fwd"),
     "pre_finalize_bwd": lambda: _pre_finalize("bwd"),
+    "boundary_fwd": lambda: _boundary("fwd"),
+    "boundary_bwd": lambda: _boundary("bwd"),
 }
 
 
