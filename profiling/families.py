@@ -179,6 +179,27 @@ def backward_magnitudes(grads, x, phi, alpha, bias, saved, iters=20, eps=0.0, po
     return mag_x, x64.flatten(1).abs().T @ d_proj
 
 
+def pre_mapping_fwd_errs(x, phi, alpha, bias, out, iters, post_mult, rms_eps, eps) -> dict[str, Err]:
+    """The pre-mapping forward ``out = (layer_input, h_post, h_res, h_pre, proj, rinv)`` of ``x [T, n, C]`` stage
+    by stage against float64: proj within the TF32 budget, rinv, the coefficients recomputed from the kernel's own
+    proj and rinv, layer_input within an ulp."""
+    n, dt = x.shape[1], x.dtype
+    li, hq, hr, hp, proj, rinv = out
+    x64, phi64 = x.double(), phi.double()
+    xv = x64.flatten(1)
+    pre, post, res = ref.split_coefficients(
+        ref.coefficient_logits(proj.double(), rinv.double(), alpha.double(), bias.double(), n), n
+    )
+    return {
+        "proj": budget(proj, xv @ phi64, xv.abs() @ phi64.abs(), PRE_TF32[dt]),
+        "rinv": compare(rinv, ref.rms_inv(x64, rms_eps), atol=0.0, rtol=1e-5),
+        "h_pre": compare(hp, torch.sigmoid(pre), atol=PRE_COEF_ATOL),
+        "h_post": compare(hq, post_mult * torch.sigmoid(post), atol=2 * PRE_COEF_ATOL),
+        "h_res": compare(hr, ref.sinkhorn(res, iters, eps), atol=PRE_COEF_ATOL),
+        "layer_input": compare(li, ref.pre_apply(x64, hp.double()).to(dt), atol=ACT_ATOL[dt], rtol=ACT_RTOL[dt]),
+    }
+
+
 def check_pre_mapping(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, Err]:
     """``pre_proj`` and ``pre_finalize`` configurations through the fused op (fwd: ``mhc::pre_mapping_fwd``, which
     runs both kernels; bwd: ``mhc::pre_mapping_bwd``), stage by stage against float64: proj within the TF32 budget,
@@ -191,19 +212,7 @@ def check_pre_mapping(cfg, T: int, device: str, gen: torch.Generator) -> dict[st
     x, phi, alpha, bias = pre_site(n, C, dt, T, gen)
     out = torch.ops.mhc.pre_mapping_fwd(x, phi, alpha, bias, iters, post_mult, rms_eps, eps)
     li, hq, hr, hp, proj, rinv = out
-    x64, phi64 = x.double(), phi.double()
-    xv = x64.flatten(1)
-    pre, post, res = ref.split_coefficients(
-        ref.coefficient_logits(proj.double(), rinv.double(), alpha.double(), bias.double(), n), n
-    )
-    errs = {
-        "proj": budget(proj, xv @ phi64, xv.abs() @ phi64.abs(), PRE_TF32[dt]),
-        "rinv": compare(rinv, ref.rms_inv(x64, rms_eps), atol=0.0, rtol=1e-5),
-        "h_pre": compare(hp, torch.sigmoid(pre), atol=PRE_COEF_ATOL),
-        "h_post": compare(hq, post_mult * torch.sigmoid(post), atol=2 * PRE_COEF_ATOL),
-        "h_res": compare(hr, ref.sinkhorn(res, iters, eps), atol=PRE_COEF_ATOL),
-        "layer_input": compare(li, ref.pre_apply(x64, hp.double()).to(dt), atol=ACT_ATOL[dt], rtol=ACT_RTOL[dt]),
-    }
+    errs = pre_mapping_fwd_errs(x, phi, alpha, bias, out, iters, post_mult, rms_eps, eps)
     if cfg.direction == "fwd":
         return errs
     grads = (_randn(gen, T, C).to(dt), _randn(gen, T, n).float(), _randn(gen, T, n, n).float(),
@@ -244,6 +253,55 @@ def _check_accumulate(n, C, dt, T, gen, x, phi, alpha, saved) -> Err:
     return compare(outs[1], want, atol=ACT_ATOL[dt], rtol=2 * ACT_RTOL[dt])
 
 
+# ---------------------------------------------------------------------------------------------------- boundary
+
+
+def check_boundary(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, Err]:
+    """``boundary_{fwd,bwd}[n, C, dtype]`` through ``mhc::boundary_fwd`` (the fused kernel, then pre_finalize) and
+    ``mhc::boundary_bwd`` against float64 (:mod:`mhc.boundary`'s references): x_next as post_res, the next site's
+    pre-mapping from the kernel's x_next as :func:`check_pre_mapping` checks it, and the backward within the TF32
+    budget of the pre-mapping's products carried through post_res's backward."""
+    from mhc import boundary as mb
+
+    kw = cfg.kwargs
+    n, C, dt = kw["n"], kw["C"], DTYPES[kw["dtype"]]
+    iters, eps, post_mult, rms_eps = 20, 0.0, 2.0, 1e-6
+    x, phi, alpha, bias = pre_site(n, C, dt, T, gen)
+    y = _randn(gen, T, C).to(dt)
+    h_post = _rand(gen, T, n) * 2
+    h_res = ref.sinkhorn(_randn(gen, T, n, n, scale=2.0)).float()
+    out = torch.ops.mhc.boundary_fwd(y, x, h_post, h_res, phi, alpha, bias, iters, post_mult, rms_eps, eps)
+    x_next, rest = out[0], out[1:]
+    act = {"atol": ACT_ATOL[dt], "rtol": ACT_RTOL[dt]}
+    want_xn = ref.post_res(y.double(), x.double(), h_post.double(), h_res.double())
+    errs = {"x_next": compare(x_next, want_xn.to(dt), **act)}
+    errs.update(pre_mapping_fwd_errs(x_next, phi, alpha, bias, rest, iters, post_mult, rms_eps, eps))
+    if cfg.direction == "fwd":
+        return errs
+    _li, hq, _hr, hp, proj, rinv = rest
+    g_xn = _randn(gen, T, n, C).to(dt)
+    grads = (_randn(gen, T, C).to(dt), _randn(gen, T, n).float(), _randn(gen, T, n, n).float(),
+             _randn(gen, T, n).float())  # fmt: skip
+    args = (g_xn, *grads, y, x, h_post, h_res, x_next, phi, alpha, bias, hp, hq, proj, rinv)
+    got = torch.ops.mhc.boundary_bwd(*args, iters, post_mult, eps)
+    want = mb.boundary_backward_reference(*(t.double() for t in args), iters, post_mult, eps)
+    mag_xn, mag_phi = backward_magnitudes(grads, x_next, phi, alpha, bias, (hp, hq, proj, rinv), iters, eps, post_mult)
+    mag = g_xn.double().abs() + mag_xn  # |terms| behind the gradient reaching x_next: [T, n, C]
+    frac = PRE_TF32[torch.bfloat16] + ACT_RTOL[dt]
+    hq64, hr64 = h_post.double().abs(), h_res.double().abs()
+    small = {"rtol": 1e-4}
+    errs.update(
+        d_layer_output=budget(got[0], want[0], (hq64[..., None] * mag).sum(1), frac),
+        d_residual=budget(got[1], want[1], torch.einsum("tij,tic->tjc", hr64, mag), frac),
+        d_h_post=budget(got[2], want[2], (mag * y.double().abs()[:, None, :]).sum(-1), frac),
+        d_h_res=budget(got[3], want[3], torch.einsum("tic,tjc->tij", mag, x.double().abs()), frac),
+        d_phi=budget(got[4], want[4], mag_phi, PRE_TF32[dt]),
+        d_alpha=compare(got[5], want[5], atol=1e-4 * float(want[5].abs().max()) + 1e-30, **small),
+        d_bias=compare(got[6], want[6], atol=1e-4 * float(want[6].abs().max()) + 1e-30, **small),
+    )
+    return errs
+
+
 def kw_dtype(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
@@ -276,6 +334,7 @@ CHECKS: dict[str, Callable[..., dict[str, Err]]] = {
     "sinkhorn": strict(check_sinkhorn),
     "pre_proj": strict(check_pre_mapping),
     "pre_finalize": strict(check_pre_mapping),
+    "boundary": strict(check_boundary),
 }
 
 #: Token counts checked for every configuration: none (no launch), one, and partial last blocks (Sinkhorn runs 128
