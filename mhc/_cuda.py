@@ -194,8 +194,9 @@ def post_res_bwd(
 # backward, the Sinkhorn backward kernel of tl_kernels/sinkhorn.py:
 #   fwd: pre_proj_fwd (x @ phi and sum x^2, split-K partials) -> pre_finalize_fwd (coefficients, Sinkhorn, H_pre x)
 #   bwd: pre_finalize_bwd (<g_li, x_i>, d logits of pre/post, res logits) -> sinkhorn_bwd -> pre_proj_bwd (d_x, d_phi
-#        partials); d_phi (only with more than one split), d_alpha and d_bias are summed over splits / tokens with
-#        torch reductions (fixed order). Launches at n = 4, T = 16384: 12 (C = 7168, one split) or 13 (C = 2560).
+#        partials, per-block d_bias / d_alpha partials; the pre/post and res logit gradients as separate inputs);
+#        d_phi (only with more than one split), d_alpha and d_bias are summed over the partials with torch
+#        reductions (fixed order).
 
 
 def _num_sms(device: torch.device) -> int:
@@ -308,21 +309,20 @@ def pre_mapping_bwd(
     )  # fmt: skip
     d_res = torch.empty(T, n, n, **f32)
     _launch(dev, sinkhorn.sinkhorn_bwd_kernel(n, iters, float(sinkhorn_eps)), grad_h_res, res_logits, d_res)
-    d_logits = torch.cat([d_pp, d_res.view(T, n * n)], dim=1)
     splits = pre_proj.choose_splits(T, n, C, _num_sms(dev), "bwd")
     d_phi = torch.empty(K, m, **f32)
     # One split (C = 7168 at T = 16384, n = 4): the kernel's partial is d_phi itself, no reduction launch.
     d_phi_part = d_phi.view(1, K, m) if splits == 1 else torch.empty(splits, K, m, **f32)
+    d_coef_part = torch.empty(splits, K // pre_proj.BK, m + 3, **f32)  # per block: d_bias | d_alpha partials
     _launch(
         dev, pre_proj.pre_proj_bwd_kernel(n, C, dt, False),
-        residual.view(T, K), phi, d_logits, proj, rinv, alpha, h_pre, grad_layer_input, d_residual.view(T, K),
-        d_phi_part,
+        residual.view(T, K), phi, d_pp, d_res.view(T, n * n), proj, rinv, alpha, h_pre, grad_layer_input,
+        d_residual.view(T, K), d_phi_part, d_coef_part,
     )  # fmt: skip
     if splits > 1:
         torch.sum(d_phi_part, 0, out=d_phi)  # a fixed reduction order: deterministic
-    d_bias = d_logits.sum(0)
-    d_scale = (d_logits * proj * rinv[:, None]).sum(0)
-    d_alpha = torch.stack([d_scale[:n].sum(), d_scale[n : 2 * n].sum(), d_scale[2 * n :].sum()])
+    d_bias = d_coef_part[..., :m].sum((0, 1))
+    d_alpha = d_coef_part[..., m:].sum((0, 1))
     return d_residual, d_phi, d_alpha, d_bias
 
 

@@ -225,15 +225,16 @@ def _check_accumulate(n, C, dt, T, gen, x, phi, alpha, saved) -> Err:
 
     h_pre, _h_post, proj, rinv = saved
     m, K = n * n + 2 * n, n * C
-    d_logits = _randn(gen, T, m).float()
+    d_pp, d_res = _randn(gen, T, 2 * n).float(), _randn(gen, T, n * n).float()
     g_li = _randn(gen, T, C).to(dt)
     d_x_in = _randn(gen, T, K).to(dt)
     outs = []
     for acc in (False, True):
         d_x = torch.empty(T, K, dtype=dt, device=x.device)
         part = torch.empty(1, K, m, device=x.device)
-        args = [x.view(T, K), phi, d_logits, proj, rinv, alpha, h_pre, g_li] + ([d_x_in] if acc else [])
-        pre_proj.pre_proj_bwd_kernel(n, C, kw_dtype(dt), acc)(*args, d_x, part)
+        coef = torch.empty(1, K // pre_proj.BK, m + 3, device=x.device)
+        args = [x.view(T, K), phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li] + ([d_x_in] if acc else [])
+        pre_proj.pre_proj_bwd_kernel(n, C, kw_dtype(dt), acc)(*args, d_x, part, coef)
         outs.append(d_x)
     want = outs[0].double() + d_x_in.double()
     return compare(outs[1], want, atol=ACT_ATOL[dt], rtol=2 * ACT_RTOL[dt])

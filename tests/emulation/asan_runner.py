@@ -30,10 +30,11 @@ def main(path: str, plant: bool) -> None:
     )  # fmt: skip
     # pre_proj bwd with accumulate: the same shape, one split
     EmulatedKernel(src["pre_proj_bwd"])(
-        x=torch.randn(T, K).to(bf), phi=torch.randn(K, m), d_logits=torch.randn(T, m), proj=torch.randn(T, m),
+        x=torch.randn(T, K).to(bf), phi=torch.randn(K, m), d_pp=torch.randn(T, 2 * n), d_res=torch.randn(T, n * n),
+        proj=torch.randn(T, m),
         rinv=torch.rand(T) + 0.5, alpha=torch.ones(3), h_pre=torch.rand(T, n), g_li=torch.randn(T, C).to(bf),
         d_x_in=torch.randn(T, K).to(bf), d_x=torch.empty(T, K, dtype=bf), d_phi_part=torch.empty(1, K, m),
-        num_tokens=T, num_splits=1, grid=(K // 64, 1),
+        d_coef_part=torch.empty(1, K // 64, m + 3), num_tokens=T, num_splits=1, grid=(K // 64, 1),
     )  # fmt: skip
     # pre_finalize fwd: n=4, C=1280, bf16, T=33 (a partial second block), 2 splits
     n, C, T, S = 4, 1280, 33, 2
