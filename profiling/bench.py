@@ -490,7 +490,7 @@ def _accumulate_rows(bench, copy_gbs, dtype, n, T, C, rows):
     d_x = torch.empty_like(x)
     splits = pre_proj.choose_splits(T, n, C, torch.cuda.get_device_properties(0).multi_processor_count, "bwd")
     part = torch.empty(splits, K, m, device="cuda")
-    coef = torch.empty(splits, K // pre_proj.BK, m + 3, device="cuda")
+    coef = torch.empty(-(-T // pre_proj.BM), 2 * m, device="cuda")
     args = (x, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li)
 
     def separate():

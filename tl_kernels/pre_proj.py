@@ -9,8 +9,8 @@ Math, per token ``t`` (``K = n * C``, ``m = n * n + 2n``, ``x = vec(residual[t])
                            + h_pre[t, k // C] * g_li[t, k % C]    (F_pre's gradient)
                            (+ d_x_in[t, k] with ``accumulate``: the gradient post_res already produced)
               d_phi[k, j] = sum_t x[t, k] * d_proj[t, j]         (second matmul, the same pass over x)
-              d_bias[j]   = sum_t d_logits[t, j]                  (per-block partials, fp32)
-              d_alpha[g]  = sum_t sum_{j in g} d_logits[t, j] * proj[t, j] * rinv[t]   (likewise)
+              d_bias[j]   = sum_t d_logits[t, j]                  (per-tile partials, fp32)
+              d_scale[j]  = sum_t d_logits[t, j] * proj[t, j] * rinv[t]   (likewise; d_alpha sums its groups)
 
 where ``d_proj[t, j] = d_logits[t, j] * alpha_{g(j)} * rinv[t]`` and ``cx[t] = -rinv[t]^3 / K * sum_j d_logits[t, j]
 * alpha_{g(j)} * proj[t, j]`` are formed in the backward kernel's prologue from the coefficient gradients
@@ -26,12 +26,12 @@ Layouts and call contracts (everything contiguous; ``T`` = ``num_tokens`` dynami
   split order by ``pre_finalize``.
 * ``pre_proj_bwd_kernel(n, C, dtype, accumulate)(x [T, K] dt, phi [K, m] f32, d_pp [T, 2n] f32,
   d_res [T, n * n] f32, proj [T, m] f32, rinv [T] f32, alpha [3] f32, h_pre [T, n] f32, g_li [T, C] dt,
-  [d_x_in [T, K] dt,] d_x [T, K] dt, d_phi_part [S, K, m] f32, d_coef_part [S, K / BK, m + 3] f32)``, grid
+  [d_x_in [T, K] dt,] d_x [T, K] dt, d_phi_part [S, K, m] f32, d_coef_part [TT, 2m] f32)``, grid
   ``(K / BK, S)``; block ``(kb, s)`` owns the K-slice ``kb`` and the token tiles ``[s * ceil(TT / S), ...)``
-  (TT = ceil(T / BM)); ``d_phi = d_phi_part.sum(0)``. ``d_coef_part[s, kb]`` = (d_bias partial [m], d_alpha partial
-  [3]) over the split's tiles ``kb, kb + K / BK, ...`` (a fixed assignment: every tile in one block), summed in token
-  order by one thread per column; every block writes its row (zeros without a tile), so d_bias / d_alpha are the
-  sums over ``(s, kb)``. The caller sums the partials in a fixed order: deterministic, no atomics.
+  (TT = ceil(T / BM)); ``d_phi = d_phi_part.sum(0)``. ``d_coef_part[tt]`` = (d_bias | d_scale) partials of token
+  tile ``tt``, written by the block ``kb = tt' mod (K / BK)`` of its split (``tt'`` its index in the split: a fixed
+  assignment, every tile in one block), one thread per column summing in token order: the rows do not depend on
+  S. :mod:`tl_kernels.pre_reduce` sums d_phi's splits and these rows in fixed orders: deterministic, no atomics.
 * ``dt`` in bfloat16 / float16 / float32; n in {1, 2, 4, 6, 8}; C a positive multiple of 64 up to 65536; T >= 1.
 
 Precision (the TF32 error budget). Both kernels multiply with ``mma.sync.m16n8k8`` on ``.tf32`` operands (the
@@ -77,14 +77,14 @@ H100 occupancy from registers and shared memory; guarded in tests/kernels/test_s
 * forward: 218 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
   divisions, 128-bit x loads; 6,104 warp instructions per token (was 46,172); 108 registers, 12 KB shared, 256
   threads: 2 blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
-* backward: 1,168 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
-  fp32 division routine, at 185 registers; 1,224 reading one concatenated d_logits), 0 divisions; 32,704 warp
-  instructions per token (was 108,836); 128 registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots
+* backward: 1,161 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
+  fp32 division routine, at 185 registers; 1,224 reading one concatenated d_logits), 0 divisions; 32,508 warp
+  instructions per token (was 108,836); 126 registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots
   (0.85 wave; was 448 for 264 slots, 1.7 waves). Its x-tile loads are 64-bit (the conversion to the fp32 tile is
-  fused into them). The d_bias / d_alpha pass runs after the tile loop (a rolled loop over its tiles' tokens; with
+  fused into them). The d_bias / d_scale pass runs after the tile loop (a rolled loop over its tiles' tokens; with
   an unrolled one ptxas hoisted the loads to 255 registers and spilled).
-* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 72 / 144, n = 2: 72 / 144, n = 6: 146 / 208,
-  n = 8: 202 / 206 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 128 / 152. Resident
+* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 72 / 146, n = 2: 72 / 146, n = 6: 146 / 207,
+  n = 8: 202 / 208 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 128 / 150. Resident
   blocks per SM follow (:data:`_FWD_RESIDENT`, :data:`_BWD_RESIDENT`, used by :func:`choose_splits`; keyed by n
   at bf16: the fp32 backward at n = 4 fits 3 blocks, not 4).
 * all shipped configurations: 0 spills, 0 stack (tests/kernels/test_codegen.py).
@@ -330,15 +330,16 @@ def _coef_grad(d_pp, d_res, t, j, n: int):
 
 def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
     """``d_x`` (both matmul terms, the RMS term and F_pre's term), per-split ``d_phi`` partials and per-block
-    partials of ``d_bias`` / ``d_alpha`` in one pass."""
+    partials of ``d_bias`` / ``d_scale`` per token tile in one pass."""
     sh = _shape(n, C, dtype)
     m, mp, K, chunks = sh.m, sh.mp, sh.K, sh.chunks
     nn, n2 = n * n, 2 * n
     threads = bwd_threads(n)
-    assert threads >= m  # one thread per coefficient column in the d_bias / d_alpha pass
+    assert threads >= m, "one thread per coefficient column in the d_bias / d_scale pass"  # internal invariant
     f32 = "float32"
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
+    num_tiles = T.dynamic("num_tiles")  # ceil(num_tokens / BM), the rows of d_coef_part
 
     @T.macro
     def body(x, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, d_x_in, d_x, d_phi_part, d_coef_part):
@@ -348,7 +349,6 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             dps = T.alloc_shared((BM, mp), f32)  # d_proj tile (TF32-rounded, zero-padded)
             cxs = T.alloc_shared((BM,), f32)
             hps = T.alloc_shared((BM,), f32)
-            scs = T.alloc_shared((mp,), f32)  # the block's d_scale partial, for the per-group d_alpha sums
             dx_acc = T.alloc_fragment((BM, BK), f32)
             dphi_acc = T.alloc_fragment((BK, mp), f32)
             tx = T.get_thread_binding()
@@ -410,34 +410,25 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             for i, j in T.Parallel(BK, mp):
                 if j < m:
                     d_phi_part[by, k0 + i, j] = dphi_acc[i, j]
-            # d_bias_j = sum_t d_logits[t, j] and d_scale_j = sum_t d_logits[t, j] * proj[t, j] * rinv[t] over the
-            # split's tiles tt = kb, kb + chunks, ... (every tile in exactly one block of the split): thread j sums
-            # column j in token order. A separate loop after the GEMM loop (its registers are free by then).
-            sb = T.alloc_var(f32)
-            sc = T.alloc_var(f32)
-            sb = T.float32(0)
-            sc = T.float32(0)
+            # Per token tile: d_bias_j = sum_t d_logits[t, j] and d_scale_j = sum_t d_logits[t, j] * proj[t, j] *
+            # rinv[t], for the split's tiles kb, kb + chunks, ... (every tile in exactly one block): thread j sums
+            # column j in token order. After the GEMM loop (its registers are free by then); a rolled loop (unrolled,
+            # ptxas hoisted the loads to 255 registers and spilled).
             if tx < m:
                 col = T.min(tx, m - 1)
                 for it in T.serial(T.ceildiv(T.max(count - kb, 0), chunks)):
-                    t0 = t_base + (kb + it * chunks) * BM
+                    tile = by * per + kb + it * chunks  # the global tile index
+                    t0 = tile * BM
+                    sb = T.alloc_var(f32)
+                    sc = T.alloc_var(f32)
+                    sb = T.float32(0)
+                    sc = T.float32(0)
                     for i in T.serial(T.min(BM, num_tokens - t0)):  # a dynamic count: a rolled loop
                         dl = _coef_grad(d_pp, d_res, t0 + i, col, n)
                         sb += dl
                         sc += dl * proj[t0 + i, col] * rinv[t0 + i]
-            if tx < mp:
-                scs[tx] = sc  # zero past m
-            if tx < m:
-                d_coef_part[by, kb, tx] = sb
-            T.sync_threads()
-            if tx < 3:
-                # d_alpha partials: pre (columns [0, n)), post ([n, 2n)), res ([2n, m)), in column order.
-                sa = T.alloc_var(f32)
-                sa = T.float32(0)
-                lo = tx * n
-                for j in T.serial(T.if_then_else(tx < 2, n, nn)):
-                    sa += scs[lo + j]
-                d_coef_part[by, kb, m + tx] = sa
+                    d_coef_part[tile, col] = sb
+                    d_coef_part[tile, m + col] = sc
 
     if accumulate:
 
@@ -455,7 +446,7 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             d_x_in: T.Tensor((num_tokens, K), dtype),
             d_x: T.Tensor((num_tokens, K), dtype),
             d_phi_part: T.Tensor((num_splits, K, m), f32),
-            d_coef_part: T.Tensor((num_splits, chunks, m + 3), f32),
+            d_coef_part: T.Tensor((num_tiles, 2 * m), f32),
         ):
             body(x, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, d_x_in, d_x, d_phi_part, d_coef_part)
 
@@ -474,7 +465,7 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
         g_li: T.Tensor((num_tokens, C), dtype),
         d_x: T.Tensor((num_tokens, K), dtype),
         d_phi_part: T.Tensor((num_splits, K, m), f32),
-        d_coef_part: T.Tensor((num_splits, chunks, m + 3), f32),
+        d_coef_part: T.Tensor((num_tiles, 2 * m), f32),
     ):
         body(x, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, None, d_x, d_phi_part, d_coef_part)
 

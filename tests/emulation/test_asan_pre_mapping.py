@@ -1,9 +1,10 @@
 """The emulated pre-mapping kernels under AddressSanitizer (g++ -fsanitize=address, libasan preloaded into a child
 python): every tensor is allocated to its exact size, so an out-of-bounds read or write of the generated code (a
 missing guard for rows past T, a wrong stride) aborts the child. A planted short input shows the check can fail.
-Covers pre_proj fwd and bwd (accumulate variant; TF32 MMA emulated), pre_finalize fwd and bwd, and the Sinkhorn
-kernels (n = 4, 7, 16: exp domain in registers and in shared memory, with tokens that take the log-domain
-fallback), partial tiles and blocks. Skipped where g++ has no libasan."""
+Covers pre_proj fwd and bwd (accumulate variant; TF32 MMA emulated), pre_finalize fwd and bwd, pre_reduce bwd (both
+variants: a row count below the parts), and the Sinkhorn kernels (n = 4, 7, 16: exp domain in registers and in
+shared memory, with tokens that take the log-domain fallback), partial tiles and blocks. Skipped where g++ has no
+libasan."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 pre_proj = pytest.importorskip("tl_kernels.pre_proj")
 pre_finalize = pytest.importorskip("tl_kernels.pre_finalize")
 post_res = pytest.importorskip("tl_kernels.post_res")
+pre_reduce = pytest.importorskip("tl_kernels.pre_reduce")
 sinkhorn = pytest.importorskip("tl_kernels.sinkhorn")
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -40,6 +42,8 @@ def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
         "pre_finalize_fwd": pre_finalize.pre_finalize_fwd_kernel(4, 1280, "bfloat16", 20, 0.0).get_kernel_source(),
         "pre_finalize_bwd": pre_finalize.pre_finalize_bwd_kernel(4, 64, "float32").get_kernel_source(),
         "pre_finalize_bwd_blocks": -(-19 // post_res._plan(4, 64, "float32").tpb),
+        "pre_reduce_bwd": pre_reduce.pre_reduce_bwd_kernel(4, True).get_kernel_source(),
+        "pre_reduce_bwd_coef": pre_reduce.pre_reduce_bwd_kernel(4, False).get_kernel_source(),
     }
     for n in (4, 7, 16):  # K, H in registers (n = 4, 7) or in the tile rows (n = 16)
         src[f"sinkhorn_fwd_{n}"] = sinkhorn.sinkhorn_fwd_kernel(n, 20, 0.0).get_kernel_source()

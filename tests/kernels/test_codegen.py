@@ -298,7 +298,11 @@ def test_registry_counts() -> None:
     shapes = {(n, c, d) for n in (1, 2, 4, 6, 8) for c in registry.HIDDEN_SIZES for d in registry.DTYPES
               if n == 4 or d == "bfloat16"}  # fmt: skip
     assert len(shapes) == 35 and len(pre) == 35 * 4 + 5 == 145
-    assert len(ALL_CONFIGS) == 275 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre}
+    reduce = registry.configs("pre_reduce")
+    assert {(c.direction, c.kwargs["n"], c.kwargs["reduce_phi"]) for c in reduce} == {
+        ("bwd", n, r) for n in (1, 2, 4, 6, 8) for r in (True, False)
+    }
+    assert len(ALL_CONFIGS) == 285 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce}
     for family, direction in itertools.product(("pre_proj", "pre_finalize"), ("fwd", "bwd")):
         got = {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in registry.configs(family, direction)}
         assert got == shapes, (family, direction)
@@ -334,7 +338,7 @@ def test_registry_names() -> None:
 
 
 def test_registry_selection() -> None:
-    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35
+    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35 + 10  # post_res, pre_proj, pre_finalize, pre_reduce
     picked = registry.configs("post_res", "fwd", n=4, C=(4096, 7168))
     assert [c.name for c in picked] == [
         f"post_res_fwd[n=4,C={c},dtype={d}]" for c in (4096, 7168) for d in ("bfloat16", "float16", "float32")
@@ -388,7 +392,7 @@ def test_kernel_config_resolves_builders_lazily(monkeypatch) -> None:
 
 def test_registry_import_is_light() -> None:
     code = (
-        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 275; "
+        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 285; "
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tilelang', 'torch', 'tvm') "
         "or m.startswith('tl_kernels.') and m.split('.')[1] in r.FAMILIES]; assert not heavy, heavy"
     )
