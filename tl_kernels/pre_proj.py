@@ -83,7 +83,7 @@ H100 occupancy from registers and shared memory; guarded in tests/kernels/test_s
   (0.85 wave; was 448 for 264 slots, 1.7 waves). Its x-tile loads are 64-bit (the conversion to the fp32 tile is
   fused into them). The d_bias / d_scale pass runs after the tile loop (a rolled loop over its tiles' tokens; with
   an unrolled one ptxas hoisted the loads to 255 registers and spilled). The d_proj tile is filled by two loops,
-  d_pp's 2n columns and d_res's n * n: one loop selecting between the two sources per element cost 1,534 per tile;
+  d_pp's 2n columns and d_res's n * n: one loop selecting between the two sources per element cost 1,534-1,540;
   the two loops' shared stores are 2-way bank conflicts (``python -m profiling model --kernel pre_mapping_bwd --json
   PATH``: ``bank_conflicts`` of pre_proj_bwd), a lever left.
 * other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 72 / 146, n = 2: 72 / 146, n = 6: 146 / 207,
