@@ -38,7 +38,7 @@ from torch import Tensor
 from . import _checks, ops, reference
 
 _TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-#: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj and tl_kernels.pre_finalize;
+#: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj, pre_finalize and pre_reduce;
 #: ``boundary``, registered by mhc.boundary, is tl_kernels.boundary)
 KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping", "boundary")
 DISABLE_ENV = "MHC_DISABLE_KERNELS"
@@ -234,8 +234,9 @@ def post_res_bwd(
 # backward, the Sinkhorn backward kernel of tl_kernels/sinkhorn.py:
 #   fwd: pre_proj_fwd (x @ phi and sum x^2, split-K partials) -> pre_finalize_fwd (coefficients, Sinkhorn, H_pre x)
 #   bwd: pre_finalize_bwd (<g_li, x_i>, d logits of pre/post, res logits) -> sinkhorn_bwd -> pre_proj_bwd (d_x, d_phi
-#        partials); d_phi (only with more than one split), d_alpha and d_bias are summed over splits / tokens with
-#        torch reductions (fixed order). Launches at n = 4, T = 16384: 12 (C = 7168, one split) or 13 (C = 2560).
+#        partials, per-token-tile d_bias / d_scale partials; the pre/post and res logit gradients as separate
+#        inputs) -> pre_reduce_bwd (d_phi over the splits when there are several, d_bias and d_alpha over the tiles,
+#        fixed orders). Four launches, no torch op between them.
 
 
 def _num_sms(device: torch.device) -> int:
@@ -336,7 +337,7 @@ def pre_mapping_bwd(
     d_residual = torch.empty_like(residual)
     if T == 0:
         return d_residual, torch.zeros(K, m, **f32), torch.zeros(3, **f32), torch.zeros(m, **f32)
-    from tl_kernels import pre_finalize, pre_proj, sinkhorn
+    from tl_kernels import pre_finalize, pre_proj, pre_reduce, sinkhorn
 
     dt, dev = _TL_DTYPES[residual.dtype], residual.device
     d_pp = torch.empty(T, 2 * n, **f32)
@@ -348,21 +349,27 @@ def pre_mapping_bwd(
     )  # fmt: skip
     d_res = torch.empty(T, n, n, **f32)
     _launch(dev, sinkhorn.sinkhorn_bwd_kernel(n, iters, float(sinkhorn_eps)), grad_h_res, res_logits, d_res)
-    d_logits = torch.cat([d_pp, d_res.view(T, n * n)], dim=1)
     splits = pre_proj.choose_splits(T, n, C, _num_sms(dev), "bwd")
     d_phi = torch.empty(K, m, **f32)
     # One split (C = 7168 at T = 16384, n = 4): the kernel's partial is d_phi itself, no reduction launch.
     d_phi_part = d_phi.view(1, K, m) if splits == 1 else torch.empty(splits, K, m, **f32)
+    d_coef_part = torch.empty(-(-T // pre_proj.BM), 2 * m, **f32)  # per token tile: d_bias | d_scale partials
     _launch(
         dev, pre_proj.pre_proj_bwd_kernel(n, C, dt, False),
-        residual.view(T, K), phi, d_logits, proj, rinv, alpha, h_pre, grad_layer_input, d_residual.view(T, K),
-        d_phi_part,
+        residual.view(T, K), phi, d_pp, d_res.view(T, n * n), proj, rinv, alpha, h_pre, grad_layer_input,
+        d_residual.view(T, K), d_phi_part, d_coef_part,
     )  # fmt: skip
+    # The last launch: d_phi over the splits (with more than one), d_bias and d_alpha over the tiles, fixed orders.
+    d_alpha, d_bias = torch.empty(3, **f32), torch.empty(m, **f32)
+    coef = d_coef_part
     if splits > 1:
-        torch.sum(d_phi_part, 0, out=d_phi)  # a fixed reduction order: deterministic
-    d_bias = d_logits.sum(0)
-    d_scale = (d_logits * proj * rinv[:, None]).sum(0)
-    d_alpha = torch.stack([d_scale[:n].sum(), d_scale[n : 2 * n].sum(), d_scale[2 * n :].sum()])
+        kq = K * m // pre_reduce.VEC
+        _launch(
+            dev, pre_reduce.pre_reduce_bwd_kernel(n, True), d_phi_part.view(splits, kq, pre_reduce.VEC), coef,
+            d_phi.view(kq, pre_reduce.VEC), d_alpha, d_bias,
+        )  # fmt: skip
+    else:
+        _launch(dev, pre_reduce.pre_reduce_bwd_kernel(n, False), coef, d_alpha, d_bias)
     return d_residual, d_phi, d_alpha, d_bias
 
 
@@ -383,11 +390,12 @@ def warmup(
     Kernels that would not be used (a shape outside a kernel's limits, a disabled family) are skipped.
     Returns the number of kernels made ready.
     """
-    from tl_kernels import post_res, pre_finalize, pre_proj, sinkhorn
+    from tl_kernels import post_res, pre_finalize, pre_proj, pre_reduce, sinkhorn
 
     launch = torch.cuda.is_available()
     dev = torch.device("cuda", torch.cuda.current_device()) if launch and device is None else device
     count = 0
+    reducers: set[int] = set()
     for n in streams:
         if fallback_reason("sinkhorn", n=n) is None:
             sinkhorn.sinkhorn_fwd_kernel(n, sinkhorn_iters, float(sinkhorn_eps))
@@ -417,6 +425,19 @@ def warmup(
                 pre_finalize.pre_finalize_fwd_kernel(n, C, _TL_DTYPES[dt], sinkhorn_iters, float(sinkhorn_eps))
                 pre_finalize.pre_finalize_bwd_kernel(n, C, _TL_DTYPES[dt])
                 count += 4
+                if n not in reducers:  # one pair of binaries per n (one split or several: either may serve)
+                    reducers.add(n)
+                    pre_reduce.pre_reduce_bwd_kernel(n, True)
+                    pre_reduce.pre_reduce_bwd_kernel(n, False)
+                    count += 2
+                    if launch:  # the one-token backward below takes the one-split variant: load the other here
+                        m = n * n + 2 * n
+                        f32 = dict(device=dev, dtype=torch.float32)
+                        _launch(
+                            dev, pre_reduce.pre_reduce_bwd_kernel(n, True), torch.zeros(2, 1, pre_reduce.VEC, **f32),
+                            torch.zeros(1, 2 * m, **f32), torch.empty(1, pre_reduce.VEC, **f32),
+                            torch.empty(3, **f32), torch.empty(m, **f32),
+                        )  # fmt: skip
                 if launch:
                     m = n * n + 2 * n
                     phi, alpha, bias = (

@@ -482,21 +482,23 @@ def _accumulate_rows(bench, copy_gbs, dtype, n, T, C, rows):
     g = torch.Generator(device="cuda").manual_seed(T + C + 2)
     x = torch.randn(T, K, device="cuda", generator=g).to(dtype)
     phi = torch.randn(K, m, device="cuda", generator=g) / K**0.5
-    d_logits, proj = torch.randn(T, m, device="cuda", generator=g), torch.randn(T, m, device="cuda", generator=g)
+    d_pp, d_res = torch.randn(T, 2 * n, device="cuda", generator=g), torch.randn(T, n * n, device="cuda", generator=g)
+    proj = torch.randn(T, m, device="cuda", generator=g)
     rinv, alpha = torch.rand(T, device="cuda", generator=g) + 0.5, torch.tensor([0.7, 0.5, 1.2], device="cuda")
     h_pre, g_li = torch.rand(T, n, device="cuda", generator=g), torch.randn(T, C, device="cuda", generator=g).to(dtype)
     d_post = torch.randn(T, K, device="cuda", generator=g).to(dtype)  # the gradient post_res produced
     d_x = torch.empty_like(x)
     splits = pre_proj.choose_splits(T, n, C, torch.cuda.get_device_properties(0).multi_processor_count, "bwd")
     part = torch.empty(splits, K, m, device="cuda")
-    args = (x, phi, d_logits, proj, rinv, alpha, h_pre, g_li)
+    coef = torch.empty(-(-T // pre_proj.BM), 2 * m, device="cuda")
+    args = (x, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li)
 
     def separate():
-        plain(*args, d_x, part)
+        plain(*args, d_x, part, coef)
         return d_x + d_post
 
     def accumulate():
-        acc(*args, d_post, d_x, part)
+        acc(*args, d_post, d_x, part, coef)
         return d_x
 
     for mode, fn in (("separate", separate), ("accumulate", accumulate)):

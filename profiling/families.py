@@ -1,7 +1,9 @@
 """Per-family correctness cases for the GPU run (stage 2) and the compute-sanitizer cases (stage 4).
 
 Every kernel configuration in :data:`tl_kernels.registry.ALL_CONFIGS` belongs to a family (``post_res``,
-``sinkhorn``, ``pre_proj`` and ``pre_finalize``; the last two are checked through the fused pre-mapping op). A family is checked by **one function** registered in :data:`CHECKS`::
+``sinkhorn``, ``pre_proj`` and ``pre_finalize``, checked through the fused pre-mapping op, and ``pre_reduce``,
+the sums of the pre-mapping backward's partials, checked directly). A family is checked by **one function**
+registered in :data:`CHECKS`::
 
     def check_<family>(cfg: KernelConfig, T: int, device: str, gen: torch.Generator) -> dict[str, Err]
 
@@ -239,15 +241,16 @@ def _check_accumulate(n, C, dt, T, gen, x, phi, alpha, saved) -> Err:
 
     h_pre, _h_post, proj, rinv = saved
     m, K = n * n + 2 * n, n * C
-    d_logits = _randn(gen, T, m).float()
+    d_pp, d_res = _randn(gen, T, 2 * n).float(), _randn(gen, T, n * n).float()
     g_li = _randn(gen, T, C).to(dt)
     d_x_in = _randn(gen, T, K).to(dt)
     outs = []
     for acc in (False, True):
         d_x = torch.empty(T, K, dtype=dt, device=x.device)
         part = torch.empty(1, K, m, device=x.device)
-        args = [x.view(T, K), phi, d_logits, proj, rinv, alpha, h_pre, g_li] + ([d_x_in] if acc else [])
-        pre_proj.pre_proj_bwd_kernel(n, C, kw_dtype(dt), acc)(*args, d_x, part)
+        coef = torch.empty(-(-T // pre_proj.BM), 2 * m, device=x.device)
+        args = [x.view(T, K), phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li] + ([d_x_in] if acc else [])
+        pre_proj.pre_proj_bwd_kernel(n, C, kw_dtype(dt), acc)(*args, d_x, part, coef)
         outs.append(d_x)
     want = outs[0].double() + d_x_in.double()
     return compare(outs[1], want, atol=ACT_ATOL[dt], rtol=2 * ACT_RTOL[dt])
@@ -302,6 +305,45 @@ def check_boundary(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, 
     return errs
 
 
+def check_pre_reduce(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, Err]:
+    """``pre_reduce_bwd[n, reduce_phi]``: the sums of pre_proj_bwd's partials (d_phi over 3 splits, d_bias and
+    d_alpha over the token tiles) against float64, within ``(terms + 8) * 2**-24`` of the sum of magnitudes. ``T``
+    tokens make ``ceil(T / 64)`` tiles (at least one); K = 64 n (1 + T % 5). On a CPU the fp32 torch sums stand
+    in."""
+    n, reduce_phi = cfg.kwargs["n"], cfg.kwargs["reduce_phi"]
+    m, K = n * n + 2 * n, n * 64 * (1 + T % 5)
+    S = 3 if reduce_phi else 1
+    rows = max(1, -(-T // 64))
+    d_phi_part, coef = _randn(gen, S, K, m).float(), _randn(gen, rows, 2 * m).float()
+    d_alpha = torch.empty(3, device=device)
+    d_bias = torch.empty(m, device=device)
+    d_phi = torch.empty(K, m, device=device)
+    if device == "cuda":
+        from tl_kernels import pre_reduce
+
+        kernel = pre_reduce.pre_reduce_bwd_kernel(n, reduce_phi)
+        if reduce_phi:
+            kq = K * m // pre_reduce.VEC
+            kernel(d_phi_part.view(S, kq, pre_reduce.VEC), coef, d_phi.view(kq, pre_reduce.VEC), d_alpha, d_bias)
+        else:
+            kernel(coef, d_alpha, d_bias)
+    else:
+        d_phi.copy_(d_phi_part.sum(0))
+        sums = coef.sum(0)
+        d_bias.copy_(sums[:m])
+        d_alpha.copy_(torch.stack([sums[m : m + n].sum(), sums[m + n : m + 2 * n].sum(), sums[m + 2 * n :].sum()]))
+    sums, mags = coef.double().sum(0), coef.double().abs().sum(0)
+    groups = [slice(m, m + n), slice(m + n, m + 2 * n), slice(m + 2 * n, 2 * m)]
+    want_a, mag_a = torch.stack([sums[g].sum() for g in groups]), torch.stack([mags[g].sum() for g in groups])
+    errs = {
+        "d_bias": budget(d_bias, sums[:m], mags[:m], (rows + 8) * 2**-24),
+        "d_alpha": budget(d_alpha, want_a, mag_a, (rows + n * n + 8) * 2**-24),
+    }
+    if reduce_phi:
+        errs["d_phi"] = budget(d_phi, d_phi_part.double().sum(0), d_phi_part.double().abs().sum(0), (S + 1) * 2**-24)
+    return errs
+
+
 def kw_dtype(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
@@ -334,6 +376,7 @@ CHECKS: dict[str, Callable[..., dict[str, Err]]] = {
     "sinkhorn": strict(check_sinkhorn),
     "pre_proj": strict(check_pre_mapping),
     "pre_finalize": strict(check_pre_mapping),
+    "pre_reduce": strict(check_pre_reduce),
     "boundary": strict(check_boundary),
 }
 

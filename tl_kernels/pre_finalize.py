@@ -15,8 +15,9 @@ Math, per token ``t`` (``K = n * C``, ``m = n * n + 2n``, groups ``g(j)`` = pre 
 
 The Sinkhorn part is the device code of :mod:`tl_kernels.sinkhorn` (``forward_in_registers``), not a copy; the
 backward hands ``res_logits`` to ``sinkhorn_bwd_kernel`` (the same binary ``mhc.sinkhorn`` uses) and the rest of
-the chain (d_proj, the RMS term, d_x, d_phi) runs in ``pre_proj_bwd``. d_alpha and d_bias are reduced by the caller
-from ``d_pp``, ``d_res``, ``proj`` and ``rinv`` ([T, m] floats, in a fixed order).
+the chain (d_proj, the RMS term, d_x, d_phi, per-tile d_bias / d_alpha partials) runs in ``pre_proj_bwd``, which
+reads ``d_pp`` and the Sinkhorn's ``d_res`` as they are (no concatenation); ``pre_reduce_bwd``
+(:mod:`tl_kernels.pre_reduce`) sums the partials in a fixed order. Four launches for the backward.
 
 Layouts and call contracts (contiguous; ``T`` = ``num_tokens`` dynamic; one binary per (n, C, dtype[, iters, eps])):
 

@@ -9,10 +9,13 @@ Math, per token ``t`` (``K = n * C``, ``m = n * n + 2n``, ``x = vec(residual[t])
                            + h_pre[t, k // C] * g_li[t, k % C]    (F_pre's gradient)
                            (+ d_x_in[t, k] with ``accumulate``: the gradient post_res already produced)
               d_phi[k, j] = sum_t x[t, k] * d_proj[t, j]         (second matmul, the same pass over x)
+              d_bias[j]   = sum_t d_logits[t, j]                  (per-tile partials, fp32)
+              d_scale[j]  = sum_t d_logits[t, j] * proj[t, j] * rinv[t]   (likewise; d_alpha sums its groups)
 
 where ``d_proj[t, j] = d_logits[t, j] * alpha_{g(j)} * rinv[t]`` and ``cx[t] = -rinv[t]^3 / K * sum_j d_logits[t, j]
 * alpha_{g(j)} * proj[t, j]`` are formed in the backward kernel's prologue from the coefficient gradients
-(``d_logits [T, m]``: pre | post | res), the saved ``proj`` and ``rinv`` and ``alpha``.
+(``d_logits [T, m]`` = pre | post | res, read from its two producers: ``d_pp [T, 2n]`` of pre_finalize's backward and
+``d_res [T, n * n]`` of the Sinkhorn backward, no concatenation), the saved ``proj`` and ``rinv`` and ``alpha``.
 
 Layouts and call contracts (everything contiguous; ``T`` = ``num_tokens`` dynamic: one binary per (n, C, dtype)):
 
@@ -21,11 +24,14 @@ Layouts and call contracts (everything contiguous; ``T`` = ``num_tokens`` dynami
   dynamic and chosen by the caller (:func:`choose_splits`); split ``s`` covers K-chunks ``[s * ceil(KC / S), ...)``
   (KC = K / BK), so the caller must make every split non-empty (``choose_splits`` does). The partials are reduced in
   split order by ``pre_finalize``.
-* ``pre_proj_bwd_kernel(n, C, dtype, accumulate)(x [T, K] dt, phi [K, m] f32, d_logits [T, m] f32,
-  proj [T, m] f32, rinv [T] f32, alpha [3] f32, h_pre [T, n] f32, g_li [T, C] dt,
-  [d_x_in [T, K] dt,] d_x [T, K] dt, d_phi_part [S, K, m] f32)``, grid ``(K / BK, S)``; block ``(kb, s)`` owns the
-  K-slice ``kb`` and the token tiles ``[s * ceil(TT / S), ...)`` (TT = ceil(T / BM)); ``d_phi = d_phi_part.sum(0)``
-  (the caller sums in a fixed order: deterministic, no atomics).
+* ``pre_proj_bwd_kernel(n, C, dtype, accumulate)(x [T, K] dt, phi [K, m] f32, d_pp [T, 2n] f32,
+  d_res [T, n * n] f32, proj [T, m] f32, rinv [T] f32, alpha [3] f32, h_pre [T, n] f32, g_li [T, C] dt,
+  [d_x_in [T, K] dt,] d_x [T, K] dt, d_phi_part [S, K, m] f32, d_coef_part [TT, 2m] f32)``, grid
+  ``(K / BK, S)``; block ``(kb, s)`` owns the K-slice ``kb`` and the token tiles ``[s * ceil(TT / S), ...)``
+  (TT = ceil(T / BM)); ``d_phi = d_phi_part.sum(0)``. ``d_coef_part[tt]`` = (d_bias | d_scale) partials of token
+  tile ``tt``, written by the block ``kb = tt' mod (K / BK)`` of its split (``tt'`` its index in the split: a fixed
+  assignment, every tile in one block), one thread per column summing in token order: the rows do not depend on
+  S. :mod:`tl_kernels.pre_reduce` sums d_phi's splits and these rows in fixed orders: deterministic, no atomics.
 * ``dt`` in bfloat16 / float16 / float32; n in {1, 2, 4, 6, 8}; C a positive multiple of 64 up to 65536; T >= 1.
 
 Precision (the TF32 error budget). Both kernels multiply with ``mma.sync.m16n8k8`` on ``.tf32`` operands (the
@@ -62,7 +68,8 @@ padded phi columns are zero-filled on load, never read from global memory. It ke
 memory and the d_phi accumulator [BK, mp] in registers across its token tiles, and writes d_x once per tile.
 
 Bytes per token (bf16, n=4): forward 8C + S x 100 B; backward x 8C + g_li 2C (read once per stream: up to 8C if
-the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with ``accumulate``).
+the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with ``accumulate``); the coefficient inputs
+(d_pp, d_res, proj, rinv: 4 (2m + 1) = 196 B) are read by every K-slice's block, mostly from L2.
 
 Resources and SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384,
 H100 occupancy from registers and shared memory; guarded in tests/kernels/test_sass.py):
@@ -70,12 +77,17 @@ H100 occupancy from registers and shared memory; guarded in tests/kernels/test_s
 * forward: 218 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
   divisions, 128-bit x loads; 6,104 warp instructions per token (was 46,172); 108 registers, 12 KB shared, 256
   threads: 2 blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
-* backward: 1,224 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
-  fp32 division routine, at 185 registers), 0 divisions; 34,272 warp instructions per token (was 108,836); 125
-  registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots (0.85 wave; was 448 for 264 slots, 1.7
-  waves). Its x-tile loads are 64-bit (the conversion to the fp32 tile is fused into them).
-* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 72 / 138, n = 2: 72 / 136, n = 6: 146 / 216,
-  n = 8: 202 / 255 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 128 / 146. Resident
+* backward: 1,161 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
+  fp32 division routine, at 185 registers; 1,224 reading one concatenated d_logits), 0 divisions; 32,508 warp
+  instructions per token (was 108,836); 126 registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots
+  (0.85 wave; was 448 for 264 slots, 1.7 waves). Its x-tile loads are 64-bit (the conversion to the fp32 tile is
+  fused into them). The d_bias / d_scale pass runs after the tile loop (a rolled loop over its tiles' tokens; with
+  an unrolled one ptxas hoisted the loads to 255 registers and spilled). The d_proj tile is filled by two loops,
+  d_pp's 2n columns and d_res's n * n: one loop selecting between the two sources per element cost 1,534-1,540;
+  the two loops' shared stores are 2-way bank conflicts (``python -m profiling model --kernel pre_mapping_bwd --json
+  PATH``: ``bank_conflicts`` of pre_proj_bwd), a lever left.
+* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 72 / 146, n = 2: 72 / 146, n = 6: 146 / 207,
+  n = 8: 202 / 208 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 128 / 150. Resident
   blocks per SM follow (:data:`_FWD_RESIDENT`, :data:`_BWD_RESIDENT`, used by :func:`choose_splits`; keyed by n
   at bf16: the fp32 backward at n = 4 fits 3 blocks, not 4).
 * all shipped configurations: 0 spills, 0 stack (tests/kernels/test_codegen.py).
@@ -317,17 +329,28 @@ def pre_proj_fwd_program(n: int, C: int, dtype: str):
     return pre_proj_fwd
 
 
+def _coef_grad(d_pp, d_res, t, j, n: int):
+    """``d_logits[t, j]`` of the coefficient columns (pre | post | res) from its two sources: ``d_pp [T, 2n]``
+    (pre_finalize's) for j < 2n, ``d_res [T, n * n]`` (the Sinkhorn backward's, row-major) past it; both column
+    indices are clamped into bounds, so the select may evaluate either load."""
+    return T.if_then_else(j < 2 * n, d_pp[t, T.min(j, 2 * n - 1)], d_res[t, T.min(T.max(j - 2 * n, 0), n * n - 1)])
+
+
 def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
-    """``d_x`` (both matmul terms, the RMS term and F_pre's term) and per-split ``d_phi`` partials in one pass."""
+    """``d_x`` (both matmul terms, the RMS term and F_pre's term), per-split ``d_phi`` partials and per-block
+    partials of ``d_bias`` / ``d_scale`` per token tile in one pass."""
     sh = _shape(n, C, dtype)
     m, mp, K, chunks = sh.m, sh.mp, sh.K, sh.chunks
+    nn, n2 = n * n, 2 * n
     threads = bwd_threads(n)
+    assert threads >= m, "one thread per coefficient column in the d_bias / d_scale pass"  # internal invariant
     f32 = "float32"
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
+    num_tiles = T.dynamic("num_tiles")  # ceil(num_tokens / BM), the rows of d_coef_part
 
     @T.macro
-    def body(x, phi, d_logits, proj, rinv, alpha, h_pre, g_li, d_x_in, d_x, d_phi_part):
+    def body(x, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, d_x_in, d_x, d_phi_part, d_coef_part):
         with T.Kernel(chunks, num_splits, threads=threads) as (kb, by):
             ps = T.alloc_shared((BK, mp), f32)  # phi's K-slice, loaded once
             xs = T.alloc_shared((BM, BK), f32)  # x tile, converted to fp32
@@ -350,6 +373,8 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             count = T.min(per, tiles - by * per)
             for i, j in T.Parallel(BK, mp):
                 ps[i, j] = T.if_then_else(j < m, _tf32(phi[k0 + i, j]), T.float32(0))
+            for i, j in T.Parallel(BM, mp):
+                dps[i, j] = T.float32(0)  # the padded columns [m, mp) stay zero (the tile loop writes [0, m))
             T.clear(dphi_acc)
             for tt in T.serial(count):
                 t0 = t_base + tt * BM
@@ -358,12 +383,14 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
                     xs[i, j] = T.if_then_else(
                         t0 + i < num_tokens, T.cast(x[T.min(t0 + i, num_tokens - 1), k0 + j], f32), T.float32(0)
                     )
-                # d_proj = d_logits * alpha_g * rinv, rows past T and padded columns zero.
-                for i, j in T.Parallel(BM, mp):
+                # d_proj = d_logits * alpha_g * rinv (d_logits = d_pp | d_res), rows past T and padded columns zero.
+                for i, j in T.Parallel(BM, n2):
                     dps[i, j] = T.if_then_else(
-                        t0 + i < num_tokens and j < m,
-                        _tf32(d_logits[t0 + i, T.min(j, m - 1)] * alpha[T.min(j // n, 2)] * rinv[t0 + i]),
-                        T.float32(0),
+                        t0 + i < num_tokens, _tf32(d_pp[t0 + i, j] * alpha[j // n] * rinv[t0 + i]), T.float32(0)
+                    )
+                for i, j in T.Parallel(BM, nn):
+                    dps[i, n2 + j] = T.if_then_else(
+                        t0 + i < num_tokens, _tf32(d_res[t0 + i, j] * alpha[2] * rinv[t0 + i]), T.float32(0)
                     )
                 # cx = -rinv^3 / K * sum_j d_logits_j * alpha_g(j) * proj_j (one thread per token, fixed order; a
                 # rolled loop: unrolled, ptxas hoisted all 2m loads and spilled at n = 6, 8).
@@ -373,7 +400,7 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
                         s = T.alloc_var(f32)
                         s = T.float32(0)
                         for j in T.serial(m):
-                            s += d_logits[t, j] * alpha[T.min(j // n, 2)] * proj[t, j]
+                            s += _coef_grad(d_pp, d_res, t, j, n) * alpha[T.min(j // n, 2)] * proj[t, j]
                         r = rinv[t]
                         cxs[tx] = -s * r * r * r * T.float32(1.0 / K)  # a multiply: the division is a call
                         hps[tx] = h_pre[t, stream]
@@ -391,6 +418,25 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             for i, j in T.Parallel(BK, mp):
                 if j < m:
                     d_phi_part[by, k0 + i, j] = dphi_acc[i, j]
+            # Per token tile: d_bias_j = sum_t d_logits[t, j] and d_scale_j = sum_t d_logits[t, j] * proj[t, j] *
+            # rinv[t], for the split's tiles kb, kb + chunks, ... (every tile in exactly one block): thread j sums
+            # column j in token order. After the GEMM loop (its registers are free by then); a rolled loop (unrolled,
+            # ptxas hoisted the loads to 255 registers and spilled).
+            if tx < m:
+                col = T.min(tx, m - 1)
+                for it in T.serial(T.ceildiv(T.max(count - kb, 0), chunks)):
+                    tile = by * per + kb + it * chunks  # the global tile index
+                    t0 = tile * BM
+                    sb = T.alloc_var(f32)
+                    sc = T.alloc_var(f32)
+                    sb = T.float32(0)
+                    sc = T.float32(0)
+                    for i in T.serial(T.min(BM, num_tokens - t0)):  # a dynamic count: a rolled loop
+                        dl = _coef_grad(d_pp, d_res, t0 + i, col, n)
+                        sb += dl
+                        sc += dl * proj[t0 + i, col] * rinv[t0 + i]
+                    d_coef_part[tile, col] = sb
+                    d_coef_part[tile, m + col] = sc
 
     if accumulate:
 
@@ -398,7 +444,8 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
         def pre_proj_bwd_acc(
             x: T.Tensor((num_tokens, K), dtype),
             phi: T.Tensor((K, m), f32),
-            d_logits: T.Tensor((num_tokens, m), f32),
+            d_pp: T.Tensor((num_tokens, n2), f32),
+            d_res: T.Tensor((num_tokens, nn), f32),
             proj: T.Tensor((num_tokens, m), f32),
             rinv: T.Tensor((num_tokens,), f32),
             alpha: T.Tensor((3,), f32),
@@ -407,8 +454,9 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             d_x_in: T.Tensor((num_tokens, K), dtype),
             d_x: T.Tensor((num_tokens, K), dtype),
             d_phi_part: T.Tensor((num_splits, K, m), f32),
+            d_coef_part: T.Tensor((num_tiles, 2 * m), f32),
         ):
-            body(x, phi, d_logits, proj, rinv, alpha, h_pre, g_li, d_x_in, d_x, d_phi_part)
+            body(x, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, d_x_in, d_x, d_phi_part, d_coef_part)
 
         return pre_proj_bwd_acc
 
@@ -416,7 +464,8 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
     def pre_proj_bwd(
         x: T.Tensor((num_tokens, K), dtype),
         phi: T.Tensor((K, m), f32),
-        d_logits: T.Tensor((num_tokens, m), f32),
+        d_pp: T.Tensor((num_tokens, n2), f32),
+        d_res: T.Tensor((num_tokens, nn), f32),
         proj: T.Tensor((num_tokens, m), f32),
         rinv: T.Tensor((num_tokens,), f32),
         alpha: T.Tensor((3,), f32),
@@ -424,8 +473,9 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
         g_li: T.Tensor((num_tokens, C), dtype),
         d_x: T.Tensor((num_tokens, K), dtype),
         d_phi_part: T.Tensor((num_splits, K, m), f32),
+        d_coef_part: T.Tensor((num_tiles, 2 * m), f32),
     ):
-        body(x, phi, d_logits, proj, rinv, alpha, h_pre, g_li, None, d_x, d_phi_part)
+        body(x, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, None, d_x, d_phi_part, d_coef_part)
 
     return pre_proj_bwd
 

@@ -31,10 +31,11 @@ def main(path: str, plant: bool) -> None:
     )  # fmt: skip
     # pre_proj bwd with accumulate: the same shape, one split
     EmulatedKernel(src["pre_proj_bwd"])(
-        x=torch.randn(T, K).to(bf), phi=torch.randn(K, m), d_logits=torch.randn(T, m), proj=torch.randn(T, m),
+        x=torch.randn(T, K).to(bf), phi=torch.randn(K, m), d_pp=torch.randn(T, 2 * n), d_res=torch.randn(T, n * n),
+        proj=torch.randn(T, m),
         rinv=torch.rand(T) + 0.5, alpha=torch.ones(3), h_pre=torch.rand(T, n), g_li=torch.randn(T, C).to(bf),
         d_x_in=torch.randn(T, K).to(bf), d_x=torch.empty(T, K, dtype=bf), d_phi_part=torch.empty(1, K, m),
-        num_tokens=T, num_splits=1, grid=(K // 64, 1),
+        d_coef_part=torch.empty(1, 2 * m), num_tokens=T, num_splits=1, grid=(K // 64, 1),
     )  # fmt: skip
     # pre_finalize fwd: n=4, C=1280, bf16, T=33 (a partial second block), 2 splits
     n, C, T, S = 4, 1280, 33, 2
@@ -53,6 +54,18 @@ def main(path: str, plant: bool) -> None:
         alpha=torch.ones(3), bias=torch.randn(m), d_pp=torch.empty(T, 2 * n, dtype=f32),
         res_logits=torch.empty(T, n, n), post_mult=2.0, num_tokens=T, grid=int(src["pre_finalize_bwd_blocks"]),
     )  # fmt: skip
+    # pre_reduce bwd, both variants: n=4, K = 512 (kq = 3072: 6 d_phi blocks of 512 threads and the coefficient
+    # block), 3 splits; 5 tiles of coefficient partials (fewer rows than parts: some parts have none)
+    n, K, S, R = 4, 512, 3, 5
+    m = n * n + 2 * n
+    kq = K * m // 4
+    EmulatedKernel(src["pre_reduce_bwd"])(
+        d_phi_part=torch.randn(S, kq, 4), d_coef_part=torch.randn(R, 2 * m), d_phi=torch.empty(kq, 4),
+        d_alpha=torch.empty(3), d_bias=torch.empty(m), kq=kq, num_splits=S, rows=R, grid=kq // 512 + 1,
+    )  # fmt: skip
+    EmulatedKernel(src["pre_reduce_bwd_coef"])(
+        d_coef_part=torch.randn(R, 2 * m), d_alpha=torch.empty(3), d_bias=torch.empty(m), rows=R, grid=1
+    )
     # Sinkhorn fwd/bwd (exp domain with its log-domain fallback): a partial last block; token 1 underflows (a row 200
     # below the rest: the fallback), token 2 has a NaN logit
     for n in (4, 7, 16):

@@ -1,9 +1,10 @@
 """The emulated pre-mapping kernels under AddressSanitizer (g++ -fsanitize=address, libasan preloaded into a child
 python): every tensor is allocated to its exact size, so an out-of-bounds read or write of the generated code (a
 missing guard for rows past T, a wrong stride) aborts the child. A planted short input shows the check can fail.
-Covers pre_proj fwd and bwd (accumulate variant; TF32 MMA emulated), pre_finalize fwd and bwd, and the Sinkhorn
-kernels (n = 4, 7, 16: exp domain in registers and in shared memory, with tokens that take the log-domain
-fallback), partial tiles and blocks. Skipped where g++ has no libasan."""
+Covers pre_proj fwd and bwd (accumulate variant; TF32 MMA emulated), pre_finalize fwd and bwd, pre_reduce bwd (both
+variants: a row count below the parts), and the Sinkhorn kernels (n = 4, 7, 16: exp domain in registers and in
+shared memory, with tokens that take the log-domain fallback), partial tiles and blocks. Skipped where g++ has no
+libasan."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from tl_kernels import post_res, pre_finalize, pre_proj, sinkhorn
+from tl_kernels import post_res, pre_finalize, pre_proj, pre_reduce, sinkhorn
 
 from .cuda_emu import kernel_sources
 
@@ -38,6 +39,8 @@ def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
         "pre_proj_bwd": pre_proj.pre_proj_bwd_kernel(4, 128, "bfloat16", True),
         "pre_finalize_fwd": pre_finalize.pre_finalize_fwd_kernel(4, 1280, "bfloat16", 20, 0.0),
         "pre_finalize_bwd": pre_finalize.pre_finalize_bwd_kernel(4, 64, "float32"),
+        "pre_reduce_bwd": pre_reduce.pre_reduce_bwd_kernel(4, True),
+        "pre_reduce_bwd_coef": pre_reduce.pre_reduce_bwd_kernel(4, False),
     }
     src = {"pre_finalize_bwd_blocks": -(-19 // post_res._plan(4, 64, "float32").tpb)}
     for n in (4, 7, 16):  # K, H in registers (n = 4, 7) or in the tile rows (n = 16)

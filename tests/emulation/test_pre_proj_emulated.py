@@ -94,17 +94,18 @@ def test_pre_proj_bwd_generated_source_on_cpu(n, C, dtype, T, splits, accumulate
     Tp = T + BM
     x = torch.randn(Tp, K, generator=g).to(dt)
     phi = torch.randn(K, m, generator=g) / K**0.5
-    d_logits = torch.randn(Tp, m, generator=g)
+    d_pp, d_res = torch.randn(Tp, 2 * n, generator=g), torch.randn(Tp, n * n, generator=g)
     proj, rinv = torch.randn(Tp, m, generator=g), torch.rand(Tp, generator=g) + 0.5
     alpha = torch.tensor([0.7, 0.5, 1.3])
     h_pre, g_li = torch.rand(Tp, n, generator=g), torch.randn(Tp, C, generator=g).to(dt)
     d_x_in = torch.randn(Tp, K, generator=g).to(dt)
-    for t in (x, d_logits, proj, rinv, h_pre, g_li, d_x_in):
+    for t in (x, d_pp, d_res, proj, rinv, h_pre, g_li, d_x_in):
         t[T:] = float("nan")  # a row past T that leaked into the d_phi reduction would make it NaN
     d_x = torch.full((Tp, K), float("nan"), dtype=dt)
     d_phi_part = torch.full((splits, K, m), float("nan"))
-    args = dict(x=x, phi=phi, d_logits=d_logits, proj=proj, rinv=rinv, alpha=alpha, h_pre=h_pre, g_li=g_li,
-                d_x=d_x, d_phi_part=d_phi_part)  # fmt: skip
+    d_coef_part = torch.full((-(-T // BM), 2 * m), float("nan"))
+    args = dict(x=x, phi=phi, d_pp=d_pp, d_res=d_res, proj=proj, rinv=rinv, alpha=alpha, h_pre=h_pre, g_li=g_li,
+                d_x=d_x, d_phi_part=d_phi_part, d_coef_part=d_coef_part)  # fmt: skip
     if accumulate:
         args["d_x_in"] = d_x_in
     kernel(**args, num_tokens=T, num_splits=splits, grid=(K // BK, splits))
@@ -112,7 +113,7 @@ def test_pre_proj_bwd_generated_source_on_cpu(n, C, dtype, T, splits, accumulate
 
     a = alpha.double()
     scale = torch.cat([a[:1].expand(n), a[1:2].expand(n), a[2:].expand(n * n)])
-    d_logits = d_logits[:T].double()
+    d_logits = torch.cat([d_pp, d_res], 1)[:T].double()
     ri, pr, xv, pv = rinv[:T].double(), proj[:T].double(), x[:T].double(), phi.double()
     d_proj = d_logits * scale * ri[:, None]
     cx = -(d_logits * scale * pr).sum(-1) * ri**3 / K
@@ -130,3 +131,35 @@ def test_pre_proj_bwd_generated_source_on_cpu(n, C, dtype, T, splits, accumulate
         want = xv[rows].T @ d_proj[rows]
         mag = xv[rows].abs().T @ d_proj[rows].abs()
         assert _max_rel(d_phi_part[s], want, mag) <= _budget(dtype), f"d_phi partial {s}"
+    # d_bias / d_scale partials, one row per token tile (written by one block of the tile's split), fp32 (no TF32).
+    d_scale = d_logits * pr * ri[:, None]
+    for tt in range(tiles):
+        rows = slice(tt * BM, min(tt * BM + BM, T))
+        got = d_coef_part[tt].double()
+        bound = (BM + 3) * 2**-24  # fp32 summation (sequential) and the products' roundings
+        assert _max_rel(got[:m], d_logits[rows].sum(0), d_logits[rows].abs().sum(0)) <= bound, f"d_bias, tile {tt}"
+        assert _max_rel(got[m:], d_scale[rows].sum(0), d_scale[rows].abs().sum(0)) <= bound, f"d_scale, tile {tt}"
+
+
+def test_pre_proj_bwd_coefficient_partials_do_not_depend_on_the_split_count():
+    """A tile's d_bias / d_scale partial is summed by one thread per column in token order, whichever block of
+    whichever split owns the tile: the partials are bitwise equal for 1, 2 and 3 splits, and every row is written
+    (the values against float64: test_pre_proj_bwd_generated_source_on_cpu)."""
+    n, C, dtype, T = 2, 64, "bfloat16", 300  # 5 tiles, 2 K-slices: blocks with one, two and three tiles
+    kernel = EmulatedKernel(pre_proj.pre_proj_bwd_kernel(n, C, dtype, False).get_kernel_source())
+    m, K = n * n + 2 * n, n * C
+    g = torch.Generator().manual_seed(3)
+    ins = dict(x=torch.randn(T, K, generator=g).to(DT[dtype]), phi=torch.randn(K, m, generator=g) / K**0.5,
+               d_pp=torch.randn(T, 2 * n, generator=g), d_res=torch.randn(T, n * n, generator=g),
+               proj=torch.randn(T, m, generator=g), rinv=torch.rand(T, generator=g) + 0.5,
+               alpha=torch.tensor([0.7, 0.5, 1.3]), h_pre=torch.rand(T, n, generator=g),
+               g_li=torch.randn(T, C, generator=g).to(DT[dtype]))  # fmt: skip
+    tiles = -(-T // BM)
+    outs = []
+    for splits in (1, 2, 3):
+        part = torch.full((tiles, 2 * m), float("nan"))
+        kernel(**ins, d_x=torch.empty(T, K, dtype=DT[dtype]), d_phi_part=torch.empty(splits, K, m),
+               d_coef_part=part, num_tokens=T, num_splits=splits, grid=(K // BK, splits))  # fmt: skip
+        outs.append(part)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert not outs[0].isnan().any(), "a tile's partial row was not written"

@@ -303,7 +303,11 @@ def test_registry_counts() -> None:
     assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"], c.direction) for c in boundary} == {
         (*shape, d) for shape in shapes for d in ("fwd", "bwd")
     }
-    assert len(ALL_CONFIGS) == 345 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *boundary}
+    reduce = registry.configs("pre_reduce")
+    assert {(c.direction, c.kwargs["n"], c.kwargs["reduce_phi"]) for c in reduce} == {
+        ("bwd", n, r) for n in (1, 2, 4, 6, 8) for r in (True, False)
+    }
+    assert len(ALL_CONFIGS) == 355 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary}
     for family, direction in itertools.product(("pre_proj", "pre_finalize"), ("fwd", "bwd")):
         got = {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in registry.configs(family, direction)}
         assert got == shapes, (family, direction)
@@ -339,7 +343,8 @@ def test_registry_names() -> None:
 
 
 def test_registry_selection() -> None:
-    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35 + 35  # post_res, pre_proj, pre_finalize, boundary
+    # post_res, pre_proj, pre_finalize, pre_reduce, boundary
+    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35 + 10 + 35
     picked = registry.configs("post_res", "fwd", n=4, C=(4096, 7168))
     assert [c.name for c in picked] == [
         f"post_res_fwd[n=4,C={c},dtype={d}]" for c in (4096, 7168) for d in ("bfloat16", "float16", "float32")
@@ -393,7 +398,7 @@ def test_kernel_config_resolves_builders_lazily(monkeypatch) -> None:
 
 def test_registry_import_is_light() -> None:
     code = (
-        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 345; "
+        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 355; "
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tilelang', 'torch', 'tvm') "
         "or m.startswith('tl_kernels.') and m.split('.')[1] in r.FAMILIES]; assert not heavy, heavy"
     )

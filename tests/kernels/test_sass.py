@@ -84,14 +84,14 @@ def test_sass_loop_parser_on_a_listing():
 # ------------------------------------------------------------------------------------------- pre-mapping kernels
 # Guards on the hot loops of tl_kernels/pre_proj.py and tl_kernels/pre_finalize.py (n = 4, C = 7168, bf16), measured
 # with ``python -m tl_kernels.pre_mapping_sass``: instructions per iteration (pre_proj fwd 218 per 64-column K-chunk,
-# was 1,649 with 20 division calls; bwd 1,224 per 64-token tile with its MMA loop, was 3,887 with 41; pre_finalize
+# was 1,649 with 20 division calls; bwd 1,161 per 64-token tile with its MMA loop, was 3,887 with 41; pre_finalize
 # fwd 131 per chunk, was 400 with 5; bwd 121) plus ~8%, no integer division sequence or call inside the loop, no
 # local memory anywhere, and the widest global load the layout allows.
 
 PRE_MAPPING_GUARDS = [
     # kernel, most instructions per iteration, widest LDG in bits, 128-bit stores in the loop
     ("pre_proj_fwd", 236, 128, False),
-    ("pre_proj_bwd", 1320, 64, False),  # the x tile is converted to fp32 on its (64-bit) load
+    ("pre_proj_bwd", 1254, 64, False),  # the x tile is converted to fp32 on its (64-bit) load
     ("pre_finalize_fwd", 142, 128, True),
     ("pre_finalize_bwd", 131, 128, False),
 ]
@@ -135,3 +135,22 @@ def test_division_and_local_memory_detectors_on_a_listing():
     assert pm_sass.widest_load_bits(clean) == 128 and pm_sass.widest_load_bits(["LDG.E R2, desc[UR4][R4.64]"]) == 32
     planted = [*clean, "I2F.U32.RP R5, R3", "MUFU.RCP R5, R5", "CALL.REL.NOINC 0x72f0", "STL [R1], R4"]
     assert pm_sass.division_sequences(planted) == 2 and pm_sass.local_memory(planted) == 1
+
+
+@pytest.mark.parametrize("reduce_phi", [True, False], ids=["with-d_phi", "coefficients-only"])
+def test_pre_reduce_bwd_loops(reduce_phi):
+    """tl_kernels/pre_reduce.py at n = 4 (measured with the loop parser below: the coefficient loop 166 instructions
+    per 8 rows with 32-bit loads, one float per column; the d_phi split loop 128-bit loads, unrolled by ptxas): no
+    division or local memory anywhere, the coefficient loop under 180 (+8%), d_phi read 128 bits at a time."""
+    pm_sass = pytest.importorskip("tl_kernels.pre_mapping_sass")
+    pre_reduce = pytest.importorskip("tl_kernels.pre_reduce")
+    text = _sass_or_skip(pre_reduce.pre_reduce_bwd_kernel(4, reduce_phi))
+    ins = codegen.sass_instructions(text)
+    everything = [t for _, t in ins]
+    assert pm_sass.division_sequences(everything) == 0 and pm_sass.local_memory(everything) == 0
+    loops = [(loop, [t for a, t in ins if loop["start"] <= a <= loop["end"]]) for loop in codegen.sass_loops(text)]
+    loaded = [(loop, body) for loop, body in loops if loop["global"]]
+    coef = [body for _, body in loaded if pm_sass.widest_load_bits(body) == 32]
+    assert len(coef) == 1 and len(coef[0]) <= 180, [len(b) for b in coef]
+    phi = [body for _, body in loaded if pm_sass.widest_load_bits(body) == 128]
+    assert bool(phi) == reduce_phi and len(loaded) == len(coef) + len(phi)
