@@ -242,13 +242,16 @@ def _pre_proj_bwd(n, C, dtype, accumulate=False):
 
     K = n * C
 
-    def impl(x, phi, d_logits, proj, rinv, alpha, h_pre, g_li, *rest):
-        d_x_in, d_x, part = rest if accumulate else (None, *rest)
+    def impl(x, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, *rest):
+        d_x_in, d_x, part, coef = rest if accumulate else (None, *rest)
         T = x.shape[0]
         S, tiles = part.shape[0], -(-T // pre_proj.BM)
+        if coef.shape[0] != tiles:
+            raise ValueError(f"pre_proj_bwd: d_coef_part has {coef.shape[0]} rows, the contract needs {tiles}")
+        d_logits = torch.cat([d_pp.double(), d_res.double()], 1)
         scale = ref._group_scale(alpha.double(), n)
-        d_proj = d_logits.double() * scale * rinv.double()[:, None]
-        cx = -(rinv.double() ** 3) / K * (d_logits.double() * scale * proj.double()).sum(1)
+        d_proj = d_logits * scale * rinv.double()[:, None]
+        cx = -(rinv.double() ** 3) / K * (d_logits * scale * proj.double()).sum(1)
         v = d_proj @ phi.double().T + cx[:, None] * x.double()
         v = v + (h_pre.double()[..., None] * g_li.double()[:, None, :]).reshape(T, K)
         if d_x_in is not None:
@@ -258,9 +261,36 @@ def _pre_proj_bwd(n, C, dtype, accumulate=False):
         for s in range(S):
             t = slice(min(s * per * pre_proj.BM, T), min((s + 1) * per * pre_proj.BM, T))
             _put(part[s], x[t].double().T @ d_proj[t])
+        rs = d_logits * proj.double() * rinv.double()[:, None]
+        for r in range(tiles):
+            t = slice(r * pre_proj.BM, min((r + 1) * pre_proj.BM, T))
+            _put(coef[r], torch.cat([d_logits[t].sum(0), rs[t].sum(0)]))
 
     prog = pre_proj.pre_proj_bwd_program(n, C, dtype, accumulate)
     return FakeKernel("pre_proj_bwd", (n, C, dtype, accumulate), prog, impl)
+
+
+def _pre_reduce_bwd(n, reduce_phi=True):
+    from tl_kernels import pre_reduce
+
+    m = n * n + 2 * n
+    groups = [slice(0, n), slice(n, 2 * n), slice(2 * n, m)]
+
+    def coefs(coef, d_alpha, d_bias):
+        sums = coef.double().sum(0)
+        _put(d_bias, sums[:m])
+        _put(d_alpha, torch.stack([sums[m:][g].sum() for g in groups]))
+
+    if reduce_phi:
+
+        def impl(d_phi_part, coef, d_phi, d_alpha, d_bias):
+            _put(d_phi, d_phi_part.double().sum(0))
+            coefs(coef, d_alpha, d_bias)
+
+    else:
+        impl = coefs
+    prog = pre_reduce.pre_reduce_bwd_program(n, reduce_phi)
+    return FakeKernel("pre_reduce_bwd", (n, reduce_phi), prog, impl)
 
 
 def _pre_finalize_fwd(n, C, dtype, iters, eps):
@@ -351,6 +381,7 @@ BUILDERS = {
     ("pre_proj", "pre_proj_bwd_kernel"): _pre_proj_bwd,
     ("pre_finalize", "pre_finalize_fwd_kernel"): _pre_finalize_fwd,
     ("pre_finalize", "pre_finalize_bwd_kernel"): _pre_finalize_bwd,
+    ("pre_reduce", "pre_reduce_bwd_kernel"): _pre_reduce_bwd,
     ("boundary", "boundary_fwd_kernel"): _boundary_fwd,
     ("boundary", "boundary_bwd_kernel"): _boundary_bwd,
 }

@@ -67,7 +67,9 @@ def test_family_lists_name_every_kernel_family():
     readme_line = " ".join(readme.split())
     for family in _cuda.KERNEL_FAMILIES:
         assert f"`{family}`" in disable_row, family
-        assert "MHC_DISABLE_KERNELS=post_res,sinkhorn,pre_mapping,boundary" in readme_line and f"`{family}`" in readme_line
+        assert (
+            "MHC_DISABLE_KERNELS=post_res,sinkhorn,pre_mapping,boundary" in readme_line and f"`{family}`" in readme_line
+        )
 
 
 def test_readme_set_up_is_where_a_newcomer_looks_first():

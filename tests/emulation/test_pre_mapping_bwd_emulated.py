@@ -10,21 +10,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cuda_emu import EmulatedKernel
-
-pytest.importorskip("tl_kernels.pre_reduce")
-pre_proj = pytest.importorskip("tl_kernels.pre_proj")
+import tl_kernels.pre_reduce  # noqa: F401  (the backward launches it)
 from mhc import _cuda  # noqa: E402
 from mhc import reference as ref  # noqa: E402
 from profiling import families  # noqa: E402
 from profiling.model.bounds import _bind  # noqa: E402
+from tl_kernels import pre_proj
+
+from .cuda_emu import EmulatedKernel
 
 _SOURCES: dict[int, EmulatedKernel] = {}
 
 
 def _emulate(log):
     def launch(device, kernel, *args):
-        emu = _SOURCES.setdefault(id(kernel), EmulatedKernel(kernel.get_kernel_source()))
+        emu = _SOURCES.setdefault(id(kernel), EmulatedKernel(kernel))
         scalars, grid, _ = _bind(kernel, args)
         named = dict(scalars)
         pf = kernel.prim_func

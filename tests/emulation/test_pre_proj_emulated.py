@@ -146,7 +146,7 @@ def test_pre_proj_bwd_coefficient_partials_do_not_depend_on_the_split_count():
     whichever split owns the tile: the partials are bitwise equal for 1, 2 and 3 splits, and every row is written
     (the values against float64: test_pre_proj_bwd_generated_source_on_cpu)."""
     n, C, dtype, T = 2, 64, "bfloat16", 300  # 5 tiles, 2 K-slices: blocks with one, two and three tiles
-    kernel = EmulatedKernel(pre_proj.pre_proj_bwd_kernel(n, C, dtype, False).get_kernel_source())
+    kernel = EmulatedKernel(pre_proj.pre_proj_bwd_kernel(n, C, dtype, False))
     m, K = n * n + 2 * n, n * C
     g = torch.Generator().manual_seed(3)
     ins = dict(x=torch.randn(T, K, generator=g).to(DT[dtype]), phi=torch.randn(K, m, generator=g) / K**0.5,

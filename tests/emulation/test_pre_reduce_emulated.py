@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .cuda_emu import EmulatedKernel
+from tl_kernels import pre_reduce
 
-pre_reduce = pytest.importorskip("tl_kernels.pre_reduce")
+from .cuda_emu import EmulatedKernel
 
 
 def _coef_in_kernel_order(part: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def test_pre_reduce_bwd_generated_source_on_cpu(n, C, splits, T):
     coef = torch.randn(rows, 2 * m, generator=g) * torch.rand(1, 2 * m, generator=g) * 10
     d_alpha, d_bias = torch.full((3,), float("nan")), torch.full((m,), float("nan"))
     if splits > 1:
-        kernel = EmulatedKernel(pre_reduce.pre_reduce_bwd_kernel(n, True).get_kernel_source())
+        kernel = EmulatedKernel(pre_reduce.pre_reduce_bwd_kernel(n, True))
         d_phi = torch.full((K, m), float("nan"))
         kq = K * m // pre_reduce.VEC
         kernel(d_phi_part=d_phi_part.view(splits, kq, pre_reduce.VEC), d_coef_part=coef,
@@ -64,7 +64,7 @@ def test_pre_reduce_bwd_generated_source_on_cpu(n, C, splits, T):
             want = want + d_phi_part[s]
         assert torch.equal(d_phi, want), "d_phi is not the split-order fp32 sum"
     else:
-        kernel = EmulatedKernel(pre_reduce.pre_reduce_bwd_kernel(n, False).get_kernel_source())
+        kernel = EmulatedKernel(pre_reduce.pre_reduce_bwd_kernel(n, False))
         kernel(d_coef_part=coef, d_alpha=d_alpha, d_bias=d_bias, rows=rows, grid=1)
     got = torch.cat([d_bias, d_alpha])
     assert torch.equal(got, _coef_in_kernel_order(coef, n, m)), "d_bias / d_alpha not in the documented order"

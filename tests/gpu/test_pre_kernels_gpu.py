@@ -101,17 +101,20 @@ def _launch_finalize_bwd(g_li, x, g_pre, g_post, h_pre, h_post, proj, rinv, alph
 
 
 def _launch_proj_bwd(x, phi, d_logits, proj, rinv, alpha, h_pre, g_li, splits, d_x_in=None):
-    """``pre_proj_bwd_kernel(n, C, dt, accumulate)(x [T, K], phi, d_logits [T, m], proj, rinv, alpha, h_pre, g_li,
-    [d_x_in,] d_x [T, K], d_phi_part [S, K, m])``."""
+    """``pre_proj_bwd_kernel(n, C, dt, accumulate)(x [T, K], phi, d_pp [T, 2n], d_res [T, n*n], proj, rinv, alpha,
+    h_pre, g_li, [d_x_in,] d_x [T, K], d_phi_part [S, K, m], d_coef_part [ceil(T / BM), 2m])``, with
+    ``d_logits = [d_pp | d_res]``."""
     from tl_kernels import pre_proj
 
     T, n, C = x.shape
     K, m = n * C, n * n + 2 * n
     d_x, d_phi_part = _nan(T, K, dtype=x.dtype), _nan(splits, K, m)
+    d_coef_part = _nan(-(-T // pre_proj.BM), 2 * m)
     kernel = pre_proj.pre_proj_bwd_kernel(n, C, str(x.dtype).removeprefix("torch."), d_x_in is not None)
     extra = [] if d_x_in is None else [d_x_in]
-    kernel(x.view(T, K), phi, d_logits, proj, rinv, alpha, h_pre, g_li, *extra, d_x, d_phi_part)
-    return d_x.view(T, n, C), d_phi_part
+    d_pp, d_res = d_logits[:, : 2 * n].contiguous(), d_logits[:, 2 * n :].contiguous()
+    kernel(x.view(T, K), phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, *extra, d_x, d_phi_part, d_coef_part)
+    return d_x.view(T, n, C), d_phi_part, d_coef_part
 
 
 def _splits(T, n, C, direction):
@@ -266,16 +269,22 @@ def test_pre_proj_bwd(T, n, C, dtype):
     chosen = _splits(T, n, C, "bwd")
     d_xs = {}
     for splits in sorted({chosen, 1}):
-        d_x, part = _launch_proj_bwd(x, phi, d_logits, proj, rinv, alpha, h_pre, g_li, splits)
+        d_x, part, coef = _launch_proj_bwd(x, phi, d_logits, proj, rinv, alpha, h_pre, g_li, splits)
         assert not d_x.isnan().any() and not part.isnan().any(), f"outputs not written (S={splits})"
+        assert not coef.isnan().any(), f"d_coef_part not written (S={splits})"
         _within(d_x, want_x, mag_x, tf32 + ULP[x.dtype], f"d_x (S={splits})")
         _within(part.sum(0), want_phi, mag_phi, tf32, f"d_phi (S={splits})")
+        # per token tile (d_bias | d_scale): fp32 sums of at most BM products, checked summed over the tiles
+        rs = d_logits.double() * proj.double() * rinv.double()[:, None]
+        want_coef = torch.cat([d_logits.double().sum(0), rs.sum(0)])
+        mag_coef = torch.cat([d_logits.double().abs().sum(0), rs.abs().sum(0)])
+        _within(coef.double().sum(0), want_coef, mag_coef, 2**-16, f"d_bias | d_scale partials (S={splits})")
         d_xs[splits] = d_x
     assert torch.equal(d_xs[chosen], d_xs[1]), "d_x depends on the split count"
     if (n, dtype) != (4, "bfloat16"):
         return  # the accumulate variant ships for n = 4, bf16 only (tl_kernels/registry.py)
     d_x_in = torch.randn(T, n, C, device="cuda", generator=g).to(x.dtype)
-    acc, _ = _launch_proj_bwd(x, phi, d_logits, proj, rinv, alpha, h_pre, g_li, chosen, d_x_in=d_x_in.view(T, K))
+    acc, _, _ = _launch_proj_bwd(x, phi, d_logits, proj, rinv, alpha, h_pre, g_li, chosen, d_x_in=d_x_in.view(T, K))
     assert not acc.isnan().any(), "accumulate: d_x not written"
     # one rounding of (v + d_x_in) against round(v) + d_x_in: within an ulp of |v| + |d_x_in| twice over
     plain, incoming = d_xs[chosen].double(), d_x_in.double()

@@ -142,8 +142,9 @@ def test_pre_reduce_bwd_loops(reduce_phi):
     """tl_kernels/pre_reduce.py at n = 4 (measured with the loop parser below: the coefficient loop 166 instructions
     per 8 rows with 32-bit loads, one float per column; the d_phi split loop 128-bit loads, unrolled by ptxas): no
     division or local memory anywhere, the coefficient loop under 180 (+8%), d_phi read 128 bits at a time."""
-    pm_sass = pytest.importorskip("tl_kernels.pre_mapping_sass")
-    pre_reduce = pytest.importorskip("tl_kernels.pre_reduce")
+    from tl_kernels import pre_mapping_sass as pm_sass
+    from tl_kernels import pre_reduce
+
     text = _sass_or_skip(pre_reduce.pre_reduce_bwd_kernel(4, reduce_phi))
     ins = codegen.sass_instructions(text)
     everything = [t for _, t in ins]
