@@ -74,8 +74,8 @@ the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with ``accumulate
 Resources and SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384,
 H100 occupancy from registers and shared memory; guarded in tests/kernels/test_sass.py):
 
-* forward: 218 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
-  divisions, 128-bit x loads; 6,104 warp instructions per token (was 46,172); 108 registers, 12 KB shared, 256
+* forward: 217 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
+  divisions, 128-bit x loads; 6,076 warp instructions per token (was 46,172); 108 registers, 12 KB shared, 256
   threads: 2 blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
 * backward: 1,161 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
   fp32 division routine, at 185 registers; 1,224 reading one concatenated d_logits), 0 divisions; 32,508 warp
