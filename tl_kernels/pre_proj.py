@@ -77,8 +77,8 @@ H100 occupancy from registers and shared memory; guarded in tests/kernels/test_s
 * forward: 217 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
   divisions, 128-bit x loads; 6,076 warp instructions per token (was 46,172); 108 registers, 12 KB shared, 256
   threads: 2 blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
-* backward: 1,161 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
-  fp32 division routine, at 185 registers; 1,224 reading one concatenated d_logits), 0 divisions; 32,508 warp
+* backward: 1,160 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
+  fp32 division routine, at 185 registers; 1,224 reading one concatenated d_logits), 0 divisions; 32,480 warp
   instructions per token (was 108,836); 126 registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots
   (0.85 wave; was 448 for 264 slots, 1.7 waves). Its x-tile loads are 64-bit (the conversion to the fp32 tile is
   fused into them). The d_bias / d_scale pass runs after the tile loop (a rolled loop over its tiles' tokens; with
@@ -139,11 +139,14 @@ _BWD_RESIDENT = {1: 3, 2: 3, 4: 4, 6: 1, 8: 1}
 # explicit row guards); TileLang's own guards on the splits' dynamic offsets would cost the forward its 128-bit loads
 # and add dead compares. The ASan test (tests/emulation) checks the bounds with exactly sized tensors.
 _PASS_CONFIGS = {"tl.disable_safe_memory_legalize": True}
-# The forward places its two barriers by hand (after the zero fill and the first loads; after each chunk's phi
-# staging). TileLang's sync pass would add a third at the top of the K loop, for the WAR hazard it sees on `ps`;
-# but buffer `kk % 2` was last read in chunk kk - 2, and every thread passed chunk kk - 1's barrier after those
-# reads, so that barrier orders nothing (tests/emulation/test_barrier_mutations.py deletes each remaining one).
-_FWD_PASS_CONFIGS = {**_PASS_CONFIGS, "tl.disable_thread_storage_sync": True}
+# Both kernels place their barriers by hand (TileLang's sync pass off, and with it the shared-memory reuse that
+# relies on its barriers). The forward: after the zero fill and the first loads, and after each chunk's phi staging;
+# the pass would add a third at the top of the K loop, for the WAR hazard it sees on `ps`, but buffer `kk % 2` was
+# last read in chunk kk - 2, and every thread passed chunk kk - 1's barrier after those reads. The backward: at
+# the top of each token tile (the previous tile's GEMM and epilogue reads before this tile's writes) and before
+# the GEMMs; the pass would add one between the two loops that fill `dps`, which write disjoint columns.
+# tests/emulation/test_barrier_mutations.py deletes each remaining barrier in turn and sees every deletion.
+_HAND_SYNC = {**_PASS_CONFIGS, "tl.disable_thread_storage_sync": True, "tl.disable_shared_memory_reuse": True}
 _TF32_ROUND = 0x1000  # added to the fp32 bit pattern: round to nearest before the MMA drops 13 bits
 
 
@@ -378,6 +381,7 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             T.clear(dphi_acc)
             for tt in T.serial(count):
                 t0 = t_base + tt * BM
+                T.sync_threads()  # the fills above / the previous tile's GEMM and epilogue reads before these writes
                 for i, j in T.Parallel(BM, BK):
                     # A clamped row: the vectorized load and conversion run before the select (rows past T: zero).
                     xs[i, j] = T.if_then_else(
@@ -407,6 +411,7 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
                     else:
                         cxs[tx] = T.float32(0)
                         hps[tx] = T.float32(0)
+                T.sync_threads()  # xs, dps, cxs, hps written before the GEMMs and the epilogue read them
                 T.gemm(dps, ps, dx_acc, transpose_B=True, clear_accum=True)
                 T.gemm(xs, dps, dphi_acc, transpose_A=True)
                 for i, j in T.Parallel(BM, BK):
@@ -483,10 +488,10 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
 @functools.cache
 def pre_proj_fwd_kernel(n: int, C: int, dtype: str):
     """The compiled forward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
-    return _common.compile_program(pre_proj_fwd_program(n, C, dtype), pass_configs=_FWD_PASS_CONFIGS)
+    return _common.compile_program(pre_proj_fwd_program(n, C, dtype), pass_configs=_HAND_SYNC)
 
 
 @functools.cache
 def pre_proj_bwd_kernel(n: int, C: int, dtype: str, accumulate: bool = False):
     """The compiled backward kernel for ``(n, C, dtype, accumulate)`` (memoised; TileLang's disk cache below)."""
-    return _common.compile_program(pre_proj_bwd_program(n, C, dtype, accumulate), pass_configs=_PASS_CONFIGS)
+    return _common.compile_program(pre_proj_bwd_program(n, C, dtype, accumulate), pass_configs=_HAND_SYNC)

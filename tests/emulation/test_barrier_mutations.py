@@ -79,10 +79,12 @@ def _pre_proj(direction):
 
     def inputs(g):
         ins = dict(x=torch.randn(T, K, generator=g).to(dt), phi=torch.randn(K, m, generator=g) / K**0.5,
-                   d_logits=torch.randn(T, m, generator=g), proj=torch.randn(T, m, generator=g),
-                   rinv=torch.rand(T, generator=g) + 0.5, alpha=torch.tensor([0.7, 0.5, 1.3]),
-                   h_pre=torch.rand(T, n, generator=g), g_li=torch.randn(T, C, generator=g).to(dt))  # fmt: skip
-        outs = dict(d_x=torch.empty(T, K, dtype=dt), d_phi_part=torch.empty(S, K, m))
+                   d_pp=torch.randn(T, 2 * n, generator=g), d_res=torch.randn(T, n * n, generator=g),
+                   proj=torch.randn(T, m, generator=g), rinv=torch.rand(T, generator=g) + 0.5,
+                   alpha=torch.tensor([0.7, 0.5, 1.3]), h_pre=torch.rand(T, n, generator=g),
+                   g_li=torch.randn(T, C, generator=g).to(dt))  # fmt: skip
+        outs = dict(d_x=torch.empty(T, K, dtype=dt), d_phi_part=torch.empty(S, K, m),
+                    d_coef_part=torch.empty(-(-T // pre_proj.BM), 2 * m))  # fmt: skip
         return ins, outs, dict(num_tokens=T, num_splits=S, grid=(K // pre_proj.BK, S))
 
     return kernel, inputs

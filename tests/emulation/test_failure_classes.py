@@ -69,11 +69,14 @@ def test_pre_proj_bwd_partials_at_small_T(T):
     d_logits, proj = torch.randn(T, m, generator=g), torch.randn(T, m, generator=g)
     rinv, alpha = torch.rand(T, generator=g) + 0.5, torch.tensor([0.7, 0.5, 1.3])
     d_phi_part = torch.full((S, K, m), float("nan"))
+    d_coef_part = torch.full((-(-T // pre_proj.BM), 2 * m), float("nan"))
     kernel = EmulatedKernel(pre_proj.pre_proj_bwd_kernel(n, C, "bfloat16", False))
-    kernel(x=x, phi=phi, d_logits=d_logits, proj=proj, rinv=rinv, alpha=alpha, h_pre=torch.rand(T, n, generator=g),
-           g_li=torch.randn(T, C, generator=g).to(dt), d_x=torch.empty(T, K, dtype=dt), d_phi_part=d_phi_part,
-           num_tokens=T, num_splits=S, grid=(K // pre_proj.BK, S))  # fmt: skip
+    kernel(x=x, phi=phi, d_pp=d_logits[:, : 2 * n].contiguous(), d_res=d_logits[:, 2 * n :].contiguous(), proj=proj,
+           rinv=rinv, alpha=alpha, h_pre=torch.rand(T, n, generator=g), g_li=torch.randn(T, C, generator=g).to(dt),
+           d_x=torch.empty(T, K, dtype=dt), d_phi_part=d_phi_part, d_coef_part=d_coef_part, num_tokens=T,
+           num_splits=S, grid=(K // pre_proj.BK, S))  # fmt: skip
     assert not d_phi_part.isnan().any(), "a d_phi partial was never written"
+    assert not d_coef_part.isnan().any(), "a d_bias | d_scale partial was never written"
     a = alpha.double()
     scale = torch.cat([a[:1].expand(n), a[1:2].expand(n), a[2:].expand(n * n)])
     d_proj = d_logits.double() * scale * rinv.double()[:, None]
