@@ -265,145 +265,14 @@ def boundary_bwd_program(n: int, C: int, dtype: str):
     from . import post_res
 
     _common.validate_activation_config("boundary", n, C, dtype, STREAMS)
-    import tilelang.language as T
-    from tvm import tirx
-
     p = post_res._plan(n, C, dtype)
-    vec, tpt, tpb, cw = p.vec, p.tpt, p.tpb, p.coef_vec
-    f32 = "float32"
-    nn = n * n
-    num_coef = nn + n
-    seg = min(tpt, 32)
-    slots_per_token = max(1, tpt // 32)
-    num_slots = p.threads // seg
-    coef_rounds = -(-num_coef // tpt)
-    shuffle_offsets = tuple(seg >> s for s in range(1, seg.bit_length()))
     # post_res's __launch_bounds__ rule with this kernel's own budget: the second gradient's registers made n = 6
     # (bf16, C = 7168: 224 threads) spill 56 bytes under post_res's 144-register budget (2 blocks a SM)
     min_blocks = 1
     if p.tpb == 1:
         min_blocks = max(1, min(65536 // (_BWD_REG_BUDGET[n] * p.threads), 2048 // p.threads))
-    num_tokens = T.dynamic("num_tokens")
-
-    @T.macro
-    def chunk(q, t, g1, g2, layer_output, residual, d_lo, d_res, hr, hp, gs, xs, ls, acc, ob, ph, pr):
-        c0 = q * vec
-        for i in T.unroll(n):
-            for e in T.vectorized(vec):
-                gs[i, e] = g1[t, i, c0 + e]
-            for e in T.vectorized(vec):
-                ob[e] = g2[t, i, c0 + e]
-            for e in T.unroll(vec):
-                gs[i, e] = T.cast(T.cast(gs[i, e], f32) + T.cast(ob[e], f32), dtype)
-        for e in T.vectorized(vec):
-            ls[e] = layer_output[t, c0 + e]
-        for j in T.unroll(n):
-            for e in T.vectorized(vec):
-                xs[j, e] = residual[t, j, c0 + e]
-        for e in T.unroll(vec):
-            acc[e] = hp[0] * T.cast(gs[0, e], f32)
-        for i in T.unroll(1, n):
-            for e in T.unroll(vec):
-                acc[e] = acc[e] + hp[i] * T.cast(gs[i, e], f32)
-        for e in T.vectorized(vec):
-            ob[e] = T.cast(acc[e], dtype)
-        T.stg128(d_lo[t, c0], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"))
-        for i in T.unroll(n):
-            for e in T.unroll(vec):
-                ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(ls[e], f32)
-        for j in T.unroll(n):
-            for e in T.unroll(vec):
-                acc[e] = hr[0, j] * T.cast(gs[0, e], f32)
-            for i in T.unroll(1, n):
-                for e in T.unroll(vec):
-                    acc[e] = acc[e] + hr[i, j] * T.cast(gs[i, e], f32)
-            for e in T.vectorized(vec):
-                ob[e] = T.cast(acc[e], dtype)
-            T.stg128(d_res[t, j, c0], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"))
-            for i in T.unroll(n):
-                for e in T.unroll(vec):
-                    pr[i, j] = pr[i, j] + T.cast(gs[i, e], f32) * T.cast(xs[j, e], f32)
-
-    @T.prim_func
-    def boundary_bwd(
-        grad_x_next: T.Tensor((num_tokens, n, C), dtype),
-        d_x_next: T.Tensor((num_tokens, n, C), dtype),
-        layer_output: T.Tensor((num_tokens, C), dtype),
-        residual: T.Tensor((num_tokens, n, C), dtype),
-        h_post: T.Tensor((num_tokens, n), f32),
-        h_res: T.Tensor((num_tokens, n, n), f32),
-        d_layer_output: T.Tensor((num_tokens, C), dtype),
-        d_residual: T.Tensor((num_tokens, n, C), dtype),
-        d_h_post: T.Tensor((num_tokens, n), f32),
-        d_h_res: T.Tensor((num_tokens, n, n), f32),
-    ):
-        with T.Kernel(T.ceildiv(num_tokens, tpb), threads=p.threads) as bx:
-            T.annotate_min_blocks_per_sm(min_blocks)
-            tx = T.get_thread_binding()
-            hr = T.alloc_local((n, n), f32)
-            hp = T.alloc_local((n,), f32)
-            gs = T.alloc_local((n, vec), dtype)
-            xs = T.alloc_local((n, vec), dtype)
-            ls = T.alloc_local((vec,), dtype)
-            acc = T.alloc_local((vec,), f32)
-            ob = T.alloc_local((vec,), dtype)
-            ph = T.alloc_local((n,), f32)
-            pr = T.alloc_local((n, n), f32)
-            total = T.alloc_local((1,), f32)
-            red = T.alloc_shared((num_slots, num_coef), f32)
-            token = tx // tpt
-            t = bx * tpb + token
-            lane = tx % tpt
-            for i in T.unroll(n):
-                ph[i] = 0.0
-                for j in T.unroll(n):
-                    pr[i, j] = 0.0
-            if t < num_tokens:
-                for i in T.unroll(n // cw):
-                    for e in T.vectorized(cw):
-                        hp[i * cw + e] = h_post[t, i * cw + e]
-                for i in T.unroll(n):
-                    for j in T.unroll(n // cw):
-                        for e in T.vectorized(cw):
-                            hr[i, j * cw + e] = h_res[t, i, j * cw + e]
-                for k in post_res._chunk_loop(T, p.iters):
-                    q = k * tpt + lane
-                    if p.guarded:
-                        if q < p.chunks:
-                            chunk(
-                                q, t, grad_x_next, d_x_next, layer_output, residual, d_layer_output, d_residual,
-                                hr, hp, gs, xs, ls, acc, ob, ph, pr,
-                            )  # fmt: skip
-                    else:
-                        chunk(
-                            q, t, grad_x_next, d_x_next, layer_output, residual, d_layer_output, d_residual,
-                            hr, hp, gs, xs, ls, acc, ob, ph, pr,
-                        )  # fmt: skip
-            # fixed-order butterfly over the token's lanes (full-warp shuffles, outside the guard), then slots
-            for offset in shuffle_offsets:
-                for i in T.unroll(n):
-                    ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
-                    for j in T.unroll(n):
-                        pr[i, j] = pr[i, j] + T.shfl_xor(pr[i, j], offset)
-            if tx % seg == 0:
-                for i in T.unroll(n):
-                    for j in T.unroll(n):
-                        red[tx // seg, i * n + j] = pr[i, j]
-                    red[tx // seg, nn + i] = ph[i]
-            T.sync_threads()
-            if t < num_tokens:
-                for r in T.serial(coef_rounds):
-                    c = r * tpt + lane
-                    if c < num_coef:
-                        total[0] = red[token * slots_per_token, c]
-                        for s in T.unroll(1, slots_per_token):
-                            total[0] = total[0] + red[token * slots_per_token + s, c]
-                        if c < nn:
-                            d_h_res[t, c // n, c % n] = total[0]
-                        else:
-                            d_h_post[t, c - nn] = total[0]
-
-    return boundary_bwd
+    # The program is post_res's backward with the second gradient added in registers (one home for that code).
+    return post_res.post_res_bwd_program(n, C, dtype, summed=True, min_blocks=min_blocks)
 
 
 @functools.cache

@@ -218,8 +218,12 @@ def post_res_fwd_program(n: int, C: int, dtype: str):
     return post_res_fwd
 
 
-def post_res_bwd_program(n: int, C: int, dtype: str):
-    """Gradients of :func:`post_res_fwd_program` w.r.t. all four inputs, in one pass; see the module docstring."""
+def post_res_bwd_program(n: int, C: int, dtype: str, *, summed: bool = False, min_blocks: int | None = None):
+    """Gradients of :func:`post_res_fwd_program` w.r.t. all four inputs, in one pass; see the module docstring.
+
+    ``summed``: the kernel takes two gradients of the output, ``grad_x_next`` and ``d_x_next``, and runs on their sum
+    rounded once to ``dtype`` (as autograd accumulates them), never writing it: ``tl_kernels.boundary``'s backward.
+    ``min_blocks`` overrides the ``__launch_bounds__`` minimum (that variant's second gradient needs registers)."""
     _validate(n, C, dtype)
     import tilelang.language as T
     from tvm import tirx
@@ -237,11 +241,16 @@ def post_res_bwd_program(n: int, C: int, dtype: str):
     num_tokens = T.dynamic("num_tokens")
 
     @T.macro
-    def chunk(q, t, grad_out, layer_output, residual, d_lo, d_res, hr, hp, gs, xs, ls, acc, ob, ph, pr):
+    def chunk(q, t, grad_out, grad_2, layer_output, residual, d_lo, d_res, hr, hp, gs, xs, ls, acc, ob, ph, pr):
         c0 = q * vec
         for i in T.unroll(n):
             for e in T.vectorized(vec):
                 gs[i, e] = grad_out[t, i, c0 + e]
+            if summed:  # trace time: the second gradient, added in fp32 and rounded once (ob is free until below)
+                for e in T.vectorized(vec):
+                    ob[e] = grad_2[t, i, c0 + e]
+                for e in T.unroll(vec):
+                    gs[i, e] = T.cast(T.cast(gs[i, e], f32) + T.cast(ob[e], f32), dtype)
         for e in T.vectorized(vec):
             ls[e] = layer_output[t, c0 + e]
         for j in T.unroll(n):
@@ -273,20 +282,12 @@ def post_res_bwd_program(n: int, C: int, dtype: str):
                 for e in T.unroll(vec):
                     pr[i, j] = pr[i, j] + T.cast(gs[i, e], f32) * T.cast(xs[j, e], f32)
 
-    @T.prim_func
-    def post_res_bwd(
-        grad_out: T.Tensor((num_tokens, n, C), dtype),
-        layer_output: T.Tensor((num_tokens, C), dtype),
-        residual: T.Tensor((num_tokens, n, C), dtype),
-        h_post: T.Tensor((num_tokens, n), f32),
-        h_res: T.Tensor((num_tokens, n, n), f32),
-        d_layer_output: T.Tensor((num_tokens, C), dtype),
-        d_residual: T.Tensor((num_tokens, n, C), dtype),
-        d_h_post: T.Tensor((num_tokens, n), f32),
-        d_h_res: T.Tensor((num_tokens, n, n), f32),
-    ):
+    blocks_per_sm = _min_blocks("bwd", n, p) if min_blocks is None else min_blocks
+
+    @T.macro
+    def body(grad_out, grad_2, layer_output, residual, h_post, h_res, d_layer_output, d_residual, d_h_post, d_h_res):
         with T.Kernel(T.ceildiv(num_tokens, tpb), threads=p.threads) as bx:
-            T.annotate_min_blocks_per_sm(_min_blocks("bwd", n, p))
+            T.annotate_min_blocks_per_sm(blocks_per_sm)
             tx = T.get_thread_binding()
             hr = T.alloc_local((n, n), f32)
             hp = T.alloc_local((n,), f32)
@@ -319,12 +320,12 @@ def post_res_bwd_program(n: int, C: int, dtype: str):
                     if p.guarded:
                         if q < p.chunks:
                             chunk(
-                                q, t, grad_out, layer_output, residual, d_layer_output, d_residual,
+                                q, t, grad_out, grad_2, layer_output, residual, d_layer_output, d_residual,
                                 hr, hp, gs, xs, ls, acc, ob, ph, pr,
                             )  # fmt: skip
                     else:
                         chunk(
-                            q, t, grad_out, layer_output, residual, d_layer_output, d_residual,
+                            q, t, grad_out, grad_2, layer_output, residual, d_layer_output, d_residual,
                             hr, hp, gs, xs, ls, acc, ob, ph, pr,
                         )  # fmt: skip
             # Butterfly over the token's lanes of this warp: every lane of the warp takes part (full-mask shuffles),
@@ -351,6 +352,40 @@ def post_res_bwd_program(n: int, C: int, dtype: str):
                             d_h_res[t, c // n, c % n] = total[0]
                         else:
                             d_h_post[t, c - nn] = total[0]
+
+    if summed:
+
+        @T.prim_func
+        def boundary_bwd(
+            grad_x_next: T.Tensor((num_tokens, n, C), dtype),
+            d_x_next: T.Tensor((num_tokens, n, C), dtype),
+            layer_output: T.Tensor((num_tokens, C), dtype),
+            residual: T.Tensor((num_tokens, n, C), dtype),
+            h_post: T.Tensor((num_tokens, n), f32),
+            h_res: T.Tensor((num_tokens, n, n), f32),
+            d_layer_output: T.Tensor((num_tokens, C), dtype),
+            d_residual: T.Tensor((num_tokens, n, C), dtype),
+            d_h_post: T.Tensor((num_tokens, n), f32),
+            d_h_res: T.Tensor((num_tokens, n, n), f32),
+        ):
+            body(grad_x_next, d_x_next, layer_output, residual, h_post, h_res, d_layer_output, d_residual, d_h_post,
+                 d_h_res)  # fmt: skip
+
+        return boundary_bwd
+
+    @T.prim_func
+    def post_res_bwd(
+        grad_out: T.Tensor((num_tokens, n, C), dtype),
+        layer_output: T.Tensor((num_tokens, C), dtype),
+        residual: T.Tensor((num_tokens, n, C), dtype),
+        h_post: T.Tensor((num_tokens, n), f32),
+        h_res: T.Tensor((num_tokens, n, n), f32),
+        d_layer_output: T.Tensor((num_tokens, C), dtype),
+        d_residual: T.Tensor((num_tokens, n, C), dtype),
+        d_h_post: T.Tensor((num_tokens, n), f32),
+        d_h_res: T.Tensor((num_tokens, n, n), f32),
+    ):
+        body(grad_out, None, layer_output, residual, h_post, h_res, d_layer_output, d_residual, d_h_post, d_h_res)
 
     return post_res_bwd
 
