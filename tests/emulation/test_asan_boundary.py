@@ -7,31 +7,15 @@ A planted short input shows the check can fail. Skipped where g++ has no libasan
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 import subprocess
-import sys
-
-import pytest
 
 from tl_kernels import boundary, post_res
 
+from .asan_launch import run_under_asan
 from .cuda_emu import kernel_sources
 
-HERE = pathlib.Path(__file__).resolve().parent
 CASES = [(4, 128, "bfloat16", 67, 2), (8, 64, "float32", 3, 2), (2, 192, "float16", 1, 3)]
 BWD_CASES = [(4, 64, "float32", 19), (4, 1280, "bfloat16", 2)]  # several tokens a block (partial); one a block
-
-
-def _libasan() -> str:
-    try:
-        path = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        path = ""
-    if not path or not os.path.isabs(path) or not os.path.exists(path):
-        pytest.skip("g++ has no libasan")
-    return path
 
 
 def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
@@ -44,16 +28,8 @@ def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
              source=kernel_sources(boundary.boundary_bwd_kernel(n, C, dt)))
         for n, C, dt, T in BWD_CASES
     ]  # fmt: skip
-    path = tmp_path / "sources.json"
-    path.write_text(json.dumps({"cases": cases, "bwd_cases": bwd_cases}))
-    env = dict(
-        os.environ,
-        LD_PRELOAD=_libasan(),
-        ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0",
-        MHC_EMU_CFLAGS="-fsanitize=address -fno-omit-frame-pointer",
-    )
-    cmd = [sys.executable, str(HERE / "asan_boundary_runner.py"), str(path), *(["--plant"] if plant else [])]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    payload = {"cases": cases, "bwd_cases": bwd_cases}
+    return run_under_asan("asan_boundary_runner.py", payload, tmp_path, plant, timeout=900)
 
 
 def test_boundary_kernel_stays_in_bounds(tmp_path):

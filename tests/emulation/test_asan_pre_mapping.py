@@ -8,29 +8,12 @@ libasan."""
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 import subprocess
-import sys
-
-import pytest
 
 from tl_kernels import post_res, pre_finalize, pre_proj, pre_reduce, sinkhorn
 
+from .asan_launch import run_under_asan
 from .cuda_emu import kernel_sources
-
-HERE = pathlib.Path(__file__).resolve().parent
-
-
-def _libasan() -> str:
-    try:
-        path = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        path = ""
-    if not path or not os.path.isabs(path) or not os.path.exists(path):
-        pytest.skip("g++ has no libasan")
-    return path
 
 
 def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
@@ -51,16 +34,7 @@ def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
         src[f"sinkhorn_{n}_blocks"] = -(-(tpb + 3) // tpb)
         src[f"sinkhorn_fwd_{n}_blocks"] = -(-(tpb + 3) // sinkhorn._fwd_plan(n, 20, 0.0).tokens_per_block)
     src.update({name: kernel_sources(k) for name, k in kernels.items()})  # source, shared memory size, ftz
-    path = tmp_path / "sources.json"
-    path.write_text(json.dumps(src))
-    env = dict(
-        os.environ,
-        LD_PRELOAD=_libasan(),
-        ASAN_OPTIONS="detect_leaks=0:verify_asan_link_order=0",
-        MHC_EMU_CFLAGS="-fsanitize=address -fno-omit-frame-pointer",
-    )
-    cmd = [sys.executable, str(HERE / "asan_runner.py"), str(path), *(["--plant"] if plant else [])]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return run_under_asan("asan_runner.py", src, tmp_path, plant, timeout=600)
 
 
 def test_pre_mapping_kernels_stay_in_bounds(tmp_path):
