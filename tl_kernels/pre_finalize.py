@@ -50,12 +50,12 @@ Verified without a GPU: the generated CUDA source runs in the CPU emulation (tes
 ``mma.sync`` TF32 and ``ldmatrix`` with the PTX ISA's fragment layouts) against float64, and under AddressSanitizer
 with every tensor allocated to its exact size (no out-of-bounds access; a planted short input is caught).
 
-SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384; guarded in
+SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.tools.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384; guarded in
 tests/kernels/test_sass.py). Forward: the apply loop is 131 instructions a thread per 16-byte chunk of every stream
 (was 400, with 5 division sequences from the slice bounds recomputed in the loop; they are int32 scalars computed
 once now), 128-bit loads and stores, 3,668 warp instructions per token (was 11,200); 96 registers, 512 B shared:
 5 blocks per SM, grid 512 for 660 slots. The Sinkhorn of warp 0 is ~1.5k instructions a token (``python -m
-tl_kernels.sinkhorn_sass``) and runs once per token block, before its apply loop. Backward: 121 instructions per
+tl_kernels.tools.sinkhorn_sass``) and runs once per token block, before its apply loop. Backward: 121 instructions per
 chunk of post_res's mapping, 3,388 warp instructions per token, 48 registers. Speed: not measured (no GPU has run
 these kernels); the performance model (profiling/) predicts it from these figures.
 """

@@ -71,7 +71,7 @@ Bytes per token (bf16, n=4): forward 8C + S x 100 B; backward x 8C + g_li 2C (re
 the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with ``accumulate``); the coefficient inputs
 (d_pp, d_res, proj, rinv: 4 (2m + 1) = 196 B) are read by every K-slice's block, mostly from L2.
 
-Resources and SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384,
+Resources and SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.tools.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384,
 H100 occupancy from registers and shared memory; guarded in tests/kernels/test_sass.py):
 
 * forward: 217 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
@@ -131,7 +131,7 @@ FWD_WARPS = 8  # the forward: each warp owns 16 tokens (one MMA row tile) and al
 FWD_THREADS = 32 * FWD_WARPS
 FWD_BM = 16 * FWD_WARPS  # tokens per forward block
 MAX_SPLITS = 64
-# Resident blocks per H100 SM by n (registers from ptxas -v at bf16; ``python -m tl_kernels.pre_mapping_sass --n 1 2
+# Resident blocks per H100 SM by n (registers from ptxas -v at bf16; ``python -m tl_kernels.tools.pre_mapping_sass --n 1 2
 # 4 6 8``): the wave :func:`choose_splits` fills. fp32 activations at n = 4 fit one forward block (139 registers).
 _FWD_RESIDENT = {1: 3, 2: 3, 4: 2, 6: 1, 8: 1}
 _BWD_RESIDENT = {1: 3, 2: 3, 4: 4, 6: 1, 8: 1}

@@ -3,7 +3,7 @@
     python -m profiling model [--json PATH] [--n 4] [--C 2560 7168] [--T 16384] [--dtype bfloat16] [--gpu H100 H200]
 
 It reads the kernels as they are on disk each time (compiled through TileLang's cache; SASS and ptxas results cached
-by :mod:`tl_kernels.codegen`), finds the launches a site makes by running :mod:`mhc` on fake tensors
+by :mod:`tl_kernels.tools.codegen`), finds the launches a site makes by running :mod:`mhc` on fake tensors
 (:mod:`.capture`), counts each launch's warp instructions by pipe, shared-memory wavefronts and global-load rounds
 from its SASS and CUDA source (:mod:`.counts`), and turns them into time bounds (:mod:`.bounds`) for the GPUs of
 :mod:`.gpus`. ``docs/benchmarks.md`` ("Performance model") explains the formulas and the limits.

@@ -61,7 +61,7 @@ class LaunchModel:
 
 @functools.lru_cache(maxsize=64)
 def _info_for(source_hash: str, kernel) -> counts.KernelInfo:
-    from tl_kernels import codegen
+    from tl_kernels.tools import codegen
 
     resources = codegen.analyze(kernel)
     return counts.kernel_info(
@@ -74,7 +74,7 @@ def _info_for(source_hash: str, kernel) -> counts.KernelInfo:
 
 def kernel_info(kernel) -> counts.KernelInfo:
     """SASS, source structure and ptxas resources of a compiled kernel (memoised per source text)."""
-    from tl_kernels import codegen
+    from tl_kernels.tools import codegen
 
     return _info_for(hashlib.sha256(codegen.cuda_source(kernel).encode()).hexdigest(), kernel)
 

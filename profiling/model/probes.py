@@ -21,7 +21,8 @@ import functools
 import tilelang.language as T
 import torch
 
-from tl_kernels import _common, codegen
+from tl_kernels import _common
+from tl_kernels.tools import codegen
 
 from .capture import Launch
 

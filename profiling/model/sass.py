@@ -1,4 +1,4 @@
-"""SASS with source lines: parse ``nvdisasm -gi`` output (:func:`tl_kernels.codegen.sass_with_line_info`), find
+"""SASS with source lines: parse ``nvdisasm -gi`` output (:func:`tl_kernels.tools.codegen.sass_with_line_info`), find
 the loops (backward branches), and put every instruction in a pipe.
 
 Pipes (what bounds an instruction's throughput on an SM of compute capability 9.0; rates in

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from tl_kernels import build
+from tl_kernels.tools import build
 
 
 class _Clock:

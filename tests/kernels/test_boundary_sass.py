@@ -1,4 +1,4 @@
-"""PTX/SASS guards for the fused boundary forward (tl_kernels/boundary.py), without a GPU (tl_kernels/codegen.py:
+"""PTX/SASS guards for the fused boundary forward (tl_kernels/boundary.py), without a GPU (tl_kernels/tools/codegen.py:
 ptxas, cuobjdump from NVIDIA's pip wheels; skipped where they are missing).
 
 Per configuration (n = 4 bf16 at C = 7168, the paper's; n = 8 fp32, the BC = 32 tile; n = 1 bf16): zero spills,
@@ -16,7 +16,8 @@ import collections
 
 import pytest
 
-from tl_kernels import boundary, codegen, post_res
+from tl_kernels import boundary, post_res
+from tl_kernels.tools import codegen
 
 CONFIGS = [(4, 7168, "bfloat16"), (8, 7168, "float32"), (1, 1280, "bfloat16")]
 

@@ -7,7 +7,7 @@ stores. A family is skipped only while its module (``tl_kernels/<family>.py``) d
 failure to import, build or compile fails.
 
 Each config is built once per test process: without pytest-xdist, a module-scoped fixture builds every selected
-config up front with ``tl_kernels.build.build`` on all usable cores; under ``pytest -n N`` each worker builds, in
+config up front with ``tl_kernels.tools.build.build`` on all usable cores; under ``pytest -n N`` each worker builds, in
 process, the configs of the tests it is given (one config's two tests may land on two workers; the second finds it
 in TileLang's disk cache). Measured here (2 shared cores, load average 2-6 from other jobs): this file cold, all
 configs of the time (130 when measured; ``len(ALL_CONFIGS)`` is the current count), 9 min 14 s (545 s of it
@@ -31,8 +31,9 @@ import types
 
 import pytest
 
-from tl_kernels import _common, build, codegen, registry
+from tl_kernels import _common, registry
 from tl_kernels.registry import ALL_CONFIGS, KernelConfig
+from tl_kernels.tools import build, codegen
 
 POST_RES_CONFIGS = [cfg for cfg in ALL_CONFIGS if cfg.family == "post_res"]
 PRE_PROJ_CONFIGS = [cfg for cfg in ALL_CONFIGS if cfg.family == "pre_proj"]

@@ -1,4 +1,4 @@
-"""SASS-level checks of the Sinkhorn kernels without a GPU (tl_kernels/codegen.py: ptxas, cuobjdump, nvdisasm from
+"""SASS-level checks of the Sinkhorn kernels without a GPU (tl_kernels/tools/codegen.py: ptxas, cuobjdump, nvdisasm from
 NVIDIA's pip wheels in the dev extras; skipped where they are missing).
 
 The instruction counts are regression guards for the latency work on the Sinkhorn kernels (n = 4, 20 iterations,
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from tl_kernels import codegen, sinkhorn, sinkhorn_sass
+from tl_kernels import sinkhorn
+from tl_kernels.tools import codegen, sinkhorn_sass
 
 
 def _sass_or_skip(kernel) -> str:
@@ -83,7 +84,7 @@ def test_sass_loop_parser_on_a_listing():
 
 # ------------------------------------------------------------------------------------------- pre-mapping kernels
 # Guards on the hot loops of tl_kernels/pre_proj.py and tl_kernels/pre_finalize.py (n = 4, C = 7168, bf16), measured
-# with ``python -m tl_kernels.pre_mapping_sass``: instructions per iteration (pre_proj fwd 218 per 64-column K-chunk,
+# with ``python -m tl_kernels.tools.pre_mapping_sass``: instructions per iteration (pre_proj fwd 218 per 64-column K-chunk,
 # was 1,649 with 20 division calls; bwd 1,161 per 64-token tile with its MMA loop, was 3,887 with 41; pre_finalize
 # fwd 131 per chunk, was 400 with 5; bwd 121) plus ~8%, no integer division sequence or call inside the loop, no
 # local memory anywhere, and the widest global load the layout allows.
@@ -99,7 +100,7 @@ PRE_MAPPING_GUARDS = [
 
 @pytest.mark.parametrize("kernel,ceiling,ldg_bits,stg128", PRE_MAPPING_GUARDS, ids=[g[0] for g in PRE_MAPPING_GUARDS])
 def test_pre_mapping_hot_loops(kernel, ceiling, ldg_bits, stg128):
-    from tl_kernels import pre_mapping_sass as pm_sass
+    from tl_kernels.tools import pre_mapping_sass as pm_sass
 
     try:
         loop = pm_sass.hot_loop(kernel, 4, 7168, "bfloat16")
@@ -114,7 +115,7 @@ def test_pre_mapping_hot_loops(kernel, ceiling, ldg_bits, stg128):
 
 def test_pre_proj_fwd_mmas_per_chunk():
     """One m16n8k8 per 8-column tile of the m = 24 coefficients and per 8 of the chunk's 64 columns: 3 x 8."""
-    from tl_kernels import pre_mapping_sass as pm_sass
+    from tl_kernels.tools import pre_mapping_sass as pm_sass
 
     try:
         assert pm_sass.hot_loop("pre_proj_fwd", 4, 7168, "bfloat16")["hmma"] == 24
@@ -123,7 +124,7 @@ def test_pre_proj_fwd_mmas_per_chunk():
 
 
 def test_division_and_local_memory_detectors_on_a_listing():
-    from tl_kernels import pre_mapping_sass as pm_sass
+    from tl_kernels.tools import pre_mapping_sass as pm_sass
 
     clean = [
         "IMAD R4, R2, 0x40, RZ",
@@ -142,8 +143,8 @@ def test_pre_reduce_bwd_loops(reduce_phi):
     """tl_kernels/pre_reduce.py at n = 4 (measured with the loop parser below: the coefficient loop 166 instructions
     per 8 rows with 32-bit loads, one float per column; the d_phi split loop 128-bit loads, unrolled by ptxas): no
     division or local memory anywhere, the coefficient loop under 180 (+8%), d_phi read 128 bits at a time."""
-    from tl_kernels import pre_mapping_sass as pm_sass
     from tl_kernels import pre_reduce
+    from tl_kernels.tools import pre_mapping_sass as pm_sass
 
     text = _sass_or_skip(pre_reduce.pre_reduce_bwd_kernel(4, reduce_phi))
     ins = codegen.sass_instructions(text)

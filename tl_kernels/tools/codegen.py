@@ -1,7 +1,7 @@
 """Inspect generated code without a GPU: CUDA source, PTX, ``ptxas -v`` resource usage, 128-bit global accesses.
 
 (Named ``codegen`` rather than ``inspect``: a ``tl_kernels/inspect.py`` shadows the standard library's ``inspect``
-for any script run from inside ``tl_kernels/``, e.g. ``python tl_kernels/build.py`` dies in ``import dataclasses``.)
+for any script run from inside its folder, e.g. ``python tl_kernels/tools/build.py`` dies in ``import dataclasses``.)
 
 * :func:`cuda_source` - the device CUDA C++ TileLang generated for a compiled kernel.
 * :func:`ptx` - that source compiled to PTX by nvcc for the kernel's (pinned) arch, with the same include paths and
@@ -199,7 +199,7 @@ def _ptx_inputs(kernel_or_source, arch, pass_configs, compile_flags) -> tuple[st
     if isinstance(kernel_or_source, str):
         source = kernel_or_source
         if arch is None or pass_configs is None:
-            from . import _common
+            from .. import _common
 
             arch = arch or _common.arch()
             pass_configs = _common.PASS_CONFIGS if pass_configs is None else pass_configs

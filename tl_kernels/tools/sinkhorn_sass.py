@@ -1,7 +1,7 @@
 """SASS instruction counts of the Sinkhorn kernels, per token, without a GPU (for tl_kernels/sinkhorn.py's docstring
 and the Sinkhorn latency issue):
 
-    python -m tl_kernels.sinkhorn_sass [--iters 20] [--eps 0.0] [--n 2 4 6 8 16]
+    python -m tl_kernels.tools.sinkhorn_sass [--iters 20] [--eps 0.0] [--n 2 4 6 8 16]
 
 For each n and direction it compiles the kernel for the pinned target, disassembles it (``codegen.sass``: ptxas,
 cuobjdump, nvdisasm) and counts instructions: the loops that hold the MUFU work are the Sinkhorn iterations (the
@@ -21,7 +21,8 @@ import argparse
 import math
 import re
 
-from . import codegen, sinkhorn
+from .. import sinkhorn
+from . import codegen
 
 SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.755e9
 REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048

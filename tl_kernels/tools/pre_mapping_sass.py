@@ -1,6 +1,6 @@
 """SASS-level figures of the pre-mapping kernels (tl_kernels/pre_proj.py, tl_kernels/pre_finalize.py) without a GPU:
 
-    python -m tl_kernels.pre_mapping_sass [--n 4] [--C 2560 7168] [--dtype bfloat16] [--T 16384]
+    python -m tl_kernels.tools.pre_mapping_sass [--n 4] [--C 2560 7168] [--dtype bfloat16] [--T 16384]
 
 For each kernel it compiles the configuration for the pinned target, disassembles it (``codegen.sass``) and reports
 the hot loop (instructions per iteration, per thread), the warp instructions per token that loop costs, the integer
@@ -22,7 +22,8 @@ import argparse
 import math
 import re
 
-from . import codegen, post_res, pre_finalize, pre_proj
+from .. import post_res, pre_finalize, pre_proj
+from . import codegen
 
 SMS = 132
 REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM, BLOCKS_PER_SM = 65536, 228 * 1024, 2048, 32
