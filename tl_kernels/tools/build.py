@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m tl_kernels.build [--jobs N] [--family F] [--direction D] [--executor process|thread|serial]
+    python -m tl_kernels.build [--jobs N] [--family F] [--direction D] [--executor process|serial]
                                [--json PATH] [--no-ptxas] [--force] [--allow-missing] [--quiet | --verbose]
 
 For each :data:`tl_kernels.registry.ALL_CONFIGS` entry (or the selected family / direction) it calls
@@ -27,32 +27,15 @@ took in the worker, and ``cache`` ``hit`` when the config's TileLang cache entry
 Exit status: 0 when every config compiled with zero spill bytes; 1 when any failed, spilled, or (without
 ``--allow-missing``) belongs to a family whose module does not exist yet; 2 for usage errors.
 
-Parallelism and caching. A cold compile is TVM lowering (Python and C++) plus nvcc subprocesses. ``--executor``:
+Parallelism. A cold compile is TVM lowering (Python and C++) plus nvcc subprocesses. ``--executor``:
 
 * ``process`` (default for ``--jobs`` > 1): a spawn-context process pool. Each worker compiles one config at a
   time, so it can keep the PTX of TileLang's own ``nvcc --cubin`` run (:func:`tl_kernels.tools.codegen.capture_ptx`)
-  and the analysis costs only ptxas (0.05-0.4 s) instead of a second nvcc front-end pass (2.5-10 s);
-* ``thread``: a thread pool, as TileLang's ``par_compile`` uses; cannot capture the PTX (the capture is
-  process-wide), so every cold config pays the second nvcc pass;
+  and the analysis costs only ptxas instead of a second nvcc front-end pass;
 * ``serial``: in this process (also what ``--jobs 1`` means); captures the PTX.
 
-Measured on this machine (2 cores, shared: load average 2.5-4.5 from other jobs throughout, so treat the
-differences as rough), TileLang 0.1.15, nvcc 13.0:
-
-* all the configs of the time cold (130 when measured; ``len(registry.ALL_CONFIGS)`` is the current count),
-  ``process`` x 2: 396 s wall (722 s of compile inside the workers); per config, median
-  5.3 s (post_res, max 10.5 s) and 7.5 s (sinkhorn, max 15.1 s) of TileLang compile plus a median 0.14 s / 0.32 s
-  of analysis with the captured PTX. Uncaptured, the separate PTX compile took 2.8-3.4 s (post_res) and up to
-  9.6 s + 6.2 s of ptxas (sinkhorn n=16 bwd);
-* 16 post_res configs cold: ``serial`` 59 s, ``process`` x 2 78 s, ``thread`` x 2 108 s (146 s in an earlier run
-  before PTX capture existed, when ``process`` was also slower). With the cores already busy, two workers gain
-  nothing here; on a dedicated 2-core runner ``process`` is the one that can; ``thread`` loses to the GIL and to
-  the second nvcc pass;
-* warm rebuild of those 130 (everything in TileLang's cache): 3.8 s end to end (2.9 s in the build, mostly
-  importing torch to resolve the target) through the build manifest (below); with ``--force``, asking TileLang
-  for each config: 21.6 s ``--jobs 1``, 29.5 s ``process`` x 2 (each worker imports TileLang, about 5 s).
-  Warm per config: 0.05-0.5 s to rebuild the TileLang program and hit the disk cache, about 1 ms for the cached
-  PTX and ptxas results.
+(No thread pool, as TileLang's ``par_compile`` uses: it cannot capture the PTX, which is process-wide, so every cold
+config pays a second nvcc pass, on top of the GIL.)
 
 The build manifest (``$TILELANG_CACHE_DIR/mhc-codegen/build-manifest.json``) stores each analysed result under a
 fingerprint of the package's sources, the TileLang version, the target, ``TILELANG_*``/``MHC_*`` variables and
@@ -65,10 +48,7 @@ guard (spawned workers import the main module).
 Progress goes to stderr whatever it is (unless ``--quiet``): a tqdm bar with done/total, elapsed time and ETA on a
 terminal; on a log file or a pipe, plain lines (:class:`LineProgress`): one when the build starts, then
 ``Compiling kernels: 40/275 (15%), 1:02 elapsed, ETA 5:41, last: sinkhorn_bwd`` every 20 s or every 5% of the
-configurations, whichever comes first, and one at the end. How long a full cold build takes (``make kernels``,
-i.e. this command on an empty TileLang cache): about 7 minutes for the 275 configurations on two otherwise idle cores
-and about 26 minutes on a loaded 2-core machine, as timed in a user's first run on a fresh CPU machine (not re-timed
-here, where other jobs share the cores).
+configurations, whichever comes first, and one at the end.
 
 TileLang's per-kernel INFO lines ("TileLang begins to compile kernel ...") are silenced during the progress bar
 (``TILELANG_PRINT_ON_COMPILATION=0`` and the ``tilelang`` logger at WARNING) unless ``--verbose``. Messages go
@@ -99,7 +79,7 @@ from ..registry import KernelConfig
 
 logger = logging.getLogger("mhc")
 
-EXECUTORS = ("process", "thread", "serial")
+EXECUTORS = ("process", "serial")
 DEFAULT_EXECUTOR = "process"
 _MAX_ERROR_CHARS = 6000
 
@@ -227,10 +207,6 @@ def build_one(cfg: KernelConfig, analyze: bool = True, capture_ptx: bool = False
             result.update(status="analysis_error", error=_format_error(exc))
         result["analyze_s"] = time.perf_counter() - start
     return result
-
-
-def _failed(result: dict[str, Any]) -> bool:
-    return result["status"] != "ok" or bool(result.get("spill_bytes"))
 
 
 # ------------------------------------------------------------------------------------------------ many configs
@@ -407,15 +383,9 @@ def _run(
         for index, cfg in enumerate(configs):
             record(index, build_one(cfg, analyze, capture_ptx=True))
         return results  # type: ignore[return-value]
-    if executor == "process":
-        context = multiprocessing.get_context("spawn")
-        pool: cf.Executor = cf.ProcessPoolExecutor(jobs, context, initializer=_worker_init, initargs=(verbose,))
-    else:
-        _worker_init(verbose)
-        pool = cf.ThreadPoolExecutor(jobs, thread_name_prefix="mhc-build")
-    with pool:
-        capture = executor == "process"  # one compile at a time per worker process; not so with threads
-        futures = {pool.submit(build_one, cfg, analyze, capture): i for i, cfg in enumerate(configs)}
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(jobs, context, initializer=_worker_init, initargs=(verbose,)) as pool:
+        futures = {pool.submit(build_one, cfg, analyze, True): i for i, cfg in enumerate(configs)}
         for future in cf.as_completed(futures):
             index = futures[future]
             try:
@@ -439,9 +409,8 @@ def build(
 ) -> list[dict[str, Any]]:
     """Build ``configs``; return :func:`build_one` results in input order, with ``cache_hit`` and ``from_manifest``.
 
-    ``executor``: ``process`` (a spawn-context process pool; captures the PTX), ``thread`` (a thread pool, like
-    TileLang's ``par_compile``) or ``serial`` (in this process; also used when ``jobs`` is 1). See the module
-    docstring for measurements. ``manifest``: report configs
+    ``executor``: ``process`` (a spawn-context process pool) or ``serial`` (in this process; also used when ``jobs``
+    is 1); both capture the PTX. ``manifest``: report configs
     whose inputs have not changed since they were last built from the build manifest (see above) instead of
     building them again. ``progress``: show progress on stderr, as a tqdm bar when ``tty`` (default: whether stderr
     is a terminal), else as plain :class:`LineProgress` lines.
