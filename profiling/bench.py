@@ -53,7 +53,7 @@ import mhc
 from mhc import reference as ref
 from profiling import baselines as third_party
 from profiling import block as block_bench
-from profiling import bytemodel, gpu_run, model
+from profiling import bytemodel, model, provenance
 from profiling.bytemodel import post_res_bytes, pre_mapping_bytes, sinkhorn_bytes  # noqa: F401 (the harness API)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -553,7 +553,7 @@ def driver_version() -> str | None:
 
 
 def _meta(device, how, copy_gbs, dtype, n):
-    commit_id = gpu_run.commit()
+    commit_id = provenance.commit()
     try:
         import tilelang
 

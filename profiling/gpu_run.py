@@ -40,8 +40,8 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEVICE_DIR = ROOT / ".device"
+from profiling.provenance import DEVICE_DIR, ROOT, commit
+
 SITE_ARCHIVE = DEVICE_DIR / "tilelang-site.tar.xz"
 CACHE_ARCHIVE = DEVICE_DIR / "tilelang-cache.tar.xz"
 #: third-party baselines for the bench (pure-Python wheels fetched by ``profiling/gpu_prep.sh``; never committed)
@@ -90,26 +90,6 @@ class Result:
     rc: int | None = None
     detail: str = ""
     log: str = ""
-
-
-def commit() -> str:
-    """The checked-out commit (``+dirty`` when tracked files changed): from git, else from ``.device/commit.txt``
-    (written on the development machine by ``profiling/gpu_prep.sh``, since ``.git`` does not travel to the GPU
-    machine), else ``"unknown"``."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=20)
-        if head.returncode == 0 and head.stdout.strip():
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True, text=True, cwd=ROOT, timeout=20,
-            ).stdout.strip()  # fmt: skip
-            return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    path = DEVICE_DIR / "commit.txt"
-    if path.is_file() and path.read_text().split():
-        return path.read_text().split()[0] + " (from .device/commit.txt)"
-    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------- stages
