@@ -101,3 +101,57 @@ def validate_activation_config(family: str, n: int, C: int, dtype: str, streams:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class TokenLaneSum:
+    """Fixed-order sum of per-thread partials over the threads of each token, without atomics (the coefficient
+    gradients of ``post_res_bwd`` and ``pre_finalize_bwd``).
+
+    Layout: a block of ``threads`` threads serves ``threads // tpt`` tokens with ``tpt`` consecutive threads each
+    (``tpt`` a power of two below 32, else a multiple of 32). A warp then holds one token's lanes or whole tokens:
+    segments of ``seg = min(tpt, 32)`` lanes, one per (token, warp), ``num_slots = threads // seg`` in the block and
+    ``slots_per_token = max(1, tpt // 32)`` per token. The sum, in three steps:
+
+    1. ``butterfly(add_partner, *partials)``: for ``offset`` in ``seg/2, ..., 1`` the kernel's macro
+       ``add_partner(offset, *partials)`` adds to every partial its xor partner's (``T.shfl_xor``); offsets below
+       ``seg`` never cross a token. Every lane of the warp must take part (full-mask shuffles), so callers run it
+       outside their ``t < num_tokens`` guard, lanes past the last token adding zeros.
+    2. ``publish(tx, store, *partials)``: lane 0 of each segment runs the kernel's ``store(tx, *partials)``, which
+       writes its partials to row ``tx // seg`` of a shared ``[num_slots, K]`` array; then one ``__syncthreads``.
+    3. ``slot_sum(total, red, token, (column,))``: ``total = sum_s red[token * slots_per_token + s, column]``, the
+       token's rows added in slot order (``total`` a ``T.alloc_var`` or an element of a local buffer).
+
+    The order depends only on (tpt, threads): bitwise reproducible for a given kernel configuration. Only buffers,
+    Python values and variables under their own names go into the macros, because TileLang names a variable after
+    the macro parameter it is passed to (which would change the generated source); the column travels in a tuple.
+    """
+
+    def __init__(self, tpt: int, threads: int):
+        self.seg = min(tpt, 32)  # lanes of one token inside one warp
+        self.slots_per_token = max(1, tpt // 32)
+        self.num_slots = threads // self.seg
+        self.offsets = tuple(self.seg >> s for s in range(1, self.seg.bit_length()))  # seg/2, ..., 1
+
+    def macros(self, T):
+        """``(butterfly, publish, slot_sum)`` as TileLang macros (built when a program is, so that importing this
+        module does not import TileLang)."""
+        seg, slots_per_token, offsets = self.seg, self.slots_per_token, self.offsets
+
+        @T.macro
+        def butterfly(add_partner, *partials):
+            for offset in offsets:  # a Python tuple: expanded at trace time, constant offsets
+                add_partner(offset, *partials)
+
+        @T.macro
+        def publish(tx, store, *partials):
+            if tx % seg == 0:
+                store(tx, *partials)
+            T.sync_threads()
+
+        @T.macro
+        def slot_sum(total: T.Ref, red, token, column):
+            total = red[token * slots_per_token, column[0]]
+            for s in T.unroll(1, slots_per_token):
+                total = total + red[token * slots_per_token + s, column[0]]
+
+        return butterfly, publish, slot_sum

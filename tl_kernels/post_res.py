@@ -233,12 +233,24 @@ def post_res_bwd_program(n: int, C: int, dtype: str, *, summed: bool = False, mi
     f32 = "float32"
     nn = n * n
     num_coef = nn + n  # d_h_res (row-major) then d_h_post
-    seg = min(tpt, 32)  # lanes of one token inside one warp
-    slots_per_token = max(1, tpt // 32)
-    num_slots = p.threads // seg
+    lanes = _common.TokenLaneSum(tpt, p.threads)  # the coefficient partials summed over the token's threads
+    butterfly, publish, slot_sum = lanes.macros(T)
     coef_rounds = -(-num_coef // tpt)
-    shuffle_offsets = tuple(seg >> s for s in range(1, seg.bit_length()))  # seg/2, ..., 1
     num_tokens = T.dynamic("num_tokens")
+
+    @T.macro
+    def add_partner(offset, ph, pr):
+        for i in T.unroll(n):
+            ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
+            for j in T.unroll(n):
+                pr[i, j] = pr[i, j] + T.shfl_xor(pr[i, j], offset)
+
+    @T.macro
+    def store(tx, red, ph, pr):
+        for i in T.unroll(n):
+            for j in T.unroll(n):
+                red[tx // lanes.seg, i * n + j] = pr[i, j]
+            red[tx // lanes.seg, nn + i] = ph[i]
 
     @T.macro
     def chunk(q, t, grad_out, grad_2, layer_output, residual, d_lo, d_res, hr, hp, gs, xs, ls, acc, ob, ph, pr):
@@ -299,7 +311,7 @@ def post_res_bwd_program(n: int, C: int, dtype: str, *, summed: bool = False, mi
             ph = T.alloc_local((n,), f32)
             pr = T.alloc_local((n, n), f32)
             total = T.alloc_local((1,), f32)
-            red = T.alloc_shared((num_slots, num_coef), f32)
+            red = T.alloc_shared((lanes.num_slots, num_coef), f32)
             token = tx // tpt
             t = bx * tpb + token
             lane = tx % tpt
@@ -328,26 +340,13 @@ def post_res_bwd_program(n: int, C: int, dtype: str, *, summed: bool = False, mi
                             q, t, grad_out, grad_2, layer_output, residual, d_layer_output, d_residual,
                             hr, hp, gs, xs, ls, acc, ob, ph, pr,
                         )  # fmt: skip
-            # Butterfly over the token's lanes of this warp: every lane of the warp takes part (full-mask shuffles),
-            # lanes of tokens past num_tokens contribute zeros. xor offsets < seg never cross a token boundary.
-            for offset in shuffle_offsets:  # a Python tuple: expanded at trace time, constant offsets
-                for i in T.unroll(n):
-                    ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
-                    for j in T.unroll(n):
-                        pr[i, j] = pr[i, j] + T.shfl_xor(pr[i, j], offset)
-            if tx % seg == 0:
-                for i in T.unroll(n):
-                    for j in T.unroll(n):
-                        red[tx // seg, i * n + j] = pr[i, j]
-                    red[tx // seg, nn + i] = ph[i]
-            T.sync_threads()
+            butterfly(add_partner, ph, pr)  # every lane of the warp takes part; lanes past T add zeros
+            publish(tx, store, red, ph, pr)
             if t < num_tokens:
                 for r in T.serial(coef_rounds):
                     c = r * tpt + lane
                     if c < num_coef:
-                        total[0] = red[token * slots_per_token, c]
-                        for s in T.unroll(1, slots_per_token):
-                            total[0] = total[0] + red[token * slots_per_token + s, c]
+                        slot_sum(total[0], red, token, (c,))
                         if c < nn:
                             d_h_res[t, c // n, c % n] = total[0]
                         else:

@@ -211,10 +211,8 @@ def pre_finalize_bwd_program(n: int, C: int, dtype: str):
     p = post_res._plan(n, C, dtype)  # the same token-to-thread mapping and chunking as post_res
     vec, tpt, tpb = p.vec, p.tpt, p.tpb
     f32 = "float32"
-    seg = min(tpt, 32)  # lanes of one token inside one warp
-    slots_per_token = max(1, tpt // 32)
-    num_slots = p.threads // seg
-    shuffle_offsets = tuple(seg >> s for s in range(1, seg.bit_length()))  # seg/2, ..., 1
+    lanes = _common.TokenLaneSum(tpt, p.threads)  # g_pre's partials summed over the token's threads
+    butterfly, publish, slot_sum = lanes.macros(T)
     num_tokens = T.dynamic("num_tokens")
 
     @T.macro
@@ -228,6 +226,16 @@ def pre_finalize_bwd_program(n: int, C: int, dtype: str):
         for i in T.unroll(n):
             for e in T.unroll(vec):
                 gp[i] = gp[i] + T.cast(gs[e], f32) * T.cast(xs[i, e], f32)
+
+    @T.macro
+    def add_partner(offset, gp):
+        for i in T.unroll(n):
+            gp[i] = gp[i] + T.shfl_xor(gp[i], offset)
+
+    @T.macro
+    def store(tx, red, gp):
+        for i in T.unroll(n):
+            red[tx // lanes.seg, i] = gp[i]
 
     @T.prim_func
     def pre_finalize_bwd(
@@ -251,7 +259,7 @@ def pre_finalize_bwd_program(n: int, C: int, dtype: str):
             xs = T.alloc_local((n, vec), dtype)
             gp = T.alloc_local((n,), f32)
             total = T.alloc_var(f32)
-            red = T.alloc_shared((num_slots, n), f32)
+            red = T.alloc_shared((lanes.num_slots, n), f32)
             token = tx // tpt
             t = bx * tpb + token
             lane = tx % tpt
@@ -265,20 +273,12 @@ def pre_finalize_bwd_program(n: int, C: int, dtype: str):
                             chunk(q, t, g_li, x, gs, xs, gp)
                     else:
                         chunk(q, t, g_li, x, gs, xs, gp)
-            # Butterfly over the token's lanes of this warp (every lane takes part; lanes past T add zeros).
-            for offset in shuffle_offsets:
-                for i in T.unroll(n):
-                    gp[i] = gp[i] + T.shfl_xor(gp[i], offset)
-            if tx % seg == 0:
-                for i in T.unroll(n):
-                    red[tx // seg, i] = gp[i]
-            T.sync_threads()
+            butterfly(add_partner, gp)  # every lane of the warp takes part; lanes past T add zeros
+            publish(tx, store, red, gp)
             if t < num_tokens and lane == 0:
                 r = rinv[t]
                 for i in T.unroll(n):
-                    total = red[token * slots_per_token, i]
-                    for s in T.unroll(1, slots_per_token):
-                        total = total + red[token * slots_per_token + s, i]
+                    slot_sum(total, red, token, (i,))
                     hp = h_pre[t, i]
                     d_pp[t, i] = (total + grad_h_pre[t, i]) * hp * (T.float32(1) - hp)
                     hq = h_post[t, i]
