@@ -22,14 +22,16 @@ import math
 import torch
 from torch import Tensor
 
+from tl_kernels import _common as _tl_common  # standard library only: imports neither TileLang nor CUDA
+
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 COEFFICIENT_DTYPES = (torch.float32, torch.float64)
 
 # Limits of the CUDA kernels (tl_kernels); outside them (and for float64) CUDA tensors run the PyTorch reference.
-CUDA_POST_RES_STREAMS = (1, 2, 4, 6, 8)
+CUDA_POST_RES_STREAMS = _tl_common.ACTIVATION_STREAMS
 CUDA_SINKHORN_MAX_N = 16
-CUDA_HIDDEN_MULTIPLE = 64
-CUDA_MAX_HIDDEN = 65536
+CUDA_HIDDEN_MULTIPLE = _tl_common.HIDDEN_MULTIPLE
+CUDA_MAX_HIDDEN = _tl_common.MAX_HIDDEN
 CUDA_MAX_ELEMENTS = 2**31  # the kernels index with 32-bit offsets
 #: byte alignment every tensor's data must have (128-bit vector loads and stores)
 ALIGN_BYTES = 16

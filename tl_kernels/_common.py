@@ -83,9 +83,22 @@ def compile_program(func, *, pass_configs: dict[str, Any] | None = None):
     return tilelang.compile(func, out_idx=None, target=target(), pass_configs=configs)
 
 
+# What every activation kernel family (post_res, pre_proj, pre_finalize, pre_reduce, boundary) is built for. One
+# definition each: the families, the registry, the tools and mhc._checks import them.
 HIDDEN_MULTIPLE = 64  # every activation kernel needs C to be a multiple of this (128-bit chunks, 64-wide tiles)
 MAX_HIDDEN = 65536
-ACTIVATION_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+ACTIVATION_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")  # TileLang names; coefficients are float32
+ACTIVATION_STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)  # stream counts n
+ELEMENT_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
+VECTOR_BYTES = 16  # one 128-bit global access per thread and row
+
+# Per-SM limits of compute capability 9.0 (H100, H200; CUDA C++ Programming Guide, "Compute Capabilities"), from
+# which launch bounds and resident blocks are computed, and the SM count of an H100 SXM (and H200 SXM).
+REGS_PER_SM = 65536
+THREADS_PER_SM = 2048
+BLOCKS_PER_SM = 32
+SMEM_PER_SM = 228 * 1024
+H100_SMS = 132
 
 
 def validate_activation_config(family: str, n: int, C: int, dtype: str, streams: tuple[int, ...]) -> None:

@@ -75,15 +75,11 @@ __all__ = [
 ]
 
 #: Residual / layer-output dtypes (TileLang names). Coefficients and their gradients are always float32.
-DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
-_STREAMS = (1, 2, 4, 6, 8)  # supported stream counts n
+DTYPES: tuple[str, ...] = _common.ACTIVATION_DTYPES
+_STREAMS = _common.ACTIVATION_STREAMS  # supported stream counts n
 
-_VECTOR_BYTES = 16  # one 128-bit access per thread and row
 _SMALL_BLOCK = 128  # block size when several tokens share a block (tpt <= 32)
 _MAX_TPT = 256  # most threads one token is spread over
-_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-_REGS_PER_SM = 65536
-_THREADS_PER_SM = 2048
 # Register budget per thread, turned into __launch_bounds__(threads, min_blocks). Unconstrained, ptxas took 80 (fwd
 # n=4) and 240 (fwd n=8, C=7168) registers; these caps are the smallest that gave zero spills over the sweep in the
 # module docstring (fwd n=4 at 64: 4 blocks of 224-256 threads per SM; fwd n=8 at 128: 2 blocks instead of 1).
@@ -113,7 +109,7 @@ def _validate(n: int, C: int, dtype: str) -> None:
 
 
 def _plan(n: int, C: int, dtype: str) -> _Plan:
-    vec = _VECTOR_BYTES // _ELEMENT_BYTES[dtype]
+    vec = _common.VECTOR_BYTES // _common.ELEMENT_BYTES[dtype]
     chunks = C // vec
     if chunks <= 32:
         tpt = 1 << (chunks - 1).bit_length()
@@ -143,7 +139,7 @@ def _min_blocks(direction: str, n: int, p: _Plan) -> int:
     if p.tpb > 1:
         return 1
     budget = _REG_BUDGET[direction][n]
-    return max(1, min(_REGS_PER_SM // (budget * p.threads), _THREADS_PER_SM // p.threads))
+    return max(1, min(_common.REGS_PER_SM // (budget * p.threads), _common.THREADS_PER_SM // p.threads))
 
 
 def _chunk_loop(T, iters: int):

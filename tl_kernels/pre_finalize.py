@@ -79,11 +79,9 @@ __all__ = [
 ]
 
 DTYPES: tuple[str, ...] = _common.ACTIVATION_DTYPES
-STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
+STREAMS: tuple[int, ...] = _common.ACTIVATION_STREAMS
 TOKENS = 32  # tokens per forward block (one warp does their coefficients)
 THREADS = 128
-_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-_VECTOR_BYTES = 16
 
 
 def _validate(n: int, C: int, dtype: str) -> None:
@@ -92,7 +90,7 @@ def _validate(n: int, C: int, dtype: str) -> None:
 
 def choose_slices(num_tokens: int, C: int, dtype: str, num_sms: int) -> int:
     """C-slices per token block for the forward: about 2 blocks per SM, each slice at least one chunk per thread."""
-    chunks = C // (_VECTOR_BYTES // _ELEMENT_BYTES[dtype])
+    chunks = C // (_common.VECTOR_BYTES // _common.ELEMENT_BYTES[dtype])
     blocks = -(-num_tokens // TOKENS)
     most = max(1, chunks // THREADS)
     want = max(1, min(most, -(-2 * num_sms // blocks)))
@@ -104,7 +102,7 @@ def pre_finalize_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float)
     """Coefficients, Sinkhorn and ``layer_input = sum_i h_pre[i] x[i]``; see the module docstring."""
     _validate(n, C, dtype)
     m, nn, K = n * n + 2 * n, n * n, n * C
-    vec = _VECTOR_BYTES // _ELEMENT_BYTES[dtype]
+    vec = _common.VECTOR_BYTES // _common.ELEMENT_BYTES[dtype]
     chunks = C // vec
     f32 = "float32"
     run_sinkhorn = sinkhorn.forward_in_registers(n, iters, eps)

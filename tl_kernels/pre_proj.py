@@ -123,7 +123,7 @@ __all__ = [
 ]
 
 DTYPES: tuple[str, ...] = _common.ACTIVATION_DTYPES
-STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
+STREAMS: tuple[int, ...] = _common.ACTIVATION_STREAMS
 BM = 64  # tokens per tile
 BK = 64  # K (= n * C) elements per chunk; divides C, so a chunk lies in one stream
 THREADS = 128

@@ -39,7 +39,7 @@ from . import _common
 
 __all__ = ["STREAMS", "THREADS", "VEC", "phi_blocks", "pre_reduce_bwd_kernel", "pre_reduce_bwd_program"]
 
-STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
+STREAMS: tuple[int, ...] = _common.ACTIVATION_STREAMS
 THREADS = 512
 VEC = 4  # floats per thread of the d_phi sum (one 128-bit access)
 UNROLL = 8  # rows of the coefficient partials loaded at once by a thread

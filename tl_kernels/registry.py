@@ -33,6 +33,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from . import _common
+
 __all__ = [
     "ALL_CONFIGS",
     "DIRECTIONS",
@@ -55,7 +57,7 @@ STREAMS: tuple[int, ...] = (2, 4, 6, 8)
 #: Model hidden sizes ``C`` (multiples of 64) the post/res mapping kernels are built for.
 HIDDEN_SIZES: tuple[int, ...] = (1280, 1920, 2560, 4096, 7168)
 #: Activation dtypes of the post/res mapping kernels (TileLang dtype names).
-DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+DTYPES: tuple[str, ...] = _common.ACTIVATION_DTYPES
 #: Stream counts the Sinkhorn-Knopp kernels are built for (the n x n mixing matrix is tiny; 16 is the stress case).
 SINKHORN_STREAMS: tuple[int, ...] = (2, 4, 6, 8, 16)
 #: Sinkhorn-Knopp iterations baked into the binary (the mHC paper's t_max).
@@ -65,7 +67,7 @@ SINKHORN_EPS: float = 0.0
 
 #: Stream counts the fused pre-mapping kernels (pre_proj, pre_finalize) are built for: n = 4 (the paper's) at every
 #: hidden size and activation dtype, the other n in bf16 only.
-PRE_MAPPING_STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
+PRE_MAPPING_STREAMS: tuple[int, ...] = _common.ACTIVATION_STREAMS
 PRE_MAPPING_FULL_STREAMS: tuple[int, ...] = (4,)
 
 FAMILIES: tuple[str, ...] = ("post_res", "sinkhorn", "pre_proj", "pre_finalize", "pre_reduce", "boundary")

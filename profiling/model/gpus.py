@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from profiling import bytemodel
+from tl_kernels import _common
 
 __all__ = ["GPU", "GPUS", "gpu"]
 
@@ -52,10 +53,10 @@ class GPU:
     launch_us: float = 2.5
     dependent_cpi: float = 4.0
     schedulers: int = 4
-    regs_per_sm: int = 65536
-    threads_per_sm: int = 2048
-    blocks_per_sm: int = 32
-    smem_per_sm: int = 228 * 1024
+    regs_per_sm: int = _common.REGS_PER_SM
+    threads_per_sm: int = _common.THREADS_PER_SM
+    blocks_per_sm: int = _common.BLOCKS_PER_SM
+    smem_per_sm: int = _common.SMEM_PER_SM
     smem_reserved_per_block: int = 1024
     # warp instructions per cycle per SM, by pipe (lanes per cycle / 32)
     fma_rate: float = 4.0
@@ -71,7 +72,9 @@ class GPU:
 
 
 GPUS: dict[str, GPU] = {
-    name: GPU(name, sms=132, clock_hz=1.98e9, copy_gbps=nominal * bytemodel.ACHIEVABLE, nominal_gbps=nominal)
+    name: GPU(
+        name, sms=_common.H100_SMS, clock_hz=1.98e9, copy_gbps=nominal * bytemodel.ACHIEVABLE, nominal_gbps=nominal
+    )
     for name, nominal in (("H100", bytemodel.NOMINAL_GBPS["H100 SXM"]), ("H200", bytemodel.NOMINAL_GBPS["H200"]))
 }
 

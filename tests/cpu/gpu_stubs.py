@@ -33,8 +33,9 @@ from torch.utils._pytree import tree_flatten
 
 from mhc import _cuda
 from mhc import reference as ref
+from tl_kernels import _common
 
-SMS = 132  # an H100 SXM; the split and slice choices depend on it
+SMS = _common.H100_SMS  # the split and slice choices depend on it
 
 
 def _cpu(device):

@@ -22,12 +22,11 @@ import argparse
 import math
 import re
 
-from .. import post_res, pre_finalize, pre_proj
+from .. import _common, post_res, pre_finalize, pre_proj
+from .._common import BLOCKS_PER_SM, REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM
+from .._common import H100_SMS as SMS
 from . import codegen
 
-SMS = 132
-REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM, BLOCKS_PER_SM = 65536, 228 * 1024, 2048, 32
-_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _LOCAL = re.compile(r"\b(?:LDL|STL)\b")
 _LDG = re.compile(r"\bLDG\.E(?:\.(\d+))?")
 
@@ -130,7 +129,7 @@ def report(kernel_name: str, n: int, C: int, dtype: str, T: int) -> dict:
     loop = hot_loop(kernel_name, n, C, dtype)
     stats = codegen.analyze(_kernel(kernel_name, n, C, dtype))
     regs, smem = stats["registers"], stats["smem_bytes"]
-    e = _ELEMENT_BYTES[dtype]
+    e = _common.ELEMENT_BYTES[dtype]
     m, K = n * n + 2 * n, n * C
     if kernel_name == "pre_proj_fwd":
         threads = pre_proj.FWD_THREADS
@@ -146,7 +145,7 @@ def report(kernel_name: str, n: int, C: int, dtype: str, T: int) -> dict:
         bytes_token = e * (2 * K + C)  # x, d_x, g_li (once per stream when L2 keeps it: the floor)
     elif kernel_name == "pre_finalize_fwd":
         threads = pre_finalize.THREADS
-        vec = 16 // e
+        vec = _common.VECTOR_BYTES // e
         slices = pre_finalize.choose_slices(T, C, dtype, SMS)
         splits = slices
         grid = -(-T // pre_finalize.TOKENS) * slices

@@ -22,10 +22,11 @@ import math
 import re
 
 from .. import sinkhorn
+from .._common import H100_SMS as SMS
+from .._common import REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM
 from . import codegen
 
-SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.755e9
-REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048
+SCHEDULERS, CLOCK_HZ = 4, 1.755e9
 
 
 def _unroll(sass_text: str, loop: dict, slot_bytes: int = 0) -> int:
