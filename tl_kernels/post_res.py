@@ -21,9 +21,9 @@ Layouts and dtypes (all tensors contiguous, ``T`` = ``num_tokens`` is dynamic: o
 * ``dt`` in :data:`DTYPES`; n in {1, 2, 4, 6, 8}; C a positive multiple of 64 up to 65536.
   Arithmetic is fp32; every activation output is rounded once to ``dt`` on store. ``T >= 1`` (the host skips 0).
 
-Design. Both kernels are pure bandwidth. Bytes per token at n=4, bf16: fwd reads (n+1)C and writes nC elements =
-18C bytes (+80 B of coefficients), 129 KB at C=7168; bwd reads (2n+1)C and writes (n+1)C = 28C bytes (+160 B),
-201 KB at C=7168. Floors at T=16384, C=7168 on an H100 (3.35 TB/s nominal): 631 us fwd, 982 us bwd. So:
+Design. Both kernels are pure bandwidth: fwd reads (n+1)C and writes nC elements (18C bytes + 80 B of coefficients
+at n=4, bf16); bwd reads (2n+1)C and writes (n+1)C (28C + 160 B). Their floors and the performance model's
+predictions are in docs/benchmarks.md (``python -m profiling floors``, ``python -m profiling model``). So:
 
 * 128-bit accesses. A thread owns "chunks" of VEC = 16 bytes of the hidden dimension (8 bf16/fp16 or 4 fp32) and
   moves each activation row of a chunk with one 128-bit access: loads are plain vector loads (PTX
@@ -38,26 +38,22 @@ Design. Both kernels are pure bandwidth. Bytes per token at n=4, bf16: fwd reads
   256 x 7.
 * Latency hiding from many resident warps, not software pipelining: ``T.Pipelined`` through shared memory would add
   a copy and barriers to a kernel that reuses nothing. Registers are capped with ``__launch_bounds__(threads,
-  min_blocks)`` (:data:`_REG_BUDGET`); n=4 bf16 at C=7168: fwd 63 registers, 4 blocks x 7 warps per SM, each warp
-  with 5 x 512 B of loads in flight = 70 KB per SM; bwd 123 registers, 2 x 7 warps x 9 x 512 B = 64 KB. Little's law
-  needs ~25 KB per SM (3.35 TB/s / 132 SMs x ~1 us loaded latency), and reads are only 10/18 (fwd) and 18/28 (bwd)
-  of the traffic. One token per block also keeps small T (decode) from serialising a token over one warp: at most
-  4 dependent load rounds per token for the shipped bf16 sizes. The loop over a thread's chunks stays rolled.
+  min_blocks)`` (:data:`_REG_BUDGET`) so that enough blocks stay resident to keep the bytes in flight per SM that
+  Little's law asks for (bandwidth per SM x loaded latency; the performance model's latency bound). One token per
+  block also keeps small T (decode) from serialising a token over one warp: at most ``iters`` dependent load rounds
+  per token. The loop over a thread's chunks stays rolled.
 * ``h_res`` and ``h_post`` of the token are loaded once per thread into registers (fp32, gcd(n, 4)-wide vector
   loads; the threads of a token read the same addresses, L1 broadcasts). All loops over n and VEC are unrolled, so
   every local array is indexed by constants and lives in registers.
 * bwd: each thread accumulates n * n + n fp32 partial sums of d_h_res and d_h_post (72 for n=8) over its chunks in
-  a fixed order, then an xor butterfly over the token's lanes of each warp (segment min(tpt, 32)), segment leaders
-  write their partials to shared memory [slots, n * n + n], one ``__syncthreads``, and thread p of the token adds
-  the token's slots in slot order and writes coefficient gradient p. No atomics: bitwise deterministic for a given
-  (n, C, dtype). The butterfly and the barrier sit outside the ``t < num_tokens`` guard (full-warp shuffles).
+  a fixed order; :class:`tl_kernels._common.TokenLaneSum` then sums them over the token's threads (an xor butterfly
+  over the token's lanes of each warp, segment leaders write their partials to shared memory [slots, n * n + n], one
+  ``__syncthreads``) and thread p of the token adds the token's slots in slot order and writes coefficient gradient
+  p. No atomics: bitwise deterministic for a given (n, C, dtype). The butterfly and the barrier sit outside the
+  ``t < num_tokens`` guard (full-warp shuffles).
 
-ptxas (sm_90a, nvcc 13.0) over 220 configurations (n in {1, 2, 4, 6, 8} x C in {64, 192, 1280, 1920, 2560, 4096,
-7168, 16384} bf16, the shipped C for fp16/fp32, C=64/192 for fp16/fp32, C=65536 for n=4, 8): 0 bytes stack, 0
-spill stores/loads, no local memory in every one. Registers, one token per block (chunks > 32), fwd / bwd:
-n=1 22-32 / 34-44, n=2 32-40 / 48-71, n=4 55-64 / 122-128, n=6 107-128 / 126-226, n=8 128 / 168-254; several
-tokens per block (ptxas unconstrained): fwd n=4 55-72, n=8 121-155, bwd n=8 127-168. Cold compile 3-5 s per
-configuration on 2 free cores.
+Registers, spills and shared memory of every shipped configuration: ``python -m tl_kernels.build --family post_res``
+(docs/benchmarks.md, "Compile facts"); tests/kernels/test_codegen.py asserts zero spills and stack.
 """
 
 import functools
@@ -80,9 +76,9 @@ _STREAMS = _common.ACTIVATION_STREAMS  # supported stream counts n
 
 _SMALL_BLOCK = 128  # block size when several tokens share a block (tpt <= 32)
 _MAX_TPT = 256  # most threads one token is spread over
-# Register budget per thread, turned into __launch_bounds__(threads, min_blocks). Unconstrained, ptxas took 80 (fwd
-# n=4) and 240 (fwd n=8, C=7168) registers; these caps are the smallest that gave zero spills over the sweep in the
-# module docstring (fwd n=4 at 64: 4 blocks of 224-256 threads per SM; fwd n=8 at 128: 2 blocks instead of 1).
+# Register budget per thread, turned into __launch_bounds__(threads, min_blocks): the smallest caps that gave zero
+# spills over every n and C in {64, 192, 1280, ..., 16384} (fwd n=4 at 64: 4 blocks of 224-256 threads per SM; fwd
+# n=8 at 128: 2 blocks instead of 1); tests/kernels/test_codegen.py keeps the shipped ones spill-free.
 _REG_BUDGET = {
     "fwd": {1: 40, 2: 48, 4: 64, 6: 112, 8: 128},
     "bwd": {1: 48, 2: 72, 4: 128, 6: 144, 8: 255},

@@ -38,26 +38,23 @@ barrier all 128 threads stream the slice: for each token, thread q moves chunk q
 (128-bit loads, ``ld.global.nc.v4``) and writes one 128-bit chunk of layer_input (``st.global.v4``). Bytes per
 token (bf16, n=4): 8C read + 2C written (+ S x 100 B of partials): with the projection's 8C this is the two-read
 design of spec §6.2, 18C per token. Backward: the reduction g_pre = <g_li, x_i> over C is the only full pass
-(2C + 2nC bytes, 10C at n=4); its partials go through an xor butterfly and one shared-memory round in a fixed order
-(no atomics: deterministic).
+(2C + 2nC bytes, 10C at n=4); its partials are summed over the token's threads in a fixed order by
+:class:`tl_kernels._common.TokenLaneSum`, as in post_res (no atomics: deterministic).
 
-Resources (ptxas -v, sm_90a, CUDA 13.0; all 70 shipped configurations: 0 spills, 0 stack). Forward registers by n =
-1, 2, 4, 6, 8: 46, 76, 96, 168, 254 (the Sinkhorn state of warp 0 sets the count for the whole block; flush-to-zero
-as tl_kernels/sinkhorn.py); shared memory TOKENS * n * 4 B. Backward: 22-56 registers for n <= 4, 92-168 for n = 6,
-8 (post_res's mapping, n coefficient partials per thread).
+Resources: the Sinkhorn state of warp 0 sets the forward's register count for the whole block (flush-to-zero as
+tl_kernels/sinkhorn.py); shared memory TOKENS * n * 4 B. The backward holds n coefficient partials per thread in
+post_res's mapping. Registers per configuration: ``python -m tl_kernels.build --family pre_finalize``; zero spills
+and stack asserted by tests/kernels/test_codegen.py.
 
 Verified without a GPU: the generated CUDA source runs in the CPU emulation (tests/emulation; ``shim.h`` emulates
 ``mma.sync`` TF32 and ``ldmatrix`` with the PTX ISA's fragment layouts) against float64, and under AddressSanitizer
 with every tensor allocated to its exact size (no out-of-bounds access; a planted short input is caught).
 
-SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.tools.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384; guarded in
-tests/kernels/test_sass.py). Forward: the apply loop is 131 instructions a thread per 16-byte chunk of every stream
-(was 400, with 5 division sequences from the slice bounds recomputed in the loop; they are int32 scalars computed
-once now), 128-bit loads and stores, 3,668 warp instructions per token (was 11,200); 96 registers, 512 B shared:
-5 blocks per SM, grid 512 for 660 slots. The Sinkhorn of warp 0 is ~1.5k instructions a token (``python -m
-tl_kernels.tools.sinkhorn_sass``) and runs once per token block, before its apply loop. Backward: 121 instructions per
-chunk of post_res's mapping, 3,388 warp instructions per token, 48 registers. Speed: not measured (no GPU has run
-these kernels); the performance model (profiling/) predicts it from these figures.
+SASS: the slice bounds are int32 scalars computed once per block (recomputed in the apply loop they were 64-bit
+division sequences); loads and stores are 128-bit. The hot loops' instruction counts, registers and occupancy are
+printed by ``python -m tl_kernels.tools.pre_mapping_sass`` (docs/benchmarks.md, "Compile facts") and guarded in
+tests/kernels/test_sass.py. Speed: not measured (no GPU has run these kernels); the performance model (profiling/)
+predicts it from the SASS.
 """
 
 import functools

@@ -44,12 +44,12 @@ are exact in TF32; fp32 activations are truncated by the MMA (<= 2**-10). Hence,
 accumulation error, and the same bound with d_proj for d_x and d_phi. The GPU tests assert 2**-10 of that sum.
 ``sq`` is plain fp32 (no TF32). The backward's elementwise terms are fp32 FMA.
 
-Design. Both kernels are memory-bound: the projection reads 2nC bytes per token (bf16) and does 2 nC m FLOPs,
-24 FLOP/B at n=4, below the TF32 ridge (~150 FLOP/B on H100); phi (K x m x 4 B, 2.75 MB at C=7168) stays in L2.
-Splits (split-K in the forward, token splits in the backward) fill at most one wave of resident blocks
+Design. Both kernels are memory-bound: the projection reads 2nC bytes per token (bf16) and does 2 nC m FLOPs, m
+FLOP per byte (24 at n=4), far below the tensor cores' FLOP per byte of DRAM bandwidth; phi (K x m x 4 B) stays
+in L2. Splits (split-K in the forward, token splits in the backward) fill at most one wave of resident blocks
 (:func:`choose_splits`); partials are reduced in a fixed order, so results are bitwise reproducible for a given
 (T, S). The split bounds are int32 scalars computed once per block (inlined into the loops they were 64-bit
-divisions: 20 a K-chunk in the forward, 41 a token tile in the backward).
+divisions).
 
 Forward: FWD_BM = 128 tokens per block of 8 warps; each warp owns 16 tokens (one MMA row tile) for all of the
 split's K-chunks of BK = 64 columns, so the accumulators [16, 8 * ceil(m / 8)] and the two sums of squares stay in
@@ -71,31 +71,22 @@ Bytes per token (bf16, n=4): forward 8C + S x 100 B; backward x 8C + g_li 2C (re
 the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with ``accumulate``); the coefficient inputs
 (d_pp, d_res, proj, rinv: 4 (2m + 1) = 196 B) are read by every K-slice's block, mostly from L2.
 
-Resources and SASS (sm_90a, CUDA 13.0; ``python -m tl_kernels.tools.pre_mapping_sass``, n = 4, C = 7168, bf16, T = 16384,
-H100 occupancy from registers and shared memory; guarded in tests/kernels/test_sass.py):
-
-* forward: 217 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
-  divisions, 128-bit x loads; 6,076 warp instructions per token (was 46,172); 108 registers, 12 KB shared, 256
-  threads: 2 blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
-* backward: 1,160 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
-  fp32 division routine, at 185 registers; 1,224 reading one concatenated d_logits), 0 divisions; 32,480 warp
-  instructions per token (was 108,836); 126 registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots
-  (0.85 wave; was 448 for 264 slots, 1.7 waves). Its x-tile loads are 64-bit (the conversion to the fp32 tile is
-  fused into them). The d_bias / d_scale pass runs after the tile loop (a rolled loop over its tiles' tokens; with
-  an unrolled one ptxas hoisted the loads to 255 registers and spilled). The d_proj tile is filled by two loops,
-  d_pp's 2n columns and d_res's n * n: one loop selecting between the two sources per element cost 1,534-1,540;
-  the two loops' shared stores are 2-way bank conflicts (``python -m profiling model --kernel pre_mapping_bwd --json
-  PATH``: ``bank_conflicts`` of pre_proj_bwd), a lever left.
-* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 72 / 146, n = 2: 72 / 146, n = 6: 146 / 207,
-  n = 8: 202 / 208 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 128 / 150. Resident
-  blocks per SM follow (:data:`_FWD_RESIDENT`, :data:`_BWD_RESIDENT`, used by :func:`choose_splits`; keyed by n
-  at bf16: the fp32 backward at n = 4 fits 3 blocks, not 4).
-* all shipped configurations: 0 spills, 0 stack (tests/kernels/test_codegen.py).
+Resources and SASS: the hot loops' instruction counts (per K-chunk in the forward, per token tile in the backward),
+HMMA, integer divisions (none), load widths, registers, shared memory and resident blocks are printed by ``python -m
+tl_kernels.tools.pre_mapping_sass [--n 1 2 4 6 8]`` (docs/benchmarks.md, "Compile facts"), guarded in
+tests/kernels/test_sass.py; every shipped configuration has 0 spills and 0 stack (tests/kernels/test_codegen.py).
+Its x-tile loads in the backward are 64-bit (the conversion to the fp32 tile is fused into them). The d_bias /
+d_scale pass runs after the tile loop (a rolled loop over its tiles' tokens; unrolled, ptxas hoisted the loads and
+spilled). The d_proj tile is filled by two loops, d_pp's 2n columns and d_res's n * n (one loop selecting between
+the two sources per element cost more instructions); the two loops' shared stores are 2-way bank conflicts
+(``python -m profiling model --kernel pre_mapping_bwd --json PATH``: ``bank_conflicts`` of pre_proj_bwd), a lever
+left. :data:`_FWD_RESIDENT` and :data:`_BWD_RESIDENT` (resident blocks per SM by n at bf16, used by
+:func:`choose_splits`) follow from the register counts that command prints.
 
 Verified without a GPU: the generated CUDA source runs in the CPU emulation (tests/emulation; ``shim.h`` emulates
 ``mma.sync`` TF32 and ``ldmatrix`` with the PTX ISA's fragment layouts) against float64, and under AddressSanitizer
 with every tensor allocated to its exact size (no out-of-bounds access; a planted short input is caught). Speed:
-not measured (no GPU has run these kernels); the performance model (profiling/) predicts it from the figures above.
+not measured (no GPU has run these kernels); the performance model (profiling/) predicts it from the SASS.
 """
 
 import functools
@@ -131,8 +122,9 @@ FWD_WARPS = 8  # the forward: each warp owns 16 tokens (one MMA row tile) and al
 FWD_THREADS = 32 * FWD_WARPS
 FWD_BM = 16 * FWD_WARPS  # tokens per forward block
 MAX_SPLITS = 64
-# Resident blocks per H100 SM by n (registers from ptxas -v at bf16; ``python -m tl_kernels.tools.pre_mapping_sass --n 1 2
-# 4 6 8``): the wave :func:`choose_splits` fills. fp32 activations at n = 4 fit one forward block (139 registers).
+# Resident blocks per H100 SM by n (registers from ptxas -v at bf16; ``python -m tl_kernels.tools.pre_mapping_sass --n 1
+# 2 4 6 8``, column blocks/SM): the wave :func:`choose_splits` fills. fp32 activations at n = 4 fit fewer (the same
+# command with --dtype float32).
 _FWD_RESIDENT = {1: 3, 2: 3, 4: 2, 6: 1, 8: 1}
 _BWD_RESIDENT = {1: 3, 2: 3, 4: 4, 6: 1, 8: 1}
 # Both kernels index in bounds by construction (forward: rows clamped to T - 1, every split non-empty; backward:
