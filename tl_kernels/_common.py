@@ -1,4 +1,6 @@
-"""Shared plumbing for every TileLang program in this package: the pinned compile target and the compile call.
+"""What every TileLang program in this package shares: the pinned compile target and the compile call, the constants
+the kernel families are built for (stream counts, dtypes, element and vector sizes, sm_90 per-SM limits), and the
+fixed-order token-lane reduction of the backward kernels (:class:`TokenLaneSum`).
 
 Target pinning. TileLang refuses to compile when it cannot detect a GPU unless the target is given explicitly, and
 its disk cache is keyed on the target. We therefore always pass an explicit target:
