@@ -54,14 +54,14 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import _checks, reference
 from . import functional as F
-from . import reference
 from . import streams as _streams
 
 __all__ = ["MHC", "MHCContext", "MHCHead", "Precision", "collapse", "deepseek_to_mhc", "expand"]
 
-_RESIDUAL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-_COEF_DTYPES = (torch.float32, torch.float64)
+_RESIDUAL_DTYPES = _checks.ACTIVATION_DTYPES
+_COEF_DTYPES = _checks.COEFFICIENT_DTYPES
 
 
 def _dt(d: torch.dtype | None) -> str:
