@@ -497,6 +497,22 @@ def _tree(op, values: list):
     return values[0]
 
 
+def _hist_vectors_contiguous(n: int) -> bool:
+    """Whether the backward's history keeps each thread's n-vector contiguous (``vector-major``) instead of
+    token-minor. Contiguous vectors let nvcc load and store a vector with 64- or 128-bit shared accesses (n = 4: one
+    LDS.128 instead of four LDS), and they stay conflict-free when the thread stride, in units of the access width,
+    is odd: n odd (32-bit), n = 2 mod 4 (64-bit), n = 4 mod 8 (128-bit). For n = 0 mod 8 a 128-bit access would
+    conflict 2- or 4-way, so those keep the token-minor layout (32-bit accesses, 32 consecutive banks per warp)."""
+    return n % 8 != 0
+
+
+def _hist_index(n: int, tpb: int, t, v: int, i: int, tx):
+    """Index of entry i of history vector (t, v) (v = 0: u_t or a_t, v = 1: v_t or b_t) of thread tx's token."""
+    if _hist_vectors_contiguous(n):
+        return ((t * 2 + v) * tpb + tx) * n + i
+    return ((t * 2 + v) * n + i) * tpb + tx
+
+
 def _fence():
     """membar.cta: orders this thread's shared-memory accesses, so ptxas cannot hoist the next row's loads above
     it (see _CSE_NOTE). Nothing is outstanding at that point, so it costs a few cycles."""
@@ -560,8 +576,8 @@ def _factored_emitters(plan: _Plan):
     @T.macro
     def record_uv(hist, tx, slot, u, v):
         for i in T.unroll(n):
-            hist[((slot * 2) * n + i) * tpb + tx] = u[i]
-            hist[((slot * 2 + 1) * n + i) * tpb + tx] = v[i]
+            hist[_hist_index(n, tpb, slot, 0, i, tx)] = u[i]
+            hist[_hist_index(n, tpb, slot, 1, i, tx)] = v[i]
 
     @T.macro
     def iterate_scalings(m, u, v, mn, hist, tx):
@@ -778,7 +794,7 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
         # Offsets after iteration t + 1 (v = 0: a, v = 1: b), kept for t + 1 < iters only.
         if t < iters - 1:
             for i in T.unroll(n):
-                hist[((t * 2 + v) * n + i) * tpb + tx] = vec[i]
+                hist[_hist_index(n, tpb, t, v, i, tx)] = vec[i]
 
     @T.macro
     def sweep(lg, g, p, a_cur, b_cur, a_nxt, b_nxt, cs, cs_nxt, prow, col_vjp, row_vjp, init):
@@ -836,8 +852,8 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
                 for k in T.serial(iters - 1):  # steps t = R - 1 .. 1: u_t, v_t sit in slot t - 1 = R - 2 - k
                     slot = iters - 2 - k
                     for i in T.unroll(n):
-                        u[i] = hist[((slot * 2) * n + i) * tpb + tx]
-                        v[i] = hist[((slot * 2 + 1) * n + i) * tpb + tx]
+                        u[i] = hist[_hist_index(n, tpb, slot, 0, i, tx)]
+                        v[i] = hist[_hist_index(n, tpb, slot, 1, i, tx)]
                     exp_sweep(kk, hh, u, v, cc, cs, True)
             # The column VJP of step 1 (u_0 = 1), then G = K * H; |G| summed to catch an overflow or NaN.
             acc[0] = T.float32(0)
@@ -886,8 +902,8 @@ def sinkhorn_bwd_program(n: int, iters: int, eps: float, exp_domain: bool = True
                     b_nxt[i] = b[i]
                     cs_nxt[i] = cs[i]
                     cs[i] = T.float32(0)
-                    a[i] = hist[((t * 2) * n + i) * tpb + tx]
-                    b[i] = hist[((t * 2 + 1) * n + i) * tpb + tx]
+                    a[i] = hist[_hist_index(n, tpb, t, 0, i, tx)]
+                    b[i] = hist[_hist_index(n, tpb, t, 1, i, tx)]
                 sweep(lg, g, p, a, b, a_nxt, b_nxt, cs, cs_nxt, prow, True, True, False)
         # Last sweep: column VJP of step 1, with a_0 = 0.
         for i in T.unroll(n):
