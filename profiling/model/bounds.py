@@ -13,7 +13,12 @@ counts of :mod:`profiling.model.counts`:
   per warp, grouped by the SASS loop that holds them, one group per pass); ``slots = S x`` resident blocks per SM
   (registers, shared memory, threads). Equivalently the bytes in flight per SM, ``resident warps x bytes per round``,
   must cover ``L x bandwidth / S`` for the DRAM bound to be reachable; the records report both. The second term is
-  a lone warp's dependent chain (``w_max`` instructions of the busiest warp);
+  the busiest warp alone on its scheduler (:func:`warp_cycles`, ``warp_cycles`` in the records): an in-order
+  scoreboard over its SASS with each pipe's result latency and issue occupancy, so independent instructions
+  issue one per cycle and a dependent one waits for its operand (FP32 4 cycles, MUFU 18, shared memory 30, a global
+  load the DRAM latency). It replaces ``w_max x 4`` cycles (every instruction waiting 4 cycles for the previous
+  one), which charged 16 cycles to four independent FFMAs that issue in 4 and only 4 to a MUFU result that takes
+  18 (docs/benchmarks.md, "The dependent chain");
 * ``t_pred = max(t_dram, t_issue, t_smem, t_latency, launch_us)``. The maximum, not the sum: the four resources
   work concurrently when enough warps are resident, and each bound alone is a floor; a kernel near two bounds runs
   slower than either (not modelled). ``launch_us`` is the least time a launch occupies the stream (small T).
@@ -28,15 +33,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 
 from profiling import bytemodel
 
-from . import capture, counts, gpus
+from . import capture, counts, gpus, sass
 
-__all__ = ["KERNELS", "LaunchModel", "launch_model", "predict", "records"]
+__all__ = ["KERNELS", "LaunchModel", "launch_model", "predict", "records", "warp_cycles"]
 
 KERNELS = (
     "post_res_fwd", "post_res_bwd", "pre_mapping_fwd", "pre_mapping_bwd",
@@ -162,7 +168,8 @@ def launch_model(launch: capture.Launch, g: gpus.GPU) -> LaunchModel:
     t_dram = bytemodel.floor_us(nbytes, g.copy_gbps)
     waves = math.ceil(blocks / slots) if blocks else 0
     t_mem_lat = waves * c.load_rounds_per_warp * g.dram_latency_us
-    t_chain = waves * c.max_warp_instructions * g.dependent_cpi / f * 1e6
+    chain_cycles = warp_cycles(info.ins, c.warp_executions, g)
+    t_chain = waves * chain_cycles / f * 1e6
     t_latency = max(t_mem_lat, t_chain)
     t_pred = max(t_dram, t_issue, t_smem, t_latency, g.launch_us)
     resident_warps = min(occ["warps_per_sm"], -(-blocks // S) * c.warps_per_block)
@@ -181,7 +188,7 @@ def launch_model(launch: capture.Launch, g: gpus.GPU) -> LaunchModel:
         "bytes_in_flight_per_sm": round(resident_warps * bytes_per_round),
         "latency_bandwidth_product_per_sm": round(g.dram_latency_us * 1e-6 * g.copy_gbps * 1e9 / S),
         "t_load_latency_us": t_mem_lat, "t_dependent_chain_us": t_chain,
-        "max_warp_instructions": round(c.max_warp_instructions),
+        "max_warp_instructions": round(c.max_warp_instructions), "warp_cycles": round(chain_cycles),
         "sass_loops": c.loops, "unknown_conditions": c.unknown_conditions,
     }  # fmt: skip
     return LaunchModel(info.name, nbytes, t_dram, t_issue, t_smem, t_latency, t_pred, detail)
@@ -250,3 +257,132 @@ def records(kernels=KERNELS, n=4, hidden=(2560, 7168), dtype="bfloat16", tokens=
     return [
         predict(k, n, C, dtype, T, g) for g in gpu_names for C in hidden for T in tokens for k in kernels
     ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- the dependent chain
+
+_NO_DEST = {
+    "STS", "STG", "ST", "STL", "STSM", "RED", "REDG", "LDGSTS", "BAR", "BRA", "BRX", "JMP", "EXIT", "RET", "CALL",
+    "MEMBAR", "BSSY", "BSYNC", "WARPSYNC", "NOP", "YIELD", "DEPBAR", "LDGDEPBAR", "CCTL", "ERRBAR", "BPT", "KILL",
+    "NANOSLEEP", "ARRIVES", "SYNCS",
+}  # fmt: skip
+_STORES = {"STS", "STG", "ST", "STL", "RED", "REDG"}
+_SHORT_VARIABLE = {"LDS", "LDSM", "ATOMS", "SHFL", "LDC", "ULDC", "S2R", "S2UR", "CS2R", "MATCH", "VOTE"}
+_GLOBAL = {"LDG", "LD", "LDL", "ATOM", "ATOMG"}
+_REG = re.compile(r"(?<![\w.])(U?R\d+|U?P\d)(\.64|\.128)?(?![\w])")
+
+
+def _regs(token: str, width: int = 1) -> list[str]:
+    """Register names in an operand; ``R4.64`` (an address pair) or a ``width`` > 1 names consecutive registers."""
+    out = []
+    for m in _REG.finditer(token.replace(".reuse", "")):
+        name, suffix = m.group(1), m.group(2)
+        w = {".64": 2, ".128": 4}.get(suffix or "", width) if name.lstrip("U").startswith("R") else 1
+        prefix = name.rstrip("0123456789")
+        num = int(name[len(prefix) :])
+        out += [f"{prefix}{num + k}" for k in range(w)]
+    return out
+
+
+def _operands(text: str) -> tuple[list[str], str, list[str]]:
+    """(guard registers, opcode, operands) of one SASS instruction text."""
+    guard = []
+    m = re.match(r"^@!?(U?P\w+)\s+", text)
+    if m:
+        guard = _regs(m.group(1))
+        text = text[m.end() :]
+    parts = text.split(None, 1)
+    ops = [o.strip() for o in parts[1].split(",")] if len(parts) > 1 else []
+    return guard, parts[0] if parts else "", ops
+
+
+def _dests_sources(text: str) -> tuple[list[str], list[str]]:
+    guard, opcode, ops = _operands(text)
+    base = opcode.split(".")[0]
+    wide = 4 if ".128" in opcode else 2 if (".64" in opcode or ".WIDE" in opcode) else 1
+    pair = 2 if base in ("DADD", "DMUL", "DFMA", "DSETP", "DMNMX") else 1
+    if base in _NO_DEST or not ops:
+        srcs = guard[:]
+        for k, o in enumerate(ops):
+            last_data = base in _STORES and k == len(ops) - 1
+            srcs += _regs(o, wide if last_data else pair)
+        return [], srcs
+    dest_width = wide
+    if base == "HMMA":
+        dest_width = 4
+    elif base == "LDSM":
+        m = re.search(r"\.M88\.(\d)", opcode)
+        dest_width = int(m.group(1)) if m else 1
+    elif pair == 2 and base != "DSETP":
+        dest_width = 2
+    dests = _regs(ops[0], dest_width)
+    k = 1
+    while k < len(ops) and re.fullmatch(r"U?P(\d|T)", ops[k]):  # further predicate results (IADD3 R, P, ...)
+        dests += _regs(ops[k])
+        k += 1
+    srcs = guard[:]
+    for o in ops[k:]:
+        srcs += _regs(o, pair)
+    return dests, srcs
+
+
+def _latency_cycles(x: sass.Instruction, g: gpus.GPU) -> float:
+    base = x.opcode.split(".")[0]
+    if base in _GLOBAL:
+        return g.dram_latency_us * 1e-6 * g.clock_hz
+    if base in _SHORT_VARIABLE:
+        return g.smem_latency_cycles
+    return {"mufu": g.mufu_latency_cycles, "tensor": g.mma_latency_cycles, "fp64": g.fp64_latency_cycles}.get(
+        x.pipe, g.dependent_cpi
+    )
+
+
+def _pipe_cycles(pipe: str, g: gpus.GPU) -> float:
+    """Cycles one warp instruction holds its pipe on one scheduler's partition (a quarter of the SM)."""
+    per_sm = {"fma": g.fma_rate, "alu": g.alu_rate, "mufu": g.mufu_rate, "lsu": g.lsu_rate, "fp64": g.fp64_rate,
+              "tensor": g.mma_tf32_flop_per_clk / 2048.0}.get(pipe)  # fmt: skip
+    return g.schedulers / per_sm if per_sm else 1.0
+
+
+def warp_cycles(ins: list[sass.Instruction], executions: list[float], g: gpus.GPU, costs: list | None = None) -> float:
+    """Cycles one warp takes alone on its scheduler: an in-order scoreboard over the SASS.
+
+    Each executed instruction issues at the earliest cycle that is at least one after the previous issue, when
+    every register it reads (and writes) is ready and its pipe is free on this quarter of the SM; its result is
+    ready ``_latency_cycles`` later (FP32/integer 4, MUFU, shared memory and shuffles, global loads the DRAM
+    latency, :mod:`profiling.model.gpus`), and it holds its pipe ``schedulers / rate`` cycles (MUFU 8, an
+    integer-pipe op 2, FFMA 1). An instruction costs the cycles between its issue and the previous one; a loop's
+    body is played twice in a row (the second pass, with the loop-carried registers of the first, is the steady
+    state) and its cost is weighted by ``executions`` (its executions by the busiest warp). Waits on asynchronous
+    copies (``DEPBAR``) are not modelled: ``t_load_latency`` covers them."""
+    parsed = [_dests_sources(x.text) if e > 0 else ([], []) for x, e in zip(ins, executions, strict=True)]
+    lat = [_latency_cycles(x, g) for x in ins]
+    occ = [_pipe_cycles(x.pipe, g) for x in ins]
+    ready: dict[str, float] = {}
+    pipe_free: dict[str, float] = {}
+    cost = [0.0] * len(ins)
+    clock = [0.0]  # issue cycle of the last instruction
+
+    def play(i: int) -> None:
+        if executions[i] <= 0:
+            return
+        dests, srcs = parsed[i]
+        t = clock[0] + 1.0
+        for r in (*srcs, *dests):
+            t = max(t, ready.get(r, 0.0))
+        t = max(t, pipe_free.get(ins[i].pipe, 0.0))
+        cost[i] = t - clock[0]
+        clock[0] = t
+        pipe_free[ins[i].pipe] = t + occ[i]
+        for r in dests:
+            ready[r] = t + lat[i]
+
+    index = {x.addr: k for k, x in enumerate(ins)}
+    for i, x in enumerate(ins):
+        play(i)
+        if isinstance(x.branch_to, int) and x.branch_to < x.addr and x.branch_to in index:
+            for k in range(index[x.branch_to], i + 1):  # the steady-state pass of the loop
+                play(k)
+    if costs is not None:
+        costs[:] = cost
+    return float(sum(c * e for c, e in zip(cost, executions, strict=True)))

@@ -66,6 +66,8 @@ class LaunchCounts:
     ldg_bytes: float = 0.0  # bytes requested by global loads (32 lanes each)
     load_rounds_per_warp: float = 0.0  # dependent rounds of global loads a warp waits for
     max_warp_instructions: float = 0.0
+    # executions of each SASS instruction (index into KernelInfo.ins) by the warp that runs it most often
+    warp_executions: list[float] = field(default_factory=list)
     unknown_conditions: list[str] = field(default_factory=list)
     conflicts: list[dict] = field(default_factory=list)
     loops: list[dict] = field(default_factory=list)
@@ -142,11 +144,12 @@ def kernel_info(name: str, cuda_src: str, sass_text: str, resources: dict) -> Ke
     for line, acc in ks.shared.items():
         accesses[line] = accesses.get(line, 0) + len(acc)
     rolled = {id(s) for s in scopes if s is not None}
+    elements = {line: max(a.element_bytes for a in acc) for line, acc in ks.shared.items() if acc}
     unroll = []
     for lp, scope in zip(lps, scopes, strict=True):
         expected = _accesses_per_iteration(ks, scope, accesses, rolled) if scope is not None else {}
         by_counter = sass.unroll_factor(ins, lp)
-        unroll.append(by_counter if by_counter is not None else sass.copies_per_pass(ins, lp, expected))
+        unroll.append(by_counter if by_counter is not None else sass.copies_per_pass(ins, lp, expected, elements))
     return KernelInfo(
         name=name, src=ks, ins=ins, loops=lps, loop_scope=scopes, unroll=unroll, registers=int(resources.get("registers") or 0),
         smem_bytes=int(resources.get("smem_bytes") or 0), spill_bytes=int(resources.get("spill_bytes") or 0),
@@ -347,9 +350,11 @@ def count(
     ldg_groups: dict[tuple[int, ...], float] = defaultdict(float)
     smem_cache: dict[tuple[int, str, int], tuple[float, float]] = {}
     root = ks.scopes[0]
+    result.warp_executions = [0.0] * len(info.ins)
     for i, x in enumerate(info.ins):
         scope = ks.line_scope.get(x.line, root) if x.line is not None else root
         total, one_warp = multiplicity(scope, holders[i])
+        result.warp_executions[i] = one_warp
         if total == 0:
             continue
         by_pipe[x.pipe] += total

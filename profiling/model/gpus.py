@@ -26,8 +26,14 @@ Parameters that are not datasheet numbers (the model's assumptions, to be calibr
   2048 FLOP per cycle per SM): Luo et al. find that only ``wgmma`` reaches Hopper's tensor-core peak.
 * ``dependent_cpi``: cycles between two dependent instructions of one warp: 4, the dependent FP32 FMA latency
   measured since Volta (Jia et al., "Dissecting the NVIDIA Volta GPU Architecture via Microbenchmarking", arXiv
-  1804.06826, 2018). With no other warp to switch to, a warp issues at best one instruction per ``dependent_cpi``
-  cycles: an upper bound on a lone warp's time (it ignores instruction-level parallelism).
+  1804.06826, 2018); also used for the integer and uniform pipes. It is the result latency of those pipes in the
+  lone-warp scoreboard, not a cost per instruction: independent instructions issue one per cycle.
+* ``mufu_latency_cycles`` (18), ``smem_latency_cycles`` (30), ``mma_latency_cycles`` (32), ``fp64_latency_cycles``
+  (8): cycles from issue until a dependent instruction can use the result of a MUFU op, a shared-memory load (also
+  shuffles, constant and special-register reads), an ``mma.sync`` and an FP64 FMA, for the lone-warp scoreboard of
+  :func:`profiling.model.bounds.warp_cycles`. Assumptions of the order the microbenchmark studies above report for
+  Volta to Hopper (Jia et al. 2018; Luo et al. 2024, 2025: shared-memory loads a few tens of cycles, MUFU between
+  the FP32 latency and the shared-memory latency), to be calibrated by a GPU run like the other assumptions.
 * ``launch_us``: the least time a kernel launch occupies the stream in eager PyTorch (host launch overhead and the
   gap between back-to-back kernels, a few microseconds; CUDA graphs shrink it). 2.5 us.
 """
@@ -52,6 +58,10 @@ class GPU:
     dram_latency_us: float = 0.7
     launch_us: float = 2.5
     dependent_cpi: float = 4.0
+    mufu_latency_cycles: float = 18.0
+    smem_latency_cycles: float = 30.0
+    mma_latency_cycles: float = 32.0
+    fp64_latency_cycles: float = 8.0
     schedulers: int = 4
     regs_per_sm: int = _common.REGS_PER_SM
     threads_per_sm: int = _common.THREADS_PER_SM

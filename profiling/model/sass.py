@@ -148,16 +148,21 @@ def loops(ins: list[Instruction]) -> list[Loop]:
     return sorted(found, key=lambda lp: (lp.start, -lp.end))
 
 
-def copies_per_pass(ins: list[Instruction], loop: Loop, expected: dict[int, float]) -> int:
+def copies_per_pass(
+    ins: list[Instruction], loop: Loop, expected: dict[int, float], element_bytes: dict[int, int] | None = None
+) -> int:
     """Source iterations per pass of a SASS loop from its memory instructions: for each source line of the loop's
     body, the loop's LDG/STG/LDS/STS attributed to the line divided by ``expected[line]``, the line's memory
     accesses per source iteration (its accesses times the trips of the unrolled loops between it and the loop); the
-    median over such lines, rounded (1 when no line has memory instructions)."""
-    per_line: dict[int, int] = {}
+    median over such lines, rounded (1 when no line has memory instructions). A line with ``element_bytes`` known
+    counts a vector instruction as the elements it moves (``STS.128`` of floats: 4 source accesses)."""
+    per_line: dict[int, float] = {}
     for i in loop.body:
         x = ins[i]
         if x.line in expected and x.opcode.split(".")[0] in ("LDG", "STG", "LDS", "STS"):
-            per_line[x.line] = per_line.get(x.line, 0) + 1
+            width = 16 if ".128" in x.opcode else 8 if ".64" in x.opcode else 4
+            elements = max(1, width // element_bytes[x.line]) if element_bytes and x.line in element_bytes else 1
+            per_line[x.line] = per_line.get(x.line, 0) + elements
     ratios = sorted(per_line[ln] / expected[ln] for ln in per_line)
     return max(1, round(ratios[len(ratios) // 2])) if ratios else 1
 

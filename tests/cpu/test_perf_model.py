@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("tilelang")
 
-from profiling.model import bounds, cexpr, cli, counts, gpus, probes, source  # noqa: E402
+from profiling.model import bounds, cexpr, cli, counts, gpus, probes, sass, source  # noqa: E402
 
 H100 = gpus.gpu("H100")
 ROWS = 1 << 14
@@ -129,6 +129,46 @@ def test_division_in_loop_predicts_its_slowdown():
     assert div.detail["int64_instructions"] > plain.detail["int64_instructions"]
     assert div.t_issue_us / plain.t_issue_us > 3.0
     assert div.t_pred_us / plain.t_pred_us > 2.0
+
+
+def _ins(*texts, loop_back_to=None):
+    """Instructions at addresses 0x10, 0x20, ...; ``loop_back_to`` turns the last one into a backward branch."""
+    out = []
+    for k, t in enumerate(texts):
+        op = t.split()[1] if t.startswith("@") else t.split()[0]
+        out.append(sass.Instruction(0x10 * (k + 1), t, None, op, sass.classify(op)))
+    if loop_back_to is not None:
+        out[-1].branch_to = 0x10 * (loop_back_to + 1)
+    return out
+
+
+def test_sass_operands_by_hand():
+    assert bounds._dests_sources("IADD3 R4, P1, R39, UR4, RZ") == (["R4", "P1"], ["R39", "UR4"])
+    assert bounds._dests_sources("@!P0 LDG.E.64 R4, desc[UR4][R6.64+0x10]") == (["R4", "R5"], ["P0", "UR4", "R6", "R7"])
+    assert bounds._dests_sources("STS.128 [R2+0x10], R8") == ([], ["R2", "R8", "R9", "R10", "R11"])
+    assert bounds._dests_sources("FFMA.FTZ R1, -R2.reuse, R3, RZ") == (["R1"], ["R2", "R3"])
+    assert bounds._dests_sources("ISETP.GE.AND P0, PT, R7, UR6, PT") == (["P0"], ["R7", "UR6"])
+
+
+def test_warp_cycles_by_hand():
+    """The lone-warp scoreboard on chains whose cycle counts are known by hand (H100 parameters: FP32 latency 4,
+    MUFU latency 18 and 8 cycles per warp instruction on a quarter-SM's 4 MUFU lanes, DRAM latency 0.7 us)."""
+    g = H100
+    chain = _ins(*["FFMA R1, R1, R2, R3"] * 4)
+    assert bounds.warp_cycles(chain, [1] * 4, g) == 1 + 3 * g.dependent_cpi  # 13: each waits for the previous
+    independent = _ins("FFMA R1, R5, R2, R3", "FFMA R6, R5, R2, R3", "FFMA R7, R5, R2, R3", "FFMA R8, R5, R2, R3")
+    assert bounds.warp_cycles(independent, [1] * 4, g) == 4  # one per cycle: the old model charged 4 x 4 = 16
+    rcp = _ins("MUFU.RCP R1, R5", "MUFU.RCP R2, R6", "MUFU.RCP R3, R7", "MUFU.RCP R4, R8")
+    assert bounds.warp_cycles(rcp, [1] * 4, g) == 1 + 3 * 8  # the MUFU pipe, not the dependences
+    use = _ins("MUFU.RCP R1, R5", "FMUL R2, R1, R1")
+    assert bounds.warp_cycles(use, [1, 1], g) == 1 + g.mufu_latency_cycles
+    load = _ins("LDG.E R4, desc[UR4][R6.64]", "FADD R5, R4, R4")
+    assert bounds.warp_cycles(load, [1, 1], g) == 1 + g.dram_latency_us * 1e-6 * g.clock_hz
+    # a loop-carried chain: per pass the FFMA waits 4 cycles after the previous pass's (the branch fills one)
+    loop = _ins("FFMA R1, R1, R2, R3", "@P0 BRA `(.L_x_0)", loop_back_to=0)
+    assert bounds.warp_cycles(loop, [10, 10], g) == 10 * g.dependent_cpi
+    # an instruction no warp executes does not count and does not delay the others
+    assert bounds.warp_cycles(_ins("MUFU.RCP R1, R5", "FMUL R2, R1, R1"), [0, 1], g) == 1
 
 
 # ------------------------------------------------------------------------------------------ records

@@ -1,5 +1,5 @@
-"""SASS instruction counts of the Sinkhorn kernels, per token, without a GPU (for tl_kernels/sinkhorn.py's docstring
-and the Sinkhorn latency issue):
+"""SASS instruction counts of the Sinkhorn kernels, per token, without a GPU (the tables of docs/benchmarks.md,
+"Sinkhorn"):
 
     python -m tl_kernels.tools.sinkhorn_sass [--iters 20] [--eps 0.0] [--n 2 4 6 8 16]
 
@@ -21,7 +21,7 @@ import argparse
 import math
 import re
 
-from .. import sinkhorn
+from .. import sinkhorn, sinkhorn_plan
 from .._common import H100_SMS as SMS
 from .._common import REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM
 from . import codegen
@@ -31,19 +31,20 @@ SCHEDULERS, CLOCK_HZ = 4, 1.755e9
 
 def _unroll(sass_text: str, loop: dict, slot_bytes: int = 0) -> int:
     """How many source iterations one pass of a SASS loop runs, from the loop counter's self-increment (``IADD3 Rk,
-    Rk, 0xN`` or the uniform ``UIADD3 URk, URk, 0xN``, the register also tested by an ``ISETP``/``UISETP`` of the
-    loop): N itself when it is a small count, or N / slot_bytes when the counter is a byte offset into the
-    backward's history (one slot of u, v or a, b per iteration); else 1. ptxas unrolls some loops by 2 or 3."""
+    Rk, 0xN`` or the uniform ``UIADD3 URk, URk, 0xN``, N of either sign, the register also tested by an
+    ``ISETP``/``UISETP`` of the loop): |N| itself when it is a small count, or |N| / slot_bytes when the counter is a
+    byte offset into the backward's history (one slot of u, v or a, b per iteration; the sweep walks it downwards);
+    else 1. ptxas unrolls some loops by 2 to 8."""
     body = [text for addr, text in codegen.sass_instructions(sass_text) if loop["start"] <= addr <= loop["end"]]
     compared = {
         reg for text in body if text.split()[0].lstrip("U").startswith("ISETP") for reg in re.findall(r"U?R\d+", text)
     }
     factors = []
     for text in body:
-        m = re.match(r"U?IADD3 (U?R\d+), \1, 0x([0-9a-f]+), U?RZ", text)
+        m = re.match(r"U?IADD3 (U?R\d+), \1, (-?0x[0-9a-f]+), U?RZ", text)
         if not (m and m.group(1) in compared):
             continue
-        step = int(m.group(2), 16)
+        step = abs(int(m.group(2), 16))  # the backward's sweep walks its history downwards
         if step <= 8:
             factors.append(step)
         elif slot_bytes and step % slot_bytes == 0 and step // slot_bytes <= 8:
@@ -60,10 +61,10 @@ def _iteration_trips(direction: str, n: int, iters: int, eps: float) -> list[int
     * log-domain plans: the forward loop (``iters``), or the backward's recompute (``iters``) and sweep
       (``iters - 1``)."""
     if direction == "fwd":
-        plan = sinkhorn._fwd_plan(n, iters, eps)
-        return [iters - 1, 0] if sinkhorn._uses_exp_domain(plan) else [iters]
-    plan = sinkhorn._bwd_plan(n, iters, eps)
-    return [iters - 2, iters - 1, 0, 0] if sinkhorn._uses_exp_domain(plan) else [iters, iters - 1]
+        plan = sinkhorn_plan.fwd_plan(n, iters, eps)
+        return [iters - 1, 0] if sinkhorn_plan.uses_exp_domain(plan) else [iters]
+    plan = sinkhorn_plan.bwd_plan(n, iters, eps)
+    return [iters - 2, iters - 1, 0, 0] if sinkhorn_plan.uses_exp_domain(plan) else [iters, iters - 1]
 
 
 def per_token(direction: str, n: int, iters: int, eps: float) -> dict:
@@ -80,7 +81,7 @@ def per_token(direction: str, n: int, iters: int, eps: float) -> dict:
         for a in loops
         if not a["global"] and not any(b is not a and b["start"] <= a["start"] and a["end"] <= b["end"] for b in loops)
     ]
-    plan = (sinkhorn._fwd_plan if direction == "fwd" else sinkhorn._bwd_plan)(n, iters, eps)
+    plan = (sinkhorn_plan.fwd_plan if direction == "fwd" else sinkhorn_plan.bwd_plan)(n, iters, eps)
     trips = _iteration_trips(direction, n, iters, eps)
     # ptxas may unroll a small fallback loop completely (n = 2): its code is then counted once as straight-line
     # code, and the total is an overestimate (marked in the table).
@@ -90,7 +91,8 @@ def per_token(direction: str, n: int, iters: int, eps: float) -> dict:
     if len(outer) != len(trips):
         raise RuntimeError(f"{direction} n={n}: expected {len(trips)} iteration loops, found {outer}")
     count = total - sum(loop["instructions"] for loop in outer)
-    slot_bytes = 4 * 2 * n * plan.tokens_per_block if direction == "bwd" else 0  # one history slot (u, v)
+    # one history slot (u and v of every token; either layout of sinkhorn_plan.hist_index)
+    slot_bytes = 4 * 2 * n * plan.tokens_per_block if direction == "bwd" else 0
     unroll = [_unroll(text, loop, slot_bytes) for loop in outer]
     passes = [-(-t // u) for u, t in zip(unroll, trips, strict=True)]
     count += sum(loop["instructions"] * p for loop, p in zip(outer, passes, strict=True))
