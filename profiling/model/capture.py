@@ -167,11 +167,13 @@ class Chain:
     indices)."""
 
     ops: list[Op]
-    site: int
+    site: int | None  # None: no site is fused on both sides (recompute blocks shorter than 3 sites)
     blocks: list[list[int]]
     recompute_block: int
 
     def unit_ops(self, unit: int | None = None) -> list[Op]:
+        if unit is None and self.site is None:
+            raise ValueError(f"no interior site: recompute blocks of {self.recompute_block} sites (need >= 3)")
         unit = self.site if unit is None else unit
         return [op for op in self.ops if op.unit == unit]
 
@@ -220,9 +222,9 @@ def chain_ops(n: int, C: int, dtype: torch.dtype, T: int, sites: int = CHAIN_SIT
             else:  # post_res_fwd: the block's last site
                 op.unit = replay_unit
     r = stack.recompute_block or sites
-    if r < 3:
-        raise ValueError(f"chain of {sites} sites: recompute_block {r} has no site fused on both sides (need >= 3)")
-    return Chain(log.ops, site=r + 1 if sites >= 2 * r else 1, blocks=blocks, recompute_block=r)
+    # an interior site of the second block (of the first when there is one block); None when blocks are too short
+    interior = (r + 1 if sites >= 2 * r else 1) if r >= 3 else None
+    return Chain(log.ops, site=interior, blocks=blocks, recompute_block=r)
 
 
 @contextlib.contextmanager

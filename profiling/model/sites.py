@@ -9,6 +9,9 @@ Two kinds of record (the ``site`` field):
   site's pre-mapping, which the stack fuses into one ``mhc::boundary_*`` op. In a long chain every site costs one
   such unit, so this is what a site costs in a model.
 * ``"single"``: a stack of one site (no next site, so no fused boundary): its pre-mapping and F_post,res.
+* ``"chain_unfused"``: the chain's unit with the boundary kernels disabled (``boundary`` in
+  ``mhc._cuda.DISABLED`` while the ops are replayed, as ``MHC_DISABLE_KERNELS=boundary`` does on a GPU): the
+  boundary ops then run post_res and the pre-mapping separately. The benchmark's "unfused" row.
 
 Fields beyond those of every record (:mod:`.bounds`):
 
@@ -28,6 +31,7 @@ Fields beyond those of every record (:mod:`.bounds`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -36,9 +40,9 @@ from profiling import bytemodel
 
 from . import bounds, capture, gpus
 
-__all__ = ["PDL_MARK", "SITE_KINDS", "predict_site", "sequence_latency", "uses_pdl"]
+__all__ = ["PDL_MARK", "SITE_KINDS", "predict_site", "predict_stack", "sequence_latency", "uses_pdl"]
 
-SITE_KINDS = ("chain", "single")
+SITE_KINDS = ("chain", "single", "chain_unfused")
 #: What TileLang 0.1.15 emits for ``T.pdl_sync()`` (the dependent kernel's wait), in the generated CUDA.
 PDL_MARK = "cudaGridDependencySynchronize"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -48,7 +52,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 def _ops(site: str, n: int, C: int, dtype: str, T: int):
     """(forward, backward, recompute) ops of the site's unit."""
     td = _DTYPES[dtype]
-    if site == "chain":
+    if site in ("chain", "chain_unfused"):
         chain = capture.chain_ops(n, C, td, T)
         ops = chain.unit_ops()
         meta = {"chain_sites": capture.CHAIN_SITES, "chain_site": chain.site, "recompute_block": chain.recompute_block}
@@ -57,6 +61,24 @@ def _ops(site: str, n: int, C: int, dtype: str, T: int):
         meta = {}
     by_phase = {p: [o for o in ops if o.phase == p] for p in ("fwd", "bwd", "recompute")}
     return by_phase, meta
+
+
+@contextlib.contextmanager
+def _boundary_kernels(on: bool):
+    """The boundary kernels on or off while ops are replayed (``mhc._cuda.DISABLED``), restored afterwards."""
+    from mhc import _cuda
+
+    was_off = "boundary" in _cuda.DISABLED
+    (_cuda.enable_kernels if on else _cuda.disable_kernels)("boundary")
+    try:
+        yield
+    finally:
+        (_cuda.disable_kernels if was_off else _cuda.enable_kernels)("boundary")
+
+
+def _launches(ops, sms: int, site: str):
+    with _boundary_kernels(site != "chain_unfused"):
+        return capture.launches_of(ops, sms)
 
 
 def uses_pdl(item) -> bool:
@@ -94,7 +116,7 @@ def _part(item, g: gpus.GPU) -> dict:
 
 
 def _floor(site: str, mode: str, n: int, C: int, esize: int, T: int) -> int:
-    if site == "chain":
+    if site in ("chain", "chain_unfused"):
         return bytemodel.chain_site_bytes(T, n, C, esize, mode)
     return bytemodel.site_bytes(T, n, C, esize, mode)
 
@@ -113,8 +135,8 @@ def predict_site(
     g = gpus.gpu(gpu, copy_gbps)
     mode = kernel.rpartition("_")[2]
     ops, meta = _ops(site, n, C, dtype, T)
-    own = [_part(x, g) for x in capture.launches_of(ops[mode], g.sms)]
-    rec = [_part(x, g) for x in capture.launches_of(ops["recompute"], g.sms)] if mode == "bwd" else []
+    own = [_part(x, g) for x in _launches(ops[mode], g.sms, site)]
+    rec = [_part(x, g) for x in _launches(ops["recompute"], g.sms, site)] if mode == "bwd" else []
     if not own:
         raise ValueError(f"{kernel} ({site}): no launch captured for n={n} C={C} T={T}")
     floor = _floor(site, mode, n, C, _DTYPES[dtype].itemsize, T)
@@ -136,3 +158,38 @@ def predict_site(
         "t_site_graph_pdl_us": latency["graph_pdl"], "pdl_launches": sum(p["pdl"] for p in own),
         **meta, "parts": own, "parts_recompute": rec,
     }  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def predict_stack(
+    n: int,
+    C: int,
+    dtype: str,
+    T: int,
+    gpu: str,
+    fused: bool = True,
+    copy_gbps: float | None = None,
+    sites: int = capture.CHAIN_SITES,
+) -> dict[str, float]:
+    """The model's time for the mHC ops of a whole stack of ``sites`` sites (``MHCStack`` with the default
+    recompute block, every site, not only an interior one), boundary kernels on or off: ``{"fwd": µs, "bwd": µs
+    (the replay included), "sites": sites}``. What ``profiling.chain_bench`` puts beside a measured stack of the
+    same shape (identical launches are modelled once)."""
+    g = gpus.gpu(gpu, copy_gbps)
+    chain = capture.chain_ops(n, C, _DTYPES[dtype], T, sites)
+    site = "chain" if fused else "chain_unfused"
+    memo: dict = {}
+
+    def t(item) -> float:
+        if isinstance(item, capture.Glue):
+            return bounds.glue_model(item, g).t_pred_us
+        key = (id(item.kernel), tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in item.args))
+        if key not in memo:
+            memo[key] = bounds.launch_model(item, g).t_pred_us
+        return memo[key]
+
+    out = {"fwd": 0.0, "bwd": 0.0, "sites": float(sites)}
+    for op in chain.ops:
+        phase = "fwd" if op.phase == "fwd" else "bwd"
+        out[phase] += sum(t(x) for x in _launches([op], g.sms, site))
+    return out

@@ -356,6 +356,11 @@ def test_chain_site_bytes_against_the_byte_model(chain_records):
     assert (bwd["bytes_recompute"], bwd["launches_recompute"]) == (fwd["bytes"], fwd["launches"])
     assert (sbwd["bytes_recompute"], sbwd["launches_recompute"]) == (sfwd["bytes"], sfwd["launches"])
     assert fwd["launches"] == 2
+    # the chain with the boundary kernels off (the benchmark's unfused row) runs a single site's kernels
+    for mode in ("fwd", "bwd"):
+        unfused, single = chain_records[f"site_{mode}", "chain_unfused"], chain_records[f"site_{mode}", "single"]
+        assert sorted(p["name"] for p in unfused["parts"]) == sorted(p["name"] for p in single["parts"])
+        assert unfused["bytes"] == single["bytes"]
 
 
 def test_boundary_byte_model_by_hand():
@@ -398,12 +403,12 @@ def test_pdl_is_read_from_the_kernel_source(monkeypatch):
 
 
 def test_decode_records(tmp_path, capsys):
-    """python -m profiling model --decode: site_fwd at T in {1, 8, 64}, chain and single, with the latency of the
+    """python -m profiling model --decode: site_fwd at T in {1, 8, 64}, every site kind, with the latency of the
     launch sequence; each latency is the sum over its launches by the formulas above."""
     path = tmp_path / "decode.json"
     assert cli.main(["--decode", "--C", str(TARGET_C), "--gpu", "H100", "--json", str(path)]) == 0
     recs = json.loads(path.read_text())
-    assert sorted({(r["T"], r["site"]) for r in recs}) == [(T, s) for T in (1, 8, 64) for s in ("chain", "single")]
+    assert sorted({(r["T"], r["site"]) for r in recs}) == sorted((T, s) for T in (1, 8, 64) for s in sites.SITE_KINDS)
     gap, pdl, host = gpus.LAUNCH.graph_gap_us, gpus.LAUNCH.pdl_gap_us, gpus.LAUNCH.host_us
     for r in recs:
         for p in r["parts"]:
