@@ -73,7 +73,7 @@ def markdown(records: list[dict]) -> str:
     head = ("| gpu | kernel | C | T | launches | MB | t_dram | t_issue | t_smem | t_latency | t_pred µs | % copy |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     rows = [
-        f"| {r['gpu']} | {_label(r)} | {r['C']} | {r['T']} | {r['launches']} | {r['bytes'] / 1e6:.1f} | "
+        f"| {r['gpu']} | {_label(r)} | {r['C']} | {r['T']} | {r['launches']} | {r.get('bytes_floor', r['bytes']) / 1e6:.1f} | "
         f"{r['t_dram_us']:.1f} | {r['t_issue_us']:.1f} | {r['t_smem_us']:.1f} | {r['t_latency_us']:.1f} | "
         f"{r['t_pred_us']:.1f} | {r['pct_copy_bw']:.0f} |"
         for r in records

@@ -17,7 +17,7 @@ Fields beyond those of every record (:mod:`.bounds`):
 
 * ``bytes``: the site's own traffic, every tensor argument of each of its launches once (inputs read, outputs
   written), from the captured launches; ``bytes_per_token``; ``bytes_floor``: the byte model of the design
-  (:func:`profiling.bytemodel.chain_site_bytes` or ``site_bytes``); ``pct_copy_bw = bytes_floor / copy bandwidth /
+  (:func:`profiling.bytemodel.chain_site_bytes` for the chain, ``site_bytes`` for the others); ``pct_copy_bw = bytes_floor / copy bandwidth /
   t_pred`` (100% = the design at the floor), as for the kernel records.
 * ``bytes_recompute``, ``launches_recompute``, ``t_recompute_us``: the block recompute's replay of the forward ops
   (Eq. 20), which runs inside the backward; ``site_bwd``'s ``bytes``, ``launches`` and ``t_pred_us`` EXCLUDE it,
@@ -116,7 +116,7 @@ def _part(item, g: gpus.GPU) -> dict:
 
 
 def _floor(site: str, mode: str, n: int, C: int, esize: int, T: int) -> int:
-    if site in ("chain", "chain_unfused"):
+    if site == "chain":
         return bytemodel.chain_site_bytes(T, n, C, esize, mode)
     return bytemodel.site_bytes(T, n, C, esize, mode)
 
