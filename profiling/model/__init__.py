@@ -67,8 +67,8 @@ def measured_beside(
 ) -> float | None:
     """The predicted µs for a benchmark row (``op``/``mode`` as in ``profiling.bench``; ``site`` for the site
     kernels), at the measured copy bandwidth, when the row runs on an H100 or H200, the model covers it and
-    ``MHC_BENCH_MODEL`` selects it; else ``None``. Never raises: a model failure must not cost a GPU run its measurements (it warns once, then the model
-    stays off for the process)."""
+    ``MHC_BENCH_MODEL`` selects it; else ``None``. Never raises: a model failure must not cost a GPU run its
+    measurements (it warns once, then the model stays off for the process)."""
     import os
 
     import torch

@@ -18,7 +18,7 @@ Each glued aten op counts as one launch moving its input and output tensors once
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ class Launch:
     kernel: Any  # the JITKernel
     args: tuple
     label: str = ""
+    options: dict = field(default_factory=dict)  # keyword arguments of the _launch call
 
 
 @dataclass
@@ -233,8 +234,8 @@ def _recording(num_sms: int, events: list):
 
     saved = (_cuda._launch, _cuda._num_sms)
 
-    def record(device, kernel, *args):
-        events.append(Launch(kernel, args))
+    def record(device, kernel, *args, **options):  # options: launch options a caller may add (e.g. PDL)
+        events.append(Launch(kernel, args, options=options))
 
     _cuda._launch = record
     _cuda._num_sms = lambda device: num_sms

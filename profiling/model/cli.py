@@ -73,7 +73,8 @@ def markdown(records: list[dict]) -> str:
     head = ("| gpu | kernel | C | T | launches | MB | t_dram | t_issue | t_smem | t_latency | t_pred µs | % copy |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     rows = [
-        f"| {r['gpu']} | {_label(r)} | {r['C']} | {r['T']} | {r['launches']} | {r.get('bytes_floor', r['bytes']) / 1e6:.1f} | "
+        f"| {r['gpu']} | {_label(r)} | {r['C']} | {r['T']} | {r['launches']} | "
+        f"{r.get('bytes_floor', r['bytes']) / 1e6:.1f} | "
         f"{r['t_dram_us']:.1f} | {r['t_issue_us']:.1f} | {r['t_smem_us']:.1f} | {r['t_latency_us']:.1f} | "
         f"{r['t_pred_us']:.1f} | {r['pct_copy_bw']:.0f} |"
         for r in records
@@ -89,7 +90,7 @@ def site_markdown(records: list[dict]) -> str:
     """The site records' own columns: bytes per token in units of C, the recompute replay, the launch sequence's
     latency (eager, CUDA graph, graph + PDL)."""
     head = ("| gpu | kernel | site | C | T | launches | bytes/token | floor/token | t_pred µs | % copy | recompute "
-            "launches, µs | eager µs | graph µs | graph+PDL µs |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+            "launches, µs | eager µs | graph µs | graph+PDL µs |\n" + "|---" * 14 + "|")  # fmt: skip
     rows = [
         f"| {r['gpu']} | {r['kernel']} | {r['site']} | {r['C']} | {r['T']} | {r['launches']} | "
         f"{r['bytes_per_token'] / r['C']:.2f}C | {r['bytes_floor'] / r['T'] / r['C']:.2f}C | {r['t_pred_us']:.1f} | "

@@ -17,11 +17,13 @@ Fields beyond those of every record (:mod:`.bounds`):
 
 * ``bytes``: the site's own traffic, every tensor argument of each of its launches once (inputs read, outputs
   written), from the captured launches; ``bytes_per_token``; ``bytes_floor``: the byte model of the design
-  (:func:`profiling.bytemodel.chain_site_bytes` for the chain, ``site_bytes`` for the others); ``pct_copy_bw = bytes_floor / copy bandwidth /
-  t_pred`` (100% = the design at the floor), as for the kernel records.
+  (:func:`profiling.bytemodel.chain_site_bytes` for the chain, ``site_bytes`` for the others);
+  ``pct_copy_bw = bytes_floor / copy bandwidth / t_pred`` (100% = the design at the floor), as for the kernel
+  records.
 * ``bytes_recompute``, ``launches_recompute``, ``t_recompute_us``: the block recompute's replay of the forward ops
-  (Eq. 20), which runs inside the backward; ``site_bwd``'s ``bytes``, ``launches`` and ``t_pred_us`` EXCLUDE it,
-  and ``t_pred_with_recompute_us`` is their sum (what a training step's backward pays per site).
+  (Eq. 20), which runs inside the backward; ``site_bwd``'s ``bytes``, ``launches`` and ``t_pred_us`` EXCLUDE it
+  (``t_pred_includes_recompute: false`` says so in every record), and ``t_pred_with_recompute_us`` is their sum
+  (what a training step's backward pays per site).
 * ``t_site_eager_us``, ``t_site_graph_us``, ``t_site_graph_pdl_us``: the latency of the site's launches in
   sequence (:func:`sequence_latency`) in eager PyTorch, in a CUDA graph, and in a graph with programmatic dependent
   launch for the kernels that use it (``pdl_launches``), with the assumed overheads of
@@ -153,7 +155,7 @@ def predict_site(
         "t_pred_us": t_pred, "pct_copy_bw": 100.0 * bytemodel.floor_us(floor, g.copy_gbps) / t_pred,
         "copy_gbps": g.copy_gbps,
         "bytes_recompute": sum(p["bytes"] for p in rec), "launches_recompute": len(rec), "t_recompute_us": t_rec,
-        "t_pred_with_recompute_us": t_pred + t_rec,
+        "t_pred_includes_recompute": False, "t_pred_with_recompute_us": t_pred + t_rec,
         "t_site_eager_us": latency["eager"], "t_site_graph_us": latency["graph"],
         "t_site_graph_pdl_us": latency["graph_pdl"], "pdl_launches": sum(p["pdl"] for p in own),
         **meta, "parts": own, "parts_recompute": rec,

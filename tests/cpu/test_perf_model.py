@@ -327,6 +327,7 @@ def test_site_record_fields(chain_records):
         assert r["launches_recompute"] == len(r["parts_recompute"])
         assert r["t_pred_us"] == pytest.approx(sum(p["t_pred_us"] for p in r["parts"]))
         assert r["t_pred_with_recompute_us"] == pytest.approx(r["t_pred_us"] + r["t_recompute_us"])
+        assert r["t_pred_includes_recompute"] is False
         assert r["pct_copy_bw"] == pytest.approx(100 * r["bytes_floor"] / (H100.copy_gbps * 1e3) / r["t_pred_us"])
         json.dumps(r)
 
