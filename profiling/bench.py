@@ -395,8 +395,11 @@ def run(args) -> dict:
 
 def _chain_rows(args, bench, dtype, tokens, hidden, block_hidden, block_tokens) -> tuple[list, list]:
     """Fused against unfused boundaries (``profiling.chain_bench``): T = 16384 (the sweep's largest token count if it
-    has not that one), the sweep's hidden sizes, the block shapes; GPU only (on a CPU it returns one note)."""
+    has not that one), the sweep's hidden sizes (``--quick``: the largest only, as the block's), the block shapes;
+    GPU only (on a CPU it returns one note)."""
     T = 16384 if 16384 in tokens else max(tokens)
+    if args.quick:  # the GPU run's short stage: the target shape alone
+        hidden, block_hidden = (max(hidden),), (max(block_hidden),)
     return chain_bench.run(bench, hidden, T, block_hidden, block_tokens, args.n, dtype, args.device)
 
 

@@ -47,8 +47,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def beside(path: str) -> list[dict]:
-    """Measured (a GPU run's ``bench.json``) beside predicted, for the rows the model covers, at the run's copy
-    bandwidth: the calibration table."""
+    """Measured (a GPU run's ``bench.json``) beside predicted, for the rows the model covers and the fused-vs-unfused
+    stack records (``chain``: for the Transformer, the model covers the mHC ops only), at the run's copy bandwidth:
+    the calibration table."""
     with open(path, encoding="utf-8") as f:
         result = json.load(f)
     meta = result["meta"]
@@ -66,6 +67,15 @@ def beside(path: str) -> list[dict]:
         )
         measured = r.get("kernel_us") or r["us"]
         rows.append({**p, "measured_us": measured, "measured_over_pred": measured / p["t_pred_us"]})
+    from profiling import chain_bench
+
+    for r in result.get("chain") or []:  # fused against unfused boundaries: the model's time of the stack's mHC ops
+        predicted = chain_bench.prediction(r, gpu, dtype, meta["copy_GBps"])
+        measured = r["us"]
+        rows.append({
+            "kernel": f"chain_{r['sublayer']}_{r['mode']}_{r['variant']}", "n": r["n"], "C": r["C"], "T": r["T"],
+            "gpu": gpu, "t_pred_us": predicted, "measured_us": measured, "measured_over_pred": measured / predicted,
+        })  # fmt: skip
     return rows
 
 

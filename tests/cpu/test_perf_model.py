@@ -206,8 +206,13 @@ def test_beside_puts_a_gpu_runs_measurement_next_to_the_prediction(tmp_path):
         {"op": "pre_proj_bwd", "mode": "accumulate", "n": 4, "C": 2560, "T": 16384, "us": 1.0},  # not modelled
     ]
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"meta": meta, "records": records}))
-    (row,) = cli.beside(str(path))
+    chain = {"sublayer": "identity", "variant": "fused", "mode": "decode", "n": 4, "C": 2560, "T": 8, "sites": 12}
+    path.write_text(json.dumps({"meta": meta, "records": records, "chain": [{**chain, "us": 700.0}]}))
+    row, chain_row = cli.beside(str(path))
+    decode = sites.predict_site("site_fwd", 4, 2560, "bfloat16", 8, "H100", copy_gbps=2800.0)
+    assert chain_row["kernel"] == "chain_identity_decode_fused"
+    assert chain_row["t_pred_us"] == pytest.approx(12 * decode["t_site_eager_us"])
+    assert chain_row["measured_over_pred"] == pytest.approx(700.0 / chain_row["t_pred_us"])
     assert (row["kernel"], row["gpu"], row["copy_gbps"]) == ("post_res_fwd", "H100", 2800.0)
     assert row["t_dram_us"] == pytest.approx(row["parts"][0]["bytes"] / 2800.0 / 1e3)
     assert row["measured_over_pred"] == pytest.approx(290.0 / row["t_pred_us"])
