@@ -785,11 +785,12 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
     out = pathlib.Path(args.out) if args.out else ROOT / "profiling" / "results" / gpu_dir_name()
     md = write(result, out)
-    if model.annotate(result) | chain_bench.annotate(result):  # predictions beside the measurements, once those
-        # are on disk (CPU work only)
-        (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-        md = markdown(result)
-        (out / "bench.md").write_text(md)
+    # predictions beside the measurements, once those are on disk (CPU work only), each set written when made
+    for annotate in (model.annotate, chain_bench.annotate):
+        if annotate(result):
+            (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+            md = markdown(result)
+            (out / "bench.md").write_text(md)
     print(md)
     warning = noise_warning(result)
     if warning:
