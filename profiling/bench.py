@@ -53,7 +53,7 @@ import mhc
 from mhc import reference as ref
 from profiling import baselines as third_party
 from profiling import block as block_bench
-from profiling import bytemodel, model, provenance
+from profiling import bytemodel, chain_bench, model, provenance
 from profiling.bytemodel import post_res_bytes, pre_mapping_bytes, sinkhorn_bytes  # noqa: F401 (the harness API)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -359,6 +359,7 @@ def run(args) -> dict:
     progress = _progress(len(tokens) * (len(hidden) * 5 + 3) + extra + n_blocks, "bench")
     truncated = False
     block_records, block_notes = [], []
+    chain_records, chain_notes = [], []
     try:
         for i, n in enumerate(ns):
             sweep_tokens = tokens if i == 0 else (QUICK_TOKENS if device != "cpu" else CPU_TOKENS)
@@ -373,6 +374,8 @@ def run(args) -> dict:
                 block_timer, copy_gbs, block_hidden, block_tokens, args.n, torch.float32 if device == "cpu" else dtype,
                 device, progress,
             )  # fmt: skip
+        if not args.no_chain:
+            chain_records, chain_notes = _chain_rows(args, bench, dtype, tokens, hidden, block_hidden, block_tokens)
     except _Stopped:
         truncated = True
         print("bench: stopped (SIGTERM); writing what was measured", file=sys.stderr)
@@ -384,7 +387,20 @@ def run(args) -> dict:
     meta["baseline_skips"] = sorted({note for b in others for note in b.notes.values()})
     if args.no_baselines:
         meta["baseline_skips"] = ["third-party baselines not run (--no-baselines)"]
-    return {"meta": meta, "records": rows, "block": block_records, "block_notes": block_notes}
+    return {
+        "meta": meta, "records": rows, "block": block_records, "block_notes": block_notes,
+        "chain": chain_records, "chain_notes": chain_notes,
+    }  # fmt: skip
+
+
+def _chain_rows(args, bench, dtype, tokens, hidden, block_hidden, block_tokens) -> tuple[list, list]:
+    """Fused against unfused boundaries (``profiling.chain_bench``): T = 16384 (the sweep's largest token count if it
+    has not that one), the sweep's hidden sizes (``--quick``: the largest only, as the block's), the block shapes;
+    GPU only (on a CPU it returns one note)."""
+    T = 16384 if 16384 in tokens else max(tokens)
+    if args.quick:  # the GPU run's short stage: the target shape alone
+        hidden, block_hidden = (max(hidden),), (max(block_hidden),)
+    return chain_bench.run(bench, hidden, T, block_hidden, block_tokens, args.n, dtype, args.device)
 
 
 def _free(device):
@@ -623,6 +639,7 @@ def markdown(result: dict) -> str:
     if warning:
         lines += ["", warning]
     lines += block_bench.markdown(result.get("block", []), result.get("block_notes", []))
+    lines += chain_bench.markdown(result.get("chain", []), result.get("chain_notes", []))
     notes = [f"{v['label']}: {v['note']}" for v in m.get("baselines", {}).values()] + m.get("baseline_skips", [])
     if notes:
         lines += ["", "## Baselines", ""] + [f"- {note}" for note in notes]
@@ -736,6 +753,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--no-baselines", action="store_true", help="skip TileKernels and Liger even when importable")
     ap.add_argument("--no-block", action="store_true", help="skip the Transformer-block overhead")
+    ap.add_argument("--no-chain", action="store_true", help="skip fused against unfused boundaries (MHCStack)")
     ap.add_argument("--out", default=None, help="output folder (default: profiling/results/<gpu>/)")
     ap.add_argument("--tokens", type=int, nargs="+", help="token counts (override the defaults)")
     ap.add_argument("--hidden", type=int, nargs="+", help="hidden sizes C (override the defaults)")
@@ -767,10 +785,12 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
     out = pathlib.Path(args.out) if args.out else ROOT / "profiling" / "results" / gpu_dir_name()
     md = write(result, out)
-    if model.annotate(result):  # predictions beside the measurements, once those are on disk (CPU work only)
-        (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-        md = markdown(result)
-        (out / "bench.md").write_text(md)
+    # predictions beside the measurements, once those are on disk (CPU work only), each set written when made
+    for annotate in (model.annotate, chain_bench.annotate):
+        if annotate(result):
+            (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+            md = markdown(result)
+            (out / "bench.md").write_text(md)
     print(md)
     warning = noise_warning(result)
     if warning:

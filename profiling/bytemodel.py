@@ -65,6 +65,39 @@ def site_bytes(T: int, n: int, C: int, esize: int, mode: str) -> int:
     return pre_mapping_bytes(T, n, C, esize, mode) + post_res_bytes(T, n, C, esize, mode)
 
 
+def boundary_bytes(T: int, n: int, C: int, esize: int, mode: str, design: str = "fused") -> int:
+    """The fused boundary of issue 18 (``mhc::boundary_*``): site l's F_post,res with site l+1's pre-mapping.
+
+    * fwd: the boundary kernel reads y_l and x_l and writes x_{l+1}, accumulating the next projection from the
+      registers ((2n + 1) C), then the finalize reads x_{l+1} and writes layer_input ((n + 1) C): (3n + 2) C, 28C
+      a token at n = 4 in bf16 (36C as post_res then pre_mapping);
+    * bwd, ``design="fused"`` (the target): one pass for <g_li, x_{l+1}> (reads g_li and x_{l+1}: (n + 1) C),
+      then one pass recomputing x_{l+1} in registers, adding the incoming residual gradient and running post_res's
+      backward (reads x_l, y_l, g_li, g_{x_{l+1}}; writes d_y, d_x_l: (3n + 3) C): (4n + 4) C, 40C at n = 4, bf16;
+    * bwd, ``design="summed"``: the pre-mapping backward (writes d x_{l+1}), then post_res's backward on
+      g_{x_{l+1}} + d x_{l+1} summed in registers (reads both, y_l, x_l; writes d_y, d_x_l: (4n + 2) C): 64C.
+
+    Plus the coefficients: those of :func:`post_res_bytes` and :func:`pre_mapping_bytes`."""
+    m = n * n + 2 * n
+    coef_post = 4 * (n * n + n)
+    small_fwd = 4 * (2 * n + n * n + m + 1)
+    small_bwd = 4 * (3 * n + n * n + 2 * n + m + 1 + 2 * m + 2 * n * n)
+    fwd = T * ((3 * n + 2) * C * esize + coef_post + small_fwd)
+    if design == "fused":
+        bwd = T * ((4 * n + 4) * C * esize + 2 * coef_post + small_bwd)
+    elif design == "summed":
+        bwd = pre_mapping_bytes(T, n, C, esize, "bwd") + T * ((4 * n + 2) * C * esize + 2 * coef_post)
+    else:
+        raise ValueError(f"boundary_bytes: design must be 'fused' or 'summed', got {design!r}")
+    return _pick(fwd, bwd, mode)
+
+
+def chain_site_bytes(T: int, n: int, C: int, esize: int, mode: str) -> int:
+    """One site of a chain of fused sites (``mhc.MHCStack``): one fused boundary per site (its F_post,res and the
+    next site's pre-mapping), the target design."""
+    return boundary_bytes(T, n, C, esize, mode, "fused")
+
+
 def block_extra_bytes(T: int, n: int, C: int, esize: int, mode: str = "fwd+bwd") -> int:
     """Bytes a Transformer block (two sites: attention and FFN) moves with mHC beyond a plain residual."""
     return 2 * (site_bytes(T, n, C, esize, mode) - residual_add_bytes(T, C, esize, mode))

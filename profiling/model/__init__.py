@@ -1,6 +1,7 @@
 """A performance model of every shipped kernel and of a whole residual site, computed without a GPU.
 
     python -m profiling model [--json PATH] [--n 4] [--C 2560 7168] [--T 16384] [--dtype bfloat16] [--gpu H100 H200]
+                              [--site chain single] [--decode]
 
 It reads the kernels as they are on disk each time (compiled through TileLang's cache; SASS and ptxas results cached
 by :mod:`tl_kernels.tools.codegen`), finds the launches a site makes by running :mod:`mhc` on fake tensors
@@ -16,9 +17,42 @@ from __future__ import annotations
 
 import warnings
 
-from .bounds import KERNELS, predict, records
+from . import bounds, sites
+from .bounds import KERNELS
 
 __all__ = ["KERNELS", "annotate", "measured_beside", "predict", "records"]
+
+
+def predict(
+    kernel: str, n: int, C: int, dtype: str, T: int, gpu: str, copy_gbps: float | None = None, site: str = "chain"
+) -> dict:
+    """The model's record for one (kernel, n, C, dtype, T, gpu): :func:`.sites.predict_site` for ``site_fwd`` and
+    ``site_bwd`` (``site``: ``"chain"`` or ``"single"``), :func:`.bounds.predict` for the other kernels."""
+    if kernel in ("site_fwd", "site_bwd"):
+        return sites.predict_site(kernel, n, C, dtype, T, gpu, copy_gbps=copy_gbps, site=site)
+    return bounds.predict(kernel, n, C, dtype, T, gpu, copy_gbps=copy_gbps)
+
+
+def records(
+    kernels=KERNELS,
+    n=4,
+    hidden=(2560, 7168),
+    dtype="bfloat16",
+    tokens=(16384,),
+    gpu_names=("H100", "H200"),
+    site_kinds=("chain",),
+) -> list[dict]:
+    """Records for every combination (the default: the issue's target table); the site kernels once per kind in
+    ``site_kinds``."""
+    out = []
+    for g in gpu_names:
+        for C in hidden:
+            for T in tokens:
+                for k in kernels:
+                    for s in site_kinds if k.startswith("site_") else ("",):
+                        out.append(predict(k, n, C, dtype, T, g, site=s) if s else predict(k, n, C, dtype, T, g))
+    return out
+
 
 _DTYPE_NAMES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
 #: ``MHC_BENCH_MODEL``: ``0`` off, ``all`` every timed row, default the target token count only (each prediction
@@ -28,11 +62,13 @@ DEFAULT_TOKENS = (16384,)
 _FAILED: list[str] = []
 
 
-def measured_beside(op: str, mode: str, T: int, n: int, C: int, dtype, copy_gbps: float) -> float | None:
-    """The predicted µs for a benchmark row (``op``/``mode`` as in ``profiling.bench``), at the measured copy
-    bandwidth, when the row runs on an H100 or H200, the model covers it and ``MHC_BENCH_MODEL`` selects it; else
-    ``None``. Never raises: a model failure must not cost a GPU run its measurements (it warns once, then the model
-    stays off for the process)."""
+def measured_beside(
+    op: str, mode: str, T: int, n: int, C: int, dtype, copy_gbps: float, site: str = "chain"
+) -> float | None:
+    """The predicted µs for a benchmark row (``op``/``mode`` as in ``profiling.bench``; ``site`` for the site
+    kernels), at the measured copy bandwidth, when the row runs on an H100 or H200, the model covers it and
+    ``MHC_BENCH_MODEL`` selects it; else ``None``. Never raises: a model failure must not cost a GPU run its
+    measurements (it warns once, then the model stays off for the process)."""
     import os
 
     import torch
@@ -49,7 +85,7 @@ def measured_beside(op: str, mode: str, T: int, n: int, C: int, dtype, copy_gbps
     if gpu is None or dtype_name is None:
         return None
     try:
-        return predict(kernel, n, C, dtype_name, T, gpu, copy_gbps=copy_gbps)["t_pred_us"]
+        return predict(kernel, n, C, dtype_name, T, gpu, copy_gbps=copy_gbps, site=site)["t_pred_us"]
     except Exception as exc:  # noqa: BLE001 - see the docstring
         _FAILED.append(f"{kernel}: {exc}")
         warnings.warn(f"performance model failed for {kernel} n={n} C={C} T={T} (now off): {exc}", stacklevel=2)
@@ -65,7 +101,8 @@ def annotate(result: dict) -> bool:
         return False
     added = False
     for r in result.get("records", []):
-        value = measured_beside(r["op"], r["mode"], r["T"], r.get("n", meta.get("n")), r["C"], dtype, copy_gbps)
+        n = r.get("n", meta.get("n"))
+        value = measured_beside(r["op"], r["mode"], r["T"], n, r["C"], dtype, copy_gbps, site=r.get("site", "chain"))
         r["model_us"] = value
         added = added or value is not None
     return added

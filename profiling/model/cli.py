@@ -6,7 +6,10 @@ import argparse
 import json
 import time
 
-from . import bounds, gpus
+from . import bounds, gpus, predict, records, sites
+
+#: Decode token counts (issue 18): the site's latency per launch sequence at these T.
+DECODE_TOKENS = (1, 8, 64)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,6 +26,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu", nargs="+", default=list(gpus.GPUS), choices=list(gpus.GPUS))
     ap.add_argument("--kernel", nargs="+", default=list(bounds.KERNELS), choices=list(bounds.KERNELS))
     ap.add_argument(
+        "--site",
+        nargs="+",
+        default=["chain"],
+        choices=list(sites.SITE_KINDS),
+        help="site_fwd/site_bwd: the steady-state site of a chain of fused sites (default) and/or one site alone",
+    )
+    ap.add_argument(
+        "--decode",
+        action="store_true",
+        help=f"the decode table instead: site_fwd (chain and single) at T in {DECODE_TOKENS}, latency per site in "
+        "eager mode, in a CUDA graph and with programmatic dependent launch",
+    )
+    ap.add_argument(
         "--beside", metavar="BENCH_JSON",
         help="instead: a GPU run's bench.json (profiling/results/<gpu>/); print measured beside predicted for its "
         "rows (at its measured copy bandwidth)",
@@ -31,8 +47,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def beside(path: str) -> list[dict]:
-    """Measured (a GPU run's ``bench.json``) beside predicted, for the rows the model covers, at the run's copy
-    bandwidth: the calibration table."""
+    """Measured (a GPU run's ``bench.json``) beside predicted, for the rows the model covers and the fused-vs-unfused
+    stack records (``chain``: for the Transformer, the model covers the mHC ops only), at the run's copy bandwidth:
+    the calibration table."""
     with open(path, encoding="utf-8") as f:
         result = json.load(f)
     meta = result["meta"]
@@ -45,9 +62,20 @@ def beside(path: str) -> list[dict]:
         kernel = f"{r['op']}_{r['mode']}"
         if kernel not in bounds.KERNELS:
             continue
-        p = bounds.predict(kernel, r["n"], r["C"], dtype, r["T"], gpu, copy_gbps=meta["copy_GBps"])
+        p = predict(
+            kernel, r["n"], r["C"], dtype, r["T"], gpu, copy_gbps=meta["copy_GBps"], site=r.get("site", "chain")
+        )
         measured = r.get("kernel_us") or r["us"]
         rows.append({**p, "measured_us": measured, "measured_over_pred": measured / p["t_pred_us"]})
+    from profiling import chain_bench
+
+    for r in result.get("chain") or []:  # fused against unfused boundaries: the model's time of the stack's mHC ops
+        predicted = chain_bench.prediction(r, gpu, dtype, meta["copy_GBps"])
+        measured = r["us"]
+        rows.append({
+            "kernel": f"chain_{r['sublayer']}_{r['mode']}_{r['variant']}", "n": r["n"], "C": r["C"], "T": r["T"],
+            "gpu": gpu, "t_pred_us": predicted, "measured_us": measured, "measured_over_pred": measured / predicted,
+        })  # fmt: skip
     return rows
 
 
@@ -55,10 +83,31 @@ def markdown(records: list[dict]) -> str:
     head = ("| gpu | kernel | C | T | launches | MB | t_dram | t_issue | t_smem | t_latency | t_pred µs | % copy |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     rows = [
-        f"| {r['gpu']} | {r['kernel']} | {r['C']} | {r['T']} | {r['launches']} | {r['bytes'] / 1e6:.1f} | "
+        f"| {r['gpu']} | {_label(r)} | {r['C']} | {r['T']} | {r['launches']} | "
+        f"{r.get('bytes_floor', r['bytes']) / 1e6:.1f} | "
         f"{r['t_dram_us']:.1f} | {r['t_issue_us']:.1f} | {r['t_smem_us']:.1f} | {r['t_latency_us']:.1f} | "
         f"{r['t_pred_us']:.1f} | {r['pct_copy_bw']:.0f} |"
         for r in records
+    ]
+    return "\n".join([head, *rows])
+
+
+def _label(r: dict) -> str:
+    return f"{r['kernel']} ({r['site']})" if "site" in r else r["kernel"]
+
+
+def site_markdown(records: list[dict]) -> str:
+    """The site records' own columns: bytes per token in units of C, the recompute replay, the launch sequence's
+    latency (eager, CUDA graph, graph + PDL)."""
+    head = ("| gpu | kernel | site | C | T | launches | bytes/token | floor/token | t_pred µs | % copy | recompute "
+            "launches, µs | eager µs | graph µs | graph+PDL µs |\n" + "|---" * 14 + "|")  # fmt: skip
+    rows = [
+        f"| {r['gpu']} | {r['kernel']} | {r['site']} | {r['C']} | {r['T']} | {r['launches']} | "
+        f"{r['bytes_per_token'] / r['C']:.2f}C | {r['bytes_floor'] / r['T'] / r['C']:.2f}C | {r['t_pred_us']:.1f} | "
+        f"{r['pct_copy_bw']:.0f} | {r['launches_recompute']}, {r['t_recompute_us']:.1f} | {r['t_site_eager_us']:.1f} | "
+        f"{r['t_site_graph_us']:.1f} | {r['t_site_graph_pdl_us']:.1f} |"
+        for r in records
+        if "site" in r
     ]
     return "\n".join([head, *rows])
 
@@ -78,14 +127,22 @@ def main(argv=None) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(rows, f, indent=1)
         return 0
-    records = bounds.records(args.kernel, args.n, tuple(args.C), args.dtype, tuple(args.T), tuple(args.gpu))
+    if args.decode:
+        args.T, args.kernel, args.site = list(DECODE_TOKENS), ["site_fwd"], list(sites.SITE_KINDS)
+    recs = records(args.kernel, args.n, tuple(args.C), args.dtype, tuple(args.T), tuple(args.gpu), tuple(args.site))
     copy = ", ".join(f"{g} {gpus.GPUS[g].copy_gbps / 1000:.3g} TB/s" for g in args.gpu)
     print(f"Performance model (n={args.n}, {args.dtype}; assumed copy bandwidth {copy}; estimates from SASS, "
           "not measurements; bytes = byte model floor, % copy = floor / t_pred):\n")  # fmt: skip
-    print(markdown(records))
+    if not args.decode:
+        print(markdown(recs))
+    if any("site" in r for r in recs):
+        print(f"\nSites ({', '.join(args.site)}; bytes = the site's own launches, site_bwd without the recompute "
+              "replay, which is listed apart; latency of the launch sequence with the assumed per-launch overheads of "
+              "profiling/model/gpus.py LaunchOverhead):\n")  # fmt: skip
+        print(site_markdown(recs))
     print(f"\n({time.perf_counter() - start:.0f} s; per-launch inputs: --json PATH)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(records, f, indent=1)
-        print(f"wrote {len(records)} records to {args.json}")
+            json.dump(recs, f, indent=1)
+        print(f"wrote {len(recs)} records to {args.json}")
     return 0

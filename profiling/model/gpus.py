@@ -95,3 +95,39 @@ def gpu(name: str, copy_gbps: float | None = None) -> GPU:
         raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {name!r}")
     g = GPUS[name]
     return g if copy_gbps is None else g.with_copy_bandwidth(copy_gbps)
+
+
+# ---------------------------------------------------------------------------------------------------- launch overhead
+
+
+@dataclass(frozen=True)
+class LaunchOverhead:
+    """The per-launch overhead of a sequence of dependent kernels on one stream: what decides a site's latency at
+    decode sizes (T <= 64), where each kernel's own work is a few microseconds or less. All three are ASSUMPTIONS
+    (first-principles orders of magnitude, to be calibrated by a GPU run's decode measurements), not datasheet
+    numbers:
+
+    * ``host_us``: eager PyTorch, the CPU's cost to issue one launch (Python dispatch, the custom op, the driver's
+      launch call); the stream cannot run kernels faster than this when the GPU work is shorter. The model's
+      existing ``GPU.launch_us`` (2.5 us), so that eager records agree with :mod:`.bounds`.
+    * ``graph_gap_us``: between two dependent kernels on one stream with the host out of the way (a CUDA graph):
+      the first grid drains (its last block exits, its writes are made visible), the front end signals completion
+      and dispatches the next grid's blocks, which load their parameters before the first instruction. 1.0 us: the
+      order of magnitude NVIDIA's "Getting Started with CUDA Graphs" (technical blog, 2019) shows for the gap
+      between short back-to-back kernels launched from a graph; not measured on Hopper.
+    * ``pdl_gap_us``: the same gap when the second kernel is launched with programmatic dependent launch (its
+      source calls ``cudaGridDependencySynchronize``, TileLang's ``T.pdl_sync``): its blocks are dispatched and run
+      their prologue while the first kernel's tail runs (CUDA C++ Programming Guide, "Programmatic Dependent Launch
+      and Synchronization", which gives no figure), leaving the dependency wait, the first kernel's memory flush.
+      0.3 us, an assumption.
+
+    The first load round of each kernel (the grid's fill) is already in each launch's ``t_latency``.
+    """
+
+    host_us: float = 2.5
+    graph_gap_us: float = 1.0
+    pdl_gap_us: float = 0.3
+
+
+#: The assumed launch overheads (see :class:`LaunchOverhead`); ``host_us`` is ``GPU.launch_us``.
+LAUNCH = LaunchOverhead(host_us=GPU.launch_us)

@@ -13,7 +13,9 @@ import pytest
 
 pytest.importorskip("tilelang")
 
-from profiling.model import bounds, cexpr, cli, counts, gpus, probes, sass, source  # noqa: E402
+import profiling.model as model  # noqa: E402
+from profiling import bytemodel  # noqa: E402
+from profiling.model import bounds, capture, cexpr, cli, counts, gpus, probes, sass, sites, source  # noqa: E402
 
 H100 = gpus.gpu("H100")
 ROWS = 1 << 14
@@ -186,7 +188,7 @@ def site_records():
     out = {}
     for gpu in ("H100", "H200"):
         for kernel in ("post_res_fwd", "pre_mapping_fwd", "sinkhorn_fwd", "site_fwd"):
-            out[kernel, gpu] = bounds.predict(kernel, 4, 2560, "bfloat16", 16384, gpu)
+            out[kernel, gpu] = model.predict(kernel, 4, 2560, "bfloat16", 16384, gpu, site="single")
     return out
 
 
@@ -197,7 +199,8 @@ def test_record_schema(site_records):
         assert (r["kernel"], r["gpu"], r["n"], r["C"], r["T"]) == (kernel, gpu, 4, 2560, 16384)
         assert r["t_pred_us"] >= max(r["t_dram_us"], r["t_issue_us"], r["t_smem_us"], r["t_latency_us"]) * 0.999
         copy = gpus.GPUS[gpu].copy_gbps
-        assert r["pct_copy_bw"] == pytest.approx(100 * r["bytes"] / (copy * 1e3) / r["t_pred_us"])
+        floor = r.get("bytes_floor", r["bytes"])  # site records: bytes = their launches' traffic, floor apart
+        assert r["pct_copy_bw"] == pytest.approx(100 * floor / (copy * 1e3) / r["t_pred_us"])
         assert r["launches"] == len(r["parts"]) >= 1
         for part in r["parts"]:
             if not part.get("torch_glue"):
@@ -243,8 +246,13 @@ def test_beside_puts_a_gpu_runs_measurement_next_to_the_prediction(tmp_path):
         {"op": "pre_proj_bwd", "mode": "accumulate", "n": 4, "C": 2560, "T": 16384, "us": 1.0},  # not modelled
     ]
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"meta": meta, "records": records}))
-    (row,) = cli.beside(str(path))
+    chain = {"sublayer": "identity", "variant": "fused", "mode": "decode", "n": 4, "C": 2560, "T": 8, "sites": 12}
+    path.write_text(json.dumps({"meta": meta, "records": records, "chain": [{**chain, "us": 700.0}]}))
+    row, chain_row = cli.beside(str(path))
+    decode = sites.predict_site("site_fwd", 4, 2560, "bfloat16", 8, "H100", copy_gbps=2800.0)
+    assert chain_row["kernel"] == "chain_identity_decode_fused"
+    assert chain_row["t_pred_us"] == pytest.approx(12 * decode["t_site_eager_us"])
+    assert chain_row["measured_over_pred"] == pytest.approx(700.0 / chain_row["t_pred_us"])
     assert (row["kernel"], row["gpu"], row["copy_gbps"]) == ("post_res_fwd", "H100", 2800.0)
     assert row["t_dram_us"] == pytest.approx(row["parts"][0]["bytes"] / 2800.0 / 1e3)
     assert row["measured_over_pred"] == pytest.approx(290.0 / row["t_pred_us"])
@@ -273,3 +281,190 @@ def test_bench_hook_annotates_rows_on_an_h100(monkeypatch):
     assert [r["model_us"] for r in rows] == [pytest.approx(expected), None, None]
     monkeypatch.setenv(model.MODEL_ENV, "0")
     assert not model.annotate(result) and rows[0]["model_us"] is None
+
+
+# ------------------------------------------------------------------------------------------ chains of sites
+
+TARGET_C = 7168
+TOKENS = 16384
+COEF_SLACK = 1024  # bytes a token beyond the C terms: coefficients, split partials, phi read once per launch
+
+
+@pytest.fixture(scope="module")
+def chain():
+    import torch
+
+    return capture.chain_ops(4, TARGET_C, torch.bfloat16, 64)
+
+
+def _names(ops, phase):
+    return [op.name for op in ops if op.phase == phase]
+
+
+def test_chain_attribution(chain):
+    """The captured stack runs MHCStack's default recompute_block; the record's site sits inside a block, so its
+    unit (its post_res and the next site's pre-mapping) is one fused boundary in the forward, in the replay and in
+    the backward, and autograd sums no residual gradient there."""
+    import mhc
+
+    assert chain.recompute_block == mhc.optimal_block(4, capture.CHAIN_SITES) >= 3
+    (block,) = [b for b in chain.blocks if chain.site in b]
+    assert block[0] < chain.site < block[-1]  # fused on both sides
+    unit = chain.unit_ops()
+    assert _names(unit, "fwd") == ["mhc::boundary_fwd"]
+    assert _names(unit, "recompute") == ["mhc::boundary_fwd"]
+    assert [n for n in _names(unit, "bwd") if n.startswith("mhc::")] == ["mhc::boundary_bwd"]
+    assert "aten::add" not in _names(unit, "bwd")
+    fwd_op, rec_op = (next(o for o in unit if o.phase == p) for p in ("fwd", "recompute"))
+    assert any(a is fwd_op.args[4] for a in rec_op.args)  # the replay of the same boundary: the next site's phi
+    # every op is attributed; every unit inside a block is the same steady state; a block's last site is not fused
+    assert all(op.unit is not None for op in chain.ops)
+    for b in chain.blocks:
+        for k in b[:-1]:
+            assert _names(chain.unit_ops(k), "fwd") == ["mhc::boundary_fwd"], k
+        if b[-1] != capture.CHAIN_SITES - 1:
+            assert _names(chain.unit_ops(b[-1]), "fwd") == ["mhc::post_res_fwd", "mhc::pre_mapping_fwd"]
+    # every unit's backward is its forward's ops backwards (the backward order pins the attribution)
+    for k in range(-1, capture.CHAIN_SITES):
+        ops = chain.unit_ops(k)
+        backwards = [n.replace("_fwd", "_bwd") for n in reversed(_names(ops, "fwd"))]
+        assert [n for n in _names(ops, "bwd") if n.startswith("mhc::")] == backwards, k
+    # the replay runs every forward op once more, each in its own unit
+    fwd = sorted((op.unit, op.name) for op in chain.ops if op.phase == "fwd")
+    assert sorted((op.unit, op.name) for op in chain.ops if op.phase == "recompute") == fwd
+
+
+def test_expand_replays_nested_ops_through_their_cuda_code(chain):
+    """mhc::boundary_bwd calls mhc::pre_mapping_bwd: its kernels come out in order, then the boundary kernel."""
+    (op,) = [o for o in chain.unit_ops() if o.name == "mhc::boundary_bwd"]
+    names = [e.kernel.prim_func.attrs["global_symbol"] for e in capture.expand(op, 132)]
+    pre = [e.kernel.prim_func.attrs["global_symbol"] for e in capture.expand(_pre_mapping_bwd_op(chain), 132)]
+    assert names[: len(pre)] == pre and len(names) > len(pre) and names[-1].startswith("boundary")
+
+
+def _pre_mapping_bwd_op(chain):
+    return next(o for o in chain.ops if o.name == "mhc::pre_mapping_bwd")
+
+
+@pytest.fixture(scope="module")
+def chain_records():
+    return {
+        (k, s): model.predict(k, 4, TARGET_C, "bfloat16", TOKENS, "H100", site=s)
+        for k in ("site_fwd", "site_bwd")
+        for s in sites.SITE_KINDS
+    }
+
+
+SITE_FIELDS = {
+    **FIELDS, "site": str, "bytes_floor": int, "bytes_per_token": float, "bytes_recompute": int,
+    "launches_recompute": int, "t_recompute_us": float, "t_pred_with_recompute_us": float, "t_site_eager_us": float,
+    "t_site_graph_us": float, "t_site_graph_pdl_us": float, "pdl_launches": int, "parts_recompute": list,
+}  # fmt: skip
+
+
+def test_site_record_fields(chain_records):
+    for (kernel, site), r in chain_records.items():
+        for key, kind in SITE_FIELDS.items():
+            assert isinstance(r[key], kind), (kernel, site, key, r[key])
+        assert (r["kernel"], r["site"], r["C"], r["T"]) == (kernel, site, TARGET_C, TOKENS)
+        assert r["bytes"] == sum(p["bytes"] for p in r["parts"]) and r["launches"] == len(r["parts"])
+        assert r["bytes_recompute"] == sum(p["bytes"] for p in r["parts_recompute"])
+        assert r["launches_recompute"] == len(r["parts_recompute"])
+        assert r["t_pred_us"] == pytest.approx(sum(p["t_pred_us"] for p in r["parts"]))
+        assert r["t_pred_with_recompute_us"] == pytest.approx(r["t_pred_us"] + r["t_recompute_us"])
+        assert r["t_pred_includes_recompute"] is False
+        assert r["pct_copy_bw"] == pytest.approx(100 * r["bytes_floor"] / (H100.copy_gbps * 1e3) / r["t_pred_us"])
+        json.dumps(r)
+
+
+def test_chain_site_bytes_against_the_byte_model(chain_records):
+    """Bytes a token of the captured launches against profiling/bytemodel.py at n = 4, C = 7168, bf16: the chain's
+    forward is the fused boundary (28C), a single site's is post_res + pre-mapping (36C); the chain's backward is
+    one of the boundary's two designs (64C summed today, 40C fused), without autograd's residual-gradient add
+    (24C) that the single site pays; the replay re-runs exactly the forward's launches."""
+    C, e = TARGET_C, 2
+    fwd, bwd = chain_records["site_fwd", "chain"], chain_records["site_bwd", "chain"]
+    sfwd, sbwd = chain_records["site_fwd", "single"], chain_records["site_bwd", "single"]
+    floor_fwd = bytemodel.boundary_bytes(1, 4, C, e, "fwd")
+    assert floor_fwd // C == 28 and floor_fwd % C < COEF_SLACK
+    assert 0 <= fwd["bytes_per_token"] - floor_fwd < COEF_SLACK  # issue 18: <= 28C plus coefficients
+    assert fwd["bytes_floor"] == bytemodel.boundary_bytes(TOKENS, 4, C, e, "fwd")
+    single_floor = bytemodel.post_res_bytes(1, 4, C, e, "fwd") + bytemodel.pre_mapping_bytes(1, 4, C, e, "fwd")
+    assert 0 <= sfwd["bytes_per_token"] - single_floor < COEF_SLACK  # 36C
+    assert (sfwd["bytes_per_token"] - fwd["bytes_per_token"]) == pytest.approx(8 * C, abs=COEF_SLACK)
+    designs = {d: bytemodel.boundary_bytes(1, 4, C, e, "bwd", d) for d in ("fused", "summed")}
+    assert {d: v // C for d, v in designs.items()} == {"fused": 40, "summed": 64}
+    assert any(0 <= bwd["bytes_per_token"] - v < COEF_SLACK for v in designs.values()), bwd["bytes_per_token"] / C
+    assert bwd["bytes_floor"] == bytemodel.chain_site_bytes(TOKENS, 4, C, e, "bwd")
+    assert not any(p["name"] == "aten::add" for p in bwd["parts"])
+    assert [p["name"] for p in sbwd["parts"]].count("aten::add") == 1  # the residual-gradient sum, 3 x n C
+    # the replay: the forward's launches again
+    assert (bwd["bytes_recompute"], bwd["launches_recompute"]) == (fwd["bytes"], fwd["launches"])
+    assert (sbwd["bytes_recompute"], sbwd["launches_recompute"]) == (sfwd["bytes"], sfwd["launches"])
+    assert fwd["launches"] == 2
+    # the chain with the boundary kernels off (the benchmark's unfused row) runs a single site's kernels
+    for mode in ("fwd", "bwd"):
+        unfused, single = chain_records[f"site_{mode}", "chain_unfused"], chain_records[f"site_{mode}", "single"]
+        assert sorted(p["name"] for p in unfused["parts"]) == sorted(p["name"] for p in single["parts"])
+        assert unfused["bytes"] == single["bytes"]
+
+
+def test_boundary_byte_model_by_hand():
+    """(3n + 2) C forward, (4n + 4) C fused and pre-mapping bwd + (4n + 2) C summed backward, elements a token."""
+
+    def c_term(n, e, mode, design="fused"):
+        one = bytemodel.boundary_bytes(1, n, 1000, e, mode, design)
+        return (bytemodel.boundary_bytes(1, n, 2000, e, mode, design) - one) / 1000
+
+    for n, e in ((4, 2), (2, 4), (8, 2)):
+        assert c_term(n, e, "fwd") == (3 * n + 2) * e
+        assert c_term(n, e, "bwd") == (4 * n + 4) * e
+        assert c_term(n, e, "bwd", "summed") == (2 * (n + 1) + n) * e + (4 * n + 2) * e
+    with pytest.raises(ValueError, match="design must be"):
+        bytemodel.boundary_bytes(1, 4, 64, 2, "bwd", "both")
+
+
+# ------------------------------------------------------------------------------------------ decode latency
+
+
+def test_launch_sequence_latency_by_hand():
+    """Three dependent launches of 1.0, 3.0 (waits through PDL) and 0.2 µs of work, host 2.5 µs a launch, 1.0 µs
+    between kernels in a graph, 0.3 µs with PDL."""
+    parts = [{"t_exec_us": 1.0, "pdl": False}, {"t_exec_us": 3.0, "pdl": True}, {"t_exec_us": 0.2, "pdl": False}]
+    lat = sites.sequence_latency(parts, gpus.LaunchOverhead(host_us=2.5, graph_gap_us=1.0, pdl_gap_us=0.3))
+    assert lat["eager"] == pytest.approx(2.5 + 4.0 + 2.5)  # host-bound, GPU-bound, host-bound
+    assert lat["graph"] == pytest.approx(2.0 + 4.0 + 1.2)
+    assert lat["graph_pdl"] == pytest.approx(2.0 + 3.3 + 1.2)
+    assert gpus.LAUNCH.host_us == gpus.GPU.launch_us  # eager agrees with the bounds' launch floor
+    assert gpus.LAUNCH.pdl_gap_us < gpus.LAUNCH.graph_gap_us < gpus.LAUNCH.host_us
+
+
+def test_pdl_is_read_from_the_kernel_source(monkeypatch):
+    from tl_kernels import codegen
+
+    monkeypatch.setattr(codegen, "cuda_source", lambda k: k)
+    assert sites.uses_pdl(capture.Launch("x; cudaGridDependencySynchronize();", ()))
+    assert not sites.uses_pdl(capture.Launch("x;", ()))
+    assert not sites.uses_pdl(capture.Glue("aten::zeros", 4))
+
+
+def test_decode_records(tmp_path, capsys):
+    """python -m profiling model --decode: site_fwd at T in {1, 8, 64}, every site kind, with the latency of the
+    launch sequence; each latency is the sum over its launches by the formulas above."""
+    path = tmp_path / "decode.json"
+    assert cli.main(["--decode", "--C", str(TARGET_C), "--gpu", "H100", "--json", str(path)]) == 0
+    recs = json.loads(path.read_text())
+    assert sorted({(r["T"], r["site"]) for r in recs}) == sorted((T, s) for T in (1, 8, 64) for s in sites.SITE_KINDS)
+    gap, pdl, host = gpus.LAUNCH.graph_gap_us, gpus.LAUNCH.pdl_gap_us, gpus.LAUNCH.host_us
+    for r in recs:
+        for p in r["parts"]:
+            assert p["t_exec_us"] == max(p["t_dram_us"], p["t_issue_us"], p["t_smem_us"], p["t_latency_us"])
+        execs = [p["t_exec_us"] for p in r["parts"]]
+        waits = [p["pdl"] for p in r["parts"]]
+        assert r["t_site_graph_us"] == pytest.approx(sum(execs) + gap * len(execs))
+        assert r["t_site_graph_pdl_us"] == pytest.approx(
+            sum(x + (pdl if w else gap) for x, w in zip(execs, waits, strict=True))
+        )
+        assert r["t_site_eager_us"] == pytest.approx(sum(max(x + gap, host) for x in execs))
+        assert r["t_site_eager_us"] >= host * r["launches"]
+    assert "graph+PDL" in capsys.readouterr().out
