@@ -87,7 +87,7 @@ def uses_pdl(item) -> bool:
     """Whether a launch waits through programmatic dependent launch (its CUDA source has :data:`PDL_MARK`)."""
     if not isinstance(item, capture.Launch):
         return False
-    from tl_kernels import codegen
+    from tl_kernels.tools import codegen
 
     return PDL_MARK in codegen.cuda_source(item.kernel)
 

@@ -440,7 +440,7 @@ def test_launch_sequence_latency_by_hand():
 
 
 def test_pdl_is_read_from_the_kernel_source(monkeypatch):
-    from tl_kernels import codegen
+    from tl_kernels.tools import codegen
 
     monkeypatch.setattr(codegen, "cuda_source", lambda k: k)
     assert sites.uses_pdl(capture.Launch("x; cudaGridDependencySynchronize();", ()))
