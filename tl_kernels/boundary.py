@@ -80,11 +80,17 @@ __all__ = [
     "BM",
     "DTYPES",
     "STREAMS",
+    "boundary_bwd_fused_kernel",
+    "boundary_bwd_fused_program",
     "boundary_bwd_kernel",
     "boundary_bwd_program",
+    "boundary_dh_reduce_kernel",
+    "boundary_dh_reduce_program",
     "boundary_fwd_kernel",
     "boundary_fwd_program",
     "choose_splits",
+    "fused_choose_splits",
+    "fused_plan",
     "plan",
 ]
 
@@ -242,8 +248,14 @@ def boundary_fwd_program(n: int, C: int, dtype: str):
     return boundary_fwd
 
 
-def boundary_bwd_program(n: int, C: int, dtype: str):
+def boundary_bwd_program(
+    n: int, C: int | None = None, dtype: str | None = None, *, fused: bool = False, reduce_dh: bool = False
+):
     """post_res(l)'s backward on the *sum* of the two gradients that reach ``x_next``, without writing the sum.
+
+    ``fused=True``: :func:`boundary_bwd_fused_program` (the whole backward across the boundary in one pass);
+    ``reduce_dh=True``: :func:`boundary_dh_reduce_program` (``n`` only). The registry names the three variants
+    ``boundary_bwd[n, C, dtype]``, ``boundary_bwd[n, C, dtype, fused=True]`` and ``boundary_bwd[n, reduce_dh=True]``.
 
     Math, per token (``g = round_dt(grad_x_next + d_x_next)``: the sum rounded once to the activation dtype, exactly
     as autograd's accumulation of the two gradients of ``x_next`` in the unfused path)::
@@ -264,6 +276,10 @@ def boundary_bwd_program(n: int, C: int, dtype: str):
     """
     from . import post_res
 
+    if reduce_dh:
+        return boundary_dh_reduce_program(n)
+    if fused:
+        return boundary_bwd_fused_program(n, C, dtype)
     _common.validate_activation_config("boundary", n, C, dtype, STREAMS)
     p = post_res._plan(n, C, dtype)
     # post_res's __launch_bounds__ rule with this kernel's own budget: the second gradient's registers made n = 6
@@ -276,8 +292,15 @@ def boundary_bwd_program(n: int, C: int, dtype: str):
 
 
 @functools.cache
-def boundary_bwd_kernel(n: int, C: int, dtype: str):
-    """The compiled backward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
+def boundary_bwd_kernel(
+    n: int, C: int | None = None, dtype: str | None = None, fused: bool = False, reduce_dh: bool = False
+):
+    """The compiled backward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below); ``fused`` and
+    ``reduce_dh`` select :func:`boundary_bwd_fused_kernel` and :func:`boundary_dh_reduce_kernel`."""
+    if reduce_dh:
+        return boundary_dh_reduce_kernel(n)
+    if fused:
+        return boundary_bwd_fused_kernel(n, C, dtype)
     return _common.compile_program(boundary_bwd_program(n, C, dtype))
 
 
