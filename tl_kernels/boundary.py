@@ -66,6 +66,11 @@ C = 4096 / 7168: 195 / 210, n = 6 fp32 C = 7168: 224, n = 8 bf16 / fp32 C = 7168
 ``pytest tests/kernels/test_codegen.py -k boundary``). ``__launch_bounds__`` follows post_res's rule with
 ``_BWD_REG_BUDGET``.
 
+The fully fused backward (:func:`boundary_bwd_fused_program`, with :func:`boundary_dh_reduce_program`) replaces
+``pre_proj_bwd`` and this backward: x_next recomputed from x and y, site l+1's d x_next, the incoming gradient and
+post_res(l)'s backward in one pass, 30C a token (40C with pre_finalize_bwd) plus the d_h partials; its docstring
+has the design, docs/design.md section 7 the bytes, the model's estimate and the resources.
+
 Verified without a GPU: the generated source runs in the CPU emulation (tests/emulation/test_boundary_emulated.py,
 and under AddressSanitizer: test_asan_boundary.py). Speed: not measured (no GPU has run this kernel); the 18C a
 token is a byte count, not a time.
@@ -316,6 +321,9 @@ FUSED_BM = 32  # tokens per tile of the fused backward
 FUSED_THREADS = 256
 COEF_BM = 64  # tokens per row of d_coef_part: pre_proj's tile, so the rows (and d_bias, d_alpha) are bit for bit its
 REDUCE_THREADS = 256
+REDUCE_UNROLL = 8  # partials a thread loads at once in the d_h reduction (then sums in channel-block order)
+# n = 4 fp32 stays at one: its 113.8 KB of shared memory does not fit twice in an SM's 228 KB
+_FUSED_MIN_BLOCKS = {(n, dt): 2 for n in (1, 2, 4) for dt in ("bfloat16", "float16", "float32")} | {(4, "float32"): 1}
 # The fused backward places its barriers by hand (as pre_proj's backward; tests/emulation/test_barrier_mutations.py
 # deletes each in turn) and indexes in bounds by construction (row guards; the ASan test checks exact-size tensors).
 _FUSED_PASS_CONFIGS = {
@@ -338,6 +346,7 @@ class FusedPlan:
     lanes: int  # threads per token row in the elementwise phases (g / vec)
     rows: int  # token rows one pass covers (FUSED_THREADS / lanes; rows past FUSED_BM idle)
     passes: int
+    min_blocks: int  # __launch_bounds__ minimum blocks per SM (registers <= 65536 / (256 * min_blocks))
 
 
 def fused_plan(n: int, C: int, dtype: str) -> FusedPlan:
@@ -348,8 +357,11 @@ def fused_plan(n: int, C: int, dtype: str) -> FusedPlan:
     m = n * n + 2 * n
     lanes = g // vec
     rows = FUSED_THREADS // lanes
+    # Two blocks an SM (16 warps in flight instead of 8: the performance model finds the loop latency-bound at one)
+    # where the registers allow it without spills (ptxas at 128 registers: checked by tests/kernels/test_codegen.py).
+    min_blocks = _FUSED_MIN_BLOCKS.get((n, dtype), 1)
     return FusedPlan(n=n, C=C, m=m, mp=-(-m // 16) * 16, g=g, kw=n * g, blocks=C // g, vec=vec, lanes=lanes,
-                     rows=rows, passes=max(1, FUSED_BM // rows))  # fmt: skip
+                     rows=rows, passes=max(1, FUSED_BM // rows), min_blocks=min_blocks)  # fmt: skip
 
 
 def fused_choose_splits(num_tokens: int, n: int, C: int, dtype: str, num_sms: int) -> int:
@@ -452,6 +464,8 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
         d_coef_part: T.Tensor((num_coef_tiles, 2 * m), f32),
     ):
         with T.Kernel(p.blocks, num_splits, threads=FUSED_THREADS) as (cb, by):
+            if p.min_blocks > 1:
+                T.annotate_min_blocks_per_sm(p.min_blocks)
             ps = T.alloc_shared((kw, mp), f32)  # phi rows i C + c0 + [0, g) for every stream i, TF32-rounded
             xs = T.alloc_shared((FUSED_BM, kw), f32)  # x_next (column i g + cc), then the summed gradient g
             dps = T.alloc_shared((FUSED_BM, mp), f32)  # d_proj (TF32-rounded, zero-padded)
@@ -461,13 +475,16 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
             hps = T.alloc_shared((FUSED_BM, n), f32)  # site l's h_post
             dx_acc = T.alloc_fragment((FUSED_BM, kw), f32)
             dphi_acc = T.alloc_fragment((kw, mp), f32)
-            xl = T.alloc_local((p.passes, n, vec), dtype)  # x of the thread's chunks, kept from step 2 to step 5
-            ls = T.alloc_local((p.passes, vec), dtype)  # y likewise
+            # x and y of the tile's channel block, kept from step 2 to step 5 (each thread reads back its own chunks:
+            # no barrier orders them; in shared memory, not registers, so that two blocks fit an SM at n = 4)
+            xls = T.alloc_shared((n, FUSED_BM, g), dtype)
+            lss = T.alloc_shared((FUSED_BM, g), dtype)
+            xl = T.alloc_local((n, vec), dtype)
+            ls = T.alloc_local((vec,), dtype)
             acc = T.alloc_local((vec,), f32)
             ob = T.alloc_local((vec,), dtype)
-            gs = T.alloc_local((n, vec), f32)
+            gs = T.alloc_local((n, vec), dtype)  # g of the thread's chunk (exact in dtype: xs holds rounded values)
             ph = T.alloc_local((n,), f32)
-            pr = T.alloc_local((n, n), f32)
             tx = T.get_thread_binding()
             lane = tx % lanes
             cl = lane * vec
@@ -526,22 +543,27 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                     if not idle_rows or r < FUSED_BM:
                         if t0 + r < num_tokens:
                             for e in T.vectorized(vec):
-                                ls[k, e] = layer_output[t0 + r, c0 + cl + e]
+                                ls[e] = layer_output[t0 + r, c0 + cl + e]
                             for j in T.unroll(n):
                                 for e in T.vectorized(vec):
-                                    xl[k, j, e] = residual[t0 + r, j, c0 + cl + e]
+                                    xl[j, e] = residual[t0 + r, j, c0 + cl + e]
                         else:
                             for e in T.unroll(vec):
-                                ls[k, e] = T.cast(0, dtype)
+                                ls[e] = T.cast(0, dtype)
                             for j in T.unroll(n):
                                 for e in T.unroll(vec):
-                                    xl[k, j, e] = T.cast(0, dtype)
+                                    xl[j, e] = T.cast(0, dtype)
+                        for e in T.vectorized(vec):
+                            lss[r, cl + e] = ls[e]
+                        for j in T.unroll(n):
+                            for e in T.vectorized(vec):
+                                xls[j, r, cl + e] = xl[j, e]
                         for i in T.unroll(n):
                             for e in T.unroll(vec):
-                                acc[e] = hps[r, i] * T.cast(ls[k, e], f32)
+                                acc[e] = hps[r, i] * T.cast(ls[e], f32)
                             for j in T.unroll(n):
                                 for e in T.unroll(vec):
-                                    acc[e] = acc[e] + hrs[r, i * n + j] * T.cast(xl[k, j, e], f32)
+                                    acc[e] = acc[e] + hrs[r, i * n + j] * T.cast(xl[j, e], f32)
                             for e in T.unroll(vec):
                                 xs[r, i * g + cl + e] = T.cast(T.cast(acc[e], dtype), f32)
                 T.sync_threads()  # xs, dps, cxs, hqs written before the GEMMs and step 4 read them
@@ -564,12 +586,14 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                     if not idle_rows or r < FUSED_BM:
                         for i in T.unroll(n):
                             for e in T.unroll(vec):
-                                gs[i, e] = xs[r, i * g + cl + e]
+                                gs[i, e] = T.cast(xs[r, i * g + cl + e], dtype)
+                        for e in T.vectorized(vec):
+                            ls[e] = lss[r, cl + e]
                         for e in T.unroll(vec):
-                            acc[e] = hps[r, 0] * gs[0, e]
+                            acc[e] = hps[r, 0] * T.cast(gs[0, e], f32)
                         for i in T.unroll(1, n):
                             for e in T.unroll(vec):
-                                acc[e] = acc[e] + hps[r, i] * gs[i, e]
+                                acc[e] = acc[e] + hps[r, i] * T.cast(gs[i, e], f32)
                         for e in T.vectorized(vec):
                             ob[e] = T.cast(acc[e], dtype)
                         if t0 + r < num_tokens:
@@ -579,34 +603,38 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                         for i in T.unroll(n):
                             ph[i] = T.float32(0)
                             for e in T.unroll(vec):
-                                ph[i] = ph[i] + gs[i, e] * T.cast(ls[k, e], f32)
+                                ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(ls[e], f32)
+                        for offset in shuffle_offsets:  # xor butterfly over the row's lanes, fixed order
+                            for i in T.unroll(n):
+                                ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
+                        if lane == 0 and t0 + r < num_tokens:
+                            for i in T.unroll(n):
+                                dh_part[cb, t0 + r, nn + i] = ph[i]
                         for j in T.unroll(n):
                             for e in T.unroll(vec):
-                                acc[e] = hrs[r, j] * gs[0, e]
+                                acc[e] = hrs[r, j] * T.cast(gs[0, e], f32)
                             for i in T.unroll(1, n):
                                 for e in T.unroll(vec):
-                                    acc[e] = acc[e] + hrs[r, i * n + j] * gs[i, e]
+                                    acc[e] = acc[e] + hrs[r, i * n + j] * T.cast(gs[i, e], f32)
                             for e in T.vectorized(vec):
                                 ob[e] = T.cast(acc[e], dtype)
                             if t0 + r < num_tokens:
                                 T.stg128(
                                     d_residual[t0 + r, j, c0 + cl], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4")
                                 )
+                            for e in T.vectorized(vec):
+                                xl[0, e] = xls[j, r, cl + e]
+                            # column j of d_h_res: reduced over the row's lanes and written before the next column
                             for i in T.unroll(n):
-                                pr[i, j] = T.float32(0)
+                                ph[i] = T.float32(0)
                                 for e in T.unroll(vec):
-                                    pr[i, j] = pr[i, j] + gs[i, e] * T.cast(xl[k, j, e], f32)
-                        for offset in shuffle_offsets:  # xor butterfly over the row's lanes, fixed order
-                            for i in T.unroll(n):
-                                ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
-                                for j in T.unroll(n):
-                                    pr[i, j] = pr[i, j] + T.shfl_xor(pr[i, j], offset)
-                        if lane == 0 and t0 + r < num_tokens:
-                            for i in T.unroll(n):
-                                for j in T.unroll(n):
-                                    dh_part[cb, t0 + r, i * n + j] = pr[i, j]
-                            for i in T.unroll(n):
-                                dh_part[cb, t0 + r, nn + i] = ph[i]
+                                    ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(xl[0, e], f32)
+                            for offset in shuffle_offsets:
+                                for i in T.unroll(n):
+                                    ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
+                            if lane == 0 and t0 + r < num_tokens:
+                                for i in T.unroll(n):
+                                    dh_part[cb, t0 + r, i * n + j] = ph[i]
             for kk, j in T.Parallel(kw, mp):
                 if j < m:
                     d_phi_part[by, (kk // g) * C + c0 + kk % g, j] = dphi_acc[kk, j]
@@ -636,7 +664,9 @@ def boundary_dh_reduce_program(n: int):
     """``d_h_res[t] | d_h_post[t] = sum_cb dh_part[cb, t]`` in ``cb`` order (deterministic, no atomics): the
     fixed-order sum of :func:`boundary_bwd_fused_program`'s channel-block partials. Call:
     ``boundary_dh_reduce_kernel(n)(dh_part [CB, T, n * n + n] f32, d_h_res [T, n, n] f32, d_h_post [T, n] f32)``,
-    grid ``ceil(T (n * n + n) / REDUCE_THREADS)``, one thread per output element (coalesced), CB and T dynamic."""
+    grid ``ceil(T (n * n + n) / REDUCE_THREADS)``, one thread per output element (coalesced), CB and T dynamic;
+    ``REDUCE_UNROLL`` loads in flight per thread (the performance model found the one-load-a-step loop bound by
+    DRAM latency: 205 us at n = 4, C = 7168, T = 16384 on an H100 against 49 us of bytes)."""
     import tilelang.language as T
 
     if n not in STREAMS:
@@ -656,12 +686,22 @@ def boundary_dh_reduce_program(n: int):
             tx = T.get_thread_binding()
             e = bx * REDUCE_THREADS + tx
             s = T.alloc_var(f32)
+            ld = T.alloc_local((REDUCE_UNROLL,), f32)
             if e < num_tokens * q:
                 t = e // q
                 k = e % q
-                s = dh_part[0, t, k]
-                for c in T.serial(1, num_cb):
-                    s = s + dh_part[c, t, k]
+                # REDUCE_UNROLL independent loads in flight, then their sum in channel-block order (a block past
+                # the last adds +0: exact)
+                s = T.float32(0)
+                for c in T.serial(T.ceildiv(num_cb, REDUCE_UNROLL)):
+                    for u in T.unroll(REDUCE_UNROLL):
+                        ld[u] = T.if_then_else(
+                            c * REDUCE_UNROLL + u < num_cb,
+                            dh_part[T.min(c * REDUCE_UNROLL + u, num_cb - 1), t, k],
+                            T.float32(0),
+                        )
+                    for u in T.unroll(REDUCE_UNROLL):
+                        s = s + ld[u]
                 if k < nn:
                     d_h_res[t, k // n, k % n] = s
                 else:

@@ -75,9 +75,9 @@ def test_boundary_bwd_resources_and_instructions(n, C, dtype):
 
 # ------------------------------------------------------------------------------- the fully fused backward's hot loop
 # The token-tile loop of boundary_bwd_fused (tl_kernels/boundary.py) at n = 4, C = 7168, bf16, measured with
-# ``_fused_hot_loop`` below: 2,204 SASS instructions a thread per 32-token tile (the loop's 2,024 plus the rolled
-# MMA loop of T.gemm, 60 instructions, at its remaining 3 trips), 64 HMMA a warp; guarded at +8%.
-FUSED_CEILING = {(4, 7168, "bfloat16"): 2380}
+# ``_fused_hot_loop`` below: 2,321 SASS instructions a thread per 32-token tile (the loop's body plus the rolled
+# MMA loop of T.gemm at its remaining trips), 64 HMMA a warp; guarded at +8%.
+FUSED_CEILING = {(4, 7168, "bfloat16"): 2507}
 FUSED_CONFIGS = [(4, 7168, "bfloat16"), (8, 7168, "bfloat16"), (1, 1280, "bfloat16"), (4, 7168, "float32")]
 
 
