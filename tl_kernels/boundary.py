@@ -414,7 +414,7 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
 
     Per token tile (256 threads, barriers by hand): (1) stage the tile's coefficients (``h_res``, ``h_post``,
     ``h_pre``, ``cx``, ``d_proj``) in shared memory; (2) each thread owns a 16-byte chunk of ``lanes`` per token row,
-    loads ``y`` and the n streams of ``x`` (kept in registers for step 5) and writes the recomputed, rounded
+    loads ``y`` and the n streams of ``x`` (kept in shared memory for step 5) and writes the recomputed, rounded
     ``x_next`` of all n streams to the fp32 tile ``xs [BM, n g]``; (3) ``T.gemm``: ``d_proj phi^T`` (TF32
     ``mma.sync``) and ``x_next^T d_proj`` into the block's ``d_phi`` accumulator; (4) per fragment element
     ``d_xn``, then ``g``, written over ``xs`` (same element, same thread); (5) the chunk owners of step 2 run
