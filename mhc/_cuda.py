@@ -450,11 +450,12 @@ def warmup(
                     pre_mapping_bwd(*grads, x, phi, alpha, bias, out[3], out[1], out[4], out[5], sinkhorn_iters, 2.0,
                                     float(sinkhorn_eps))  # fmt: skip
                 if "boundary" not in DISABLED:  # the fused boundary kernels (mhc/boundary.py)
-                    from tl_kernels.boundary import boundary_bwd_kernel, boundary_fwd_kernel
+                    from tl_kernels import boundary as tl_boundary
 
-                    boundary_fwd_kernel(n, C, _TL_DTYPES[dt])
-                    boundary_bwd_kernel(n, C, _TL_DTYPES[dt])
-                    count += 2
+                    tl_boundary.boundary_fwd_kernel(n, C, _TL_DTYPES[dt])
+                    tl_boundary.boundary_bwd_fused_kernel(n, C, _TL_DTYPES[dt])  # the op's backward (fully fused)
+                    tl_boundary.boundary_dh_reduce_kernel(n)
+                    count += 3
                     if launch:
                         settings = (sinkhorn_iters, 2.0, 1e-6, float(sinkhorn_eps))
                         b = torch.ops.mhc.boundary_fwd(y, x, h_post, h_res, phi, alpha, bias, *settings)

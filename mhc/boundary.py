@@ -39,12 +39,16 @@ CUDA. The forward is two launches: ``tl_kernels.boundary`` (x_next and site l+1'
 registers that hold x_next: 18C bytes a token at n = 4, bf16) and the unchanged ``tl_kernels.pre_finalize``
 (coefficients, Sinkhorn, H_pre x: 10C): 28C against 36C for post_res + pre_mapping. x_next is bit for bit
 post_res's; proj and the sums of squares differ from pre_proj's only in the order of fp32 sums (the TF32 budget of
-``tl_kernels.pre_proj``), so every coefficient differs from the unfused path by that rounding. The backward is
-``mhc::pre_mapping_bwd``'s CUDA kernels (10C + 18C) followed by ``tl_kernels.boundary``'s backward, post_res(l)'s
-backward applied to ``grad_x_next + d x_next`` summed in registers (36C instead of an add, 24C, and post_res's
-backward, 28C): 64C a token instead of 80C, and bit for bit the composed result (the sum is rounded to the
-activation dtype as autograd rounds it). The fully fused 40C backward (x_next recomputed in registers, site l+1's
-d_x never written) is not written yet. Where the fused kernels cannot serve a call (float64, shapes without a
+``tl_kernels.pre_proj``), so every coefficient differs from the unfused path by that rounding. The backward is five
+launches (:func:`_boundary_bwd_cuda`): ``pre_finalize_bwd`` (reads x_next and g_li: 10C) and ``sinkhorn_bwd``,
+then ``tl_kernels.boundary``'s fused backward, which recomputes x_next from ``x`` and ``y`` in registers, forms site
+l+1's d x_next as ``pre_proj_bwd`` does, adds ``grad_x_next`` (rounded as autograd's accumulation) and applies
+post_res(l)'s backward to the sum, writing none of the three (30C), then ``pre_reduce_bwd`` and the d_h reduction:
+40C a token plus the d_h partials (1.25C written and read at C = 7168) instead of 64C
+(:func:`_boundary_bwd_unfused_cuda`: ``mhc::pre_mapping_bwd`` then post_res's backward on the summed gradient) and
+80C composed. d_layer_output, d_residual, d_alpha and d_bias are bit for bit the unfused CUDA path's; d_h_post,
+d_h_res and d_phi differ by the order of fp32 sums (emulated: tests/emulation/test_boundary_op_emulated.py).
+Where the fused kernels cannot serve a call (float64, shapes without a
 kernel: :func:`fused_reason`), or ``boundary`` is in ``MHC_DISABLE_KERNELS``, the ops run the unfused ops, which
 use their own CUDA kernels or fall back to the reference with one warning per configuration.
 """
@@ -454,9 +458,14 @@ boundary_fwd.register_kernel("cuda")(_boundary_fwd_cuda)
 
 
 def _boundary_bwd_cuda(*args):
-    """``mhc::pre_mapping_bwd`` (site l+1's d x_next, d_phi, d_alpha, d_bias), then ``tl_kernels.boundary``'s
-    backward: post_res(l)'s backward on ``grad_x_next + d x_next`` without writing the sum (64C a token at n = 4,
-    bf16, against 80C composed; bit for bit the composed result)."""
+    """Five launches, no torch op between them: ``pre_finalize_bwd`` (``<g_li, x_next>`` and the coefficient
+    gradients; reads x_next 8C and g_li 2C), ``sinkhorn_bwd``, ``tl_kernels.boundary``'s fused backward (x_next
+    recomputed from ``x``, ``y``; site l+1's d x_next, the incoming ``grad_x_next`` and post_res(l)'s backward, none
+    of the three gradients of x_next written: 30C), ``pre_reduce_bwd`` (d_phi, d_alpha, d_bias) and the d_h
+    reduction: 40C a token at n = 4, bf16, plus the d_h partials (``C / 64 x 80`` bytes written and read), against
+    64C for :func:`_boundary_bwd_unfused_cuda`. d_layer_output, d_residual, d_alpha and d_bias are bit for bit the
+    unfused path's; d_h_post, d_h_res differ by the order of fp32 sums, d_phi by the order of its fp32 (TF32-product)
+    sums over tokens (docs/design.md section 7)."""
     from . import _cuda
 
     _check_bwd(args)
@@ -464,7 +473,61 @@ def _boundary_bwd_cuda(*args):
      h_pre_n, h_post_n, proj, rinv, iters, post_mult, s_eps) = args  # fmt: skip
     if fused_reason(x, h_post, h_res, phi, iters) is not None:
         return composed_bwd(*args)
-    d_xn, d_phi, d_alpha, d_bias = torch.ops.mhc.pre_mapping_bwd(
+    T, n, C = x.shape
+    m, K, nn = n * n + 2 * n, n * C, n * n
+    f32 = dict(device=x.device, dtype=torch.float32)
+    d_y, d_x = torch.empty_like(y), torch.empty_like(x)
+    d_hp, d_hr = torch.empty_like(h_post), torch.empty_like(h_res)
+    if T == 0:
+        return d_y, d_x, d_hp, d_hr, torch.zeros(K, m, **f32), torch.zeros(3, **f32), torch.zeros(m, **f32)
+    from tl_kernels import boundary as tl_boundary
+    from tl_kernels import pre_finalize, pre_reduce, sinkhorn
+
+    dt, dev = _cuda._TL_DTYPES[x.dtype], x.device
+    d_pp, res_logits = torch.empty(T, 2 * n, **f32), torch.empty(T, n, n, **f32)
+    _cuda._launch(
+        dev, pre_finalize.pre_finalize_bwd_kernel(n, C, dt),
+        g_li, x_next, g_pre, g_post, h_pre_n, h_post_n, proj, rinv, alpha, bias, d_pp, res_logits, float(post_mult),
+    )  # fmt: skip
+    d_res = torch.empty(T, n, n, **f32)
+    _cuda._launch(dev, sinkhorn.sinkhorn_bwd_kernel(n, iters, float(s_eps)), g_res, res_logits, d_res)
+    plan = tl_boundary.fused_plan(n, C, dt)
+    splits = tl_boundary.fused_choose_splits(T, n, C, dt, _cuda._num_sms(dev))
+    d_phi = torch.empty(K, m, **f32)
+    d_phi_part = d_phi.view(1, K, m) if splits == 1 else torch.empty(splits, K, m, **f32)
+    d_coef_part = torch.empty(-(-T // tl_boundary.COEF_BM), 2 * m, **f32)  # pre_proj_bwd's 64-token rows
+    dh_part = torch.empty(plan.blocks, T, nn + n, **f32)
+    _cuda._launch(
+        dev, tl_boundary.boundary_bwd_fused_kernel(n, C, dt),
+        g_xn, y, x, h_post, h_res, phi, d_pp, d_res.view(T, nn), proj, rinv, alpha, h_pre_n, g_li,
+        d_y, d_x, dh_part, d_phi_part, d_coef_part,
+    )  # fmt: skip
+    d_alpha, d_bias = torch.empty(3, **f32), torch.empty(m, **f32)
+    if splits > 1:
+        kq = K * m // pre_reduce.VEC
+        _cuda._launch(
+            dev, pre_reduce.pre_reduce_bwd_kernel(n, True), d_phi_part.view(splits, kq, pre_reduce.VEC),
+            d_coef_part, d_phi.view(kq, pre_reduce.VEC), d_alpha, d_bias,
+        )  # fmt: skip
+    else:
+        _cuda._launch(dev, pre_reduce.pre_reduce_bwd_kernel(n, False), d_coef_part, d_alpha, d_bias)
+    _cuda._launch(dev, tl_boundary.boundary_dh_reduce_kernel(n), dh_part, d_hr, d_hp)
+    return d_y, d_x, d_hp, d_hr, d_phi, d_alpha, d_bias
+
+
+def _boundary_bwd_unfused_cuda(*args):
+    """The previous CUDA backward (kept for comparison, and the fallback's shape): ``mhc::pre_mapping_bwd`` (site
+    l+1's d x_next, d_phi, d_alpha, d_bias), then ``tl_kernels.boundary``'s ``boundary_bwd``: post_res(l)'s
+    backward on ``grad_x_next + d x_next`` without writing the sum (64C a token at n = 4, bf16, against 80C
+    composed; bit for bit the composed result)."""
+    from . import _cuda
+
+    _check_bwd(args)
+    (g_xn, g_li, g_post, g_res, g_pre, y, x, h_post, h_res, x_next, phi, alpha, bias,
+     h_pre_n, h_post_n, proj, rinv, iters, post_mult, s_eps) = args  # fmt: skip
+    if fused_reason(x, h_post, h_res, phi, iters) is not None:
+        return composed_bwd(*args)
+    d_xn, d_phi, d_alpha, d_bias = _cuda.pre_mapping_bwd(  # the op's CUDA kernel, called directly
         g_li, g_post, g_res, g_pre, x_next, phi, alpha, bias, h_pre_n, h_post_n, proj, rinv, iters, post_mult, s_eps
     )
     d_y, d_x = torch.empty_like(y), torch.empty_like(x)

@@ -267,6 +267,8 @@ def check_boundary(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, 
     from mhc import boundary as mb
 
     kw = cfg.kwargs
+    if kw.get("reduce_dh"):
+        return _check_boundary_dh_reduce(kw["n"], T, device, gen)
     n, C, dt = kw["n"], kw["C"], DTYPES[kw["dtype"]]
     iters, eps, post_mult, rms_eps = 20, 0.0, 2.0, 1e-6
     x, phi, alpha, bias = pre_site(n, C, dt, T, gen)
@@ -286,7 +288,10 @@ def check_boundary(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, 
     grads = (_randn(gen, T, C).to(dt), _randn(gen, T, n).float(), _randn(gen, T, n, n).float(),
              _randn(gen, T, n).float())  # fmt: skip
     args = (g_xn, *grads, y, x, h_post, h_res, x_next, phi, alpha, bias, hp, hq, proj, rinv)
-    got = torch.ops.mhc.boundary_bwd(*args, iters, post_mult, eps)
+    plain = None
+    if device == "cuda":  # the op runs the fully fused backward; the previous (unfused) CUDA path for comparison
+        plain = mb._boundary_bwd_unfused_cuda(*args, iters, post_mult, eps)
+    got = torch.ops.mhc.boundary_bwd(*args, iters, post_mult, eps) if kw.get("fused") or plain is None else plain
     want = mb.boundary_backward_reference(*(t.double() for t in args), iters, post_mult, eps)
     mag_xn, mag_phi = backward_magnitudes(grads, x_next, phi, alpha, bias, (hp, hq, proj, rinv), iters, eps, post_mult)
     mag = g_xn.double().abs() + mag_xn  # |terms| behind the gradient reaching x_next: [T, n, C]
@@ -305,7 +310,39 @@ def check_boundary(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, 
         d_alpha=compare(got[5], want[5], atol=1e-4 * float(want[5].abs().max()) + 1e-30, **small),
         d_bias=compare(got[6], want[6], atol=1e-4 * float(want[6].abs().max()) + 1e-30, **small),
     )
+    if kw.get("fused") and plain is not None:
+        # the fused backward against the unfused CUDA path: the same roundings in the same order (bit for bit in
+        # the CPU emulation, tests/emulation/test_boundary_op_emulated.py); one output rounding of room for nvcc
+        # contracting the two kernels' multiply-adds differently
+        errs.update(
+            d_layer_output_vs_unfused=compare(got[0], plain[0], atol=1e-30, rtol=ACT_RTOL[dt]),
+            d_residual_vs_unfused=compare(got[1], plain[1], atol=1e-30, rtol=ACT_RTOL[dt]),
+            d_bias_vs_unfused=compare(got[6], plain[6], atol=1e-30, rtol=1e-6),
+        )
     return errs
+
+
+def _check_boundary_dh_reduce(n: int, T: int, device: str, gen: torch.Generator) -> dict[str, Err]:
+    """``boundary_bwd[n, reduce_dh=True]``: the fixed-order sum of the fused backward's d_h partials over 1 + T % 7
+    channel blocks against float64, within ``(blocks + 1) * 2**-24`` of the sum of magnitudes. On a CPU the fp32
+    torch sum stands in."""
+    q, blocks = n * n + n, 1 + T % 7
+    part = _randn(gen, blocks, T, q).float()
+    d_hr, d_hp = torch.empty(T, n, n, device=device), torch.empty(T, n, device=device)
+    if device == "cuda" and T > 0:
+        from tl_kernels import boundary
+
+        boundary.boundary_dh_reduce_kernel(n)(part, d_hr, d_hp)
+    else:
+        total = part.sum(0)
+        d_hr.copy_(total[:, : n * n].reshape(T, n, n))
+        d_hp.copy_(total[:, n * n :])
+    want, mag = part.double().sum(0), part.double().abs().sum(0)
+    frac = (blocks + 1) * 2**-24
+    return {
+        "d_h_res": budget(d_hr.reshape(T, n * n), want[:, : n * n], mag[:, : n * n], frac),
+        "d_h_post": budget(d_hp, want[:, n * n :], mag[:, n * n :], frac),
+    }
 
 
 def check_pre_reduce(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, Err]:

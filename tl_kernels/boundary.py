@@ -66,6 +66,11 @@ C = 4096 / 7168: 195 / 210, n = 6 fp32 C = 7168: 224, n = 8 bf16 / fp32 C = 7168
 ``pytest tests/kernels/test_codegen.py -k boundary``). ``__launch_bounds__`` follows post_res's rule with
 ``_BWD_REG_BUDGET``.
 
+The fully fused backward (:func:`boundary_bwd_fused_program`, with :func:`boundary_dh_reduce_program`) replaces
+``pre_proj_bwd`` and this backward: x_next recomputed from x and y, site l+1's d x_next, the incoming gradient and
+post_res(l)'s backward in one pass, 30C a token (40C with pre_finalize_bwd) plus the d_h partials; its docstring
+has the design, docs/design.md section 7 the bytes, the model's estimate and the resources.
+
 Verified without a GPU: the generated source runs in the CPU emulation (tests/emulation/test_boundary_emulated.py,
 and under AddressSanitizer: test_asan_boundary.py). Speed: not measured (no GPU has run this kernel); the 18C a
 token is a byte count, not a time.
@@ -80,11 +85,17 @@ __all__ = [
     "BM",
     "DTYPES",
     "STREAMS",
+    "boundary_bwd_fused_kernel",
+    "boundary_bwd_fused_program",
     "boundary_bwd_kernel",
     "boundary_bwd_program",
+    "boundary_dh_reduce_kernel",
+    "boundary_dh_reduce_program",
     "boundary_fwd_kernel",
     "boundary_fwd_program",
     "choose_splits",
+    "fused_choose_splits",
+    "fused_plan",
     "plan",
 ]
 
@@ -242,8 +253,14 @@ def boundary_fwd_program(n: int, C: int, dtype: str):
     return boundary_fwd
 
 
-def boundary_bwd_program(n: int, C: int, dtype: str):
+def boundary_bwd_program(
+    n: int, C: int | None = None, dtype: str | None = None, *, fused: bool = False, reduce_dh: bool = False
+):
     """post_res(l)'s backward on the *sum* of the two gradients that reach ``x_next``, without writing the sum.
+
+    ``fused=True``: :func:`boundary_bwd_fused_program` (the whole backward across the boundary in one pass);
+    ``reduce_dh=True``: :func:`boundary_dh_reduce_program` (``n`` only). The registry names the three variants
+    ``boundary_bwd[n, C, dtype]``, ``boundary_bwd[n, C, dtype, fused=True]`` and ``boundary_bwd[n, reduce_dh=True]``.
 
     Math, per token (``g = round_dt(grad_x_next + d_x_next)``: the sum rounded once to the activation dtype, exactly
     as autograd's accumulation of the two gradients of ``x_next`` in the unfused path)::
@@ -264,6 +281,10 @@ def boundary_bwd_program(n: int, C: int, dtype: str):
     """
     from . import post_res
 
+    if reduce_dh:
+        return boundary_dh_reduce_program(n)
+    if fused:
+        return boundary_bwd_fused_program(n, C, dtype)
     _common.validate_activation_config("boundary", n, C, dtype, STREAMS)
     p = post_res._plan(n, C, dtype)
     # post_res's __launch_bounds__ rule with this kernel's own budget: the second gradient's registers made n = 6
@@ -276,8 +297,15 @@ def boundary_bwd_program(n: int, C: int, dtype: str):
 
 
 @functools.cache
-def boundary_bwd_kernel(n: int, C: int, dtype: str):
-    """The compiled backward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
+def boundary_bwd_kernel(
+    n: int, C: int | None = None, dtype: str | None = None, fused: bool = False, reduce_dh: bool = False
+):
+    """The compiled backward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below); ``fused`` and
+    ``reduce_dh`` select :func:`boundary_bwd_fused_kernel` and :func:`boundary_dh_reduce_kernel`."""
+    if reduce_dh:
+        return boundary_dh_reduce_kernel(n)
+    if fused:
+        return boundary_bwd_fused_kernel(n, C, dtype)
     return _common.compile_program(boundary_bwd_program(n, C, dtype))
 
 
@@ -285,3 +313,412 @@ def boundary_bwd_kernel(n: int, C: int, dtype: str):
 def boundary_fwd_kernel(n: int, C: int, dtype: str):
     """The compiled forward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
     return _common.compile_program(boundary_fwd_program(n, C, dtype))
+
+
+# ------------------------------------------------------------------------------------ the fully fused backward pass
+
+FUSED_BM = 32  # tokens per tile of the fused backward
+FUSED_THREADS = 256
+COEF_BM = 64  # tokens per row of d_coef_part: pre_proj's tile, so the rows (and d_bias, d_alpha) are bit for bit its
+REDUCE_THREADS = 256
+REDUCE_UNROLL = 8  # partials a thread loads at once in the d_h reduction (then sums in channel-block order)
+# n = 4 fp32 stays at one: its 113.8 KB of shared memory does not fit twice in an SM's 228 KB
+_FUSED_MIN_BLOCKS = {(n, dt): 2 for n in (1, 2, 4) for dt in ("bfloat16", "float16", "float32")} | {(4, "float32"): 1}
+# The fused backward places its barriers by hand (as pre_proj's backward; tests/emulation/test_barrier_mutations.py
+# deletes each in turn) and indexes in bounds by construction (row guards; the ASan test checks exact-size tensors).
+_FUSED_PASS_CONFIGS = {
+    "tl.disable_safe_memory_legalize": True,
+    "tl.disable_thread_storage_sync": True,
+    "tl.disable_shared_memory_reuse": True,
+}
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    n: int
+    C: int
+    m: int
+    mp: int  # m padded to a multiple of 16 (the MMA's N)
+    g: int  # channels of every stream a block owns (its channel block)
+    kw: int  # n * g: the block's K-slice (rows of phi)
+    blocks: int  # channel blocks: C / g (the grid's x extent, and the rows of dh_part)
+    vec: int  # elements per 16-byte chunk
+    lanes: int  # threads per token row in the elementwise phases (g / vec)
+    rows: int  # token rows one pass covers (FUSED_THREADS / lanes; rows past FUSED_BM idle)
+    passes: int
+    min_blocks: int  # __launch_bounds__ minimum blocks per SM (registers <= 65536 / (256 * min_blocks))
+
+
+def fused_plan(n: int, C: int, dtype: str) -> FusedPlan:
+    """The tiling of :func:`boundary_bwd_fused_program` for ``(n, C, dtype)``; validates the arguments."""
+    _common.validate_activation_config("boundary", n, C, dtype, STREAMS)
+    vec = _VECTOR_BYTES // _ELEMENT_BYTES[dtype]
+    g = 64 if n <= 4 else 32  # K-slice n * g <= 256: the two accumulators stay at <= 32 + 80 registers a thread
+    m = n * n + 2 * n
+    lanes = g // vec
+    rows = FUSED_THREADS // lanes
+    # Two blocks an SM (16 warps in flight instead of 8: the performance model finds the loop latency-bound at one)
+    # where the registers allow it without spills (ptxas at 128 registers: checked by tests/kernels/test_codegen.py).
+    min_blocks = _FUSED_MIN_BLOCKS.get((n, dtype), 1)
+    return FusedPlan(n=n, C=C, m=m, mp=-(-m // 16) * 16, g=g, kw=n * g, blocks=C // g, vec=vec, lanes=lanes,
+                     rows=rows, passes=max(1, FUSED_BM // rows), min_blocks=min_blocks)  # fmt: skip
+
+
+def fused_choose_splits(num_tokens: int, n: int, C: int, dtype: str, num_sms: int) -> int:
+    """Token splits of the fused backward (grid ``C / g x S``): about two blocks per SM, every split non-empty, at
+    most :data:`MAX_SPLITS`."""
+    p = fused_plan(n, C, dtype)
+    tiles = -(-num_tokens // FUSED_BM)
+    want = max(1, min(MAX_SPLITS, tiles, 2 * num_sms // p.blocks))
+    per = -(-tiles // want)
+    return -(-tiles // per)
+
+
+def boundary_bwd_fused_program(n: int, C: int, dtype: str):
+    """The fully fused backward across the boundary: site l+1's pre-mapping input gradient and post_res(l)'s
+    backward in one pass, without reading ``x_next`` or writing any gradient of it.
+
+    Math, per token ``t`` (site l's ``h_post``, ``h_res``, sublayer output ``y`` and residual ``x``; site l+1's
+    ``phi``, ``alpha``, ``h_pre`` and the saved ``proj``, ``rinv``; ``K = n * C``; ``d_logits = d_pp | d_res`` from
+    ``pre_finalize_bwd`` and ``sinkhorn_bwd``; ``grad_x_next`` the gradient of ``x_next`` from its other consumer)::
+
+        x_next[i, c]  = round(sum_j h_res[i, j] x[j, c] + h_post[i] y[c])            (recomputed: post_res's bits)
+        d_proj[j]     = tf32(d_logits[j] alpha_g(j) rinv)        cx = -rinv^3 / K sum_j d_logits_j alpha_g(j) proj_j
+        d_xn[i, c]    = round(sum_j d_proj[j] phi[iC + c, j] + cx x_next[i, c] + h_pre[i] g_li[c])   (pre_proj_bwd)
+        g[i, c]       = round(grad_x_next[i, c] + d_xn[i, c])     (autograd's accumulation of the two gradients)
+        d_y[c]        = sum_i h_post[i] g[i, c]                   d_x[j, c] = sum_i h_res[i, j] g[i, c]
+        d_h_post[i]   = sum_c g[i, c] y[c]                        d_h_res[i, j] = sum_c g[i, c] x[j, c]
+        d_phi[k, :]   = sum_t x_next[t, k] d_proj[t, :]           d_bias, d_scale: pre_proj_bwd's tile partials
+
+    Every rounded value is bit for bit the unfused path's (``post_res_fwd``, ``pre_proj_bwd``, the add,
+    ``post_res_bwd``): the same operations in the same order; ``d_y`` and ``d_x`` are therefore bit for bit the
+    unfused ones. ``d_h_*`` sums its channels in another order (fp32), ``d_phi`` its tokens (TF32 budget of
+    :mod:`tl_kernels.pre_proj`).
+
+    Call contract (contiguous; ``T`` = ``num_tokens``, ``S`` = ``num_splits``, ``R`` = ``num_coef_tiles`` =
+    ``ceil(T / 64)`` dynamic; ``CB = C / g``, :func:`fused_plan`)::
+
+        boundary_bwd_fused_kernel(n, C, dtype)(grad_x_next [T, n, C] dt, layer_output [T, C] dt,
+            residual [T, n, C] dt, h_post [T, n] f32, h_res [T, n, n] f32, phi [K, m] f32, d_pp [T, 2n] f32,
+            d_res [T, n * n] f32, proj [T, m] f32, rinv [T] f32, alpha [3] f32, h_pre [T, n] f32, g_li [T, C] dt,
+            d_layer_output [T, C] dt, d_residual [T, n, C] dt, dh_part [CB, T, n * n + n] f32,
+            d_phi_part [S, K, m] f32, d_coef_part [R, 2m] f32)
+
+    grid ``(CB, S)``: block ``(cb, s)`` owns channels ``[cb g, cb g + g)`` of every stream (the K-slice of
+    ``n g`` rows of ``phi``, staged once, TF32-rounded) and the token tiles ``[s ceil(TT / S), ...)`` of
+    ``FUSED_BM`` tokens (TT = ceil(T / FUSED_BM)); use :func:`fused_choose_splits`. ``dh_part[cb, t]`` =
+    (d_h_res row-major | d_h_post) over the block's channels, summed over ``cb`` in order by
+    :func:`boundary_dh_reduce_program`; ``d_phi_part`` and ``d_coef_part`` go to ``tl_kernels.pre_reduce``
+    unchanged (``d_coef_part`` row ``r`` covers tokens ``[64 r, 64 r + 64)`` as pre_proj_bwd's does, computed by
+    block ``by * CB + cb = r mod (CB S)``). No atomics: bitwise reproducible for a given (T, S).
+
+    Per token tile (256 threads, barriers by hand): (1) stage the tile's coefficients (``h_res``, ``h_post``,
+    ``h_pre``, ``cx``, ``d_proj``) in shared memory; (2) each thread owns a 16-byte chunk of ``lanes`` per token row,
+    loads ``y`` and the n streams of ``x`` (kept in shared memory for step 5) and writes the recomputed, rounded
+    ``x_next`` of all n streams to the fp32 tile ``xs [BM, n g]``; (3) ``T.gemm``: ``d_proj phi^T`` (TF32
+    ``mma.sync``) and ``x_next^T d_proj`` into the block's ``d_phi`` accumulator; (4) per fragment element
+    ``d_xn``, then ``g``, written over ``xs`` (same element, same thread); (5) the chunk owners of step 2 run
+    post_res's backward on ``g``: ``d_y``, ``d_x`` with 128-bit stores, the ``d_h`` partials reduced over a row's
+    lanes with an xor butterfly. ``d_coef_part`` after the tile loop, as pre_proj_bwd.
+
+    Bytes per token (bf16, n = 4): reads ``x`` 8C, ``y`` 2C, ``g_li`` 2C, ``grad_x_next`` 8C, writes ``d_x`` 8C,
+    ``d_y`` 2C: 30C, plus ``dh_part`` (C / 64 x 80 B, 1.25C) and the coefficients; see docs/design.md section 7.
+    """
+    import tilelang.language as T
+    from tvm import tirx
+
+    from .pre_proj import _coef_grad
+
+    p = fused_plan(n, C, dtype)
+    m, mp, g, kw, vec, lanes, rows = p.m, p.mp, p.g, p.kw, p.vec, p.lanes, p.rows
+    K, nn, n2, q = n * C, n * n, 2 * n, n * n + n
+    f32 = "float32"
+    idle_rows = rows > FUSED_BM  # threads whose row is past the tile idle in the elementwise phases (whole warps)
+    shuffle_offsets = tuple(lanes >> s for s in range(1, lanes.bit_length()))  # lanes/2, ..., 1
+    num_tokens = T.dynamic("num_tokens")
+    num_splits = T.dynamic("num_splits")
+    num_coef_tiles = T.dynamic("num_coef_tiles")
+
+    def tf32(v):
+        return T.reinterpret(T.reinterpret(v, "uint32") + T.uint32(_TF32_ROUND), f32)
+
+    @T.prim_func
+    def boundary_bwd_fused(
+        grad_x_next: T.Tensor((num_tokens, n, C), dtype),
+        layer_output: T.Tensor((num_tokens, C), dtype),
+        residual: T.Tensor((num_tokens, n, C), dtype),
+        h_post: T.Tensor((num_tokens, n), f32),
+        h_res: T.Tensor((num_tokens, n, n), f32),
+        phi: T.Tensor((K, m), f32),
+        d_pp: T.Tensor((num_tokens, n2), f32),
+        d_res: T.Tensor((num_tokens, nn), f32),
+        proj: T.Tensor((num_tokens, m), f32),
+        rinv: T.Tensor((num_tokens,), f32),
+        alpha: T.Tensor((3,), f32),
+        h_pre: T.Tensor((num_tokens, n), f32),
+        g_li: T.Tensor((num_tokens, C), dtype),
+        d_layer_output: T.Tensor((num_tokens, C), dtype),
+        d_residual: T.Tensor((num_tokens, n, C), dtype),
+        dh_part: T.Tensor((p.blocks, num_tokens, q), f32),
+        d_phi_part: T.Tensor((num_splits, K, m), f32),
+        d_coef_part: T.Tensor((num_coef_tiles, 2 * m), f32),
+    ):
+        with T.Kernel(p.blocks, num_splits, threads=FUSED_THREADS) as (cb, by):
+            if p.min_blocks > 1:
+                T.annotate_min_blocks_per_sm(p.min_blocks)
+            ps = T.alloc_shared((kw, mp), f32)  # phi rows i C + c0 + [0, g) for every stream i, TF32-rounded
+            xs = T.alloc_shared((FUSED_BM, kw), f32)  # x_next (column i g + cc), then the summed gradient g
+            dps = T.alloc_shared((FUSED_BM, mp), f32)  # d_proj (TF32-rounded, zero-padded)
+            cxs = T.alloc_shared((FUSED_BM,), f32)
+            hqs = T.alloc_shared((FUSED_BM, n), f32)  # site l+1's h_pre
+            hrs = T.alloc_shared((FUSED_BM, nn), f32)  # site l's h_res (row-major)
+            hps = T.alloc_shared((FUSED_BM, n), f32)  # site l's h_post
+            dx_acc = T.alloc_fragment((FUSED_BM, kw), f32)
+            dphi_acc = T.alloc_fragment((kw, mp), f32)
+            # x and y of the tile's channel block, kept from step 2 to step 5 (each thread reads back its own chunks:
+            # no barrier orders them; in shared memory, not registers, so that two blocks fit an SM at n = 4)
+            xls = T.alloc_shared((n, FUSED_BM, g), dtype)
+            lss = T.alloc_shared((FUSED_BM, g), dtype)
+            xl = T.alloc_local((n, vec), dtype)
+            ls = T.alloc_local((vec,), dtype)
+            acc = T.alloc_local((vec,), f32)
+            ob = T.alloc_local((vec,), dtype)
+            gs = T.alloc_local((n, vec), dtype)  # g of the thread's chunk (exact in dtype: xs holds rounded values)
+            ph = T.alloc_local((n,), f32)
+            tx = T.get_thread_binding()
+            lane = tx % lanes
+            cl = lane * vec
+            c0 = cb * g
+            tiles = T.ceildiv(num_tokens, FUSED_BM)
+            per = T.alloc_var("int32")
+            per = T.ceildiv(tiles, num_splits)
+            t_base = T.alloc_var("int32")
+            t_base = by * per * FUSED_BM
+            count = T.alloc_var("int32")
+            count = T.min(per, tiles - by * per)
+            for kk, j in T.Parallel(kw, mp):
+                ps[kk, j] = T.if_then_else(j < m, tf32(phi[(kk // g) * C + c0 + kk % g, T.min(j, m - 1)]), T.float32(0))
+            for i, j in T.Parallel(FUSED_BM, mp):
+                dps[i, j] = T.float32(0)  # the padded columns [m, mp) stay zero
+            T.clear(dphi_acc)
+            for tt in T.serial(count):
+                t0 = t_base + tt * FUSED_BM
+                T.sync_threads()  # the previous tile's reads (GEMM, steps 4 and 5) before these writes
+                # (1) the tile's coefficients; pre_proj_bwd's expressions, so d_proj and cx are its bits
+                for i, j in T.Parallel(FUSED_BM, n2):
+                    dps[i, j] = T.if_then_else(
+                        t0 + i < num_tokens, tf32(d_pp[t0 + i, j] * alpha[j // n] * rinv[t0 + i]), T.float32(0)
+                    )
+                for i, j in T.Parallel(FUSED_BM, nn):
+                    dps[i, n2 + j] = T.if_then_else(
+                        t0 + i < num_tokens, tf32(d_res[t0 + i, j] * alpha[2] * rinv[t0 + i]), T.float32(0)
+                    )
+                for i, j in T.Parallel(FUSED_BM, nn):
+                    hrs[i, j] = T.if_then_else(
+                        t0 + i < num_tokens, h_res[T.min(t0 + i, num_tokens - 1), j // n, j % n], T.float32(0)
+                    )
+                for i, j in T.Parallel(FUSED_BM, n):
+                    hps[i, j] = T.if_then_else(
+                        t0 + i < num_tokens, h_post[T.min(t0 + i, num_tokens - 1), j], T.float32(0)
+                    )
+                if tx < FUSED_BM:
+                    t = t0 + tx
+                    if t < num_tokens:
+                        s = T.alloc_var(f32)
+                        s = T.float32(0)
+                        for j in T.serial(m):
+                            s += _coef_grad(d_pp, d_res, t, j, n) * alpha[T.min(j // n, 2)] * proj[t, j]
+                        r = rinv[t]
+                        cxs[tx] = -s * r * r * r * T.float32(1.0 / K)
+                        for i in T.unroll(n):
+                            hqs[tx, i] = h_pre[t, i]
+                    else:
+                        cxs[tx] = T.float32(0)
+                        for i in T.unroll(n):
+                            hqs[tx, i] = T.float32(0)
+                T.sync_threads()  # hrs, hps before step 2 reads them
+                # (2) x_next of all n streams from x and y, post_res's arithmetic, rounded once
+                for k in T.unroll(p.passes):
+                    r = k * rows + tx // lanes
+                    if not idle_rows or r < FUSED_BM:
+                        if t0 + r < num_tokens:
+                            for e in T.vectorized(vec):
+                                ls[e] = layer_output[t0 + r, c0 + cl + e]
+                            for j in T.unroll(n):
+                                for e in T.vectorized(vec):
+                                    xl[j, e] = residual[t0 + r, j, c0 + cl + e]
+                        else:
+                            for e in T.unroll(vec):
+                                ls[e] = T.cast(0, dtype)
+                            for j in T.unroll(n):
+                                for e in T.unroll(vec):
+                                    xl[j, e] = T.cast(0, dtype)
+                        for e in T.vectorized(vec):
+                            lss[r, cl + e] = ls[e]
+                        for j in T.unroll(n):
+                            for e in T.vectorized(vec):
+                                xls[j, r, cl + e] = xl[j, e]
+                        for i in T.unroll(n):
+                            for e in T.unroll(vec):
+                                acc[e] = hps[r, i] * T.cast(ls[e], f32)
+                            for j in T.unroll(n):
+                                for e in T.unroll(vec):
+                                    acc[e] = acc[e] + hrs[r, i * n + j] * T.cast(xl[j, e], f32)
+                            for e in T.unroll(vec):
+                                xs[r, i * g + cl + e] = T.cast(T.cast(acc[e], dtype), f32)
+                T.sync_threads()  # xs, dps, cxs, hqs written before the GEMMs and step 4 read them
+                # (3) the two matmuls
+                T.gemm(dps, ps, dx_acc, transpose_B=True, clear_accum=True)
+                T.gemm(xs, dps, dphi_acc, transpose_A=True)
+                T.sync_threads()  # every warp's GEMM reads of xs before step 4 overwrites it
+                # (4) d_xn (pre_proj_bwd's epilogue) and the summed gradient g, over x_next in xs
+                for i, j in T.Parallel(FUSED_BM, kw):
+                    if t0 + i < num_tokens:
+                        v = dx_acc[i, j] + cxs[i] * xs[i, j] + hqs[i, j // g] * T.cast(g_li[t0 + i, c0 + j % g], f32)
+                        dxn = T.cast(T.cast(v, dtype), f32)
+                        xs[i, j] = T.cast(
+                            T.cast(T.cast(grad_x_next[t0 + i, j // g, c0 + j % g], f32) + dxn, dtype), f32
+                        )
+                T.sync_threads()  # g written before step 5 reads other threads' elements
+                # (5) post_res(l)'s backward on g (its operation order), d_h partials over the block's channels
+                for k in T.unroll(p.passes):
+                    r = k * rows + tx // lanes
+                    if not idle_rows or r < FUSED_BM:
+                        for i in T.unroll(n):
+                            for e in T.unroll(vec):
+                                gs[i, e] = T.cast(xs[r, i * g + cl + e], dtype)
+                        for e in T.vectorized(vec):
+                            ls[e] = lss[r, cl + e]
+                        for e in T.unroll(vec):
+                            acc[e] = hps[r, 0] * T.cast(gs[0, e], f32)
+                        for i in T.unroll(1, n):
+                            for e in T.unroll(vec):
+                                acc[e] = acc[e] + hps[r, i] * T.cast(gs[i, e], f32)
+                        for e in T.vectorized(vec):
+                            ob[e] = T.cast(acc[e], dtype)
+                        if t0 + r < num_tokens:
+                            T.stg128(
+                                d_layer_output[t0 + r, c0 + cl], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4")
+                            )
+                        for i in T.unroll(n):
+                            ph[i] = T.float32(0)
+                            for e in T.unroll(vec):
+                                ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(ls[e], f32)
+                        for offset in shuffle_offsets:  # xor butterfly over the row's lanes, fixed order
+                            for i in T.unroll(n):
+                                ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
+                        if lane == 0 and t0 + r < num_tokens:
+                            for i in T.unroll(n):
+                                dh_part[cb, t0 + r, nn + i] = ph[i]
+                        for j in T.unroll(n):
+                            for e in T.unroll(vec):
+                                acc[e] = hrs[r, j] * T.cast(gs[0, e], f32)
+                            for i in T.unroll(1, n):
+                                for e in T.unroll(vec):
+                                    acc[e] = acc[e] + hrs[r, i * n + j] * T.cast(gs[i, e], f32)
+                            for e in T.vectorized(vec):
+                                ob[e] = T.cast(acc[e], dtype)
+                            if t0 + r < num_tokens:
+                                T.stg128(
+                                    d_residual[t0 + r, j, c0 + cl], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4")
+                                )
+                            for e in T.vectorized(vec):
+                                xl[0, e] = xls[j, r, cl + e]
+                            # column j of d_h_res: reduced over the row's lanes and written before the next column
+                            for i in T.unroll(n):
+                                ph[i] = T.float32(0)
+                                for e in T.unroll(vec):
+                                    ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(xl[0, e], f32)
+                            for offset in shuffle_offsets:
+                                for i in T.unroll(n):
+                                    ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
+                            if lane == 0 and t0 + r < num_tokens:
+                                for i in T.unroll(n):
+                                    dh_part[cb, t0 + r, i * n + j] = ph[i]
+            for kk, j in T.Parallel(kw, mp):
+                if j < m:
+                    d_phi_part[by, (kk // g) * C + c0 + kk % g, j] = dphi_acc[kk, j]
+            # d_bias / d_scale per 64-token row of d_coef_part (pre_proj_bwd's rows and per-thread order), the rows
+            # r = b, b + CB S, ... for the linear block index b (every row in exactly one block)
+            if tx < m:
+                col = T.min(tx, m - 1)
+                b = by * p.blocks + cb
+                for it in T.serial(T.ceildiv(T.max(num_coef_tiles - b, 0), p.blocks * num_splits)):
+                    tile = b + it * p.blocks * num_splits
+                    tc0 = tile * COEF_BM
+                    sb = T.alloc_var(f32)
+                    sc = T.alloc_var(f32)
+                    sb = T.float32(0)
+                    sc = T.float32(0)
+                    for i in T.serial(T.min(COEF_BM, num_tokens - tc0)):
+                        dl = _coef_grad(d_pp, d_res, tc0 + i, col, n)
+                        sb += dl
+                        sc += dl * proj[tc0 + i, col] * rinv[tc0 + i]
+                    d_coef_part[tile, col] = sb
+                    d_coef_part[tile, m + col] = sc
+
+    return boundary_bwd_fused
+
+
+def boundary_dh_reduce_program(n: int):
+    """``d_h_res[t] | d_h_post[t] = sum_cb dh_part[cb, t]`` in ``cb`` order (deterministic, no atomics): the
+    fixed-order sum of :func:`boundary_bwd_fused_program`'s channel-block partials. Call:
+    ``boundary_dh_reduce_kernel(n)(dh_part [CB, T, n * n + n] f32, d_h_res [T, n, n] f32, d_h_post [T, n] f32)``,
+    grid ``ceil(T (n * n + n) / REDUCE_THREADS)``, one thread per output element (coalesced), CB and T dynamic;
+    ``REDUCE_UNROLL`` loads in flight per thread (the performance model found the one-load-a-step loop bound by
+    DRAM latency: 205 us at n = 4, C = 7168, T = 16384 on an H100 against 49 us of bytes)."""
+    import tilelang.language as T
+
+    if n not in STREAMS:
+        raise ValueError(f"boundary: n must be one of {STREAMS}, got {n}")
+    nn, q = n * n, n * n + n
+    f32 = "float32"
+    num_tokens = T.dynamic("num_tokens")
+    num_cb = T.dynamic("num_cb")
+
+    @T.prim_func
+    def boundary_dh_reduce(
+        dh_part: T.Tensor((num_cb, num_tokens, q), f32),
+        d_h_res: T.Tensor((num_tokens, n, n), f32),
+        d_h_post: T.Tensor((num_tokens, n), f32),
+    ):
+        with T.Kernel(T.ceildiv(num_tokens * q, REDUCE_THREADS), threads=REDUCE_THREADS) as bx:
+            tx = T.get_thread_binding()
+            e = bx * REDUCE_THREADS + tx
+            s = T.alloc_var(f32)
+            ld = T.alloc_local((REDUCE_UNROLL,), f32)
+            if e < num_tokens * q:
+                t = e // q
+                k = e % q
+                # REDUCE_UNROLL independent loads in flight, then their sum in channel-block order (a block past
+                # the last adds +0: exact)
+                s = T.float32(0)
+                for c in T.serial(T.ceildiv(num_cb, REDUCE_UNROLL)):
+                    for u in T.unroll(REDUCE_UNROLL):
+                        ld[u] = T.if_then_else(
+                            c * REDUCE_UNROLL + u < num_cb,
+                            dh_part[T.min(c * REDUCE_UNROLL + u, num_cb - 1), t, k],
+                            T.float32(0),
+                        )
+                    for u in T.unroll(REDUCE_UNROLL):
+                        s = s + ld[u]
+                if k < nn:
+                    d_h_res[t, k // n, k % n] = s
+                else:
+                    d_h_post[t, k - nn] = s
+
+    return boundary_dh_reduce
+
+
+@functools.cache
+def boundary_bwd_fused_kernel(n: int, C: int, dtype: str):
+    """The compiled fused backward for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
+    return _common.compile_program(boundary_bwd_fused_program(n, C, dtype), pass_configs=_FUSED_PASS_CONFIGS)
+
+
+@functools.cache
+def boundary_dh_reduce_kernel(n: int):
+    """The compiled d_h reduction for ``n`` (memoised)."""
+    return _common.compile_program(
+        boundary_dh_reduce_program(n), pass_configs={"tl.disable_safe_memory_legalize": True}
+    )

@@ -5,7 +5,7 @@
 (the module ``tl_kernels.<family>``), a direction (``fwd`` or ``bwd``) and the keyword arguments of that module's
 ``<family>_<direction>_program`` / ``<family>_<direction>_kernel`` functions, in call order.
 
-Shipped today (355 configurations):
+Shipped today (395 configurations):
 
 * ``post_res`` fwd + bwd: ``n`` in :data:`STREAMS` x ``C`` in :data:`HIDDEN_SIZES` x ``dtype`` in :data:`DTYPES`
   (4 x 5 x 3 x 2 = 120);
@@ -17,7 +17,8 @@ Shipped today (355 configurations):
   bfloat16 (35 shapes x 4 + 5 = 145), and ``pre_reduce`` bwd (the fixed-order sums of the backward's partials; one
   binary per n, with and without the d_phi split sum: 5 x 2 = 10);
 * ``boundary`` fwd (site l's post_res fused with site l+1's projection) + bwd (post_res(l)'s backward on the sum of
-  x_{l+1}'s two gradients): the pre-mapping's 35 shapes (70).
+  x_{l+1}'s two gradients): the pre-mapping's 35 shapes (70); the fully fused backward (``fused=True``) at the same
+  shapes (35) and its d_h reduction (``reduce_dh=True``) per n (5): 110.
 
 Importing this module imports no kernel module, TileLang or torch: the family module is imported on the first call
 to :meth:`KernelConfig.program` or :meth:`KernelConfig.kernel`, so the registry is usable while a family module
@@ -189,12 +190,18 @@ def _pre_mapping_configs() -> list[KernelConfig]:
 
 
 def _boundary_configs() -> list[KernelConfig]:
-    """The fused boundary feeds the next site's pre_finalize: the same shapes as the pre-mapping."""
-    return [
+    """The fused boundary feeds the next site's pre_finalize: the same shapes as the pre-mapping; then the fully
+    fused backward (``fused=True``) at those shapes and its d_h reduction (``reduce_dh=True``) per n."""
+    out = [
         KernelConfig.make("boundary", direction, n=n, C=c, dtype=dtype)
         for n, c, dtype in _pre_mapping_shapes()
         for direction in DIRECTIONS
     ]
+    out += [
+        KernelConfig.make("boundary", "bwd", n=n, C=c, dtype=dtype, fused=True) for n, c, dtype in _pre_mapping_shapes()
+    ]
+    out += [KernelConfig.make("boundary", "bwd", n=n, reduce_dh=True) for n in PRE_MAPPING_STREAMS]
+    return out
 
 
 #: Every configuration the package ships: post_res, sinkhorn, the pre-mapping families, then the boundary; fwd

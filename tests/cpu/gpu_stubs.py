@@ -373,6 +373,67 @@ def _boundary_bwd(n, C, dtype):
     return FakeKernel("boundary_bwd", (n, C, dtype), boundary.boundary_bwd_program(n, C, dtype), impl)
 
 
+def _boundary_bwd_fused(n, C, dtype):
+    from tl_kernels import boundary
+
+    p = boundary.fused_plan(n, C, dtype)
+    K, nn = n * C, n * n
+
+    def impl(g_xn, y, x, h_post, h_res, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, d_y, d_x, dh_part, part,
+             coef):  # fmt: skip
+        T, dt = x.shape[0], x.dtype
+        S, tiles, rows = part.shape[0], -(-T // boundary.FUSED_BM), -(-T // boundary.COEF_BM)
+        if coef.shape[0] != rows or dh_part.shape[0] != p.blocks:
+            raise ValueError(f"boundary_bwd_fused: d_coef_part has {coef.shape[0]} rows (contract: {rows}), dh_part "
+                             f"{dh_part.shape[0]} channel blocks (contract: {p.blocks})")  # fmt: skip
+        per = -(-tiles // S)
+        if (S - 1) * per >= tiles:
+            raise ValueError(f"boundary_bwd_fused: split {S - 1} of {S} has no token tile ({tiles} tiles): the "
+                             "contract needs every split non-empty")  # fmt: skip
+        # x_next as post_res rounds it, site l+1's d x_next as pre_proj_bwd (rounded), the sum rounded once
+        x_next = ref.post_res(y.double(), x.double(), h_post.double(), h_res.double()).to(dt).double()
+        d_logits = torch.cat([d_pp.double(), d_res.double()], 1)
+        scale = ref._group_scale(alpha.double(), n)
+        d_proj = d_logits * scale * rinv.double()[:, None]
+        cx = -(rinv.double() ** 3) / K * (d_logits * scale * proj.double()).sum(1)
+        v = (d_proj @ phi.double().T).view(T, n, C) + cx[:, None, None] * x_next
+        v = v + h_pre.double()[..., None] * g_li.double()[:, None, :]
+        g = (g_xn.double() + v.to(dt).double()).to(dt).double()
+        dy, dx, _dhp, _dhr = ref.post_res_backward(g, y.double(), x.double(), h_post.double(), h_res.double())
+        _put(d_y, dy)
+        _put(d_x, dx)
+        gb, yb, xb = (
+            g.view(T, n, p.blocks, p.g),
+            y.double().view(T, p.blocks, p.g),
+            x.double().view(T, n, p.blocks, p.g),
+        )
+        dhr = torch.einsum("tibc,tjbc->btij", gb, xb).reshape(p.blocks, T, nn)
+        dhp = torch.einsum("tibc,tbc->bti", gb, yb)
+        _put(dh_part, torch.cat([dhr, dhp], 2))
+        xv = x_next.reshape(T, K)
+        for s in range(S):
+            t = slice(min(s * per * boundary.FUSED_BM, T), min((s + 1) * per * boundary.FUSED_BM, T))
+            _put(part[s], xv[t].T @ d_proj[t])
+        rs = d_logits * proj.double() * rinv.double()[:, None]
+        for r in range(rows):
+            t = slice(r * boundary.COEF_BM, min((r + 1) * boundary.COEF_BM, T))
+            _put(coef[r], torch.cat([d_logits[t].sum(0), rs[t].sum(0)]))
+
+    prog = boundary.boundary_bwd_fused_program(n, C, dtype)
+    return FakeKernel("boundary_bwd_fused", (n, C, dtype), prog, impl)
+
+
+def _boundary_dh_reduce(n):
+    from tl_kernels import boundary
+
+    def impl(dh_part, d_h_res, d_h_post):
+        total = dh_part.double().sum(0)
+        _put(d_h_res, total[:, : n * n].reshape(-1, n, n))
+        _put(d_h_post, total[:, n * n :])
+
+    return FakeKernel("boundary_dh_reduce", (n,), boundary.boundary_dh_reduce_program(n), impl)
+
+
 BUILDERS = {
     ("sinkhorn", "sinkhorn_fwd_kernel"): _sinkhorn_fwd,
     ("sinkhorn", "sinkhorn_bwd_kernel"): _sinkhorn_bwd,
@@ -385,6 +446,8 @@ BUILDERS = {
     ("pre_reduce", "pre_reduce_bwd_kernel"): _pre_reduce_bwd,
     ("boundary", "boundary_fwd_kernel"): _boundary_fwd,
     ("boundary", "boundary_bwd_kernel"): _boundary_bwd,
+    ("boundary", "boundary_bwd_fused_kernel"): _boundary_bwd_fused,
+    ("boundary", "boundary_dh_reduce_kernel"): _boundary_dh_reduce,
 }
 
 

@@ -1,5 +1,5 @@
 """Run by tests/emulation/test_asan_boundary.py in a python process with AddressSanitizer preloaded: launches the
-emulated boundary forward and backward (generated sources read from a JSON file, so this process never imports TileLang) on
+emulated boundary forward, backward and fully fused backward (generated sources read from a JSON file, so this process never imports TileLang) on
 tensors allocated to their exact sizes, so any out-of-bounds access of the generated code lands in an ASan redzone
 and aborts the process. ``--plant`` makes the residual a row short (the check must fire).
 """
@@ -40,6 +40,23 @@ def main(path: str, plant: bool) -> None:
             h_res=torch.rand(T, n, n), d_layer_output=torch.empty(T, C, dtype=dt),
             d_residual=torch.empty(T, n, C, dtype=dt), d_h_post=torch.empty(T, n), d_h_res=torch.empty(T, n, n),
             num_tokens=T, grid=case["blocks"],
+        )  # fmt: skip
+    for case in src.get("fused_cases", []):  # the fully fused backward and its d_h reduction
+        n, C, dtype, T, S, R, cb = case["n"], case["C"], case["dtype"], case["T"], case["S"], case["R"], case["cb"]
+        dt, m, q = DT[dtype], n * n + 2 * n, n * n + n
+        dh_part = torch.empty(cb, T, q)
+        EmulatedKernel(case["source"])(
+            grad_x_next=torch.randn(T, n, C).to(dt), layer_output=torch.randn(T, C).to(dt),
+            residual=torch.randn(T, n, C).to(dt), h_post=torch.rand(T, n), h_res=torch.rand(T, n, n),
+            phi=torch.randn(n * C, m), d_pp=torch.randn(T, 2 * n), d_res=torch.randn(T, n * n),
+            proj=torch.randn(T, m), rinv=torch.rand(T) + 0.5, alpha=torch.rand(3), h_pre=torch.rand(T, n),
+            g_li=torch.randn(T, C).to(dt), d_layer_output=torch.empty(T, C, dtype=dt),
+            d_residual=torch.empty(T, n, C, dtype=dt), dh_part=dh_part, d_phi_part=torch.empty(S, n * C, m),
+            d_coef_part=torch.empty(R, 2 * m), num_tokens=T, num_splits=S, num_coef_tiles=R, grid=(cb, S),
+        )  # fmt: skip
+        EmulatedKernel(case["reduce_source"])(
+            dh_part=dh_part, d_h_res=torch.empty(T, n, n), d_h_post=torch.empty(T, n), num_tokens=T, num_cb=cb,
+            grid=case["reduce_blocks"],
         )  # fmt: skip
     print("ALL OK", flush=True)
 

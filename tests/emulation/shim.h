@@ -207,6 +207,7 @@ inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline void __syncthreads() { emu::g_block_bar.arrive(); }
 typedef unsigned int uint;
 struct uint2 { uint32_t x, y; };
+struct int2 { int x, y; };  // index pairs of vectorized gathers
 struct uint4 { uint32_t x, y, z, w; };
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
@@ -290,6 +291,7 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 struct uint1 { uint32_t x; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline uint2 make_uint2(uint32_t x, uint32_t y) { return {x, y}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
 inline float2 __bfloat1622float2(__nv_bfloat162 v) { return {(float)v.x, (float)v.y}; }
 inline float2 __half22float2(half2 v) { return {(float)v.x, (float)v.y}; }
 

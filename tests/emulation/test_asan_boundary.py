@@ -2,7 +2,8 @@
 preloaded into a child python): every tensor is allocated to its exact size, so an out-of-bounds read or write of the
 generated code (a missing guard for rows past T, a wrong stride in the split's channel blocks or the phi rows)
 aborts the child. Forward: partial token tiles at n = 4 bf16 (BC = 64) and n = 8 fp32 (BC = 32), several splits, one token;
-backward: a partial block of several tokens and a one-token block.
+backward: a partial block of several tokens and a one-token block; the fully fused backward and its d_h
+reduction: partial token tiles over two splits, g = 32 with idle rows, two passes, one token.
 A planted short input shows the check can fail. Skipped where g++ has no libasan."""
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from .cuda_emu import kernel_sources
 
 CASES = [(4, 128, "bfloat16", 67, 2), (8, 64, "float32", 3, 2), (2, 192, "float16", 1, 3)]
 BWD_CASES = [(4, 64, "float32", 19), (4, 1280, "bfloat16", 2)]  # several tokens a block (partial); one a block
+# the fused backward: partial token tiles over two splits (n = 4 bf16), g = 32 with idle rows (n = 8 bf16), two
+# passes (n = 1 fp32), one token
+FUSED_CASES = [
+    (4, 128, "bfloat16", 70, 2),
+    (8, 64, "bfloat16", 33, 2),
+    (1, 128, "float32", 5, 1),
+    (6, 192, "float16", 1, 1),
+]
 
 
 def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
@@ -28,7 +37,14 @@ def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
              source=kernel_sources(boundary.boundary_bwd_kernel(n, C, dt)))
         for n, C, dt, T in BWD_CASES
     ]  # fmt: skip
-    payload = {"cases": cases, "bwd_cases": bwd_cases}
+    fused_cases = [
+        dict(n=n, C=C, dtype=dt, T=T, S=S, R=-(-T // boundary.COEF_BM), cb=boundary.fused_plan(n, C, dt).blocks,
+             reduce_blocks=-(-T * (n * n + n) // boundary.REDUCE_THREADS),
+             source=kernel_sources(boundary.boundary_bwd_fused_kernel(n, C, dt)),
+             reduce_source=kernel_sources(boundary.boundary_dh_reduce_kernel(n)))
+        for n, C, dt, T, S in FUSED_CASES
+    ]  # fmt: skip
+    payload = {"cases": cases, "bwd_cases": bwd_cases, "fused_cases": fused_cases}
     return run_under_asan("asan_boundary_runner.py", payload, tmp_path, plant, timeout=900)
 
 

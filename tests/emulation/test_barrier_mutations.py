@@ -1,7 +1,7 @@
 """Barrier mutation tests: the emulation (cuda_emu.py, shim.h) must not hide a missing ``__syncthreads``.
 
 For each shipped kernel family (post_res bwd, Sinkhorn fwd/bwd in the exp domain with K in registers and in the
-tile rows and in the log domain, pre_proj fwd/bwd, pre_finalize fwd/bwd, boundary fwd/bwd) at a representative configuration (several
+tile rows and in the log domain, pre_proj fwd/bwd, pre_finalize fwd/bwd, boundary fwd/bwd and the fused backward) at a representative configuration (several
 warps per block, partial last blocks), every ``__syncthreads`` found in the generated source is deleted in turn and
 the mutant is run under both thread schedules; the mutation is detected when some output differs bit for bit from the
 unmutated kernel's (whose outputs are the same under every schedule and block order: asserted too). The barriers
@@ -160,6 +160,31 @@ def _boundary(direction):
     return kernel, inputs
 
 
+def _boundary_bwd_fused():
+    # two channel blocks, three token tiles of 32 in one split (the loop-top barrier orders a tile's reads before
+    # the next tile's writes), the last tile partial; 8 warps, so every phase's shared data crosses warps
+    n, C, T, S, dt = 4, 128, 70, 1, torch.bfloat16
+    m = n * n + 2 * n
+    p = boundary.fused_plan(n, C, "bfloat16")
+    kernel = boundary.boundary_bwd_fused_kernel(n, C, "bfloat16")
+
+    def inputs(g):
+        ins = dict(grad_x_next=torch.randn(T, n, C, generator=g).to(dt), layer_output=torch.randn(T, C, generator=g).to(dt),
+                   residual=torch.randn(T, n, C, generator=g).to(dt), h_post=torch.rand(T, n, generator=g) * 2,
+                   h_res=torch.rand(T, n, n, generator=g), phi=torch.randn(n * C, m, generator=g) / (n * C) ** 0.5,
+                   d_pp=torch.randn(T, 2 * n, generator=g), d_res=torch.randn(T, n * n, generator=g),
+                   proj=torch.randn(T, m, generator=g), rinv=torch.rand(T, generator=g) + 0.5,
+                   alpha=torch.tensor([0.7, 0.5, 1.3]), h_pre=torch.rand(T, n, generator=g),
+                   g_li=torch.randn(T, C, generator=g).to(dt))  # fmt: skip
+        R = -(-T // boundary.COEF_BM)
+        outs = dict(d_layer_output=torch.empty(T, C, dtype=dt), d_residual=torch.empty(T, n, C, dtype=dt),
+                    dh_part=torch.empty(p.blocks, T, n * n + n), d_phi_part=torch.empty(S, n * C, m),
+                    d_coef_part=torch.empty(R, 2 * m))  # fmt: skip
+        return ins, outs, dict(num_tokens=T, num_splits=S, num_coef_tiles=R, grid=(p.blocks, S))
+
+    return kernel, inputs
+
+
 CASES = {
     "post_res_bwd-n4-C64": lambda: _post_res_bwd(64),  # 16 tokens per block, 4 warps
     "post_res_bwd-n4-C1280": lambda: _post_res_bwd(1280),  # one token per block, 5 warps
@@ -175,6 +200,7 @@ CASES = {
     "pre_finalize_bwd": lambda: _pre_finalize("bwd"),
     "boundary_fwd": lambda: _boundary("fwd"),
     "boundary_bwd": lambda: _boundary("bwd"),
+    "boundary_bwd_fused": _boundary_bwd_fused,
 }
 
 

@@ -191,3 +191,134 @@ def test_boundary_bwd_generated_source_on_cpu(n, C, dtype, T):
     for got, exact, mag, tol in zip(fused, want, mags, tols, strict=True):
         err = ((got[:T].double() - exact).abs() / (mag + 1e-30)).max().item()
         assert err <= tol, f"error {err:.3g} > {tol:.3g}"
+
+
+# ------------------------------------------------------------------ the fully fused backward (boundary_bwd_fused)
+
+
+def fused_bwd_inputs(n, C, dtype, T, extra, seed=11):
+    """Site l's (y, x, h_post, h_res, grad_x_next) and site l+1's pre-mapping backward inputs (phi, the coefficient
+    gradients d_pp | d_res, proj, rinv, alpha, h_pre, g_li), ``extra`` rows past T poisoned with NaN."""
+    g = torch.Generator().manual_seed(seed)
+    dt, m = DT[dtype], n * n + 2 * n
+    rows = T + extra
+    ins = dict(
+        grad_x_next=torch.randn(rows, n, C, generator=g).to(dt),
+        layer_output=torch.randn(rows, C, generator=g).to(dt),
+        residual=torch.randn(rows, n, C, generator=g).to(dt),
+        h_post=torch.rand(rows, n, generator=g) * 2,
+        h_res=torch.rand(rows, n, n, generator=g),
+        d_pp=torch.randn(rows, 2 * n, generator=g),
+        d_res=torch.randn(rows, n * n, generator=g),
+        proj=torch.randn(rows, m, generator=g),
+        rinv=torch.rand(rows, generator=g) + 0.5,
+        h_pre=torch.rand(rows, n, generator=g),
+        g_li=torch.randn(rows, C, generator=g).to(dt),
+    )
+    for t in ins.values():
+        t[T:] = float("nan")
+    ins["phi"] = torch.randn(n * C, m, generator=g) / (n * C) ** 0.5
+    ins["alpha"] = torch.tensor([0.7, 0.5, 1.3])
+    return ins
+
+
+def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2):
+    """The fused kernel and the d_h reduction, emulated: (d_layer_output, d_residual, d_h_post, d_h_res, d_phi_part,
+    d_coef_part), outputs past T checked unwritten."""
+    dt, m, p = DT[dtype], n * n + 2 * n, boundary.fused_plan(n, C, dtype)
+    R = -(-T // boundary.COEF_BM)
+    outs = dict(
+        d_layer_output=torch.full((T + extra_out, C), float("nan")).to(dt),
+        d_residual=torch.full((T + extra_out, n, C), float("nan")).to(dt),
+        dh_part=torch.full((p.blocks, T, n * n + n), float("nan")),
+        d_phi_part=torch.full((S, n * C, m), float("nan")),
+        d_coef_part=torch.full((R, 2 * m), float("nan")),
+    )
+    EmulatedKernel(boundary.boundary_bwd_fused_kernel(n, C, dtype))(
+        **ins, **outs, num_tokens=T, num_splits=S, num_coef_tiles=R, grid=(p.blocks, S)
+    )
+    for name in ("d_layer_output", "d_residual"):
+        assert outs[name][T:].isnan().all(), f"{name} written past num_tokens"
+    d_hp, d_hr = torch.full((T, n), float("nan")), torch.full((T, n, n), float("nan"))
+    EmulatedKernel(boundary.boundary_dh_reduce_kernel(n))(
+        dh_part=outs["dh_part"], d_h_res=d_hr, d_h_post=d_hp, num_tokens=T, num_cb=p.blocks,
+        grid=-(-T * (n * n + n) // boundary.REDUCE_THREADS),
+    )  # fmt: skip
+    return (outs["d_layer_output"][:T], outs["d_residual"][:T], d_hp, d_hr, outs["d_phi_part"], outs["d_coef_part"])
+
+
+def run_unfused_bwd(n, C, dtype, T, S, ins):
+    """Today's path, every kernel emulated: post_res_fwd (x_next), pre_proj_bwd (d x_next, d_phi, d_coef partials),
+    boundary_bwd (post_res's backward on grad_x_next + d x_next)."""
+    from tl_kernels import pre_proj
+
+    dt, m, K = DT[dtype], n * n + 2 * n, n * C
+    a = {k: v[:T].contiguous() if k not in ("phi", "alpha") else v for k, v in ins.items()}
+    tpb = post_res._plan(n, C, dtype).tpb
+    x_next = torch.empty(T, n, C, dtype=dt)
+    EmulatedKernel(post_res.post_res_fwd_kernel(n, C, dtype))(
+        layer_output=a["layer_output"], residual=a["residual"], h_post=a["h_post"], h_res=a["h_res"], out=x_next,
+        num_tokens=T, grid=-(-T // tpb),
+    )  # fmt: skip
+    d_xn, d_phi_part = torch.empty(T, K, dtype=dt), torch.empty(S, K, m)
+    d_coef_part = torch.empty(-(-T // pre_proj.BM), 2 * m)
+    EmulatedKernel(pre_proj.pre_proj_bwd_kernel(n, C, dtype, False))(
+        x=x_next.view(T, K), phi=a["phi"], d_pp=a["d_pp"], d_res=a["d_res"], proj=a["proj"], rinv=a["rinv"],
+        alpha=a["alpha"], h_pre=a["h_pre"], g_li=a["g_li"], d_x=d_xn, d_phi_part=d_phi_part,
+        d_coef_part=d_coef_part, num_tokens=T, num_splits=S, grid=(K // pre_proj.BK, S),
+    )  # fmt: skip
+    outs = [torch.empty(T, C, dtype=dt), torch.empty(T, n, C, dtype=dt), torch.empty(T, n), torch.empty(T, n, n)]
+    EmulatedKernel(boundary.boundary_bwd_kernel(n, C, dtype))(
+        grad_x_next=a["grad_x_next"], d_x_next=d_xn.view(T, n, C), layer_output=a["layer_output"],
+        residual=a["residual"], h_post=a["h_post"], h_res=a["h_res"], d_layer_output=outs[0], d_residual=outs[1],
+        d_h_post=outs[2], d_h_res=outs[3], num_tokens=T, grid=-(-T // tpb),
+    )  # fmt: skip
+    return (*outs, d_phi_part, d_coef_part, x_next, d_xn.view(T, n, C))
+
+
+FUSED_CASES = [  # (n, C, dtype, T, splits)
+    (4, 256, "bfloat16", 70, 2),  # three token tiles of 32 over two splits, the last partial; two coef rows
+    (1, 128, "float32", 5, 1),  # two passes of the elementwise phases
+    (8, 64, "bfloat16", 33, 2),  # g = 32: rows past the tile idle in the elementwise phases
+    (8, 128, "float32", 3, 1),
+    (6, 192, "float16", 65, 3),  # g = 32: six channel blocks
+    (2, 128, "bfloat16", 1, 1),  # decode: one token
+]
+
+
+@pytest.mark.parametrize(
+    "n,C,dtype,T,splits", FUSED_CASES, ids=[f"n{c[0]}-C{c[1]}-{c[2]}-T{c[3]}-S{c[4]}" for c in FUSED_CASES]
+)
+def test_boundary_bwd_fused_generated_source_on_cpu(n, C, dtype, T, splits):
+    """The fused backward against today's three emulated kernels on the same inputs: d_layer_output, d_residual and
+    the d_bias / d_scale rows bit for bit; d_h_post, d_h_res within fp32 summation order; d_phi within the TF32
+    budget of float64 on the rounded x_next (and of the unfused d_phi); d_residual, d_layer_output within one output
+    rounding of float64 (mhc.boundary.boundary_backward_reference's post_res part on the unfused g)."""
+    ins = fused_bwd_inputs(n, C, dtype, T, extra=2)
+    fused = run_fused_bwd(n, C, dtype, T, splits, ins)
+    plain = run_unfused_bwd(n, C, dtype, T, splits, ins)
+    for k, name in ((0, "d_layer_output"), (1, "d_residual")):
+        bits = BITS[fused[k].dtype]
+        assert torch.equal(fused[k].view(bits), plain[k].view(bits)), f"{name} differs from the unfused kernels"
+    assert torch.equal(fused[5], plain[5]), "d_coef_part differs from pre_proj_bwd's"
+    for k in (2, 3):  # d_h_post, d_h_res: fp32 sums over C in another order
+        scale = plain[k].abs().max().item()
+        torch.testing.assert_close(fused[k], plain[k], rtol=1e-5, atol=1e-6 * scale)
+    # d_phi = x_next^T d_proj against float64 on the rounded x_next (TF32: d_proj rounded to nearest, fp32 x_next
+    # truncated by the MMA)
+    x_next, d_xn = plain[6], plain[7]
+    a = {k: v[:T].double() for k, v in ins.items() if k not in ("phi", "alpha")}
+    alpha = ins["alpha"].double()
+    groups = torch.cat([alpha[0].repeat(n), alpha[1].repeat(n), alpha[2].repeat(n * n)])
+    d_proj = torch.cat([a["d_pp"], a["d_res"]], 1) * groups * a["rinv"][:, None]
+    xv = x_next.double().reshape(T, n * C)
+    want, mag = xv.T @ d_proj, xv.abs().T @ d_proj.abs()
+    for got in (fused[4].sum(0), plain[4].sum(0)):
+        err = ((got.double() - want).abs() / (mag + 1e-30)).max().item()
+        assert err <= _budget(dtype), f"d_phi error {err:.3g} outside the TF32 budget"
+    # and the post_res part against float64 on the same g = round(grad_x_next + d x_next)
+    gsum = (ins["grad_x_next"][:T] + d_xn).double()
+    want = ref.post_res_backward(gsum, a["layer_output"], a["residual"], a["h_post"], a["h_res"])
+    for got, exact in zip(fused[:4], want, strict=True):
+        scale = exact.abs().max().item()
+        assert ((got.double() - exact).abs() <= ULP[dtype] * 2 * exact.abs() + 1e-5 * scale).all()

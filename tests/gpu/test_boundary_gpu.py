@@ -7,8 +7,10 @@ unfused CUDA path (mhc::post_res_fwd then mhc::pre_mapping_fwd) and float64 (mar
 * the coefficients and the layer input within the unfused kernels' distance of each other: both paths round the
   same x_next, only the order of the fp32 partial sums differs (atol 2e-5 on coefficients, as the pre-mapping GPU
   test's bound; one output ulp on the layer input);
-* the gradients (pre_mapping's backward kernels, then tl_kernels.boundary's backward on the summed gradient) equal
-  to autograd through the unfused ops within one ulp of the largest gradient element; the forward deterministic: two runs bitwise equal;
+* the gradients (the fully fused backward: pre_finalize_bwd, sinkhorn_bwd, boundary_bwd_fused, pre_reduce_bwd, the
+  d_h reduction) equal to autograd through the unfused ops within one ulp of the largest gradient element, plus
+  2**-16 of the sums of magnitudes for d_h_post, d_h_res and d_phi (fp32 sums in another order); the forward
+  deterministic: two runs bitwise equal;
 * under CUDA-graph capture and replay.
 """
 
@@ -78,18 +80,31 @@ def test_boundary_gradients_match_unfused(n, C, dtype):
     T = 300
     fused_in = [t.requires_grad_(True) for t in _inputs(T, n, C, dtype, seed=1)]
     plain_in = [t.detach().clone().requires_grad_(True) for t in fused_in]
+    from profiling import families
+
     fused = torch.ops.mhc.boundary_fwd(*fused_in, *SETTINGS)
     x_next = torch.ops.mhc.post_res_fwd(*plain_in[:4])
+    x_next.retain_grad()  # the summed gradient of x_next: the scale of d_h_post's and d_h_res's sums
     plain = (x_next, *torch.ops.mhc.pre_mapping_fwd(x_next, *plain_in[4:], *SETTINGS))
     g = torch.Generator(device="cuda").manual_seed(2)
     weights = [torch.randn(o.shape, device="cuda", generator=g).to(o.dtype) for o in fused[:5]]
     sum((o.float() * w.float()).sum() for o, w in zip(fused[:5], weights, strict=True)).backward()
     sum((o.float() * w.float()).sum() for o, w in zip(plain[:5], weights, strict=True)).backward()
-    for a, b in zip(fused_in, plain_in, strict=True):
+    # The fully fused backward sums d_h_post, d_h_res over channel blocks and d_phi over its own token splits: fp32
+    # sums in another order than post_res's and pre_proj's kernels, so those three get 2**-16 of their sums of
+    # magnitudes on top (docs/design.md section 7; bit for bit elsewhere in the CPU emulation)
+    y64, x64, gx = (t.detach().double().abs() for t in (plain_in[0], plain_in[1], x_next.grad))
+    saved = (plain[4].detach(), plain[2].detach(), plain[5], plain[6])
+    _mag_x, mag_phi = families.backward_magnitudes(weights[1:5], x_next.detach(), *(t.detach() for t in plain_in[4:]),
+                                                   saved, *SETTINGS[:1], SETTINGS[3], SETTINGS[1])  # fmt: skip
+    order = {2: (gx * y64[:, None, :]).sum(-1), 3: torch.einsum("tic,tjc->tij", gx, x64), 4: mag_phi}
+    for k, (a, b) in enumerate(zip(fused_in, plain_in, strict=True)):
         # the forward's coefficients differ by fp32 summation order (~1e-7): a gradient element may round to the
         # neighbouring value of its dtype, so one ulp of the largest element (2e-6 relative for fp32)
         scale = b.grad.double().abs().max().item()
-        torch.testing.assert_close(a.grad.double(), b.grad.double(), rtol=0, atol=ULP[a.grad.dtype] * scale + 1e-7)
+        diff = (a.grad.double() - b.grad.double()).abs()
+        tol = ULP[a.grad.dtype] * scale + 1e-7 + (2**-16 * order[k] if k in order else 0.0)
+        assert (diff <= tol).all(), (k, (diff - tol).max().item())
 
 
 def test_boundary_under_cuda_graph():

@@ -7,7 +7,8 @@ passes loads n + 1 chunks and stores n: ``STG.E.128`` exactly ``passes * n`` tim
 projection runs on TF32 tensor cores (``mma.sync.m16n8k8`` tf32 in PTX, ``HMMA.1688.F32.TF32`` in SASS); and no
 atomic or reduction instruction exists anywhere (the split partials and the sums of squares are reduced in a fixed
 order: deterministic). The backward (post_res(l)'s backward on the summed gradient): zero spills, no local
-memory, no atomics, n + 1 128-bit stores per chunk.
+memory, no atomics, n + 1 128-bit stores per chunk. The fully fused backward (``boundary_bwd_fused``): the same,
+no division in its token-tile loop, the MMA count of its two GEMMs exactly, and an instruction ceiling per tile.
 """
 
 from __future__ import annotations
@@ -71,3 +72,71 @@ def test_boundary_bwd_resources_and_instructions(n, C, dtype):
     assert not [op for op in ops if op.startswith(("ATOM", "RED"))], "atomics: the reduction must be fixed-order"
     iters = post_res._plan(n, C, dtype).iters
     assert ops["STG.E.128"] in (n + 1, (n + 1) * iters), ops  # rolled, or fully unrolled by ptxas
+
+
+# ------------------------------------------------------------------------------- the fully fused backward's hot loop
+# The token-tile loop of boundary_bwd_fused (tl_kernels/boundary.py) at n = 4, C = 7168, bf16, measured with
+# ``_fused_hot_loop`` below: 2,321 SASS instructions a thread per 32-token tile (the loop's body plus the rolled
+# MMA loop of T.gemm at its remaining trips), 64 HMMA a warp; guarded at +8%.
+FUSED_CEILING = {(4, 7168, "bfloat16"): 2507}
+FUSED_CONFIGS = [(4, 7168, "bfloat16"), (8, 7168, "bfloat16"), (1, 1280, "bfloat16"), (4, 7168, "float32")]
+
+
+def _fused_hot_loop(kernel, n, C, dtype):
+    """The outermost SASS loop holding the HMMAs (the token-tile loop): its instruction count with the rolled MMA
+    loop at its trip count, its instructions, and the whole kernel's."""
+    text = _sass_or_skip(kernel)
+    ins = codegen.sass_instructions(text)
+    loops = codegen.sass_loops(text)
+
+    def body(loop):
+        return [t for a, t in ins if loop["start"] <= a <= loop["end"]]
+
+    outer = [
+        a for a in loops if not any(b is not a and b["start"] <= a["start"] and a["end"] <= b["end"] for b in loops)
+    ]
+    hot = [a for a in outer if any("HMMA" in t for t in body(a))]
+    assert len(hot) == 1, hot
+    loop, p = hot[0], boundary.fused_plan(n, C, dtype)
+    count, hmma = len(body(loop)), sum("HMMA" in t for t in body(loop))
+    need = 2 * (boundary.FUSED_BM // 16) * (p.kw // 8) * (p.mp // 8) // (boundary.FUSED_THREADS // 32)
+    for inner in loops:
+        if inner is not loop and loop["start"] <= inner["start"] and inner["end"] <= loop["end"]:
+            per = sum("HMMA" in t for t in body(inner))
+            if per:
+                extra = (need - hmma) // per
+                count, hmma = count + inner["instructions"] * extra, hmma + per * extra
+    return count, hmma, need, body(loop), [t for _, t in ins]
+
+
+@pytest.mark.parametrize("n,C,dtype", FUSED_CONFIGS, ids=[f"n{c[0]}-C{c[1]}-{c[2]}" for c in FUSED_CONFIGS])
+def test_boundary_bwd_fused_hot_loop(n, C, dtype):
+    """0 spills, no stack, no local memory, no atomics anywhere; in the token-tile loop no integer division
+    sequence or call, every MMA TF32 m16n8k8 (the GEMMs' count per warp exactly), 128-bit loads of x and y and
+    ``passes * (n + 1)`` 128-bit stores (d_layer_output and the n streams of d_residual), and at n = 4 bf16 at most
+    :data:`FUSED_CEILING` instructions a tile."""
+    from tl_kernels import pre_mapping_sass as pm_sass
+
+    kernel = boundary.boundary_bwd_fused_kernel(n, C, dtype)
+    count, hmma, need, body, everything = _fused_hot_loop(kernel, n, C, dtype)
+    result = codegen.analyze(kernel)
+    assert result["spill_bytes"] == 0 and result["stack_frame_bytes"] == 0, result["kernels"]
+    assert pm_sass.local_memory(everything) == 0, "local memory in SASS"
+    assert not [op for op in _opcodes("\n".join(everything)) if op.startswith(("ATOM", "RED"))]
+    assert pm_sass.division_sequences(body) == 0, "an integer division (or a call) in the token-tile loop"
+    assert hmma == need and all("HMMA.1688.F32.TF32" in t for t in body if "HMMA" in t), (hmma, need)
+    p = boundary.fused_plan(n, C, dtype)
+    ops = collections.Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for t in body)
+    assert ops["STG.E.128"] == p.passes * (n + 1), ops
+    assert pm_sass.widest_load_bits(body) == 128
+    if (n, C, dtype) in FUSED_CEILING:
+        assert count <= FUSED_CEILING[(n, C, dtype)], count
+
+
+def test_boundary_dh_reduce_has_no_atomics_or_local_memory():
+    from tl_kernels import pre_mapping_sass as pm_sass
+
+    text = _sass_or_skip(boundary.boundary_dh_reduce_kernel(4))
+    everything = [t for _, t in codegen.sass_instructions(text)]
+    assert pm_sass.local_memory(everything) == 0
+    assert not [op for op in _opcodes(text) if op.startswith(("ATOM", "RED"))]

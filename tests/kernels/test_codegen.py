@@ -301,14 +301,19 @@ def test_registry_counts() -> None:
               if n == 4 or d == "bfloat16"}  # fmt: skip
     assert len(shapes) == 35 and len(pre) == 35 * 4 + 5 == 145
     boundary = registry.configs("boundary")
-    assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"], c.direction) for c in boundary} == {
+    plain = [c for c in boundary if len(c.kwargs) == 3]
+    assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"], c.direction) for c in plain} == {
         (*shape, d) for shape in shapes for d in ("fwd", "bwd")
     }
+    fused = registry.configs("boundary", "bwd", fused=True)
+    assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in fused} == shapes
+    assert {c.kwargs["n"] for c in registry.configs("boundary", "bwd", reduce_dh=True)} == {1, 2, 4, 6, 8}
+    assert len(boundary) == 70 + 35 + 5
     reduce = registry.configs("pre_reduce")
     assert {(c.direction, c.kwargs["n"], c.kwargs["reduce_phi"]) for c in reduce} == {
         ("bwd", n, r) for n in (1, 2, 4, 6, 8) for r in (True, False)
     }
-    assert len(ALL_CONFIGS) == 355 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary}
+    assert len(ALL_CONFIGS) == 395 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary}
     for family, direction in itertools.product(("pre_proj", "pre_finalize"), ("fwd", "bwd")):
         got = {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in registry.configs(family, direction)}
         assert got == shapes, (family, direction)
@@ -345,7 +350,7 @@ def test_registry_names() -> None:
 
 def test_registry_selection() -> None:
     # post_res, pre_proj, pre_finalize, pre_reduce, boundary
-    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35 + 10 + 35
+    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35 + 10 + 35 + 40
     picked = registry.configs("post_res", "fwd", n=4, C=(4096, 7168))
     assert [c.name for c in picked] == [
         f"post_res_fwd[n=4,C={c},dtype={d}]" for c in (4096, 7168) for d in ("bfloat16", "float16", "float32")
@@ -399,7 +404,7 @@ def test_kernel_config_resolves_builders_lazily(monkeypatch) -> None:
 
 def test_registry_import_is_light() -> None:
     code = (
-        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 355; "
+        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 395; "
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tilelang', 'torch', 'tvm') "
         "or m.startswith('tl_kernels.') and m.split('.')[1] in r.FAMILIES]; assert not heavy, heavy"
     )
