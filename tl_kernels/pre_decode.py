@@ -1,0 +1,260 @@
+"""The decode pre-mapping (mHC paper Eq. 14-19 and F_pre) in ONE launch for T <= 64 tokens, forward only.
+
+Training and prefill keep the two-launch forward (:mod:`tl_kernels.pre_proj` then :mod:`tl_kernels.pre_finalize`)
+and its backward; this kernel serves ``mhc::pre_mapping_fwd`` when ``T <= MAX_TOKENS`` (a static shape, so the
+choice is the same under ``torch.compile`` and in a captured CUDA graph). With ``post_res`` a decode site is then
+two launches instead of three.
+
+Math, per token ``t`` (``K = n * C``, ``m = n * n + 2n``), as :mod:`tl_kernels.pre_finalize` states it::
+
+    proj_part[s, t, j] = sum over k in split s of x[t, k] * phi[k, j]     (Eq. 14, fp32 FMA on CUDA cores)
+    sq_part[s, t]      = sum over k in split s of x[t, k]^2
+    proj[j] = sum_s proj_part[s, j]  (split order);  rinv = rsqrt(sum_s sq_part[s] / K + rms_eps)   (Eq. 15)
+    logit[j] = proj[j] * rinv * alpha_g(j) + bias[j];  h_pre = sigmoid(logit[:n]);
+    h_post = post_mult * sigmoid(logit[n:2n]);  h_res = Sinkhorn(logit[2n:])        (Eq. 16-19)
+    layer_input[c] = sum_i h_pre[i] * x[i, c]                                         (F_pre)
+
+Layout and call contract (contiguous; ``T`` = ``num_tokens`` dynamic, 1 <= T <= MAX_TOKENS; one binary per
+``(n, C, dtype, iters, eps)``)::
+
+    pre_decode_fwd_kernel(n, C, dtype, iters, eps)(x [T, n*C] dt, phi [K, m] f32, alpha [3] f32, bias [m] f32,
+        layer_input [T, C] dt, h_post [T, n] f32, h_res [T, n, n] f32, h_pre [T, n] f32, proj [T, m] f32,
+        rinv [T] f32, proj_part [S, T, m] f32, sq_part [S, T] f32, ticket [MAX_GROUPS] int32, rms_eps, post_mult)
+
+grid ``(ceil(T / TB), S)``; ``S`` from :func:`choose_splits` (every split non-empty). ``proj_part``/``sq_part`` are
+scratch (uninitialised is fine: every slot read is written first in the same launch). ``ticket`` must be zero before
+the first launch and is zero again after every launch (self-resetting), so one zeroed buffer serves any number of
+launches and CUDA-graph replays in stream order; two launches that run *concurrently* must not share it.
+
+Design. At decode the projection is bound by reading ``phi`` (K x m x 4 B: 2.75 MB at n = 4, C = 7168), not by
+``x`` (2nC B = 57 KB a token in bf16, 3.7 MB at T = 64). A grid of one CTA per token would make one SM read all
+of phi at T = 1 (~20 us at an estimated ~150 GB/s per SM); so the K dimension is split over the GPU as in
+``pre_proj`` (split-K, one wave: ``S`` about #SMs / groups), tokens in groups of ``TB`` = 8 (grid x). Block
+``(g, s)`` stages each 64-wide K-chunk of its split (x rows of its 8 tokens and phi's 64 x m block, coalesced) in
+shared memory and accumulates ``TB x (m + 1)`` dot products (column m is the sum of squares) with fp32 FMAs; at
+T <= 64 the 2 nC m FLOPs a token are far below what even one SM's FMA units do in the phi read time, so tensor
+cores would not shorten it. It then stores its partials; the block that takes the last ticket of its group (a
+``__syncthreads``, then thread 0's ``__threadfence`` and ``atomicAdd``: the pattern of cooperative groups' grid
+sync, without any wait) resets the ticket, reduces the group's partials in split order (fixed: deterministic, no
+float atomics), forms the coefficients and runs the Sinkhorn device code of :mod:`tl_kernels.sinkhorn`
+(``forward_in_registers``, one token per lane of warp 0, as ``pre_finalize``), then applies ``H_pre`` to its
+group's tokens with 128-bit loads and stores. Nobody waits for another block, so no co-residency is assumed.
+
+Bytes (bf16, n = 4): phi 28C x 4 B... precisely 4 K m = 96 nC B once from DRAM per launch (2.75 MB at C = 7168)
+plus (groups - 1) times that from L2; x 8C a token for the projection and again for the apply (the second read
+mostly from L2: the 57 KB of a token were read by the split blocks a few microseconds earlier), layer_input 2C;
+partials S x T x (m + 1) x 4 B written and read once. Latency (estimate, no GPU has run this): the apply of a group
+is done by one block (8 tokens x 57 KB at C = 7168), the cost of keeping one launch; the model in profiling/ gives
+the per-site prediction. PDL: ``pdl_sync`` (``griddepcontrol.wait``) runs before the first global access, so every
+read of a predecessor's output and every write that a predecessor might still read is ordered after the
+predecessor grid completed and flushed; ``pdl_trigger`` follows the partial stores, so a dependent kernel's
+prologue overlaps the last block's finalisation (see docs/design.md, "Decode").
+"""
+
+import functools
+
+import tilelang.language as T
+from tvm import tirx
+
+from . import _common, sinkhorn
+
+__all__ = [
+    "DTYPES",
+    "MAX_GROUPS",
+    "MAX_TOKENS",
+    "STREAMS",
+    "TB",
+    "choose_splits",
+    "pre_decode_fwd_kernel",
+    "pre_decode_fwd_program",
+]
+
+DTYPES: tuple[str, ...] = _common.ACTIVATION_DTYPES
+STREAMS: tuple[int, ...] = (1, 2, 4, 6, 8)
+MAX_TOKENS = 64  # the decode path serves T <= MAX_TOKENS
+TB = 8  # tokens per group (grid x); one lane of warp 0 each for the coefficients
+MAX_GROUPS = MAX_TOKENS // TB
+THREADS = 128
+BK = 64  # K elements per staged chunk; divides C, so a chunk lies in one stream
+_ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_VECTOR_BYTES = 16
+
+
+def _validate(n: int, C: int, dtype: str) -> None:
+    _common.validate_activation_config("pre_decode", n, C, dtype, STREAMS)
+
+
+def choose_splits(num_tokens: int, n: int, C: int, num_sms: int) -> int:
+    """K-splits per token group: one wave (``groups x S`` about ``num_sms``), every split non-empty."""
+    if not 1 <= num_tokens <= MAX_TOKENS:
+        raise ValueError(f"pre_decode: expected 1 <= num_tokens <= {MAX_TOKENS}, got {num_tokens}")
+    chunks = n * C // BK
+    groups = -(-num_tokens // TB)
+    want = max(1, min(chunks, num_sms // groups))
+    per = -(-chunks // want)
+    return -(-chunks // per)
+
+
+def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
+    """The one-launch decode pre-mapping; see the module docstring."""
+    _validate(n, C, dtype)
+    m, nn, K = n * n + 2 * n, n * n, n * C
+    chunks = K // BK
+    cols = m + 1  # column m: the sum of squares
+    outs = TB * cols
+    per_thread = -(-outs // THREADS)
+    vec = _VECTOR_BYTES // _ELEMENT_BYTES[dtype]
+    cchunks = C // vec
+    stage_x = TB * BK // THREADS
+    stage_phi = -(-BK * m // THREADS)
+    f32 = "float32"
+    run_sinkhorn = sinkhorn.forward_in_registers(n, iters, eps)
+    num_tokens = T.dynamic("num_tokens")
+    num_splits = T.dynamic("num_splits")
+
+    @T.prim_func
+    def pre_decode_fwd(
+        x: T.Tensor((num_tokens, K), dtype),
+        phi: T.Tensor((K, m), f32),
+        alpha: T.Tensor((3,), f32),
+        bias: T.Tensor((m,), f32),
+        layer_input: T.Tensor((num_tokens, C), dtype),
+        h_post: T.Tensor((num_tokens, n), f32),
+        h_res: T.Tensor((num_tokens, n, n), f32),
+        h_pre: T.Tensor((num_tokens, n), f32),
+        proj: T.Tensor((num_tokens, m), f32),
+        rinv: T.Tensor((num_tokens,), f32),
+        proj_part: T.Tensor((num_splits, num_tokens, m), f32),
+        sq_part: T.Tensor((num_splits, num_tokens), f32),
+        ticket: T.Tensor((MAX_GROUPS,), "int32"),
+        rms_eps: T.float32,
+        post_mult: T.float32,
+    ):
+        with T.Kernel(T.ceildiv(num_tokens, TB), num_splits, threads=THREADS) as (bx, by):
+            tx = T.get_thread_binding()
+            xs = T.alloc_shared((TB, BK), f32)
+            ps = T.alloc_shared((BK, m), f32)
+            hps = T.alloc_shared((TB, n), f32)
+            last = T.alloc_shared((1,), "int32")
+            acc = T.alloc_local((per_thread,), f32)
+            p = T.alloc_local((m,), f32)
+            z = T.alloc_local((nn,), f32)
+            a = T.alloc_local((n,), f32)
+            b = T.alloc_local((n,), f32)
+            w = T.alloc_local((n,), f32)
+            xv = T.alloc_local((n, vec), dtype)
+            av = T.alloc_local((vec,), f32)
+            ob = T.alloc_local((vec,), dtype)
+            r = T.alloc_var(f32)
+            # Nothing global is read or written before this: the predecessor grid has completed (PDL).
+            T.pdl_sync()
+            t_first = bx * TB
+            per = T.alloc_var("int32")
+            per = T.ceildiv(chunks, num_splits)
+            k_first = T.alloc_var("int32")
+            k_first = by * per
+            count = T.alloc_var("int32")
+            count = T.min(per, chunks - k_first)
+            for u in T.unroll(per_thread):
+                acc[u] = T.float32(0)
+            for kk in T.serial(count):
+                k0 = (k_first + kk) * BK
+                for u in T.unroll(stage_x):
+                    e = u * THREADS + tx
+                    t = t_first + e // BK
+                    xs[e // BK, e % BK] = T.if_then_else(
+                        t < num_tokens, T.cast(x[T.min(t, num_tokens - 1), k0 + e % BK], f32), T.float32(0)
+                    )
+                for u in T.unroll(stage_phi):
+                    if (BK * m) % THREADS == 0 or u * THREADS + tx < BK * m:
+                        f = u * THREADS + tx
+                        ps[f // m, f % m] = phi[k0 + f // m, f % m]
+                T.sync_threads()  # the chunk is staged before any thread reads it
+                for u in T.unroll(per_thread):
+                    if outs % THREADS == 0 or u * THREADS + tx < outs:
+                        o = u * THREADS + tx
+                        for k in T.serial(BK):
+                            v = xs[o // cols, k]
+                            acc[u] += v * T.if_then_else(o % cols < m, ps[k, T.min(o % cols, m - 1)], v)
+                T.sync_threads()  # every read of the chunk precedes the next chunk's staging
+            for u in T.unroll(per_thread):
+                if outs % THREADS == 0 or u * THREADS + tx < outs:
+                    o = u * THREADS + tx
+                    t = t_first + o // cols
+                    if t < num_tokens:
+                        if o % cols < m:
+                            proj_part[by, t, T.min(o % cols, m - 1)] = acc[u]
+                        else:
+                            sq_part[by, t] = acc[u]
+            # A dependent grid may start its prologue now; its own pdl_sync still waits for this grid to finish.
+            T.pdl_trigger()
+            # The last block of the group to arrive finalises it (cooperative groups' grid-sync pattern, no wait):
+            # every thread's partial stores precede the barrier, thread 0's fence orders them (cumulatively) before
+            # its ticket; the last ticket holder fences again before its threads read the other blocks' partials.
+            T.sync_threads()
+            if tx == 0:
+                T.call_extern("void", "__threadfence")
+                last[0] = T.if_then_else(T.atomic_add(ticket[bx], 1, return_prev=True) == num_splits - 1, 1, 0)
+                if last[0] == 1:
+                    ticket[bx] = 0  # every block of this group has taken its ticket: reset for the next launch
+                    T.call_extern("void", "__threadfence")
+            T.sync_threads()
+            if last[0] == 1:
+                t = t_first + tx
+                if tx < TB:
+                    if t < num_tokens:
+                        r = T.float32(0)
+                        for j in T.unroll(m):
+                            p[j] = T.float32(0)
+                        for s in T.serial(num_splits):  # fixed order: deterministic
+                            r += sq_part[s, t]
+                            for j in T.unroll(m):
+                                p[j] += proj_part[s, t, j]
+                        r = T.rsqrt(r / T.float32(K) + rms_eps)
+                        rinv[t] = r
+                        for j in T.unroll(m):
+                            proj[t, j] = p[j]
+                        for j in T.unroll(m):
+                            p[j] = p[j] * r * alpha[T.min(j // n, 2)] + bias[j]  # pre_finalize's logit, alike
+                        for i in T.unroll(n):
+                            hps[tx, i] = T.sigmoid(p[i])
+                            h_pre[t, i] = hps[tx, i]
+                            h_post[t, i] = post_mult * T.sigmoid(p[n + i])
+                        for q in T.unroll(nn):
+                            z[q] = p[2 * n + q]
+                        run_sinkhorn(z, a, b, w)
+                        for q in T.unroll(nn):
+                            h_res[t, q // n, q % n] = z[q]
+                    else:
+                        for i in T.unroll(n):
+                            hps[tx, i] = T.float32(0)
+                T.sync_threads()  # h_pre of the group's tokens is in shared memory before the apply reads it
+                for tok in T.serial(TB):
+                    if t_first + tok < num_tokens:
+                        for kq in T.serial(T.ceildiv(cchunks, THREADS)):
+                            if cchunks % THREADS == 0 or kq * THREADS + tx < cchunks:
+                                c0 = (kq * THREADS + tx) * vec
+                                for i in T.unroll(n):
+                                    for e in T.vectorized(vec):
+                                        xv[i, e] = x[t_first + tok, i * C + c0 + e]
+                                for e in T.unroll(vec):
+                                    av[e] = hps[tok, 0] * T.cast(xv[0, e], f32)
+                                for i in T.unroll(1, n):
+                                    for e in T.unroll(vec):
+                                        av[e] = av[e] + hps[tok, i] * T.cast(xv[i, e], f32)
+                                for e in T.vectorized(vec):
+                                    ob[e] = T.cast(av[e], dtype)
+                                T.stg128(
+                                    layer_input[t_first + tok, c0],
+                                    T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"),
+                                )
+
+    return pre_decode_fwd
+
+
+@functools.cache
+def pre_decode_fwd_kernel(n: int, C: int, dtype: str, iters: int, eps: float):
+    """The compiled kernel (memoised; TileLang's disk cache below)."""
+    return _common.compile_program(
+        pre_decode_fwd_program(n, C, dtype, iters, eps), pass_configs=sinkhorn.COMPILE_CONFIGS
+    )
