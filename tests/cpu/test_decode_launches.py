@@ -1,0 +1,79 @@
+"""Launches per residual site at decode sizes (T in {1, 8, 64}), counted from what the package really runs: the
+performance model's capture (profiling/model/capture.py) records a site's ops on fake tensors and replays each
+``mhc::*`` op through its CUDA wrapper with the launch recorded; every TileLang launch and every torch op between
+them (glue) counts. Issue 18 item 4: at most 2 launches a site, forward (decode runs no backward).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mhc
+from mhc import _cuda
+from profiling.model import capture
+
+SMS = 132
+C = 1280
+
+
+def _kernel_name(launch) -> str:
+    return launch.kernel.get_kernel_source().split("__global__ void")[1].split("(")[0].split()[-1]
+
+
+def _launches(op) -> list[str]:
+    """The launches of one logged op: an mhc op through its CUDA implementation (mhc._cuda or mhc.boundary), an
+    aten op as itself."""
+    if not op.name.startswith("mhc::"):
+        return [op.name]
+    name = op.name.split("::")[1].split(".")[0]
+    impl = torch._library.custom_ops.OPDEFS[f"mhc::{name}"]._backend_fns["cuda"]
+    log = capture._Log()
+    with op.mode, capture._recording(SMS) as launches, log:
+        impl(*op.args, **op.kwargs)
+    glue = [o.name for o in log.ops if o.name.startswith("aten::") and o.nbytes]
+    return [_kernel_name(launch) for launch in launches] + glue
+
+
+def _stack_forward(T: int, sites: int, dtype=torch.bfloat16) -> list:
+    """The ops a no-grad :class:`mhc.MHCStack` of ``sites`` identity sites runs (decode: inference)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        stack = mhc.MHCStack([mhc.MHC(torch.nn.Identity(), C, n_streams=4, layer_index=i) for i in range(sites)])
+        x = torch.empty(T, 4, C, dtype=dtype)
+        log = capture._Log()
+        with torch.no_grad(), log:
+            stack(x)
+    for op in log.ops:
+        op.mode = mode
+    return log.ops
+
+
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_a_single_site_forward_is_two_launches(T):
+    ops = [op for op in capture.site_ops(4, C, torch.bfloat16, T) if op.phase == "fwd"]
+    launches = [name for op in ops for name in _launches(op)]
+    assert launches == ["pre_decode_fwd_kernel", "post_res_fwd_kernel"], launches
+
+
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_a_chain_of_sites_is_two_launches_a_site(T):
+    """In an MHCStack chain the first site's pre-mapping is the decode kernel, every later one is the fused
+    boundary (boundary_fwd + pre_finalize_fwd, which replaces the previous site's post_res), the last post_res ends
+    it: 2 launches a site."""
+    sites = 3
+    launches = [name for op in _stack_forward(T, sites) for name in _launches(op)]
+    boundary = ["boundary_fwd_kernel", "pre_finalize_fwd_kernel"]
+    assert launches == ["pre_decode_fwd_kernel", *boundary * (sites - 1), "post_res_fwd_kernel"], launches
+    assert len(launches) == 2 * sites
+
+
+def test_above_64_tokens_or_disabled_the_two_launch_forward_runs(monkeypatch):
+    ops = [op for op in capture.site_ops(4, C, torch.bfloat16, 65) if op.phase == "fwd"]
+    assert [name for op in ops for name in _launches(op)] == [
+        "pre_proj_fwd_kernel", "pre_finalize_fwd_kernel", "post_res_fwd_kernel",
+    ]  # fmt: skip
+    monkeypatch.setattr(_cuda, "DISABLED", {"pre_decode"})
+    ops = [op for op in capture.site_ops(4, C, torch.bfloat16, 8) if op.phase == "fwd"]
+    assert [name for op in ops for name in _launches(op)][:2] == ["pre_proj_fwd_kernel", "pre_finalize_fwd_kernel"]
