@@ -228,7 +228,10 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
                     else:
                         for i in T.unroll(n):
                             hps[tx, i] = T.float32(0)
-                T.sync_threads()  # h_pre of the group's tokens is in shared memory before the apply reads it
+            # Unconditional (last[0] is uniform over the block, but a barrier outside the branch cannot diverge):
+            # h_pre of the group's tokens is in shared memory before the apply reads it.
+            T.sync_threads()
+            if last[0] == 1:
                 for tok in T.serial(TB):
                     if t_first + tok < num_tokens:
                         for kq in T.serial(T.ceildiv(cchunks, THREADS)):
