@@ -77,3 +77,23 @@ def test_above_64_tokens_or_disabled_the_two_launch_forward_runs(monkeypatch):
     monkeypatch.setattr(_cuda, "DISABLED", {"pre_decode"})
     ops = [op for op in capture.site_ops(4, C, torch.bfloat16, 8) if op.phase == "fwd"]
     assert [name for op in ops for name in _launches(op)][:2] == ["pre_proj_fwd_kernel", "pre_finalize_fwd_kernel"]
+
+
+def test_stage2_check_runs_the_decode_kernel_and_refuses_the_two_launch_path(monkeypatch):
+    """profiling/families.py's check of a pre_decode configuration, on the CPU stand-ins for the GPU
+    (tests/cpu/gpu_stubs.py): it launches exactly the decode kernel at every token count, passes, and fails when
+    the call would silently take the two-launch forward instead."""
+    from profiling import families
+    from profiling.check_configs import check_config
+    from tests.cpu.gpu_stubs import cpu_as_cuda
+    from tl_kernels import registry
+
+    cfg = registry.by_name("pre_decode_fwd[n=4,C=1280,dtype=bfloat16,iters=20,eps=0.0]")
+    with cpu_as_cuda(monkeypatch) as calls:
+        result = check_config(cfg, families.tokens_for("pre_decode"), "cuda")
+        assert result["ok"], result
+        assert {name for name, _, _ in calls} == {"pre_decode_fwd"}
+        assert {dyn["num_tokens"] for _, _, dyn in calls} == {1, 7, 8, 9, 64}
+        monkeypatch.setattr(_cuda, "DISABLED", {"pre_decode"})
+        result = check_config(cfg, (8,), "cuda")
+        assert not result["ok"] and "did not serve" in result["error"], result
