@@ -40,15 +40,29 @@ float atomics), forms the coefficients and runs the Sinkhorn device code of :mod
 (``forward_in_registers``, one token per lane of warp 0, as ``pre_finalize``), then applies ``H_pre`` to its
 group's tokens with 128-bit loads and stores. Nobody waits for another block, so no co-residency is assumed.
 
-Bytes (bf16, n = 4): phi 28C x 4 B... precisely 4 K m = 96 nC B once from DRAM per launch (2.75 MB at C = 7168)
-plus (groups - 1) times that from L2; x 8C a token for the projection and again for the apply (the second read
-mostly from L2: the 57 KB of a token were read by the split blocks a few microseconds earlier), layer_input 2C;
-partials S x T x (m + 1) x 4 B written and read once. Latency (estimate, no GPU has run this): the apply of a group
-is done by one block (8 tokens x 57 KB at C = 7168), the cost of keeping one launch; the model in profiling/ gives
-the per-site prediction. PDL: ``pdl_sync`` (``griddepcontrol.wait``) runs before the first global access, so every
-read of a predecessor's output and every write that a predecessor might still read is ordered after the
-predecessor grid completed and flushed; ``pdl_trigger`` follows the partial stores, so a dependent kernel's
-prologue overlaps the last block's finalisation (see docs/design.md, "Decode").
+Bytes per launch (bf16, n = 4, C = 7168): phi 4 K m B = 2.75 MB from DRAM once (the groups after the first read it
+from L2: 8 groups at T = 64); x 8C a token for the projection and again for the apply (the second read mostly from
+L2, a few microseconds after the first); layer_input 2C a token; partials S x T x (m + 1) x 4 B written and read
+once. Latency: not measured (no GPU has run this kernel). One block applies a group (8 tokens x 57 KB at C = 7168)
+with up to four 128-bit chunks of every stream in flight per thread: the cost of keeping one launch; the
+performance model (profiling/) predicts it per site.
+
+PDL: ``pdl_sync`` (``griddepcontrol.wait``) runs before the first global access, so every read of a predecessor's
+output and every write that a predecessor might still read is ordered after the predecessor grid completed and
+flushed; ``pdl_trigger`` follows the partial stores, so a dependent kernel's prologue overlaps the last block's
+finalisation. TileLang drops ``__restrict__`` from the parameters of a kernel with either call (no read-only load
+can be hoisted above the wait). See docs/design.md, section 8.
+
+Resources and SASS (sm_90a, CUDA 13.0; ``codegen.analyze`` / ``codegen.sass`` of ``pre_decode_fwd_kernel``, guarded
+in tests/kernels/test_pre_decode_sass.py): registers n = 4 bf16 / fp32: 96, n = 8 bf16: 250, n = 1 bf16: 55 (the
+Sinkhorn state of the last block's warp 0 sets them); 0 spills, no local memory; the K-chunk loop is 285
+instructions at n = 4, C = 7168, bf16; one ``ATOM.E.ADD.S32`` (the ticket), no float atomics; ``ACQBULK`` (the
+wait) before every global access.
+
+Accuracy (CPU emulation of the generated source, approximate math at its error bounds; ``pytest -s
+tests/emulation/test_pre_decode_emulated.py -k generated`` prints each case's errors): |proj - exact| <= 1.3e-7 x
+sum |x phi| (asserted: the fp32 bound (K / S + S + 2) x 2**-24; the two-launch path's TF32 budget is 2**-11 =
+4.9e-4), coefficients within 3e-7 of float64, layer_input within one output ulp.
 """
 
 import functools
@@ -107,6 +121,8 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
     cchunks = C // vec
     stage_x = TB * BK // THREADS
     stage_phi = -(-BK * m // THREADS)
+    units = max(1, min(4, 16 // n))  # 128-bit chunks of every stream in flight per thread in the apply
+    rounds = -(-TB * cchunks // (THREADS * units))
     f32 = "float32"
     run_sinkhorn = sinkhorn.forward_in_registers(n, iters, eps)
     num_tokens = T.dynamic("num_tokens")
@@ -142,7 +158,7 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
             a = T.alloc_local((n,), f32)
             b = T.alloc_local((n,), f32)
             w = T.alloc_local((n,), f32)
-            xv = T.alloc_local((n, vec), dtype)
+            xv = T.alloc_local((units, n, vec), dtype)
             av = T.alloc_local((vec,), f32)
             ob = T.alloc_local((vec,), dtype)
             r = T.alloc_var(f32)
@@ -232,25 +248,30 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
             # h_pre of the group's tokens is in shared memory before the apply reads it.
             T.sync_threads()
             if last[0] == 1:
-                for tok in T.serial(TB):
-                    if t_first + tok < num_tokens:
-                        for kq in T.serial(T.ceildiv(cchunks, THREADS)):
-                            if cchunks % THREADS == 0 or kq * THREADS + tx < cchunks:
-                                c0 = (kq * THREADS + tx) * vec
-                                for i in T.unroll(n):
-                                    for e in T.vectorized(vec):
-                                        xv[i, e] = x[t_first + tok, i * C + c0 + e]
-                                for e in T.unroll(vec):
-                                    av[e] = hps[tok, 0] * T.cast(xv[0, e], f32)
-                                for i in T.unroll(1, n):
-                                    for e in T.unroll(vec):
-                                        av[e] = av[e] + hps[tok, i] * T.cast(xv[i, e], f32)
+                # The group's TB x C/VEC 128-bit chunks, flattened so that a round of UNITS chunks a thread has
+                # all its loads in flight before the first FMA (one block does the group's apply: memory-level
+                # parallelism is what bounds it).
+                for rnd in T.serial(rounds):
+                    for v in T.unroll(units):
+                        u = (rnd * units + v) * THREADS + tx
+                        if u < TB * cchunks and t_first + u // cchunks < num_tokens:
+                            for i in T.unroll(n):
                                 for e in T.vectorized(vec):
-                                    ob[e] = T.cast(av[e], dtype)
-                                T.stg128(
-                                    layer_input[t_first + tok, c0],
-                                    T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"),
-                                )
+                                    xv[v, i, e] = x[t_first + u // cchunks, i * C + (u % cchunks) * vec + e]
+                    for v in T.unroll(units):
+                        u = (rnd * units + v) * THREADS + tx
+                        if u < TB * cchunks and t_first + u // cchunks < num_tokens:
+                            for e in T.unroll(vec):
+                                av[e] = hps[u // cchunks, 0] * T.cast(xv[v, 0, e], f32)
+                            for i in T.unroll(1, n):
+                                for e in T.unroll(vec):
+                                    av[e] = av[e] + hps[u // cchunks, i] * T.cast(xv[v, i, e], f32)
+                            for e in T.vectorized(vec):
+                                ob[e] = T.cast(av[e], dtype)
+                            T.stg128(
+                                layer_input[t_first + u // cchunks, (u % cchunks) * vec],
+                                T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4"),
+                            )
 
     return pre_decode_fwd
 

@@ -74,17 +74,20 @@ def _run(kernel, x, phi, alpha, bias, splits, *, ticket=None, block_order="forwa
     return {k: v[:T] for k, v in outs.items()}, ticket
 
 
-def _check_against_reference(out, x, phi, alpha, bias, iters, eps, dtype):
+def _check_against_reference(out, x, phi, alpha, bias, iters, eps, dtype, splits):
     T, n, C = x.shape
     want = ref.pre_mapping(x.double(), phi.double(), alpha.double(), bias.double(), iters, 2.0, 1e-6, eps)
     li, hq, hr, hp, pr, ri = want
     mag = x.double().reshape(T, n * C).abs() @ phi.double().abs()
-    assert ((out["proj"].double() - pr).abs() / (mag + 1e-30)).max().item() <= PROJ_BUDGET / 8
+    proj_err = ((out["proj"].double() - pr).abs() / (mag + 1e-30)).max().item()
+    # fp32 FMA: one rounding per product and per sum along a split's K / S terms, then S partial sums
+    assert proj_err <= (n * C // splits + splits + 2) * 2**-24 < PROJ_BUDGET, proj_err
     torch.testing.assert_close(out["rinv"].double(), ri, rtol=1e-6, atol=0)
-    for name, w in (("h_pre", hp), ("h_post", hq), ("h_res", hr)):
-        torch.testing.assert_close(out[name].double(), w, rtol=0, atol=COEF_ATOL, msg=name)
+    coef_err = max((out[k].double() - w).abs().max().item() for k, w in (("h_pre", hp), ("h_post", hq), ("h_res", hr)))
+    assert coef_err <= COEF_ATOL, coef_err
     err = ((out["layer_input"].double() - li).abs() / (ref.pre_apply(x.double().abs(), hp) + 1e-30)).max().item()
     assert err <= ULP[dtype], f"layer_input: max relative error {err:.3g} > {ULP[dtype]:.3g}"
+    print(f"proj {proj_err:.2g} x sum|x phi|, coefficients {coef_err:.2g}, layer_input {err:.2g} of its magnitude")
 
 
 @pytest.mark.parametrize(
@@ -95,7 +98,7 @@ def test_pre_decode_fwd_generated_source_on_cpu(n, C, dtype, T, splits, iters, e
     x, phi, alpha, bias = _inputs(T, n, C, dtype)
     out, ticket = _run(kernel, x, phi, alpha, bias, splits, block_order=order, seed=T)
     assert ticket.eq(0).all(), f"the ticket buffer is not reset after the launch: {ticket.tolist()}"
-    _check_against_reference(out, x, phi, alpha, bias, iters, eps, dtype)
+    _check_against_reference(out, x, phi, alpha, bias, iters, eps, dtype, splits)
     if eps >= 0.01:  # the test can tell eps from no eps
         no_eps = ref.pre_mapping(x.double(), phi.double(), alpha.double(), bias.double(), iters, 2.0, 1e-6, 0.0)
         assert (no_eps[2] - out["h_res"].double()).abs().max() > 100 * COEF_ATOL

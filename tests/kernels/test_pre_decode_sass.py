@@ -6,7 +6,7 @@ atomic (the group's integer ticket) and no float atomic or reduction (the partia
 no integer division but the one 32-bit split bound per block, none in the K-chunk loop, no 64-bit division; and
 PDL: ``griddepcontrol.wait`` (SASS ``ACQBULK``) precedes every global load, store and atomic, straight-line from
 the kernel's entry, and ``griddepcontrol.launch_dependents`` is issued once. The K-chunk loop (the first loop of
-``codegen.sass_loops``) of n = 4, C = 7168, bf16 measured 296 SASS instructions (sm_90a, CUDA 13.0), guarded at +8%.
+``codegen.sass_loops``) of n = 4, C = 7168, bf16 measured 285 SASS instructions (sm_90a, CUDA 13.0), guarded at +8%.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from tl_kernels import codegen, pre_decode
 
 CONFIGS = [(4, 7168, "bfloat16"), (8, 7168, "bfloat16"), (4, 7168, "float32"), (1, 1280, "bfloat16")]
-CHUNK_LOOP_CEILING = {(4, 7168, "bfloat16"): 320}
+CHUNK_LOOP_CEILING = {(4, 7168, "bfloat16"): 308}
 _GLOBAL = re.compile(r"^(?:@!?U?P\w+\s+)?(?:LDG|STG|ATOM|RED)\b")
 
 
