@@ -295,13 +295,15 @@ def pre_mapping_fwd(
 # The decode forward (tl_kernels/pre_decode.py): one launch for 1 <= T <= pre_decode.MAX_TOKENS. Its blocks find the
 # last one of each token group with a self-resetting ticket counter: zero before a launch, zero again after it. The
 # counters live in one zeroed int32 buffer per device, [_DECODE_SLOTS, MAX_GROUPS], made by the first eager call on
-# that device (or mhc.warmup); a launch uses the row of its stream (stream id modulo the row count), so launches on
-# different streams do not share counters, and a CUDA graph bakes in the row of its capture stream. Launches in one
-# stream are ordered, so one row serves any number of them and of graph replays. A call under graph capture before
-# the buffer exists takes the two-launch path (no allocation or fill is captured). Not served: two graphs captured on
-# one stream and replayed concurrently on two streams (they share a row).
+# that device (or mhc.warmup); each stream gets its own row the first time it launches the kernel (host bookkeeping
+# only, so also under capture; rows are reused round-robin past _DECODE_SLOTS streams), so launches on different
+# streams do not share counters, and a CUDA graph bakes in the row of its capture stream. Launches in one stream are
+# ordered, so one row serves any number of them and of graph replays. A call under graph capture before the buffer
+# exists takes the two-launch path (no allocation or fill is captured). Not served: two graphs captured on one
+# stream and replayed concurrently on two streams (they share a row).
 _DECODE_SLOTS = 64
 _DECODE_TICKETS: dict[int, Tensor] = {}
+_DECODE_ROWS: dict[int, dict[int, int]] = {}  # device index -> {stream id: row}
 
 
 def _decode_tickets(device: torch.device) -> Tensor | None:
@@ -318,7 +320,9 @@ def _decode_tickets(device: torch.device) -> Tensor | None:
         with torch.cuda.device(index):
             table = torch.zeros(_DECODE_SLOTS, pre_decode.MAX_GROUPS, dtype=torch.int32, device=device)
         _DECODE_TICKETS[index] = table
-    return table[torch.cuda.current_stream(index).stream_id % _DECODE_SLOTS]
+    rows = _DECODE_ROWS.setdefault(index, {})
+    row = rows.setdefault(torch.cuda.current_stream(index).stream_id, len(rows) % _DECODE_SLOTS)
+    return table[row]
 
 
 def _pre_decode_fwd(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, outs) -> bool:

@@ -97,3 +97,45 @@ def test_stage2_check_runs_the_decode_kernel_and_refuses_the_two_launch_path(mon
         monkeypatch.setattr(_cuda, "DISABLED", {"pre_decode"})
         result = check_config(cfg, (8,), "cuda")
         assert not result["ok"] and "did not serve" in result["error"], result
+
+
+def test_ticket_rows_per_device_and_stream(monkeypatch):
+    """mhc._cuda's ticket counters with torch.cuda stood in for: one zeroed buffer per device made by the first
+    eager call, one row per stream (the same row again for the same stream), and under capture before the buffer
+    exists no allocation but the two-launch path (None)."""
+    import contextlib
+    import types
+
+    from tl_kernels import pre_decode
+
+    state = {"capturing": False, "stream": 5}
+    made = []
+    real_zeros = torch.zeros
+
+    def zeros(*shape, dtype=None, device=None):  # records the device, makes the buffer on the CPU
+        made.append(device)
+        return real_zeros(*shape, dtype=dtype)
+
+    monkeypatch.setattr(_cuda, "_DECODE_TICKETS", {})
+    monkeypatch.setattr(_cuda, "_DECODE_ROWS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: types.SimpleNamespace(stream_id=state["stream"]))
+    monkeypatch.setattr(torch.cuda, "device", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(torch, "zeros", zeros)
+    dev0, dev1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    state["capturing"] = True
+    assert _cuda._decode_tickets(dev0) is None and not made  # capture before the buffer exists: nothing allocated
+    state["capturing"] = False
+    a = _cuda._decode_tickets(dev0)
+    assert made == [dev0] and a.shape == (pre_decode.MAX_GROUPS,) and a.dtype == torch.int32 and not a.any()
+    state["stream"] = 9
+    b = _cuda._decode_tickets(dev0)
+    state["capturing"] = True  # the buffer exists now: a new stream gets a row under capture too, nothing allocated
+    state["stream"] = 11
+    c = _cuda._decode_tickets(dev0)
+    state["stream"], state["capturing"] = 5, False
+    again = _cuda._decode_tickets(dev0)
+    assert len(made) == 1
+    rows = {t.data_ptr() for t in (a, b, c)}
+    assert len(rows) == 3 and again.data_ptr() == a.data_ptr()
+    assert _cuda._decode_tickets(dev1).data_ptr() not in rows and made == [dev0, dev1]
