@@ -356,14 +356,16 @@ def check_pre_decode(cfg, T: int, device: str, gen: torch.Generator) -> dict[str
     :func:`check_pre_mapping` checks the forward. On CUDA the decode kernel is launched through
     ``mhc._cuda._pre_decode_fwd``, which must serve the call (a silent fall back to the two-launch forward fails the
     check, as a reference fallback fails strict mode), twice, with bitwise equal results (fixed-order reduction and
-    the self-resetting tickets); ``T`` = 0 and the CPU dry run go through ``mhc::pre_mapping_fwd``."""
+    the self-resetting tickets); ``T`` = 0, T > 64 (the compute-sanitizer cases' fixed token counts; the op then
+    runs the two-launch forward) and the CPU dry run go through ``mhc::pre_mapping_fwd``."""
     from mhc import _cuda
+    from tl_kernels.pre_decode import MAX_TOKENS
 
     kw = cfg.kwargs
     n, C, dt = kw["n"], kw["C"], DTYPES[kw["dtype"]]
     iters, eps, post_mult, rms_eps = kw["iters"], float(kw["eps"]), 2.0, 1e-6
     x, phi, alpha, bias = pre_site(n, C, dt, T, gen)
-    if device != "cuda" or T == 0:
+    if device != "cuda" or not 1 <= T <= MAX_TOKENS:
         out = torch.ops.mhc.pre_mapping_fwd(x, phi, alpha, bias, iters, post_mult, rms_eps, eps)
         return pre_mapping_fwd_errs(x, phi, alpha, bias, out, iters, post_mult, rms_eps, eps)
     m = n * n + 2 * n
