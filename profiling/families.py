@@ -423,7 +423,7 @@ CHECKS: dict[str, Callable[..., dict[str, Err]]] = {
 #: Token counts checked for every configuration: none (no launch), one, and partial last blocks (Sinkhorn runs 128
 #: tokens per block, post_res 1-4), then a multi-block count. A family may override with its own tuple here.
 DEFAULT_TOKENS: tuple[int, ...] = (0, 1, 7, 129, 1000)
-TOKENS: dict[str, tuple[int, ...]] = {"pre_decode": (0, 1, 7, 8, 9, 64)}  # the decode kernel serves T <= 64
+TOKENS: dict[str, tuple[int, ...]] = {"pre_decode": (0, 1, 9, 64)}  # the decode kernel serves T <= 64
 
 
 def tokens_for(family: str) -> tuple[int, ...]:

@@ -36,9 +36,10 @@ T <= 64 the 2 nC m FLOPs a token are far below what even one SM's FMA units do i
 cores would not shorten it. It then stores its partials; the block that takes the last ticket of its group (a
 ``__syncthreads``, then thread 0's ``__threadfence`` and ``atomicAdd``: the pattern of cooperative groups' grid
 sync, without any wait) resets the ticket, reduces the group's partials in split order (fixed: deterministic, no
-float atomics), forms the coefficients and runs the Sinkhorn device code of :mod:`tl_kernels.sinkhorn`
-(``forward_in_registers``, one token per lane of warp 0, as ``pre_finalize``), then applies ``H_pre`` to its
-group's tokens with 128-bit loads and stores. Nobody waits for another block, so no co-residency is assumed.
+float atomics) and forms the coefficients with ``pre_finalize``'s own device code
+(:func:`tl_kernels.pre_finalize.coefficients`, the Sinkhorn of :mod:`tl_kernels.sinkhorn` included; one token per
+lane of warp 0), then applies ``H_pre`` to its group's tokens with 128-bit loads and stores. Nobody waits for
+another block, so no co-residency is assumed.
 
 Bytes per launch (bf16, n = 4, C = 7168): phi 4 K m B = 2.75 MB from DRAM once (the groups after the first read it
 from L2: 8 groups at T = 64); x 8C a token for the projection and again for the apply (the second read mostly from
@@ -70,7 +71,7 @@ import functools
 import tilelang.language as T
 from tvm import tirx
 
-from . import _common, sinkhorn
+from . import _common, pre_finalize, sinkhorn
 
 __all__ = [
     "DTYPES",
@@ -124,7 +125,7 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
     units = max(1, min(4, 16 // n))  # 128-bit chunks of every stream in flight per thread in the apply
     rounds = -(-TB * cchunks // (THREADS * units))
     f32 = "float32"
-    run_sinkhorn = sinkhorn.forward_in_registers(n, iters, eps)
+    finalize = pre_finalize.coefficients(n, C, iters, eps)  # pre_finalize's device code, Sinkhorn included
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
 
@@ -161,7 +162,6 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
             xv = T.alloc_local((units, n, vec), dtype)
             av = T.alloc_local((vec,), f32)
             ob = T.alloc_local((vec,), dtype)
-            r = T.alloc_var(f32)
             # Nothing global is read or written before this: the predecessor grid has completed (PDL).
             T.pdl_sync()
             t_first = bx * TB
@@ -219,28 +219,8 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
                 t = t_first + tx
                 if tx < TB:
                     if t < num_tokens:
-                        r = T.float32(0)
-                        for j in T.unroll(m):
-                            p[j] = T.float32(0)
-                        for s in T.serial(num_splits):  # fixed order: deterministic
-                            r += sq_part[s, t]
-                            for j in T.unroll(m):
-                                p[j] += proj_part[s, t, j]
-                        r = T.rsqrt(r / T.float32(K) + rms_eps)
-                        rinv[t] = r
-                        for j in T.unroll(m):
-                            proj[t, j] = p[j]
-                        for j in T.unroll(m):
-                            p[j] = p[j] * r * alpha[T.min(j // n, 2)] + bias[j]  # pre_finalize's logit, alike
-                        for i in T.unroll(n):
-                            hps[tx, i] = T.sigmoid(p[i])
-                            h_pre[t, i] = hps[tx, i]
-                            h_post[t, i] = post_mult * T.sigmoid(p[n + i])
-                        for q in T.unroll(nn):
-                            z[q] = p[2 * n + q]
-                        run_sinkhorn(z, a, b, w)
-                        for q in T.unroll(nn):
-                            h_res[t, q // n, q % n] = z[q]
+                        finalize(t, tx, True, proj_part, sq_part, alpha, bias, h_post, h_res, h_pre, proj, rinv,
+                                 rms_eps, post_mult, hps, p, z, a, b, w)  # fmt: skip
                     else:
                         for i in T.unroll(n):
                             hps[tx, i] = T.float32(0)

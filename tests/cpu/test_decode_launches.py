@@ -93,7 +93,7 @@ def test_stage2_check_runs_the_decode_kernel_and_refuses_the_two_launch_path(mon
         result = check_config(cfg, families.tokens_for("pre_decode"), "cuda")
         assert result["ok"], result
         assert {name for name, _, _ in calls} == {"pre_decode_fwd"}
-        assert {dyn["num_tokens"] for _, _, dyn in calls} == {1, 7, 8, 9, 64}
+        assert {dyn["num_tokens"] for _, _, dyn in calls} == {1, 9, 64}
         monkeypatch.setattr(_cuda, "DISABLED", {"pre_decode"})
         result = check_config(cfg, (8,), "cuda")
         assert not result["ok"] and "did not serve" in result["error"], result
