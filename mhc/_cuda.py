@@ -39,8 +39,9 @@ from . import _checks, ops, reference
 
 _TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 #: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj, pre_finalize and pre_reduce;
-#: ``boundary``, registered by mhc.boundary, is tl_kernels.boundary)
-KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping", "boundary")
+#: ``boundary``, registered by mhc.boundary, is tl_kernels.boundary; ``pre_decode`` is tl_kernels.pre_decode, the
+#: one-launch forward for T <= 64: disabled, those calls take pre_mapping's two-launch forward)
+KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping", "boundary", "pre_decode")
 DISABLE_ENV = "MHC_DISABLE_KERNELS"
 STRICT_ENV = "MHC_STRICT_KERNELS"
 _STRICT_VALUES = {"1": True, "true": True, "yes": True, "on": True, "": False, "0": False, "false": False,
@@ -285,23 +286,89 @@ def pre_mapping_fwd(
     h_post, h_pre = torch.empty(T, n, **f32), torch.empty(T, n, **f32)
     h_res = torch.empty(T, n, n, **f32)
     proj, rinv = torch.empty(T, m, **f32), torch.empty(T, **f32)
-    if T > 0:
-        from tl_kernels import pre_finalize, pre_proj
-
-        dt = _TL_DTYPES[residual.dtype]
-        sms = _num_sms(residual.device)
-        splits = pre_proj.choose_splits(T, n, C, sms, "fwd")
-        proj_part = torch.empty(splits, T, m, **f32)
-        sq_part = torch.empty(splits, T, **f32)
-        dev = residual.device
-        _launch(dev, pre_proj.pre_proj_fwd_kernel(n, C, dt), residual.view(T, n * C), phi, proj_part, sq_part)
-        slices = pre_finalize.choose_slices(T, C, dt, sms)
-        _launch(
-            dev, pre_finalize.pre_finalize_fwd_kernel(n, C, dt, iters, float(sinkhorn_eps)),
-            proj_part, sq_part, alpha, bias, residual, layer_input, h_post, h_res, h_pre, proj, rinv,
-            float(rms_eps), float(post_mult), slices,
-        )  # fmt: skip
+    outs = (layer_input, h_post, h_res, h_pre, proj, rinv)
+    if T > 0 and not _pre_decode_fwd(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, outs):
+        _pre_mapping_fwd_two_launches(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, outs)
     return layer_input, h_post, h_res, h_pre, proj, rinv
+
+
+# The decode forward (tl_kernels/pre_decode.py): one launch for 1 <= T <= pre_decode.MAX_TOKENS. Its blocks find the
+# last one of each token group with a self-resetting ticket counter: zero before a launch, zero again after it. The
+# counters live in one zeroed int32 buffer per device, [_DECODE_SLOTS, MAX_GROUPS], made by the first eager call on
+# that device (or mhc.warmup); each stream gets its own row the first time it launches the kernel (host bookkeeping
+# only, so also under capture; rows are reused round-robin past _DECODE_SLOTS streams), so launches on different
+# streams do not share counters, and a CUDA graph bakes in the row of its capture stream. Launches in one stream are
+# ordered, so one row serves any number of them and of graph replays. A call under graph capture before the buffer
+# exists takes the two-launch path (no allocation or fill is captured). Not served: two graphs captured on one
+# stream and replayed concurrently on two streams (they share a row).
+_DECODE_SLOTS = 64
+_DECODE_TICKETS: dict[int, Tensor] = {}
+_DECODE_ROWS: dict[int, dict[int, int]] = {}  # device index -> {stream id: row}
+
+
+def _decode_tickets(device: torch.device) -> Tensor | None:
+    """This launch's row of ticket counters (``None``: not available, take the two-launch path)."""
+    from tl_kernels import pre_decode
+
+    if device.type != "cuda":  # fake tensors of the performance model's capture (profiling/model/capture.py)
+        return torch.empty(pre_decode.MAX_GROUPS, dtype=torch.int32, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    table = _DECODE_TICKETS.get(index)
+    if table is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        with torch.cuda.device(index):
+            table = torch.zeros(_DECODE_SLOTS, pre_decode.MAX_GROUPS, dtype=torch.int32, device=device)
+        _DECODE_TICKETS[index] = table
+    rows = _DECODE_ROWS.setdefault(index, {})
+    row = rows.setdefault(torch.cuda.current_stream(index).stream_id, len(rows) % _DECODE_SLOTS)
+    return table[row]
+
+
+def _pre_decode_fwd(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, outs) -> bool:
+    """The one-launch decode forward into ``outs``; False when it does not serve the call (T too large, the family
+    disabled, no ticket buffer under capture)."""
+    from tl_kernels import pre_decode
+
+    T, n, C = residual.shape
+    if T > pre_decode.MAX_TOKENS or "pre_decode" in DISABLED:
+        return False
+    tickets = _decode_tickets(residual.device)
+    if tickets is None:
+        return False
+    m = n * n + 2 * n
+    splits = pre_decode.choose_splits(T, n, C, _num_sms(residual.device))
+    f32 = dict(device=residual.device, dtype=torch.float32)
+    proj_part, sq_part = torch.empty(splits, T, m, **f32), torch.empty(splits, T, **f32)
+    kernel = pre_decode.pre_decode_fwd_kernel(n, C, _TL_DTYPES[residual.dtype], iters, float(sinkhorn_eps))
+    _launch(
+        residual.device, kernel, residual.view(T, n * C), phi, alpha, bias, *outs, proj_part, sq_part, tickets,
+        float(rms_eps), float(post_mult),
+    )  # fmt: skip
+    return True
+
+
+def _pre_mapping_fwd_two_launches(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, outs) -> None:
+    """pre_proj_fwd then pre_finalize_fwd into ``outs`` (T >= 1)."""
+    from tl_kernels import pre_finalize, pre_proj
+
+    layer_input, h_post, h_res, h_pre, proj, rinv = outs
+    T, n, C = residual.shape
+    m = n * n + 2 * n
+    f32 = dict(device=residual.device, dtype=torch.float32)
+    dt = _TL_DTYPES[residual.dtype]
+    sms = _num_sms(residual.device)
+    splits = pre_proj.choose_splits(T, n, C, sms, "fwd")
+    proj_part = torch.empty(splits, T, m, **f32)
+    sq_part = torch.empty(splits, T, **f32)
+    dev = residual.device
+    _launch(dev, pre_proj.pre_proj_fwd_kernel(n, C, dt), residual.view(T, n * C), phi, proj_part, sq_part)
+    slices = pre_finalize.choose_slices(T, C, dt, sms)
+    _launch(
+        dev, pre_finalize.pre_finalize_fwd_kernel(n, C, dt, iters, float(sinkhorn_eps)),
+        proj_part, sq_part, alpha, bias, residual, layer_input, h_post, h_res, h_pre, proj, rinv,
+        float(rms_eps), float(post_mult), slices,
+    )  # fmt: skip
 
 
 def pre_mapping_bwd(
@@ -425,6 +492,11 @@ def warmup(
                 pre_finalize.pre_finalize_fwd_kernel(n, C, _TL_DTYPES[dt], sinkhorn_iters, float(sinkhorn_eps))
                 pre_finalize.pre_finalize_bwd_kernel(n, C, _TL_DTYPES[dt])
                 count += 4
+                if "pre_decode" not in DISABLED:
+                    from tl_kernels.pre_decode import pre_decode_fwd_kernel
+
+                    pre_decode_fwd_kernel(n, C, _TL_DTYPES[dt], sinkhorn_iters, float(sinkhorn_eps))
+                    count += 1
                 if n not in reducers:  # one pair of binaries per n (one split or several: either may serve)
                     reducers.add(n)
                     pre_reduce.pre_reduce_bwd_kernel(n, True)
@@ -446,6 +518,10 @@ def warmup(
                         torch.zeros(m, device=dev),
                     )
                     out = pre_mapping_fwd(x, phi, alpha, bias, sinkhorn_iters, 2.0, 1e-6, float(sinkhorn_eps))
+                    # A one-token call takes the decode kernel (and makes its ticket buffer): load the two-launch
+                    # forward that T > 64 takes as well.
+                    settings = (sinkhorn_iters, 2.0, 1e-6, float(sinkhorn_eps))
+                    _pre_mapping_fwd_two_launches(x, phi, alpha, bias, *settings, tuple(o.clone() for o in out))
                     grads = (y, h_post, h_res, h_post)
                     pre_mapping_bwd(*grads, x, phi, alpha, bias, out[3], out[1], out[4], out[5], sinkhorn_iters, 2.0,
                                     float(sinkhorn_eps))  # fmt: skip

@@ -1,8 +1,9 @@
 """Per-family correctness cases for the GPU run (stage 2) and the compute-sanitizer cases (stage 4).
 
 Every kernel configuration in :data:`tl_kernels.registry.ALL_CONFIGS` belongs to a family (``post_res``,
-``sinkhorn``, ``pre_proj`` and ``pre_finalize``, checked through the fused pre-mapping op, and ``pre_reduce``,
-the sums of the pre-mapping backward's partials, checked directly). A family is checked by **one function**
+``sinkhorn``, ``pre_proj`` and ``pre_finalize``, checked through the fused pre-mapping op, ``pre_reduce``,
+the sums of the pre-mapping backward's partials, checked directly, ``boundary`` and ``pre_decode``, the one-launch
+decode forward). A family is checked by **one function**
 registered in :data:`CHECKS`::
 
     def check_<family>(cfg: KernelConfig, T: int, device: str, gen: torch.Generator) -> dict[str, Err]
@@ -384,6 +385,41 @@ def check_pre_reduce(cfg, T: int, device: str, gen: torch.Generator) -> dict[str
     return errs
 
 
+# ---------------------------------------------------------------------------------------------------- decode
+
+
+def check_pre_decode(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, Err]:
+    """``pre_decode_fwd[n, C, dtype, iters, eps]`` (the one-launch pre-mapping for T <= 64) as
+    :func:`check_pre_mapping` checks the forward. On CUDA the decode kernel is launched through
+    ``mhc._cuda._pre_decode_fwd``, which must serve the call (a silent fall back to the two-launch forward fails the
+    check, as a reference fallback fails strict mode), twice, with bitwise equal results (fixed-order reduction and
+    the self-resetting tickets); ``T`` = 0, T > 64 (the compute-sanitizer cases' fixed token counts; the op then
+    runs the two-launch forward) and the CPU dry run go through ``mhc::pre_mapping_fwd``."""
+    from mhc import _cuda
+    from tl_kernels.pre_decode import MAX_TOKENS
+
+    kw = cfg.kwargs
+    n, C, dt = kw["n"], kw["C"], DTYPES[kw["dtype"]]
+    iters, eps, post_mult, rms_eps = kw["iters"], float(kw["eps"]), 2.0, 1e-6
+    x, phi, alpha, bias = pre_site(n, C, dt, T, gen)
+    if device != "cuda" or not 1 <= T <= MAX_TOKENS:
+        out = torch.ops.mhc.pre_mapping_fwd(x, phi, alpha, bias, iters, post_mult, rms_eps, eps)
+        return pre_mapping_fwd_errs(x, phi, alpha, bias, out, iters, post_mult, rms_eps, eps)
+    m = n * n + 2 * n
+    f32 = dict(device=x.device, dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        out = (x.new_empty(T, C), torch.empty(T, n, **f32), torch.empty(T, n, n, **f32), torch.empty(T, n, **f32),
+               torch.empty(T, m, **f32), torch.empty(T, **f32))  # fmt: skip
+        if not _cuda._pre_decode_fwd(x, phi, alpha, bias, iters, post_mult, rms_eps, eps, out):
+            raise RuntimeError(f"{cfg.name}: the decode kernel did not serve T={T} (disabled or T > 64?)")
+        runs.append(out)
+    errs = pre_mapping_fwd_errs(x, phi, alpha, bias, runs[0], iters, post_mult, rms_eps, eps)
+    same = all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    errs["bitwise_rerun"] = Err(0.0 if same else math.inf, 0.0 if same else math.inf, 0.0, 0.0)
+    return errs
+
+
 def kw_dtype(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
@@ -418,12 +454,13 @@ CHECKS: dict[str, Callable[..., dict[str, Err]]] = {
     "pre_finalize": strict(check_pre_mapping),
     "pre_reduce": strict(check_pre_reduce),
     "boundary": strict(check_boundary),
+    "pre_decode": strict(check_pre_decode),
 }
 
 #: Token counts checked for every configuration: none (no launch), one, and partial last blocks (Sinkhorn runs 128
 #: tokens per block, post_res 1-4), then a multi-block count. A family may override with its own tuple here.
 DEFAULT_TOKENS: tuple[int, ...] = (0, 1, 7, 129, 1000)
-TOKENS: dict[str, tuple[int, ...]] = {}
+TOKENS: dict[str, tuple[int, ...]] = {"pre_decode": (0, 1, 9, 64)}  # the decode kernel serves T <= 64
 
 
 def tokens_for(family: str) -> tuple[int, ...]:

@@ -13,11 +13,13 @@ Math, per token ``t`` (``K = n * C``, ``m = n * n + 2n``, groups ``g(j)`` = pre 
               d_pp[:n]   = g_pre * h_pre * (1 - h_pre),  d_pp[n:] = grad_h_post * h_post * (1 - h_post / post_mult)
               res_logits = logit[2n:] recomputed from (proj, rinv, alpha, bias), bit-identical to the forward's
 
-The Sinkhorn part is the device code of :mod:`tl_kernels.sinkhorn` (``forward_in_registers``), not a copy; the
-backward hands ``res_logits`` to ``sinkhorn_bwd_kernel`` (the same binary ``mhc.sinkhorn`` uses) and the rest of
-the chain (d_proj, the RMS term, d_x, d_phi, per-tile d_bias / d_alpha partials) runs in ``pre_proj_bwd``, which
-reads ``d_pp`` and the Sinkhorn's ``d_res`` as they are (no concatenation); ``pre_reduce_bwd``
-(:mod:`tl_kernels.pre_reduce`) sums the partials in a fixed order. Four launches for the backward.
+The per-token coefficient code is the macro :func:`coefficients`, which the one-launch decode kernel
+(:mod:`tl_kernels.pre_decode`) runs too. The Sinkhorn part is the device code of :mod:`tl_kernels.sinkhorn`
+(``forward_in_registers``), not a copy; the backward hands ``res_logits`` to ``sinkhorn_bwd_kernel`` (the same
+binary ``mhc.sinkhorn`` uses) and the rest of the chain (d_proj, the RMS term, d_x, d_phi, per-tile d_bias /
+d_alpha partials) runs in ``pre_proj_bwd``, which reads ``d_pp`` and the Sinkhorn's ``d_res`` as they are (no
+concatenation); ``pre_reduce_bwd`` (:mod:`tl_kernels.pre_reduce`) sums the partials in a fixed order. Four launches
+for the backward.
 
 Layouts and call contracts (contiguous; ``T`` = ``num_tokens`` dynamic; one binary per (n, C, dtype[, iters, eps])):
 
@@ -69,6 +71,7 @@ __all__ = [
     "STREAMS",
     "TOKENS",
     "choose_slices",
+    "coefficients",
     "pre_finalize_bwd_kernel",
     "pre_finalize_bwd_program",
     "pre_finalize_fwd_kernel",
@@ -95,14 +98,56 @@ def choose_slices(num_tokens: int, C: int, dtype: str, num_sms: int) -> int:
     return -(-chunks // per)
 
 
+def coefficients(n: int, C: int, iters: int, eps: float):
+    """The per-token coefficient device code of the forward, for this kernel and the one-launch decode kernel
+    (:mod:`tl_kernels.pre_decode`): a macro ``(t, slot, write, proj_part, sq_part, alpha, bias, h_post, h_res, h_pre,
+    proj, rinv, rms_eps, post_mult, hps, p, z, a, b, w)`` that sums token ``t``'s split partials in split order,
+    forms rinv, the logits, h_pre (into ``hps[slot]``), and when ``write`` holds stores rinv, proj, h_pre, h_post and
+    the Sinkhorn's h_res (the device code of :mod:`tl_kernels.sinkhorn`)."""
+    m, nn, K = n * n + 2 * n, n * n, n * C
+    run_sinkhorn = sinkhorn.forward_in_registers(n, iters, eps)
+
+    @T.macro
+    def body(t, slot, write, proj_part, sq_part, alpha, bias, h_post, h_res, h_pre, proj, rinv, rms_eps, post_mult,
+             hps, p, z, a, b, w):  # fmt: skip
+        r = T.alloc_var("float32")
+        r = T.float32(0)
+        for j in T.unroll(m):
+            p[j] = T.float32(0)
+        for s in T.serial(proj_part.shape[0]):  # fixed order: deterministic
+            r += sq_part[s, t]
+            for j in T.unroll(m):
+                p[j] += proj_part[s, t, j]
+        r = T.rsqrt(r / T.float32(K) + rms_eps)
+        if write:
+            rinv[t] = r
+            for j in T.unroll(m):
+                proj[t, j] = p[j]
+        for j in T.unroll(m):
+            p[j] = p[j] * r * alpha[T.min(j // n, 2)] + bias[j]  # the logit (bwd recomputes it alike)
+        for i in T.unroll(n):
+            hps[slot, i] = T.sigmoid(p[i])
+        if write:
+            for i in T.unroll(n):
+                h_pre[t, i] = hps[slot, i]
+                h_post[t, i] = post_mult * T.sigmoid(p[n + i])
+            for q in T.unroll(nn):
+                z[q] = p[2 * n + q]
+            run_sinkhorn(z, a, b, w)
+            for q in T.unroll(nn):
+                h_res[t, q // n, q % n] = z[q]
+
+    return body
+
+
 def pre_finalize_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
     """Coefficients, Sinkhorn and ``layer_input = sum_i h_pre[i] x[i]``; see the module docstring."""
     _validate(n, C, dtype)
-    m, nn, K = n * n + 2 * n, n * n, n * C
+    m, nn = n * n + 2 * n, n * n
     vec = _common.VECTOR_BYTES // _common.ELEMENT_BYTES[dtype]
     chunks = C // vec
     f32 = "float32"
-    run_sinkhorn = sinkhorn.forward_in_registers(n, iters, eps)
+    finalize = coefficients(n, C, iters, eps)
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
 
@@ -134,35 +179,11 @@ def pre_finalize_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float)
             xs = T.alloc_local((n, vec), dtype)
             acc = T.alloc_local((vec,), f32)
             ob = T.alloc_local((vec,), dtype)
-            r = T.alloc_var(f32)
             t = bx * TOKENS + tx
             if tx < TOKENS:
                 if t < num_tokens:
-                    r = T.float32(0)
-                    for j in T.unroll(m):
-                        p[j] = T.float32(0)
-                    for s in T.serial(num_splits):  # fixed order: deterministic
-                        r += sq_part[s, t]
-                        for j in T.unroll(m):
-                            p[j] += proj_part[s, t, j]
-                    r = T.rsqrt(r / T.float32(K) + rms_eps)
-                    if by == 0:
-                        rinv[t] = r
-                        for j in T.unroll(m):
-                            proj[t, j] = p[j]
-                    for j in T.unroll(m):
-                        p[j] = p[j] * r * alpha[T.min(j // n, 2)] + bias[j]  # the logit (bwd recomputes it alike)
-                    for i in T.unroll(n):
-                        hps[tx, i] = T.sigmoid(p[i])
-                    if by == 0:
-                        for i in T.unroll(n):
-                            h_pre[t, i] = hps[tx, i]
-                            h_post[t, i] = post_mult * T.sigmoid(p[n + i])
-                        for q in T.unroll(nn):
-                            z[q] = p[2 * n + q]
-                        run_sinkhorn(z, a, b, w)
-                        for q in T.unroll(nn):
-                            h_res[t, q // n, q % n] = z[q]
+                    finalize(t, tx, by == 0, proj_part, sq_part, alpha, bias, h_post, h_res, h_pre, proj, rinv,
+                             rms_eps, post_mult, hps, p, z, a, b, w)  # fmt: skip
                 else:
                     for i in T.unroll(n):
                         hps[tx, i] = T.float32(0)

@@ -5,7 +5,7 @@
 (the module ``tl_kernels.<family>``), a direction (``fwd`` or ``bwd``) and the keyword arguments of that module's
 ``<family>_<direction>_program`` / ``<family>_<direction>_kernel`` functions, in call order.
 
-Shipped today (395 configurations):
+Shipped today (430 configurations):
 
 * ``post_res`` fwd + bwd: ``n`` in :data:`STREAMS` x ``C`` in :data:`HIDDEN_SIZES` x ``dtype`` in :data:`DTYPES`
   (4 x 5 x 3 x 2 = 120);
@@ -19,6 +19,8 @@ Shipped today (395 configurations):
 * ``boundary`` fwd (site l's post_res fused with site l+1's projection) + bwd (post_res(l)'s backward on the sum of
   x_{l+1}'s two gradients): the pre-mapping's 35 shapes (70); the fully fused backward (``fused=True``) at the same
   shapes (35) and its d_h reduction (``reduce_dh=True``) per n (5): 110.
+* ``pre_decode`` fwd (the one-launch decode pre-mapping for T <= 64): the pre-mapping's 35 shapes at
+  :data:`SINKHORN_ITERS`, :data:`SINKHORN_EPS` (35).
 
 Importing this module imports no kernel module, TileLang or torch: the family module is imported on the first call
 to :meth:`KernelConfig.program` or :meth:`KernelConfig.kernel`, so the registry is usable while a family module
@@ -71,7 +73,7 @@ SINKHORN_EPS: float = 0.0
 PRE_MAPPING_STREAMS: tuple[int, ...] = _common.ACTIVATION_STREAMS
 PRE_MAPPING_FULL_STREAMS: tuple[int, ...] = (4,)
 
-FAMILIES: tuple[str, ...] = ("post_res", "sinkhorn", "pre_proj", "pre_finalize", "pre_reduce", "boundary")
+FAMILIES: tuple[str, ...] = ("post_res", "sinkhorn", "pre_proj", "pre_finalize", "pre_reduce", "boundary", "pre_decode")
 DIRECTIONS: tuple[str, ...] = ("fwd", "bwd")
 
 _PACKAGE = __name__.rpartition(".")[0] or "tl_kernels"
@@ -204,13 +206,22 @@ def _boundary_configs() -> list[KernelConfig]:
     return out
 
 
-#: Every configuration the package ships: post_res, sinkhorn, the pre-mapping families, then the boundary; fwd
-#: before bwd.
+def _pre_decode_configs() -> list[KernelConfig]:
+    """The decode forward serves the pre-mapping's shapes at T <= 64."""
+    return [
+        KernelConfig.make("pre_decode", "fwd", n=n, C=c, dtype=dtype, iters=SINKHORN_ITERS, eps=SINKHORN_EPS)
+        for n, c, dtype in _pre_mapping_shapes()
+    ]
+
+
+#: Every configuration the package ships: post_res, sinkhorn, the pre-mapping families, the boundary, then the
+#: decode pre-mapping; fwd before bwd.
 ALL_CONFIGS: tuple[KernelConfig, ...] = (
     *_post_res_configs(),
     *_sinkhorn_configs(),
     *_pre_mapping_configs(),
     *_boundary_configs(),
+    *_pre_decode_configs(),
 )
 
 

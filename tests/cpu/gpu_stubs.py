@@ -336,6 +336,32 @@ def _pre_finalize_bwd(n, C, dtype):
     return FakeKernel("pre_finalize_bwd", (n, C, dtype), pre_finalize.pre_finalize_bwd_program(n, C, dtype), impl)
 
 
+def _pre_decode_fwd(n, C, dtype, iters, eps):
+    from tl_kernels import pre_decode
+
+    chunks = n * C // pre_decode.BK
+
+    def impl(x, phi, alpha, bias, li, h_post, h_res, h_pre, proj, rinv, proj_part, sq_part, ticket, rms_eps,
+             post_mult):  # fmt: skip
+        T, S = x.shape[0], proj_part.shape[0]
+        per = -(-chunks // S)
+        if T > pre_decode.MAX_TOKENS or (S - 1) * per >= chunks:
+            raise ValueError(f"pre_decode_fwd: T={T}, num_splits={S} with {chunks} chunks: the contract needs "
+                             f"T <= {pre_decode.MAX_TOKENS} and every split non-empty")  # fmt: skip
+        xv = x.double()
+        for s in range(S):  # the partials the kernel leaves in its scratch
+            k = slice(s * per * pre_decode.BK, min((s + 1) * per, chunks) * pre_decode.BK)
+            _put(proj_part[s], xv[:, k] @ phi.double()[k])
+            _put(sq_part[s], xv[:, k].square().sum(-1))
+        want = ref.pre_mapping(xv.view(T, n, C), phi.double(), alpha.double(), bias.double(), iters, post_mult,
+                               rms_eps, eps)  # fmt: skip
+        for out, w in zip((li, h_post, h_res, h_pre, proj, rinv), want, strict=True):
+            _put(out, w)
+
+    prog = pre_decode.pre_decode_fwd_program(n, C, dtype, iters, eps)
+    return FakeKernel("pre_decode_fwd", (n, C, dtype, iters, eps), prog, impl)
+
+
 def _boundary_fwd(n, C, dtype):
     from tl_kernels import boundary
 
@@ -444,6 +470,7 @@ BUILDERS = {
     ("pre_finalize", "pre_finalize_fwd_kernel"): _pre_finalize_fwd,
     ("pre_finalize", "pre_finalize_bwd_kernel"): _pre_finalize_bwd,
     ("pre_reduce", "pre_reduce_bwd_kernel"): _pre_reduce_bwd,
+    ("pre_decode", "pre_decode_fwd_kernel"): _pre_decode_fwd,
     ("boundary", "boundary_fwd_kernel"): _boundary_fwd,
     ("boundary", "boundary_bwd_kernel"): _boundary_bwd,
     ("boundary", "boundary_bwd_fused_kernel"): _boundary_bwd_fused,

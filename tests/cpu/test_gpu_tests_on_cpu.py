@@ -64,14 +64,14 @@ def test_runtime_current_device(calls):
 
 
 def test_runtime_graph_after_warmup(calls):
-    """warmup() makes 13 kernels ready for n = 4, C = 2560, bf16 (the GPU test asserted 4 until issue 21; 12 before
-    the fully fused boundary backward)."""
+    """warmup() makes 14 kernels ready for n = 4, C = 2560, bf16 (the GPU test asserted 4 until issue 21; 12 before
+    the fully fused boundary backward and the decode kernel)."""
     runtime.test_graph_captured_straight_after_warmup()
     built = {(name, cfg) for name, cfg, _ in calls}
     assert {name for name, _ in built} == {"sinkhorn_fwd", "sinkhorn_bwd", "post_res_fwd", "post_res_bwd",
                                            "pre_proj_fwd", "pre_proj_bwd", "pre_finalize_fwd", "pre_finalize_bwd",
                                            "pre_reduce_bwd", "boundary_fwd", "boundary_bwd_fused",
-                                           "boundary_dh_reduce"}  # fmt: skip
+                                           "boundary_dh_reduce", "pre_decode_fwd"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- post_res
@@ -116,10 +116,9 @@ def test_sinkhorn_ops(calls):
                                             (4, 1280, "float32", 137)])  # fmt: skip
 def test_pre_mapping_ops(calls, n, C, dtype, T):
     pre_mapping.test_forward_and_backward_match_reference(n, C, dtype, T)
-    # forward: 2 launches; backward: 4, with no torch op between them (mhc/_cuda.py)
-    assert _names(calls) == [
-        "pre_proj_fwd", "pre_finalize_fwd", "pre_finalize_bwd", "sinkhorn_bwd", "pre_proj_bwd", "pre_reduce_bwd"
-    ]  # fmt: skip
+    # forward: 2 launches (1 for T <= 64: tl_kernels/pre_decode.py); backward: 4, with no torch op between them
+    fwd = ["pre_decode_fwd"] if T <= 64 else ["pre_proj_fwd", "pre_finalize_fwd"]
+    assert _names(calls) == [*fwd, "pre_finalize_bwd", "sinkhorn_bwd", "pre_proj_bwd", "pre_reduce_bwd"]
 
 
 def test_pre_mapping_other_cases(calls):

@@ -198,6 +198,19 @@ template <class F> void run_block(int threads, int schedule, size_t smem_bytes, 
 #define __align__(x)
 typedef unsigned char uchar;
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// Programmatic dependent launch (griddepcontrol.wait / launch_dependents): one kernel runs at a time here, so the
+// predecessor grid has always completed; both are no-ops, as on a GPU for a grid not launched as a dependent.
+inline void cudaGridDependencySynchronize() {}
+inline void cudaTriggerProgrammaticLaunchCompletion() {}
+// TileLang's AtomicAddRet (tl_templates/cuda/atomic.h) on an int: the blocks of a launch run one after another, the
+// threads of a block one at a time, so a plain read-modify-write is atomic; the old value is returned.
+template <typename T1, typename T2>
+inline T1 AtomicAddRet(T1 *address, T2 value, int memory_order = 0) {
+  T1 old = *address;
+  *address = old + (T1)value;
+  return old;
+}
 inline float max(float a, float b) { return fmaxf(a, b); }
 inline float min(float a, float b) { return fminf(a, b); }
 inline int max(int a, int b) { return a > b ? a : b; }

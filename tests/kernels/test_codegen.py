@@ -313,7 +313,12 @@ def test_registry_counts() -> None:
     assert {(c.direction, c.kwargs["n"], c.kwargs["reduce_phi"]) for c in reduce} == {
         ("bwd", n, r) for n in (1, 2, 4, 6, 8) for r in (True, False)
     }
-    assert len(ALL_CONFIGS) == 395 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary}
+    decode = registry.configs("pre_decode")
+    assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"], c.direction) for c in decode} == {
+        (*shape, "fwd") for shape in shapes
+    }
+    assert all(c.kwargs["iters"] == 20 and c.kwargs["eps"] == 0.0 for c in decode)
+    assert len(ALL_CONFIGS) == 430 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary, *decode}
     for family, direction in itertools.product(("pre_proj", "pre_finalize"), ("fwd", "bwd")):
         got = {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in registry.configs(family, direction)}
         assert got == shapes, (family, direction)
@@ -360,7 +365,7 @@ def test_registry_selection() -> None:
     ]
     assert registry.configs("sinkhorn", dtype="bfloat16") == []  # no Sinkhorn config has a dtype
     both = registry.configs(iters=20, dtype="bfloat16")
-    assert both and {c.name.split("[")[0] for c in both} == {"pre_finalize_fwd"}
+    assert both and {c.name.split("[")[0] for c in both} == {"pre_finalize_fwd", "pre_decode_fwd"}
 
 
 def test_kernel_config_is_frozen_and_validated() -> None:
@@ -404,7 +409,7 @@ def test_kernel_config_resolves_builders_lazily(monkeypatch) -> None:
 
 def test_registry_import_is_light() -> None:
     code = (
-        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 395; "
+        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 430; "
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tilelang', 'torch', 'tvm') "
         "or m.startswith('tl_kernels.') and m.split('.')[1] in r.FAMILIES]; assert not heavy, heavy"
     )
