@@ -22,17 +22,9 @@ def _kernel_name(launch) -> str:
 
 
 def _launches(op) -> list[str]:
-    """The launches of one logged op: an mhc op through its CUDA implementation (mhc._cuda or mhc.boundary), an
-    aten op as itself."""
-    if not op.name.startswith("mhc::"):
-        return [op.name]
-    name = op.name.split("::")[1].split(".")[0]
-    impl = torch._library.custom_ops.OPDEFS[f"mhc::{name}"]._backend_fns["cuda"]
-    log = capture._Log()
-    with op.mode, capture._recording(SMS) as launches, log:
-        impl(*op.args, **op.kwargs)
-    glue = [o.name for o in log.ops if o.name.startswith("aten::") and o.nbytes]
-    return [_kernel_name(launch) for launch in launches] + glue
+    """The launches of one logged op (:func:`profiling.model.capture.launches_of`: an mhc op through its CUDA
+    implementation, nested mhc ops expanded, an aten op that moves bytes as one glue launch)."""
+    return [_kernel_name(e) if isinstance(e, capture.Launch) else e.name for e in capture.launches_of([op], SMS)]
 
 
 def _stack_forward(T: int, sites: int, dtype=torch.bfloat16) -> list:
