@@ -66,6 +66,14 @@ Backward: BM = 64 tokens x BK = 64 channels, 128 threads (256 at n = 6, 8, :func
 partitioned by TileLang, N padded to ``mp`` = m rounded up to 16 (16, 16, 32, 48, 80 for n = 1, 2, 4, 6, 8); the
 padded phi columns are zero-filled on load, never read from global memory. It keeps phi's K-slice [BK, mp] in shared
 memory and the d_phi accumulator [BK, mp] in registers across its token tiles, and writes d_x once per tile.
+Every global load of a token tile is issued at the top of the tile, before the first use of any of them, so that a
+warp waits about one DRAM latency a tile, not one per load: each thread loads its slice of x (4 elements a row of
+its rows) into registers, its share of one token row's coefficient inputs (``G = threads / BM`` adjacent lanes a row,
+d_pp's columns ``[p * 2n / G, ...)``, d_res's likewise, proj at the same columns, rinv, h_pre), and g_li (and d_x_in)
+in the d_x accumulator's fragment layout, for the epilogue after the GEMMs. Rows past T are clamped to T - 1 on load
+and zeroed by selects, not branches (ptxas sinks a load into the branch that uses it, and the warp then waits for it
+there). The lanes of a row sum their parts of cx with a fixed butterfly (the same order in every lane: deterministic).
+``__launch_bounds__`` holds ptxas to the registers of the resident blocks :func:`choose_splits` assumes.
 
 Bytes per token (bf16, n=4): forward 8C + S x 100 B; backward x 8C + g_li 2C (read once per stream: up to 8C if
 the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with ``accumulate``); the coefficient inputs
@@ -77,17 +85,16 @@ H100 occupancy from registers and shared memory; guarded in tests/kernels/test_s
 * forward: 217 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
   divisions, 128-bit x loads; 6,076 warp instructions per token (was 46,172); 108 registers, 12 KB shared, 256
   threads: 2 blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
-* backward: 1,160 per token tile with its MMA loop (was 3,887 with 41 integer division sequences and a call to the
-  fp32 division routine, at 185 registers; 1,224 reading one concatenated d_logits), 0 divisions; 32,480 warp
-  instructions per token (was 108,836); 126 registers, 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots
-  (0.85 wave; was 448 for 264 slots, 1.7 waves). Its x-tile loads are 64-bit (the conversion to the fp32 tile is
-  fused into them). The d_bias / d_scale pass runs after the tile loop (a rolled loop over its tiles' tokens; with
-  an unrolled one ptxas hoisted the loads to 255 registers and spilled). The d_proj tile is filled by two loops,
-  d_pp's 2n columns and d_res's n * n: one loop selecting between the two sources per element cost 1,534-1,540;
-  the two loops' shared stores are 2-way bank conflicts (``python -m profiling model --kernel pre_mapping_bwd --json
-  PATH``: ``bank_conflicts`` of pre_proj_bwd), a lever left.
-* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 72 / 146, n = 2: 72 / 146, n = 6: 146 / 207,
-  n = 8: 202 / 208 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 128 / 150. Resident
+* backward: 1,192 per token tile with its MMA loop (1,160 when each value was loaded where it was used, which
+  stopped the warp 12 times a tile; 3,887 with 41 integer division sequences), 0 divisions, at most 2 waits for
+  global loads a tile (tests/kernels/test_sass.py); 33,376 warp instructions per token; 128 registers (held there by
+  ``__launch_bounds__``), 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots (0.85 wave). Its x-tile loads
+  are 64-bit: 128-bit ones made the fp32 tile's stores 2-way bank conflicts. The d_bias / d_scale pass runs after
+  the tile loop (a rolled loop over its tiles' tokens; with an unrolled one ptxas hoisted the loads to 255
+  registers and spilled). The d_proj tile's 128-bit stores are 2-way bank conflicts (``python -m profiling model
+  --kernel pre_mapping_bwd --json PATH``: ``bank_conflicts`` of pre_proj_bwd), a lever left.
+* other n at C = 7168 (``--n 1 2 6 8``), registers fwd / bwd: n = 1: 72 / 147, n = 2: 72 / 143, n = 6: 146 / 154,
+  n = 8: 202 / 153 (the backward at 256 threads for n = 6, 8); fp32 activations at n = 4: 128 / 154. Resident
   blocks per SM follow (:data:`_FWD_RESIDENT`, :data:`_BWD_RESIDENT`, used by :func:`choose_splits`; keyed by n
   at bf16: the fp32 backward at n = 4 fits 3 blocks, not 4).
 * all shipped configurations: 0 spills, 0 stack (tests/kernels/test_codegen.py).
