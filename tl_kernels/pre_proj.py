@@ -70,7 +70,9 @@ Every global load of a token tile is issued at the top of the tile, before the f
 warp waits about one DRAM latency a tile, not one per load: each thread loads its slice of x (4 elements a row of
 its rows) into registers, its share of one token row's coefficient inputs (``G = threads / BM`` adjacent lanes a row,
 d_pp's columns ``[p * 2n / G, ...)``, d_res's likewise, proj at the same columns, rinv, h_pre), and g_li (and d_x_in)
-in the d_x accumulator's fragment layout, for the epilogue after the GEMMs. Rows past T are clamped to T - 1 on load
+in the d_x accumulator's fragment layout, for the epilogue after the GEMMs (which reads cx and h_pre of its rows from
+shared memory once a tile into registers, not once per element pair; not in the accumulating variant, where their
+8 registers made ptxas spill). Rows past T are clamped to T - 1 on load
 and zeroed by selects, not branches (ptxas sinks a load into the branch that uses it, and the warp then waits for it
 there). The lanes of a row sum their parts of cx with a fixed butterfly (the same order in every lane: deterministic).
 ``__launch_bounds__`` holds ptxas to the registers of the resident blocks :func:`choose_splits` assumes.
@@ -85,9 +87,9 @@ H100 occupancy from registers and shared memory; guarded in tests/kernels/test_s
 * forward: 217 SASS instructions a thread per K-chunk (was 1,649 with 20 division calls), 24 HMMA, 0 integer
   divisions, 128-bit x loads; 6,076 warp instructions per token (was 46,172); 108 registers, 12 KB shared, 256
   threads: 2 blocks per SM, grid 128 x 2 = 256 blocks for 264 resident slots (0.97 wave).
-* backward: 1,192 per token tile with its MMA loop (1,160 when each value was loaded where it was used, which
+* backward: 1,168 per token tile with its MMA loop (1,160 when each value was loaded where it was used, which
   stopped the warp 12 times a tile; 3,887 with 41 integer division sequences), 0 divisions, at most 2 waits for
-  global loads a tile (tests/kernels/test_sass.py); 33,376 warp instructions per token; 128 registers (held there by
+  global loads a tile (tests/kernels/test_sass.py); 32,704 warp instructions per token; 128 registers (held there by
   ``__launch_bounds__``), 33 KB shared: 4 blocks per SM, grid 448 x 1 for 528 slots (0.85 wave). Its x-tile loads
   are 64-bit: 128-bit ones made the fp32 tile's stores 2-way bank conflicts. The d_bias / d_scale pass runs after
   the tile loop (a rolled loop over its tiles' tokens; with an unrolled one ptxas hoisted the loads to 255
@@ -389,6 +391,9 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             xr = T.alloc_local((x_passes, X_VEC), dtype)
             gl = T.alloc_fragment((BM, BK), dtype)
             dxi = T.alloc_fragment((BM, BK), dtype) if accumulate else None
+            # cx and h_pre of the accumulator's rows, read from shared memory once a tile, not per element pair
+            cxf = None if accumulate else T.alloc_fragment((BM,), f32)
+            hpf = None if accumulate else T.alloc_fragment((BM,), f32)
             dlp = T.alloc_local((a,), f32)
             prp = T.alloc_local((a,), f32)
             dlr = T.alloc_local((b,), f32)
@@ -472,9 +477,16 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
                 T.sync_threads()  # xs, dps, cxs, hps written before the GEMMs and the epilogue read them
                 T.gemm(dps, ps, dx_acc, transpose_B=True, clear_accum=True)
                 T.gemm(xs, dps, dphi_acc, transpose_A=True)
+                if not accumulate:  # with d_x_in's 16 registers, ptxas spilled at 128 (n = 4, bf16)
+                    for i in T.Parallel(BM):
+                        cxf[i] = cxs[i]
+                        hpf[i] = hps[i]
                 for i, j in T.Parallel(BM, BK):
                     if t0 + i < num_tokens:
-                        v = dx_acc[i, j] + cxs[i] * xs[i, j] + hps[i] * T.cast(gl[i, j], f32)
+                        if accumulate:
+                            v = dx_acc[i, j] + cxs[i] * xs[i, j] + hps[i] * T.cast(gl[i, j], f32)
+                        else:
+                            v = dx_acc[i, j] + cxf[i] * xs[i, j] + hpf[i] * T.cast(gl[i, j], f32)
                         if accumulate:
                             v = v + T.cast(dxi[i, j], f32)
                         d_x[t0 + i, k0 + j] = T.cast(v, dtype)
