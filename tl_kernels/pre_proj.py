@@ -66,6 +66,16 @@ Backward: BM = 64 tokens x BK = 64 channels, 128 threads (256 at n = 6, 8, :func
 partitioned by TileLang, N padded to ``mp`` = m rounded up to 16 (16, 16, 32, 48, 80 for n = 1, 2, 4, 6, 8); the
 padded phi columns are zero-filled on load, never read from global memory. It keeps phi's K-slice [BK, mp] in shared
 memory and the d_phi accumulator [BK, mp] in registers across its token tiles, and writes d_x once per tile.
+Every global load of a token tile is issued at the top of the tile, before the first use of any of them, so that a
+warp waits about one DRAM latency a tile, not one per load: each thread loads its slice of x (4 elements a row of
+its rows) into registers, its share of one token row's coefficient inputs (``G = threads / BM`` adjacent lanes a row,
+d_pp's columns ``[p * 2n / G, ...)``, d_res's likewise, proj at the same columns, rinv, h_pre), and g_li (and d_x_in)
+in the d_x accumulator's fragment layout, for the epilogue after the GEMMs (which reads cx and h_pre of its rows from
+shared memory once a tile into registers, not once per element pair; not in the accumulating variant, where their
+8 registers made ptxas spill). Rows past T are clamped to T - 1 on load
+and zeroed by selects, not branches (ptxas sinks a load into the branch that uses it, and the warp then waits for it
+there). The lanes of a row sum their parts of cx with a fixed butterfly (the same order in every lane: deterministic).
+``__launch_bounds__`` holds ptxas to the registers of the resident blocks :func:`choose_splits` assumes.
 
 Bytes per token (bf16, n=4): forward 8C + S x 100 B; backward x 8C + g_li 2C (read once per stream: up to 8C if
 the four streams' blocks miss L2) + d_x 8C = 18C-24C (+8C read with ``accumulate``); the coefficient inputs
@@ -75,7 +85,11 @@ Resources and SASS: the hot loops' instruction counts (per K-chunk in the forwar
 HMMA, integer divisions (none), load widths, registers, shared memory and resident blocks are printed by ``python -m
 tl_kernels.tools.pre_mapping_sass [--n 1 2 4 6 8]`` (docs/benchmarks.md, "Compile facts"), guarded in
 tests/kernels/test_sass.py; every shipped configuration has 0 spills and 0 stack (tests/kernels/test_codegen.py).
-Its x-tile loads in the backward are 64-bit (the conversion to the fp32 tile is fused into them). The d_bias /
+The backward issues every global load of a token tile at the tile's top, before any use (x unconditionally into
+registers with rows clamped to T - 1, then staged through a select, not a branch; the coefficient inputs split over
+the lanes of a token row; g_li / d_x_in into a fragment in d_x's layout), so a warp waits for DRAM about twice a
+tile, not once per value (tests/kernels/test_sass.py counts the waits). Its x-tile loads are 64-bit: 128-bit ones
+made the fp32 tile's stores 2-way bank conflicts. The d_bias /
 d_scale pass runs after the tile loop (a rolled loop over its tiles' tokens; unrolled, ptxas hoisted the loads and
 spilled). The d_proj tile is filled by two loops, d_pp's 2n columns and d_res's n * n (one loop selecting between
 the two sources per element cost more instructions); the two loops' shared stores are 2-way bank conflicts
@@ -122,6 +136,8 @@ FWD_WARPS = 8  # the forward: each warp owns 16 tokens (one MMA row tile) and al
 FWD_THREADS = 32 * FWD_WARPS
 FWD_BM = 16 * FWD_WARPS  # tokens per forward block
 MAX_SPLITS = 64
+X_VEC = 4  # x elements a thread loads at once in the backward (64-bit at bf16/fp16; 8 conflicts in xs)
+X_LANES = BK // X_VEC  # threads per x tile row
 # Resident blocks per H100 SM by n (registers from ptxas -v at bf16; ``python -m tl_kernels.tools.pre_mapping_sass --n 1
 # 2 4 6 8``, column blocks/SM): the wave :func:`choose_splits` fills. fp32 activations at n = 4 fit fewer (the same
 # command with --dtype float32).
@@ -339,6 +355,16 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
     nn, n2 = n * n, 2 * n
     threads = bwd_threads(n)
     assert threads >= m, "one thread per coefficient column in the d_bias / d_scale pass"  # internal invariant
+    G = threads // BM  # threads per token row in the d_logits staging (2 or 4)
+    G_LOG = G.bit_length() - 1
+    a = n2 // G  # d_pp columns per thread (G divides 2n for every n in STREAMS)
+    b = -(-nn // G)  # d_res columns per thread (the tail masked at n = 1)
+    # The blocks per SM that choose_splits assumes (fp32 activations: one fewer at n = 4, their x slice takes 16
+    # registers more); ptxas is held to the registers that fit them (__launch_bounds__' second argument).
+    min_blocks = min(_BWD_RESIDENT[n], 3) if dtype == "float32" else _BWD_RESIDENT[n]
+    x_rows = threads // X_LANES  # x tile rows loaded per pass
+    x_passes = BM // x_rows
+    assert G * a == n2 and (1 << G_LOG) == G and x_passes * x_rows == BM  # internal invariants
     f32 = "float32"
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
@@ -354,10 +380,27 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             hps = T.alloc_shared((BM,), f32)
             dx_acc = T.alloc_fragment((BM, BK), f32)
             dphi_acc = T.alloc_fragment((BK, mp), f32)
+            # One tile's global inputs, loaded into registers at the top of the tile before any of them is used
+            # (one DRAM latency a tile; a load used right after it costs a latency each): x (xr, this thread's
+            # x_passes rows of X_VEC channels), g_li and d_x_in (gl, dxi: the d_x accumulator's layout), and per
+            # token row r = tx // G, part p = tx % G: d_pp's columns [p * a, p * a + a), d_res's [p * b, p * b + b)
+            # (clamped; the tail masked), proj at the same columns, rinv and h_pre.
+            xr = T.alloc_local((x_passes, X_VEC), dtype)
+            gl = T.alloc_fragment((BM, BK), dtype)
+            dxi = T.alloc_fragment((BM, BK), dtype) if accumulate else None
+            # cx and h_pre of the accumulator's rows, read from shared memory once a tile, not per element pair
+            cxf = None if accumulate else T.alloc_fragment((BM,), f32)
+            hpf = None if accumulate else T.alloc_fragment((BM,), f32)
+            dlp = T.alloc_local((a,), f32)
+            prp = T.alloc_local((a,), f32)
+            dlr = T.alloc_local((b,), f32)
+            prr = T.alloc_local((b,), f32)
+            T.annotate_min_blocks_per_sm(min_blocks)  # ptxas keeps the registers to the resident blocks
             tx = T.get_thread_binding()
             k0 = kb * BK
-            stream = k0 // C  # BK divides C: the slice lies in one stream
-            c0 = k0 - stream * C
+            stream = T.alloc_var("int32")
+            stream = kb // (C // BK)  # BK divides C: the slice lies in one stream
+            c0 = (kb % (C // BK)) * BK  # an expression, a visible multiple of BK: g_li's loads vectorize
             tiles = T.ceildiv(num_tokens, BM)
             # The split's token tiles, once, as int32 scalars (inlined into the loop they cost 64-bit divisions).
             per = T.alloc_var("int32")
@@ -366,6 +409,16 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             t_base = by * per * BM
             count = T.alloc_var("int32")
             count = T.min(per, tiles - by * per)
+            a0 = T.alloc_var(f32)
+            a0 = alpha[0]
+            a1 = T.alloc_var(f32)
+            a1 = alpha[1]
+            a2 = T.alloc_var(f32)
+            a2 = alpha[2]
+            xrow = tx // X_LANES  # x: row xrow + x_rows * i, channels [X_VEC * xl, X_VEC * xl + X_VEC)
+            xl = tx % X_LANES
+            r = tx // G  # d_logits: token row r, part p (a row's parts in adjacent lanes)
+            p = tx % G
             for i, j in T.Parallel(BK, mp):
                 ps[i, j] = T.if_then_else(j < m, _tf32(phi[k0 + i, j]), T.float32(0))
             for i, j in T.Parallel(BM, mp):
@@ -373,44 +426,66 @@ def pre_proj_bwd_program(n: int, C: int, dtype: str, accumulate: bool = False):
             T.clear(dphi_acc)
             for tt in T.serial(count):
                 t0 = t_base + tt * BM
-                T.sync_threads()  # the fills above / the previous tile's GEMM and epilogue reads before these writes
+                # Every global load of the tile, rows past T clamped to T - 1 (masked below, never stored).
+                for i in T.unroll(x_passes):
+                    for e in T.vectorized(X_VEC):
+                        xr[i, e] = x[T.min(t0 + xrow + x_rows * i, num_tokens - 1), k0 + X_VEC * xl + e]
+                tr = T.min(t0 + r, num_tokens - 1)
+                for i in T.unroll(a):
+                    dlp[i] = d_pp[tr, p * a + i]
+                    prp[i] = proj[tr, p * a + i]
+                for i in T.unroll(b):
+                    dlr[i] = d_res[tr, T.min(p * b + i, nn - 1)]
+                    prr[i] = proj[tr, n2 + T.min(p * b + i, nn - 1)]
+                rv = T.alloc_var(f32)
+                rv = rinv[tr]
+                hv = T.alloc_var(f32)
+                hv = h_pre[tr, stream]
                 for i, j in T.Parallel(BM, BK):
-                    # A clamped row: the vectorized load and conversion run before the select (rows past T: zero).
-                    xs[i, j] = T.if_then_else(
-                        t0 + i < num_tokens, T.cast(x[T.min(t0 + i, num_tokens - 1), k0 + j], f32), T.float32(0)
-                    )
-                # d_proj = d_logits * alpha_g * rinv (d_logits = d_pp | d_res), rows past T and padded columns zero.
-                for i, j in T.Parallel(BM, n2):
-                    dps[i, j] = T.if_then_else(
-                        t0 + i < num_tokens, _tf32(d_pp[t0 + i, j] * alpha[j // n] * rinv[t0 + i]), T.float32(0)
-                    )
-                for i, j in T.Parallel(BM, nn):
-                    dps[i, n2 + j] = T.if_then_else(
-                        t0 + i < num_tokens, _tf32(d_res[t0 + i, j] * alpha[2] * rinv[t0 + i]), T.float32(0)
-                    )
-                # cx = -rinv^3 / K * sum_j d_logits_j * alpha_g(j) * proj_j (one thread per token, fixed order; a
-                # rolled loop: unrolled, ptxas hoisted all 2m loads and spilled at n = 6, 8).
-                if tx < BM:
-                    t = t0 + tx
-                    if t < num_tokens:
-                        s = T.alloc_var(f32)
-                        s = T.float32(0)
-                        for j in T.serial(m):
-                            s += _coef_grad(d_pp, d_res, t, j, n) * alpha[T.min(j // n, 2)] * proj[t, j]
-                        r = rinv[t]
-                        cxs[tx] = -s * r * r * r * T.float32(1.0 / K)  # a multiply: the division is a call
-                        hps[tx] = h_pre[t, stream]
-                    else:
-                        cxs[tx] = T.float32(0)
-                        hps[tx] = T.float32(0)
+                    gl[i, j] = g_li[T.min(t0 + i, num_tokens - 1), c0 + j]
+                if accumulate:
+                    for i, j in T.Parallel(BM, BK):
+                        dxi[i, j] = d_x_in[T.min(t0 + i, num_tokens - 1), k0 + j]
+                T.sync_threads()  # the previous tile's GEMM and epilogue reads before these writes
+                for i in T.unroll(x_passes):
+                    for e in T.vectorized(X_VEC):
+                        xs[xrow + x_rows * i, X_VEC * xl + e] = T.Select(
+                            t0 + xrow + x_rows * i < num_tokens, T.cast(xr[i, e], f32), T.float32(0)
+                        )
+                # d_proj = d_logits * alpha_g * rinv (d_logits = d_pp | d_res), rows past T zero; and this part's
+                # share of cx = -rinv^3 / K * sum_j d_logits_j * alpha_g(j) * proj_j, summed over the G parts of
+                # the row by a butterfly (the same fixed order in every lane: deterministic).
+                ok = t0 + r < num_tokens
+                s = T.alloc_var(f32)
+                s = T.float32(0)
+                for i in T.unroll(a):
+                    ag = T.Select(p * a + i < n, a0, a1)
+                    dps[r, p * a + i] = T.Select(ok, _tf32(dlp[i] * ag * rv), T.float32(0))
+                    s += dlp[i] * ag * prp[i]
+                for i in T.unroll(b):
+                    if nn % G == 0 or p * b + i < nn:
+                        dps[r, n2 + p * b + i] = T.Select(ok, _tf32(dlr[i] * a2 * rv), T.float32(0))
+                        s += dlr[i] * a2 * prr[i]
+                for sh_ in T.unroll(G_LOG):
+                    s = s + T.shfl_xor(s, 1 << sh_)  # the G parts of a row: lanes differing in bits [0, G_LOG)
+                if p == 0:
+                    cxs[r] = T.Select(ok, -s * rv * rv * rv * T.float32(1.0 / K), T.float32(0))  # no division
+                    hps[r] = T.Select(ok, hv, T.float32(0))
                 T.sync_threads()  # xs, dps, cxs, hps written before the GEMMs and the epilogue read them
                 T.gemm(dps, ps, dx_acc, transpose_B=True, clear_accum=True)
                 T.gemm(xs, dps, dphi_acc, transpose_A=True)
+                if not accumulate:  # with d_x_in's 16 registers, ptxas spilled at 128 (n = 4, bf16)
+                    for i in T.Parallel(BM):
+                        cxf[i] = cxs[i]
+                        hpf[i] = hps[i]
                 for i, j in T.Parallel(BM, BK):
                     if t0 + i < num_tokens:
-                        v = dx_acc[i, j] + cxs[i] * xs[i, j] + hps[i] * T.cast(g_li[t0 + i, c0 + j], f32)
                         if accumulate:
-                            v = v + T.cast(d_x_in[t0 + i, k0 + j], f32)
+                            v = dx_acc[i, j] + cxs[i] * xs[i, j] + hps[i] * T.cast(gl[i, j], f32)
+                        else:
+                            v = dx_acc[i, j] + cxf[i] * xs[i, j] + hpf[i] * T.cast(gl[i, j], f32)
+                        if accumulate:
+                            v = v + T.cast(dxi[i, j], f32)
                         d_x[t0 + i, k0 + j] = T.cast(v, dtype)
             for i, j in T.Parallel(BK, mp):
                 if j < m:
