@@ -16,7 +16,8 @@ import re
 
 import pytest
 
-from tl_kernels import codegen, pre_decode
+from tl_kernels import pre_decode
+from tl_kernels.tools import codegen
 
 CONFIGS = [(4, 7168, "bfloat16"), (8, 7168, "bfloat16"), (4, 7168, "float32"), (1, 1280, "bfloat16")]
 CHUNK_LOOP_CEILING = {(4, 7168, "bfloat16"): 308}

@@ -189,7 +189,7 @@ def test_pre_proj_bwd_issues_a_tile_loads_together():
     x, d_pp, d_res, proj, rinv, h_pre before the shared-memory staging, once for g_li in the epilogue (issued
     before the GEMMs). Loading each value where it is used stopped 12 times a tile, a DRAM latency each (the
     performance model's dependent chain: 2,483 us of the pre-mapping backward at T = 16384 on an H100)."""
-    from tl_kernels import pre_mapping_sass as pm_sass
+    from tl_kernels.tools import pre_mapping_sass as pm_sass
 
     try:
         loop = pm_sass.hot_loop("pre_proj_bwd", 4, 7168, "bfloat16")
