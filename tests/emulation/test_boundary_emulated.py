@@ -13,8 +13,8 @@ Checks:
 * the next site's ``pre_finalize`` run unchanged on the boundary's partials gives the layer input and coefficients
   of ``pre_proj`` + ``pre_finalize`` on the same x_next within the TF32 budget.
 
-Several split counts (including splits of one channel block), partial token tiles, every n, the three dtypes, and the
-BC = 32 tile (fp32 at n = 8). Not covered: the real tensor cores' accumulation order and speed.
+Several split counts (including splits of one channel block), partial token tiles, every n, the three dtypes, both
+designs (the register design, 16-channel blocks for fp32; the shared-tile design at n = 8, 16-bit). Not covered: the real tensor cores' accumulation order and speed.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def _run_boundary(n, C, dtype, T, S, y, x, h_post, h_res, phi, extra_out=3):
 CASES = [  # (n, C, dtype, T, splits)
     (4, 256, "bfloat16", 70, 2),  # two token tiles, the second partial
     (1, 64, "float32", 5, 1),
-    (8, 128, "float32", 3, 2),  # BC = 32
+    (8, 128, "float32", 3, 2),  # 16-channel blocks
+    (8, 128, "bfloat16", 70, 2),  # the shared-tile design
     (6, 192, "float16", 65, 3),  # one channel block a split
     (2, 192, "bfloat16", 1, 3),  # decode: one token
 ]
