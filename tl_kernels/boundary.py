@@ -648,6 +648,7 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     from tvm import tirx
 
     from .pre_proj import _coef_grad
+    from .pre_proj import _tf32 as tf32
 
     p = fused_plan(n, C, dtype)
     m, mp, g, kw, vec, lanes, rows = p.m, p.mp, p.g, p.kw, p.vec, p.lanes, p.rows
@@ -658,9 +659,6 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
     num_coef_tiles = T.dynamic("num_coef_tiles")
-
-    def tf32(v):
-        return T.reinterpret(T.reinterpret(v, "uint32") + T.uint32(_TF32_ROUND), f32)
 
     @T.prim_func
     def boundary_bwd_fused(
