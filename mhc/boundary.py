@@ -27,7 +27,8 @@ Ops (``T`` tokens, ``n`` streams, ``C`` hidden, ``m = n*n + 2n``):
   h_res' [T,n,n], h_pre' [T,n], proj [T,m], rinv [T])``; ``proj`` and ``rinv`` are non-differentiable statistics.
 * ``mhc::boundary_bwd(grad_x_next, grad_layer_input, grad_h_post', grad_h_res', grad_h_pre', layer_output,
   residual, h_post, h_res, x_next, phi, alpha, bias, h_pre', h_post', proj, rinv, iters, post_mult, sinkhorn_eps)
-  -> (d_layer_output, d_residual, d_h_post, d_h_res, d_phi, d_alpha, d_bias)``.
+  -> (d_layer_output, d_residual, d_h_post, d_h_res, d_phi, d_alpha, d_bias)``; ``grad_h_pre'`` may be None (zero:
+  the undefined gradient of an unused ``h_pre'``, passed down instead of a zero-filled tensor).
 
 Checks are those of ``mhc::post_res_fwd`` and ``mhc::pre_mapping_fwd`` (with ``x_next``'s shape and dtype), run
 by the op, its fake and its CUDA kernel alike. The default kernel (every device) composes the unfused ops
@@ -104,7 +105,7 @@ def boundary_backward_reference(
     grad_layer_input: Tensor,
     grad_h_post_next: Tensor,
     grad_h_res_next: Tensor,
-    grad_h_pre_next: Tensor,
+    grad_h_pre_next: Tensor | None,
     layer_output: Tensor,
     residual: Tensor,
     h_post: Tensor,
@@ -122,7 +123,10 @@ def boundary_backward_reference(
     sinkhorn_eps: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """VJP of :func:`boundary_reference` w.r.t. ``(layer_output, residual, h_post, h_res, phi, alpha, bias)``;
-    ``grad_x_next`` is the gradient reaching ``x_next`` from its other consumers (see the module docstring)."""
+    ``grad_x_next`` is the gradient reaching ``x_next`` from its other consumers (see the module docstring);
+    ``grad_h_pre_next`` None: zero (``h_pre'`` unused)."""
+    if grad_h_pre_next is None:
+        grad_h_pre_next = torch.zeros_like(h_pre_next)
     d_xn, d_phi, d_alpha, d_bias = reference.pre_mapping_backward(
         grad_layer_input, grad_h_post_next, grad_h_res_next, grad_h_pre_next, x_next, phi, alpha, bias,
         h_pre_next, h_post_next, proj, rinv, iters, post_mult, sinkhorn_eps,
@@ -142,7 +146,9 @@ def composed_fwd(layer_output, residual, h_post, h_res, phi, alpha, bias, iters,
 
 def composed_bwd(g_xn, g_li, g_post, g_res, g_pre, y, x, h_post, h_res, x_next, phi, alpha, bias, h_pre_n,
                  h_post_n, proj, rinv, iters, post_mult, sinkhorn_eps):  # fmt: skip
-    """:func:`boundary_backward_reference` through ``mhc::pre_mapping_bwd`` and ``mhc::post_res_bwd``."""
+    """:func:`boundary_backward_reference` through ``mhc::pre_mapping_bwd`` and ``mhc::post_res_bwd`` (``g_pre``
+    None: zero)."""
+    g_pre = torch.zeros_like(h_pre_n) if g_pre is None else g_pre
     d_xn, d_phi, d_alpha, d_bias = torch.ops.mhc.pre_mapping_bwd(
         g_li, g_post, g_res, g_pre, x_next, phi, alpha, bias, h_pre_n, h_post_n, proj, rinv, iters, post_mult,
         sinkhorn_eps,
@@ -169,7 +175,9 @@ def _check_bwd(args, op=_BWD):
     _checks.require_same_device(op, residual=x, x_next=x_next)
     _checks.require_contiguous(op, "x_next", x_next)
     _checks.require_aligned(op, "x_next", x_next)
-    grads = {"grad_layer_input": g_li, "grad_h_post": g_post, "grad_h_res": g_res, "grad_h_pre": g_pre}
+    grads = {"grad_layer_input": g_li, "grad_h_post": g_post, "grad_h_res": g_res}
+    if g_pre is not None:  # None: h_pre' has no gradient (autograd's undefined gradient, not materialised)
+        grads["grad_h_pre"] = g_pre
     saved = {"h_pre": h_pre_n, "h_post": h_post_n, "proj": proj, "rinv": rinv}
     _checks.pre_mapping_bwd(grads, x_next, phi, alpha, bias, saved, iters, post_mult, s_eps, op)
 
@@ -220,7 +228,7 @@ def boundary_bwd(
     grad_layer_input: Tensor,
     grad_h_post_next: Tensor,
     grad_h_res_next: Tensor,
-    grad_h_pre_next: Tensor,
+    grad_h_pre_next: Tensor | None,
     layer_output: Tensor,
     residual: Tensor,
     h_post: Tensor,
@@ -269,20 +277,24 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(layer_output, residual, h_post, h_res, x_next, phi, alpha, bias, h_pre_n, h_post_n, proj,
                           rinv)  # fmt: skip
     ctx.iters, ctx.post_mult, ctx.sinkhorn_eps = iters, post_mult, sinkhorn_eps
+    # an unused output's gradient arrives as None, not as a zero tensor (a fill launch each for proj, rinv and h_pre'
+    # per site and step otherwise): _backward zero-fills only what the op needs as a tensor
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_xn, g_li, g_post, g_res, g_pre, _g_proj, _g_rinv, bwd_op=None):
     saved = ctx.saved_tensors
-    layer_output, residual, h_pre_n, h_post_n = saved[0], saved[1], saved[8], saved[9]
+    layer_output, residual, h_post_n = saved[0], saved[1], saved[9]
     T, n, _C = residual.shape
-    # an output nobody used gets a zero gradient (autograd passes None)
+    # an output nobody used gets a zero gradient (autograd passes None); h_pre' (applied inside the forward, rarely
+    # used) is passed as None: the op's kernels then skip it (no zero-fill launch)
     g_xn = torch.zeros_like(residual) if g_xn is None else g_xn
     g_li = torch.zeros_like(layer_output) if g_li is None else g_li
     g_post = torch.zeros_like(h_post_n) if g_post is None else g_post
     g_res = h_post_n.new_zeros((T, n, n)) if g_res is None else g_res
-    g_pre = torch.zeros_like(h_pre_n) if g_pre is None else g_pre
+    g_pre = None if g_pre is None else _checks.aligned_contiguous(g_pre)
     outs = (bwd_op or torch.ops.mhc.boundary_bwd)(
-        *(_checks.aligned_contiguous(g) for g in (g_xn, g_li, g_post, g_res, g_pre)),
+        *(_checks.aligned_contiguous(g) for g in (g_xn, g_li, g_post, g_res)), g_pre,
         *saved, ctx.iters, ctx.post_mult, ctx.sinkhorn_eps,
     )  # fmt: skip
     return (*outs, None, None, None, None)
@@ -335,7 +347,7 @@ def boundary_hp_bwd(
     grad_layer_input: Tensor,
     grad_h_post_next: Tensor,
     grad_h_res_next: Tensor,
-    grad_h_pre_next: Tensor,
+    grad_h_pre_next: Tensor | None,
     layer_output: Tensor,
     residual: Tensor,
     h_post: Tensor,
@@ -365,7 +377,15 @@ def _(*args):
 
     _check_bwd(args)
     tensors, settings = args[:17], args[17:]
-    return _fork_join(lambda *t: torch.ops.mhc.boundary_bwd(*t, *settings), tensors)
+    present = [i for i, t in enumerate(tensors) if t is not None]  # grad_h_pre_next may be None
+
+    def run(*ts):
+        full = list(tensors)
+        for i, t in zip(present, ts, strict=True):
+            full[i] = t
+        return torch.ops.mhc.boundary_bwd(*full, *settings)
+
+    return _fork_join(run, tuple(tensors[i] for i in present))
 
 
 boundary_hp_bwd.register_fake(_bwd_fake)
@@ -485,9 +505,9 @@ def _boundary_bwd_cuda(*args):
 
     dt, dev = _cuda._TL_DTYPES[x.dtype], x.device
     d_pp, res_logits = torch.empty(T, 2 * n, **f32), torch.empty(T, n, n, **f32)
-    _cuda._launch(
-        dev, pre_finalize.pre_finalize_bwd_kernel(n, C, dt),
-        g_li, x_next, g_pre, g_post, h_pre_n, h_post_n, proj, rinv, alpha, bias, d_pp, res_logits, float(post_mult),
+    _cuda._launch(  # g_pre None: the kernel's grad_pre=False variant never reads its grad_h_pre (h_pre_n stands in)
+        dev, pre_finalize.pre_finalize_bwd_kernel(n, C, dt, g_pre is not None),
+        g_li, x_next, h_pre_n if g_pre is None else g_pre, g_post, h_pre_n, h_post_n, proj, rinv, alpha, bias, d_pp, res_logits, float(post_mult),
     )  # fmt: skip
     d_res = torch.empty(T, n, n, **f32)
     _cuda._launch(dev, sinkhorn.sinkhorn_bwd_kernel(n, iters, float(s_eps)), g_res, res_logits, d_res)
@@ -527,6 +547,7 @@ def _boundary_bwd_unfused_cuda(*args):
      h_pre_n, h_post_n, proj, rinv, iters, post_mult, s_eps) = args  # fmt: skip
     if fused_reason(x, h_post, h_res, phi, iters) is not None:
         return composed_bwd(*args)
+    g_pre = torch.zeros_like(h_pre_n) if g_pre is None else g_pre
     d_xn, d_phi, d_alpha, d_bias = _cuda.pre_mapping_bwd(  # the op's CUDA kernel, called directly
         g_li, g_post, g_res, g_pre, x_next, phi, alpha, bias, h_pre_n, h_post_n, proj, rinv, iters, post_mult, s_eps
     )

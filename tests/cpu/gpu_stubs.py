@@ -322,18 +322,19 @@ def _pre_finalize_fwd(n, C, dtype, iters, eps):
     return FakeKernel("pre_finalize_fwd", (n, C, dtype, iters, eps), prog, impl)
 
 
-def _pre_finalize_bwd(n, C, dtype):
+def _pre_finalize_bwd(n, C, dtype, grad_pre=True):
     from tl_kernels import pre_finalize
 
     def impl(g_li, x, g_pre, g_post, h_pre, h_post, proj, rinv, alpha, bias, d_pp, res_logits, post_mult):
         hp, hq = h_pre.double(), h_post.double()
         inner = (g_li.double()[:, None, :] * x.double()).sum(-1)
-        _put(d_pp[:, :n], (inner + g_pre.double()) * hp * (1 - hp))
+        _put(d_pp[:, :n], (inner + g_pre.double() if grad_pre else inner) * hp * (1 - hp))
         _put(d_pp[:, n:], g_post.double() * hq * (1 - hq / post_mult))
         logits = ref.coefficient_logits(proj.double(), rinv.double(), alpha.double(), bias.double(), n)
         _put(res_logits, ref.split_coefficients(logits, n)[2])
 
-    return FakeKernel("pre_finalize_bwd", (n, C, dtype), pre_finalize.pre_finalize_bwd_program(n, C, dtype), impl)
+    program = pre_finalize.pre_finalize_bwd_program(n, C, dtype, grad_pre)
+    return FakeKernel("pre_finalize_bwd", (n, C, dtype, grad_pre), program, impl)
 
 
 def _boundary_fwd(n, C, dtype):

@@ -64,8 +64,8 @@ def test_runtime_current_device(calls):
 
 
 def test_runtime_graph_after_warmup(calls):
-    """warmup() makes 13 kernels ready for n = 4, C = 2560, bf16 (the GPU test asserted 4 until issue 21; 12 before
-    the fully fused boundary backward)."""
+    """warmup() makes 14 kernels ready for n = 4, C = 2560, bf16 (the GPU test asserted 4 until issue 21; 12 before
+    the fully fused boundary backward, 13 before its pre_finalize_bwd variant without grad_h_pre')."""
     runtime.test_graph_captured_straight_after_warmup()
     built = {(name, cfg) for name, cfg, _ in calls}
     assert {name for name, _ in built} == {"sinkhorn_fwd", "sinkhorn_bwd", "post_res_fwd", "post_res_bwd",
