@@ -40,11 +40,11 @@ CUDA. The forward is two launches: ``tl_kernels.boundary`` (x_next and site l+1'
 registers that hold x_next: 18C bytes a token at n = 4, bf16) and the unchanged ``tl_kernels.pre_finalize``
 (coefficients, Sinkhorn, H_pre x: 10C): 28C against 36C for post_res + pre_mapping. x_next is bit for bit
 post_res's; proj and the sums of squares differ from pre_proj's only in the order of fp32 sums (the TF32 budget of
-``tl_kernels.pre_proj``), so every coefficient differs from the unfused path by that rounding. The backward is five
+``tl_kernels.pre_proj``), so every coefficient differs from the unfused path by that rounding. The backward is four
 launches (:func:`_boundary_bwd_cuda`): ``pre_finalize_bwd`` (reads x_next and g_li: 10C) and ``sinkhorn_bwd``,
 then ``tl_kernels.boundary``'s fused backward, which recomputes x_next from ``x`` and ``y`` in registers, forms site
 l+1's d x_next as ``pre_proj_bwd`` does, adds ``grad_x_next`` (rounded as autograd's accumulation) and applies
-post_res(l)'s backward to the sum, writing none of the three (30C), then ``pre_reduce_bwd`` and the d_h reduction:
+post_res(l)'s backward to the sum, writing none of the three (30C), then one reduction (d_phi, d_alpha, d_bias, d_h):
 40C a token plus the d_h partials (1.25C written and read at C = 7168) instead of 64C
 (:func:`_boundary_bwd_unfused_cuda`: ``mhc::pre_mapping_bwd`` then post_res's backward on the summed gradient) and
 80C composed. d_layer_output, d_residual, d_alpha and d_bias are bit for bit the unfused CUDA path's; d_h_post,
@@ -478,12 +478,13 @@ boundary_fwd.register_kernel("cuda")(_boundary_fwd_cuda)
 
 
 def _boundary_bwd_cuda(*args):
-    """Five launches, no torch op between them: ``pre_finalize_bwd`` (``<g_li, x_next>`` and the coefficient
-    gradients; reads x_next 8C and g_li 2C), ``sinkhorn_bwd``, ``tl_kernels.boundary``'s fused backward (x_next
-    recomputed from ``x``, ``y``; site l+1's d x_next, the incoming ``grad_x_next`` and post_res(l)'s backward, none
-    of the three gradients of x_next written: 30C), ``pre_reduce_bwd`` (d_phi, d_alpha, d_bias) and the d_h
-    reduction: 40C a token at n = 4, bf16, plus the d_h partials (``C / 64 x 80`` bytes written and read), against
-    64C for :func:`_boundary_bwd_unfused_cuda`. d_layer_output, d_residual, d_alpha and d_bias are bit for bit the
+    """Four launches, no torch op between them: ``pre_finalize_bwd`` (``<g_li, x_next>`` and the coefficient
+    gradients; reads x_next 8C and g_li 2C; its ``grad_pre=False`` variant when ``g_pre`` is None), ``sinkhorn_bwd``,
+    ``tl_kernels.boundary``'s fused backward (x_next recomputed from ``x``, ``y``; site l+1's d x_next, the incoming
+    ``grad_x_next`` and post_res(l)'s backward, none of the three gradients of x_next written: 30C) and its
+    reduction ``boundary_reduce_bwd`` (d_phi, d_alpha, d_bias as ``pre_reduce_bwd``, and the d_h sum): 40C a token
+    at n = 4, bf16, plus the d_h partials (``C / 64 x 80`` bytes written and read), against 64C for
+    :func:`_boundary_bwd_unfused_cuda`. d_layer_output, d_residual, d_alpha and d_bias are bit for bit the
     unfused path's; d_h_post, d_h_res differ by the order of fp32 sums, d_phi by the order of its fp32 (TF32-product)
     sums over tokens (docs/design.md section 7)."""
     from . import _cuda
@@ -514,7 +515,7 @@ def _boundary_bwd_cuda(*args):
     plan = tl_boundary.fused_plan(n, C, dt)
     splits = tl_boundary.fused_choose_splits(T, n, C, dt, _cuda._num_sms(dev))
     d_phi = torch.empty(K, m, **f32)
-    d_phi_part = d_phi.view(1, K, m) if splits == 1 else torch.empty(splits, K, m, **f32)
+    d_phi_part = torch.empty(splits, K, m, **f32)  # summed (copied at S = 1) by the last launch, with d_h
     d_coef_part = torch.empty(-(-T // tl_boundary.COEF_BM), 2 * m, **f32)  # pre_proj_bwd's 64-token rows
     dh_part = torch.empty(plan.blocks, T, nn + n, **f32)
     _cuda._launch(
@@ -523,15 +524,11 @@ def _boundary_bwd_cuda(*args):
         d_y, d_x, dh_part, d_phi_part, d_coef_part,
     )  # fmt: skip
     d_alpha, d_bias = torch.empty(3, **f32), torch.empty(m, **f32)
-    if splits > 1:
-        kq = K * m // pre_reduce.VEC
-        _cuda._launch(
-            dev, pre_reduce.pre_reduce_bwd_kernel(n, True), d_phi_part.view(splits, kq, pre_reduce.VEC),
-            d_coef_part, d_phi.view(kq, pre_reduce.VEC), d_alpha, d_bias,
-        )  # fmt: skip
-    else:
-        _cuda._launch(dev, pre_reduce.pre_reduce_bwd_kernel(n, False), d_coef_part, d_alpha, d_bias)
-    _cuda._launch(dev, tl_boundary.boundary_dh_reduce_kernel(n), dh_part, d_hr, d_hp)
+    kq = K * m // pre_reduce.VEC
+    _cuda._launch(
+        dev, tl_boundary.boundary_reduce_bwd_kernel(n), d_phi_part.view(splits, kq, pre_reduce.VEC), d_coef_part,
+        dh_part, d_phi.view(kq, pre_reduce.VEC), d_alpha, d_bias, d_hr, d_hp,
+    )  # fmt: skip
     return d_y, d_x, d_hp, d_hr, d_phi, d_alpha, d_bias
 
 

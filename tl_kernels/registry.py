@@ -18,7 +18,8 @@ Shipped today (395 configurations):
   binary per n, with and without the d_phi split sum: 5 x 2 = 10);
 * ``boundary`` fwd (site l's post_res fused with site l+1's projection) + bwd (post_res(l)'s backward on the sum of
   x_{l+1}'s two gradients): the pre-mapping's 35 shapes (70); the fully fused backward (``fused=True``) at the same
-  shapes (35) and its d_h reduction (``reduce_dh=True``) per n (5): 110.
+  shapes (35) and its reduction (``reduce_dh=True``: ``boundary_reduce_bwd``, d_phi, d_alpha, d_bias and d_h) per
+  n (5): 110.
 
 Importing this module imports no kernel module, TileLang or torch: the family module is imported on the first call
 to :meth:`KernelConfig.program` or :meth:`KernelConfig.kernel`, so the registry is usable while a family module
@@ -191,7 +192,7 @@ def _pre_mapping_configs() -> list[KernelConfig]:
 
 def _boundary_configs() -> list[KernelConfig]:
     """The fused boundary feeds the next site's pre_finalize: the same shapes as the pre-mapping; then the fully
-    fused backward (``fused=True``) at those shapes and its d_h reduction (``reduce_dh=True``) per n."""
+    fused backward (``fused=True``) at those shapes and its reduction (``reduce_dh=True``) per n."""
     out = [
         KernelConfig.make("boundary", direction, n=n, C=c, dtype=dtype)
         for n, c, dtype in _pre_mapping_shapes()

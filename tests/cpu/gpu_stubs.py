@@ -424,15 +424,22 @@ def _boundary_bwd_fused(n, C, dtype):
     return FakeKernel("boundary_bwd_fused", (n, C, dtype), prog, impl)
 
 
-def _boundary_dh_reduce(n):
+def _boundary_reduce_bwd(n):
     from tl_kernels import boundary
 
-    def impl(dh_part, d_h_res, d_h_post):
+    m = n * n + 2 * n
+
+    def impl(d_phi_part, d_coef_part, dh_part, d_phi, d_alpha, d_bias, d_h_res, d_h_post):
+        _put(d_phi, d_phi_part.double().sum(0))
+        cols = d_coef_part.double().sum(0)
+        _put(d_bias, cols[:m])
+        scale = cols[m:]
+        _put(d_alpha, torch.stack([scale[:n].sum(), scale[n : 2 * n].sum(), scale[2 * n :].sum()]))
         total = dh_part.double().sum(0)
         _put(d_h_res, total[:, : n * n].reshape(-1, n, n))
         _put(d_h_post, total[:, n * n :])
 
-    return FakeKernel("boundary_dh_reduce", (n,), boundary.boundary_dh_reduce_program(n), impl)
+    return FakeKernel("boundary_reduce_bwd", (n,), boundary.boundary_reduce_bwd_program(n), impl)
 
 
 BUILDERS = {
@@ -448,7 +455,7 @@ BUILDERS = {
     ("boundary", "boundary_fwd_kernel"): _boundary_fwd,
     ("boundary", "boundary_bwd_kernel"): _boundary_bwd,
     ("boundary", "boundary_bwd_fused_kernel"): _boundary_bwd_fused,
-    ("boundary", "boundary_dh_reduce_kernel"): _boundary_dh_reduce,
+    ("boundary", "boundary_reduce_bwd_kernel"): _boundary_reduce_bwd,
 }
 
 

@@ -71,7 +71,7 @@ def test_runtime_graph_after_warmup(calls):
     assert {name for name, _ in built} == {"sinkhorn_fwd", "sinkhorn_bwd", "post_res_fwd", "post_res_bwd",
                                            "pre_proj_fwd", "pre_proj_bwd", "pre_finalize_fwd", "pre_finalize_bwd",
                                            "pre_reduce_bwd", "boundary_fwd", "boundary_bwd_fused",
-                                           "boundary_dh_reduce"}  # fmt: skip
+                                           "boundary_reduce_bwd"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- post_res

@@ -115,7 +115,7 @@ def test_boundary_bwd_fused_hot_loop(n, C, dtype):
     sequence or call, every MMA TF32 m16n8k8 (the GEMMs' count per warp exactly), 128-bit loads of x and y and
     ``passes * (n + 1)`` 128-bit stores (d_layer_output and the n streams of d_residual), and at n = 4 bf16 at most
     :data:`FUSED_CEILING` instructions a tile."""
-    from tl_kernels import pre_mapping_sass as pm_sass
+    from tl_kernels.tools import pre_mapping_sass as pm_sass
 
     kernel = boundary.boundary_bwd_fused_kernel(n, C, dtype)
     count, hmma, need, body, everything = _fused_hot_loop(kernel, n, C, dtype)
@@ -133,10 +133,10 @@ def test_boundary_bwd_fused_hot_loop(n, C, dtype):
         assert count <= FUSED_CEILING[(n, C, dtype)], count
 
 
-def test_boundary_dh_reduce_has_no_atomics_or_local_memory():
-    from tl_kernels import pre_mapping_sass as pm_sass
+def test_boundary_reduce_bwd_has_no_atomics_or_local_memory():
+    from tl_kernels.tools import pre_mapping_sass as pm_sass
 
-    text = _sass_or_skip(boundary.boundary_dh_reduce_kernel(4))
+    text = _sass_or_skip(boundary.boundary_reduce_bwd_kernel(4))
     everything = [t for _, t in codegen.sass_instructions(text)]
     assert pm_sass.local_memory(everything) == 0
     assert not [op for op in _opcodes(text) if op.startswith(("ATOM", "RED"))]
