@@ -746,10 +746,10 @@ def boundary_reduce_bwd_program(n: int):
     ):
         dh_blocks = T.ceildiv(num_tokens * q, threads)
         with T.Kernel(1 + dh_blocks + T.ceildiv(kq, threads), threads=threads) as bx:
-            # two blocks an SM (<= 64 registers): at one (86 registers) the d_h blocks, one wave each of 16 warps an
-            # SM, kept too few loads in flight (the performance model: 139 us against 56 us of bytes at n = 4,
-            # C = 7168, T = 16384)
-            T.annotate_min_blocks_per_sm(2)
+            # three blocks an SM (<= 42 registers; ptxas: 40, no spills; four spill): at one (86 registers) the d_h
+            # blocks kept too few loads in flight (the performance model at n = 4, C = 7168, T = 16384, H100: 139 us
+            # at one block an SM, 70 at two, 56 at three = its bytes)
+            T.annotate_min_blocks_per_sm(3)
             tx = T.get_thread_binding()
             acc = T.alloc_local((vec,), f32)
             ld = T.alloc_local((vec,), f32)
