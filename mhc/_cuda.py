@@ -530,8 +530,9 @@ def warmup(
 
                     tl_boundary.boundary_fwd_kernel(n, C, _TL_DTYPES[dt])
                     tl_boundary.boundary_bwd_fused_kernel(n, C, _TL_DTYPES[dt])  # the op's backward (fully fused)
-                    tl_boundary.boundary_dh_reduce_kernel(n)
-                    count += 3
+                    tl_boundary.boundary_reduce_bwd_kernel(n)
+                    pre_finalize.pre_finalize_bwd_kernel(n, C, _TL_DTYPES[dt], False)  # grad_h_pre' None (unused)
+                    count += 4
                     if launch:
                         settings = (sinkhorn_iters, 2.0, 1e-6, float(sinkhorn_eps))
                         b = torch.ops.mhc.boundary_fwd(y, x, h_post, h_res, phi, alpha, bias, *settings)

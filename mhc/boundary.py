@@ -27,7 +27,8 @@ Ops (``T`` tokens, ``n`` streams, ``C`` hidden, ``m = n*n + 2n``):
   h_res' [T,n,n], h_pre' [T,n], proj [T,m], rinv [T])``; ``proj`` and ``rinv`` are non-differentiable statistics.
 * ``mhc::boundary_bwd(grad_x_next, grad_layer_input, grad_h_post', grad_h_res', grad_h_pre', layer_output,
   residual, h_post, h_res, x_next, phi, alpha, bias, h_pre', h_post', proj, rinv, iters, post_mult, sinkhorn_eps)
-  -> (d_layer_output, d_residual, d_h_post, d_h_res, d_phi, d_alpha, d_bias)``.
+  -> (d_layer_output, d_residual, d_h_post, d_h_res, d_phi, d_alpha, d_bias)``; ``grad_h_pre'`` may be None (zero:
+  the undefined gradient of an unused ``h_pre'``, passed down instead of a zero-filled tensor).
 
 Checks are those of ``mhc::post_res_fwd`` and ``mhc::pre_mapping_fwd`` (with ``x_next``'s shape and dtype), run
 by the op, its fake and its CUDA kernel alike. The default kernel (every device) composes the unfused ops
@@ -39,11 +40,11 @@ CUDA. The forward is two launches: ``tl_kernels.boundary`` (x_next and site l+1'
 registers that hold x_next: 18C bytes a token at n = 4, bf16) and the unchanged ``tl_kernels.pre_finalize``
 (coefficients, Sinkhorn, H_pre x: 10C): 28C against 36C for post_res + pre_mapping. x_next is bit for bit
 post_res's; proj and the sums of squares differ from pre_proj's only in the order of fp32 sums (the TF32 budget of
-``tl_kernels.pre_proj``), so every coefficient differs from the unfused path by that rounding. The backward is five
+``tl_kernels.pre_proj``), so every coefficient differs from the unfused path by that rounding. The backward is four
 launches (:func:`_boundary_bwd_cuda`): ``pre_finalize_bwd`` (reads x_next and g_li: 10C) and ``sinkhorn_bwd``,
 then ``tl_kernels.boundary``'s fused backward, which recomputes x_next from ``x`` and ``y`` in registers, forms site
 l+1's d x_next as ``pre_proj_bwd`` does, adds ``grad_x_next`` (rounded as autograd's accumulation) and applies
-post_res(l)'s backward to the sum, writing none of the three (30C), then ``pre_reduce_bwd`` and the d_h reduction:
+post_res(l)'s backward to the sum, writing none of the three (30C), then one reduction (d_phi, d_alpha, d_bias, d_h):
 40C a token plus the d_h partials (1.25C written and read at C = 7168) instead of 64C
 (:func:`_boundary_bwd_unfused_cuda`: ``mhc::pre_mapping_bwd`` then post_res's backward on the summed gradient) and
 80C composed. d_layer_output, d_residual, d_alpha and d_bias are bit for bit the unfused CUDA path's; d_h_post,
@@ -104,7 +105,7 @@ def boundary_backward_reference(
     grad_layer_input: Tensor,
     grad_h_post_next: Tensor,
     grad_h_res_next: Tensor,
-    grad_h_pre_next: Tensor,
+    grad_h_pre_next: Tensor | None,
     layer_output: Tensor,
     residual: Tensor,
     h_post: Tensor,
@@ -122,7 +123,10 @@ def boundary_backward_reference(
     sinkhorn_eps: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """VJP of :func:`boundary_reference` w.r.t. ``(layer_output, residual, h_post, h_res, phi, alpha, bias)``;
-    ``grad_x_next`` is the gradient reaching ``x_next`` from its other consumers (see the module docstring)."""
+    ``grad_x_next`` is the gradient reaching ``x_next`` from its other consumers (see the module docstring);
+    ``grad_h_pre_next`` None: zero (``h_pre'`` unused)."""
+    if grad_h_pre_next is None:
+        grad_h_pre_next = torch.zeros_like(h_pre_next)
     d_xn, d_phi, d_alpha, d_bias = reference.pre_mapping_backward(
         grad_layer_input, grad_h_post_next, grad_h_res_next, grad_h_pre_next, x_next, phi, alpha, bias,
         h_pre_next, h_post_next, proj, rinv, iters, post_mult, sinkhorn_eps,
@@ -142,7 +146,9 @@ def composed_fwd(layer_output, residual, h_post, h_res, phi, alpha, bias, iters,
 
 def composed_bwd(g_xn, g_li, g_post, g_res, g_pre, y, x, h_post, h_res, x_next, phi, alpha, bias, h_pre_n,
                  h_post_n, proj, rinv, iters, post_mult, sinkhorn_eps):  # fmt: skip
-    """:func:`boundary_backward_reference` through ``mhc::pre_mapping_bwd`` and ``mhc::post_res_bwd``."""
+    """:func:`boundary_backward_reference` through ``mhc::pre_mapping_bwd`` and ``mhc::post_res_bwd`` (``g_pre``
+    None: zero)."""
+    g_pre = torch.zeros_like(h_pre_n) if g_pre is None else g_pre
     d_xn, d_phi, d_alpha, d_bias = torch.ops.mhc.pre_mapping_bwd(
         g_li, g_post, g_res, g_pre, x_next, phi, alpha, bias, h_pre_n, h_post_n, proj, rinv, iters, post_mult,
         sinkhorn_eps,
@@ -169,7 +175,9 @@ def _check_bwd(args, op=_BWD):
     _checks.require_same_device(op, residual=x, x_next=x_next)
     _checks.require_contiguous(op, "x_next", x_next)
     _checks.require_aligned(op, "x_next", x_next)
-    grads = {"grad_layer_input": g_li, "grad_h_post": g_post, "grad_h_res": g_res, "grad_h_pre": g_pre}
+    grads = {"grad_layer_input": g_li, "grad_h_post": g_post, "grad_h_res": g_res}
+    if g_pre is not None:  # None: h_pre' has no gradient (autograd's undefined gradient, not materialised)
+        grads["grad_h_pre"] = g_pre
     saved = {"h_pre": h_pre_n, "h_post": h_post_n, "proj": proj, "rinv": rinv}
     _checks.pre_mapping_bwd(grads, x_next, phi, alpha, bias, saved, iters, post_mult, s_eps, op)
 
@@ -220,7 +228,7 @@ def boundary_bwd(
     grad_layer_input: Tensor,
     grad_h_post_next: Tensor,
     grad_h_res_next: Tensor,
-    grad_h_pre_next: Tensor,
+    grad_h_pre_next: Tensor | None,
     layer_output: Tensor,
     residual: Tensor,
     h_post: Tensor,
@@ -269,20 +277,24 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(layer_output, residual, h_post, h_res, x_next, phi, alpha, bias, h_pre_n, h_post_n, proj,
                           rinv)  # fmt: skip
     ctx.iters, ctx.post_mult, ctx.sinkhorn_eps = iters, post_mult, sinkhorn_eps
+    # an unused output's gradient arrives as None, not as a zero tensor (a fill launch each for proj, rinv and h_pre'
+    # per site and step otherwise): _backward zero-fills only what the op needs as a tensor
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_xn, g_li, g_post, g_res, g_pre, _g_proj, _g_rinv, bwd_op=None):
     saved = ctx.saved_tensors
-    layer_output, residual, h_pre_n, h_post_n = saved[0], saved[1], saved[8], saved[9]
+    layer_output, residual, h_post_n = saved[0], saved[1], saved[9]
     T, n, _C = residual.shape
-    # an output nobody used gets a zero gradient (autograd passes None)
+    # an output nobody used gets a zero gradient (autograd passes None); h_pre' (applied inside the forward, rarely
+    # used) is passed as None: the op's kernels then skip it (no zero-fill launch)
     g_xn = torch.zeros_like(residual) if g_xn is None else g_xn
     g_li = torch.zeros_like(layer_output) if g_li is None else g_li
     g_post = torch.zeros_like(h_post_n) if g_post is None else g_post
     g_res = h_post_n.new_zeros((T, n, n)) if g_res is None else g_res
-    g_pre = torch.zeros_like(h_pre_n) if g_pre is None else g_pre
+    g_pre = None if g_pre is None else _checks.aligned_contiguous(g_pre)
     outs = (bwd_op or torch.ops.mhc.boundary_bwd)(
-        *(_checks.aligned_contiguous(g) for g in (g_xn, g_li, g_post, g_res, g_pre)),
+        *(_checks.aligned_contiguous(g) for g in (g_xn, g_li, g_post, g_res)), g_pre,
         *saved, ctx.iters, ctx.post_mult, ctx.sinkhorn_eps,
     )  # fmt: skip
     return (*outs, None, None, None, None)
@@ -335,7 +347,7 @@ def boundary_hp_bwd(
     grad_layer_input: Tensor,
     grad_h_post_next: Tensor,
     grad_h_res_next: Tensor,
-    grad_h_pre_next: Tensor,
+    grad_h_pre_next: Tensor | None,
     layer_output: Tensor,
     residual: Tensor,
     h_post: Tensor,
@@ -365,7 +377,15 @@ def _(*args):
 
     _check_bwd(args)
     tensors, settings = args[:17], args[17:]
-    return _fork_join(lambda *t: torch.ops.mhc.boundary_bwd(*t, *settings), tensors)
+    present = [i for i, t in enumerate(tensors) if t is not None]  # grad_h_pre_next may be None
+
+    def run(*ts):
+        full = list(tensors)
+        for i, t in zip(present, ts, strict=True):
+            full[i] = t
+        return torch.ops.mhc.boundary_bwd(*full, *settings)
+
+    return _fork_join(run, tuple(tensors[i] for i in present))
 
 
 boundary_hp_bwd.register_fake(_bwd_fake)
@@ -458,12 +478,13 @@ boundary_fwd.register_kernel("cuda")(_boundary_fwd_cuda)
 
 
 def _boundary_bwd_cuda(*args):
-    """Five launches, no torch op between them: ``pre_finalize_bwd`` (``<g_li, x_next>`` and the coefficient
-    gradients; reads x_next 8C and g_li 2C), ``sinkhorn_bwd``, ``tl_kernels.boundary``'s fused backward (x_next
-    recomputed from ``x``, ``y``; site l+1's d x_next, the incoming ``grad_x_next`` and post_res(l)'s backward, none
-    of the three gradients of x_next written: 30C), ``pre_reduce_bwd`` (d_phi, d_alpha, d_bias) and the d_h
-    reduction: 40C a token at n = 4, bf16, plus the d_h partials (``C / 64 x 80`` bytes written and read), against
-    64C for :func:`_boundary_bwd_unfused_cuda`. d_layer_output, d_residual, d_alpha and d_bias are bit for bit the
+    """Four launches, no torch op between them: ``pre_finalize_bwd`` (``<g_li, x_next>`` and the coefficient
+    gradients; reads x_next 8C and g_li 2C; its ``grad_pre=False`` variant when ``g_pre`` is None), ``sinkhorn_bwd``,
+    ``tl_kernels.boundary``'s fused backward (x_next recomputed from ``x``, ``y``; site l+1's d x_next, the incoming
+    ``grad_x_next`` and post_res(l)'s backward, none of the three gradients of x_next written: 30C) and its
+    reduction ``boundary_reduce_bwd`` (d_phi, d_alpha, d_bias as ``pre_reduce_bwd``, and the d_h sum): 40C a token
+    at n = 4, bf16, plus the d_h partials (``C / 64 x 80`` bytes written and read), against 64C for
+    :func:`_boundary_bwd_unfused_cuda`. d_layer_output, d_residual, d_alpha and d_bias are bit for bit the
     unfused path's; d_h_post, d_h_res differ by the order of fp32 sums, d_phi by the order of its fp32 (TF32-product)
     sums over tokens (docs/design.md section 7)."""
     from . import _cuda
@@ -485,16 +506,16 @@ def _boundary_bwd_cuda(*args):
 
     dt, dev = _cuda._TL_DTYPES[x.dtype], x.device
     d_pp, res_logits = torch.empty(T, 2 * n, **f32), torch.empty(T, n, n, **f32)
-    _cuda._launch(
-        dev, pre_finalize.pre_finalize_bwd_kernel(n, C, dt),
-        g_li, x_next, g_pre, g_post, h_pre_n, h_post_n, proj, rinv, alpha, bias, d_pp, res_logits, float(post_mult),
+    _cuda._launch(  # g_pre None: the kernel's grad_pre=False variant never reads its grad_h_pre (h_pre_n stands in)
+        dev, pre_finalize.pre_finalize_bwd_kernel(n, C, dt, g_pre is not None),
+        g_li, x_next, h_pre_n if g_pre is None else g_pre, g_post, h_pre_n, h_post_n, proj, rinv, alpha, bias, d_pp, res_logits, float(post_mult),
     )  # fmt: skip
     d_res = torch.empty(T, n, n, **f32)
     _cuda._launch(dev, sinkhorn.sinkhorn_bwd_kernel(n, iters, float(s_eps)), g_res, res_logits, d_res)
     plan = tl_boundary.fused_plan(n, C, dt)
     splits = tl_boundary.fused_choose_splits(T, n, C, dt, _cuda._num_sms(dev))
     d_phi = torch.empty(K, m, **f32)
-    d_phi_part = d_phi.view(1, K, m) if splits == 1 else torch.empty(splits, K, m, **f32)
+    d_phi_part = torch.empty(splits, K, m, **f32)  # summed (copied at S = 1) by the last launch, with d_h
     d_coef_part = torch.empty(-(-T // tl_boundary.COEF_BM), 2 * m, **f32)  # pre_proj_bwd's 64-token rows
     dh_part = torch.empty(plan.blocks, T, nn + n, **f32)
     _cuda._launch(
@@ -503,15 +524,11 @@ def _boundary_bwd_cuda(*args):
         d_y, d_x, dh_part, d_phi_part, d_coef_part,
     )  # fmt: skip
     d_alpha, d_bias = torch.empty(3, **f32), torch.empty(m, **f32)
-    if splits > 1:
-        kq = K * m // pre_reduce.VEC
-        _cuda._launch(
-            dev, pre_reduce.pre_reduce_bwd_kernel(n, True), d_phi_part.view(splits, kq, pre_reduce.VEC),
-            d_coef_part, d_phi.view(kq, pre_reduce.VEC), d_alpha, d_bias,
-        )  # fmt: skip
-    else:
-        _cuda._launch(dev, pre_reduce.pre_reduce_bwd_kernel(n, False), d_coef_part, d_alpha, d_bias)
-    _cuda._launch(dev, tl_boundary.boundary_dh_reduce_kernel(n), dh_part, d_hr, d_hp)
+    kq = K * m // pre_reduce.VEC
+    _cuda._launch(
+        dev, tl_boundary.boundary_reduce_bwd_kernel(n), d_phi_part.view(splits, kq, pre_reduce.VEC), d_coef_part,
+        dh_part, d_phi.view(kq, pre_reduce.VEC), d_alpha, d_bias, d_hr, d_hp,
+    )  # fmt: skip
     return d_y, d_x, d_hp, d_hr, d_phi, d_alpha, d_bias
 
 
@@ -527,6 +544,7 @@ def _boundary_bwd_unfused_cuda(*args):
      h_pre_n, h_post_n, proj, rinv, iters, post_mult, s_eps) = args  # fmt: skip
     if fused_reason(x, h_post, h_res, phi, iters) is not None:
         return composed_bwd(*args)
+    g_pre = torch.zeros_like(h_pre_n) if g_pre is None else g_pre
     d_xn, d_phi, d_alpha, d_bias = _cuda.pre_mapping_bwd(  # the op's CUDA kernel, called directly
         g_li, g_post, g_res, g_pre, x_next, phi, alpha, bias, h_pre_n, h_post_n, proj, rinv, iters, post_mult, s_eps
     )

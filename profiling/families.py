@@ -324,16 +324,22 @@ def check_boundary(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, 
 
 
 def _check_boundary_dh_reduce(n: int, T: int, device: str, gen: torch.Generator) -> dict[str, Err]:
-    """``boundary_bwd[n, reduce_dh=True]``: the fixed-order sum of the fused backward's d_h partials over 1 + T % 7
-    channel blocks against float64, within ``(blocks + 1) * 2**-24`` of the sum of magnitudes. On a CPU the fp32
-    torch sum stands in."""
+    """``boundary_bwd[n, reduce_dh=True]`` (``boundary_reduce_bwd``, the fused backward's last launch): its fixed-order
+    sum of the d_h partials over 1 + T % 7 channel blocks against float64, within ``(blocks + 1) * 2**-24`` of the
+    sum of magnitudes (its d_phi / d_alpha / d_bias blocks run on zeros here). On a CPU the fp32 torch sum stands
+    in."""
     q, blocks = n * n + n, 1 + T % 7
     part = _randn(gen, blocks, T, q).float()
     d_hr, d_hp = torch.empty(T, n, n, device=device), torch.empty(T, n, device=device)
     if device == "cuda" and T > 0:
         from tl_kernels import boundary
 
-        boundary.boundary_dh_reduce_kernel(n)(part, d_hr, d_hp)
+        # the backward's reduction: one split of zeros and one row of coefficient partials alongside the d_h sum
+        m = n * n + 2 * n
+        zeros = torch.zeros(1, m, 4, device=device)  # a d_phi of m x 4 floats
+        out = (torch.empty(m, 4, device=device), torch.empty(3, device=device), torch.empty(m, device=device))
+        coef = torch.zeros(1, 2 * m, device=device)
+        boundary.boundary_reduce_bwd_kernel(n)(zeros, coef, part, out[0], out[1], out[2], d_hr, d_hp)
     else:
         total = part.sum(0)
         d_hr.copy_(total[:, : n * n].reshape(T, n, n))

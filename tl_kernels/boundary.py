@@ -83,7 +83,7 @@ C = 4096 / 7168: 195 / 210, n = 6 fp32 C = 7168: 224, n = 8 bf16 / fp32 C = 7168
 ``pytest tests/kernels/test_codegen.py -k boundary``). ``__launch_bounds__`` follows post_res's rule with
 ``_BWD_REG_BUDGET``.
 
-The fully fused backward (:func:`boundary_bwd_fused_program`, with :func:`boundary_dh_reduce_program`) replaces
+The fully fused backward (:func:`boundary_bwd_fused_program`, with :func:`boundary_reduce_bwd_program`) replaces
 ``pre_proj_bwd`` and this backward: x_next recomputed from x and y, site l+1's d x_next, the incoming gradient and
 post_res(l)'s backward in one pass, 30C a token (40C with pre_finalize_bwd) plus the d_h partials; its docstring
 has the design, docs/design.md section 7 the bytes, the model's estimate and the resources.
@@ -106,10 +106,10 @@ __all__ = [
     "boundary_bwd_fused_program",
     "boundary_bwd_kernel",
     "boundary_bwd_program",
-    "boundary_dh_reduce_kernel",
-    "boundary_dh_reduce_program",
     "boundary_fwd_kernel",
     "boundary_fwd_program",
+    "boundary_reduce_bwd_kernel",
+    "boundary_reduce_bwd_program",
     "choose_splits",
     "fused_choose_splits",
     "fused_plan",
@@ -473,7 +473,8 @@ def boundary_bwd_program(
     """post_res(l)'s backward on the *sum* of the two gradients that reach ``x_next``, without writing the sum.
 
     ``fused=True``: :func:`boundary_bwd_fused_program` (the whole backward across the boundary in one pass);
-    ``reduce_dh=True``: :func:`boundary_dh_reduce_program` (``n`` only). The registry names the three variants
+    ``reduce_dh=True``: :func:`boundary_reduce_bwd_program` (``n`` only: the fused backward's last launch, d_phi,
+    d_alpha, d_bias and d_h). The registry names the three variants
     ``boundary_bwd[n, C, dtype]``, ``boundary_bwd[n, C, dtype, fused=True]`` and ``boundary_bwd[n, reduce_dh=True]``.
 
     Math, per token (``g = round_dt(grad_x_next + d_x_next)``: the sum rounded once to the activation dtype, exactly
@@ -496,7 +497,7 @@ def boundary_bwd_program(
     from . import post_res
 
     if reduce_dh:
-        return boundary_dh_reduce_program(n)
+        return boundary_reduce_bwd_program(n)
     if fused:
         return boundary_bwd_fused_program(n, C, dtype)
     _common.validate_activation_config("boundary", n, C, dtype, STREAMS)
@@ -515,9 +516,9 @@ def boundary_bwd_kernel(
     n: int, C: int | None = None, dtype: str | None = None, fused: bool = False, reduce_dh: bool = False
 ):
     """The compiled backward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below); ``fused`` and
-    ``reduce_dh`` select :func:`boundary_bwd_fused_kernel` and :func:`boundary_dh_reduce_kernel`."""
+    ``reduce_dh`` select :func:`boundary_bwd_fused_kernel` and :func:`boundary_reduce_bwd_kernel`."""
     if reduce_dh:
-        return boundary_dh_reduce_kernel(n)
+        return boundary_reduce_bwd_kernel(n)
     if fused:
         return boundary_bwd_fused_kernel(n, C, dtype)
     return _common.compile_program(boundary_bwd_program(n, C, dtype))
@@ -540,7 +541,6 @@ def boundary_fwd_kernel(n: int, C: int, dtype: str):
 FUSED_BM = 32  # tokens per tile of the fused backward
 FUSED_THREADS = 256
 COEF_BM = 64  # tokens per row of d_coef_part: pre_proj's tile, so the rows (and d_bias, d_alpha) are bit for bit its
-REDUCE_THREADS = 256
 REDUCE_UNROLL = 8  # partials a thread loads at once in the d_h reduction (then sums in channel-block order)
 # n = 4 fp32 stays at one: its 113.8 KB of shared memory does not fit twice in an SM's 228 KB
 _FUSED_MIN_BLOCKS = {(n, dt): 2 for n in (1, 2, 4) for dt in ("bfloat16", "float16", "float32")} | {(4, "float32"): 1}
@@ -585,12 +585,25 @@ def fused_plan(n: int, C: int, dtype: str) -> FusedPlan:
 
 
 def fused_choose_splits(num_tokens: int, n: int, C: int, dtype: str, num_sms: int) -> int:
-    """Token splits of the fused backward (grid ``C / g x S``): about two blocks per SM, every split non-empty, at
-    most :data:`MAX_SPLITS`."""
+    """Token splits of the fused backward (grid ``C / g x S``), every split non-empty, at most :data:`MAX_SPLITS`.
+
+    The grid is ``C / g`` channel blocks wide, which rarely divides the ``min_blocks x num_sms`` resident slots (at
+    C = 7168, n = 4: 112 blocks for 264 slots, so two splits leave 15% of the slots idle for the whole kernel). The
+    choice is the smallest ``S`` (at least one wave of slots) whose last wave is the fullest: the fraction of the
+    slots that ``ceil(CB S / slots)`` waves keep busy, ``CB S / (waves x slots)``, maximal, ties to the smaller
+    ``S`` (fewer ``d_phi`` partials: ``S K m`` floats written and read, about 0.4% of the kernel's bytes per split
+    at T = 16384)."""
     p = fused_plan(n, C, dtype)
     tiles = -(-num_tokens // FUSED_BM)
-    want = max(1, min(MAX_SPLITS, tiles, 2 * num_sms // p.blocks))
-    per = -(-tiles // want)
+    slots = p.min_blocks * num_sms
+    top = max(1, min(MAX_SPLITS // 4, tiles))  # <= 16 splits: the partials stay a few percent of the bytes
+    lo = max(1, min(top, slots // p.blocks))
+    best, best_fill = lo, 0.0
+    for s in range(lo, top + 1):
+        fill = p.blocks * s / (-(-(p.blocks * s) // slots) * slots)
+        if fill > best_fill + 1e-9:
+            best, best_fill = s, fill
+    per = -(-tiles // best)
     return -(-tiles // per)
 
 
@@ -627,9 +640,8 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     grid ``(CB, S)``: block ``(cb, s)`` owns channels ``[cb g, cb g + g)`` of every stream (the K-slice of
     ``n g`` rows of ``phi``, staged once, TF32-rounded) and the token tiles ``[s ceil(TT / S), ...)`` of
     ``FUSED_BM`` tokens (TT = ceil(T / FUSED_BM)); use :func:`fused_choose_splits`. ``dh_part[cb, t]`` =
-    (d_h_res row-major | d_h_post) over the block's channels, summed over ``cb`` in order by
-    :func:`boundary_dh_reduce_program`; ``d_phi_part`` and ``d_coef_part`` go to ``tl_kernels.pre_reduce``
-    unchanged (``d_coef_part`` row ``r`` covers tokens ``[64 r, 64 r + 64)`` as pre_proj_bwd's does, computed by
+    (d_h_res row-major | d_h_post) over the block's channels; it, ``d_phi_part`` and ``d_coef_part`` are summed in
+    fixed orders by :func:`boundary_reduce_bwd_program` (``d_coef_part`` row ``r`` covers tokens ``[64 r, 64 r + 64)`` as pre_proj_bwd's does, computed by
     block ``by * CB + cb = r mod (CB S)``). No atomics: bitwise reproducible for a given (T, S).
 
     Per token tile (256 threads, barriers by hand): (1) stage the tile's coefficients (``h_res``, ``h_post``,
@@ -878,54 +890,105 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     return boundary_bwd_fused
 
 
-def boundary_dh_reduce_program(n: int):
-    """``d_h_res[t] | d_h_post[t] = sum_cb dh_part[cb, t]`` in ``cb`` order (deterministic, no atomics): the
-    fixed-order sum of :func:`boundary_bwd_fused_program`'s channel-block partials. Call:
-    ``boundary_dh_reduce_kernel(n)(dh_part [CB, T, n * n + n] f32, d_h_res [T, n, n] f32, d_h_post [T, n] f32)``,
-    grid ``ceil(T (n * n + n) / REDUCE_THREADS)``, one thread per output element (coalesced), CB and T dynamic;
-    ``REDUCE_UNROLL`` loads in flight per thread (the performance model found the one-load-a-step loop bound by
-    DRAM latency: 205 us at n = 4, C = 7168, T = 16384 on an H100 against 49 us of bytes)."""
+def boundary_reduce_bwd_program(n: int):
+    """The fused backward's last launch: ``tl_kernels.pre_reduce``'s sums and the d_h sum in one grid (deterministic,
+    no atomics)::
+
+        d_phi[e]                 = sum_{s < S} d_phi_part[s, e]             (split order, as pre_reduce_bwd)
+        d_bias, d_alpha          = pre_reduce_bwd's coefficient block (the same macro: its bits)
+        d_h_res[t] | d_h_post[t] = sum_{cb < CB} dh_part[cb, t]             (channel-block order)
+
+    Call (``S``, ``kq = K m / 4``, ``R``, ``CB``, ``T`` dynamic; ``S = 1`` too: ``d_phi_part`` is then the fused
+    kernel's own buffer, copied)::
+
+        boundary_reduce_bwd_kernel(n)(d_phi_part [S, kq, 4] f32, d_coef_part [R, 2m] f32,
+            dh_part [CB, T, n * n + n] f32, d_phi [kq, 4] f32, d_alpha [3] f32, d_bias [m] f32,
+            d_h_res [T, n, n] f32, d_h_post [T, n] f32)
+
+    grid ``1 + ceil(T (n * n + n) / THREADS) + ceil(kq / THREADS)`` of ``pre_reduce.THREADS`` threads: block 0 the
+    coefficient block (the longest, so it starts first), then the d_h blocks (one thread per output element,
+    coalesced, ``REDUCE_UNROLL`` partials in flight: the performance model found a one-load-a-step loop bound by
+    DRAM latency), then the d_phi blocks (a thread's 4 floats over the splits, 128-bit). One launch where the
+    backward had two (``pre_reduce_bwd`` and a d_h reduction)."""
     import tilelang.language as T
+
+    from . import pre_reduce
 
     if n not in STREAMS:
         raise ValueError(f"boundary: n must be one of {STREAMS}, got {n}")
-    nn, q = n * n, n * n + n
+    nn, q, m = n * n, n * n + n, n * n + 2 * n
+    threads, vec = pre_reduce.THREADS, pre_reduce.VEC
     f32 = "float32"
     num_tokens = T.dynamic("num_tokens")
     num_cb = T.dynamic("num_cb")
+    num_splits = T.dynamic("num_splits")
+    kq = T.dynamic("kq")
+    rows = T.dynamic("rows")
+    coef_block = pre_reduce.coef_block_macro(n, rows)
+
+    @T.macro
+    def dh_block(b, tx, dh_part, d_h_res, d_h_post):
+        s = T.alloc_var(f32)
+        ld = T.alloc_local((REDUCE_UNROLL,), f32)
+        e = b * threads + tx
+        if e < num_tokens * q:
+            t = e // q
+            k = e % q
+            # REDUCE_UNROLL independent loads in flight, then their sum in channel-block order (a block past the
+            # last adds +0: exact)
+            s = T.float32(0)
+            for c in T.serial(T.ceildiv(num_cb, REDUCE_UNROLL)):
+                for u in T.unroll(REDUCE_UNROLL):
+                    ld[u] = T.if_then_else(
+                        c * REDUCE_UNROLL + u < num_cb,
+                        dh_part[T.min(c * REDUCE_UNROLL + u, num_cb - 1), t, k],
+                        T.float32(0),
+                    )
+                for u in T.unroll(REDUCE_UNROLL):
+                    s = s + ld[u]
+            if k < nn:
+                d_h_res[t, k // n, k % n] = s
+            else:
+                d_h_post[t, k - nn] = s
 
     @T.prim_func
-    def boundary_dh_reduce(
+    def boundary_reduce_bwd(
+        d_phi_part: T.Tensor((num_splits, kq, vec), f32),
+        d_coef_part: T.Tensor((rows, 2 * m), f32),
         dh_part: T.Tensor((num_cb, num_tokens, q), f32),
+        d_phi: T.Tensor((kq, vec), f32),
+        d_alpha: T.Tensor((3,), f32),
+        d_bias: T.Tensor((m,), f32),
         d_h_res: T.Tensor((num_tokens, n, n), f32),
         d_h_post: T.Tensor((num_tokens, n), f32),
     ):
-        with T.Kernel(T.ceildiv(num_tokens * q, REDUCE_THREADS), threads=REDUCE_THREADS) as bx:
+        dh_blocks = T.ceildiv(num_tokens * q, threads)
+        with T.Kernel(1 + dh_blocks + T.ceildiv(kq, threads), threads=threads) as bx:
+            # three blocks an SM (<= 42 registers; ptxas: 40, no spills; four spill): at one (86 registers) the d_h
+            # blocks kept too few loads in flight (the performance model at n = 4, C = 7168, T = 16384, H100: 139 us
+            # at one block an SM, 70 at two, 56 at three = its bytes)
+            T.annotate_min_blocks_per_sm(3)
             tx = T.get_thread_binding()
-            e = bx * REDUCE_THREADS + tx
-            s = T.alloc_var(f32)
-            ld = T.alloc_local((REDUCE_UNROLL,), f32)
-            if e < num_tokens * q:
-                t = e // q
-                k = e % q
-                # REDUCE_UNROLL independent loads in flight, then their sum in channel-block order (a block past
-                # the last adds +0: exact)
-                s = T.float32(0)
-                for c in T.serial(T.ceildiv(num_cb, REDUCE_UNROLL)):
-                    for u in T.unroll(REDUCE_UNROLL):
-                        ld[u] = T.if_then_else(
-                            c * REDUCE_UNROLL + u < num_cb,
-                            dh_part[T.min(c * REDUCE_UNROLL + u, num_cb - 1), t, k],
-                            T.float32(0),
-                        )
-                    for u in T.unroll(REDUCE_UNROLL):
-                        s = s + ld[u]
-                if k < nn:
-                    d_h_res[t, k // n, k % n] = s
-                else:
-                    d_h_post[t, k - nn] = s
+            acc = T.alloc_local((vec,), f32)
+            ld = T.alloc_local((vec,), f32)
+            if bx == 0:
+                coef_block(tx, d_coef_part, d_alpha, d_bias)  # its barriers: block-uniform branch
+            elif bx <= dh_blocks:
+                dh_block(bx - 1, tx, dh_part, d_h_res, d_h_post)
+            else:
+                e = (bx - 1 - dh_blocks) * threads + tx
+                if e < kq:
+                    for v in T.vectorized(vec):
+                        acc[v] = d_phi_part[0, e, v]
+                    for s in T.serial(1, num_splits):  # split order: pre_reduce_bwd's, bit for bit
+                        for v in T.vectorized(vec):
+                            ld[v] = d_phi_part[s, e, v]
+                        for v in T.unroll(vec):
+                            acc[v] = acc[v] + ld[v]
+                    for v in T.vectorized(vec):
+                        d_phi[e, v] = acc[v]
 
-    return boundary_dh_reduce
+    return boundary_reduce_bwd
 
 
 @functools.cache
@@ -935,8 +998,9 @@ def boundary_bwd_fused_kernel(n: int, C: int, dtype: str):
 
 
 @functools.cache
-def boundary_dh_reduce_kernel(n: int):
-    """The compiled d_h reduction for ``n`` (memoised)."""
+def boundary_reduce_bwd_kernel(n: int):
+    """The compiled reduction for ``n`` (memoised): in bounds by construction, so TileLang's guards (which would split
+    the 128-bit accesses) are off."""
     return _common.compile_program(
-        boundary_dh_reduce_program(n), pass_configs={"tl.disable_safe_memory_legalize": True}
+        boundary_reduce_bwd_program(n), pass_configs={"tl.disable_safe_memory_legalize": True}
     )

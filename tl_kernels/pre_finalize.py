@@ -220,8 +220,10 @@ def pre_finalize_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float)
     return pre_finalize_fwd
 
 
-def pre_finalize_bwd_program(n: int, C: int, dtype: str):
-    """``d_pp`` (pre and post logit gradients) and the recomputed ``res_logits``; see the module docstring."""
+def pre_finalize_bwd_program(n: int, C: int, dtype: str, grad_pre: bool = True):
+    """``d_pp`` (pre and post logit gradients) and the recomputed ``res_logits``; see the module docstring.
+    ``grad_pre=False``: ``grad_h_pre`` is taken as zero and never read (any ``[T, n]`` f32 buffer may be passed), for
+    a caller whose ``h_pre`` output has no gradient (``mhc.boundary``: no zero-fill launch for it)."""
     _validate(n, C, dtype)
     m, nn = n * n + 2 * n, n * n
     p = post_res._plan(n, C, dtype)  # the same token-to-thread mapping and chunking as post_res
@@ -296,7 +298,10 @@ def pre_finalize_bwd_program(n: int, C: int, dtype: str):
                 for i in T.unroll(n):
                     slot_sum(total, red, token, (i,))
                     hp = h_pre[t, i]
-                    d_pp[t, i] = (total + grad_h_pre[t, i]) * hp * (T.float32(1) - hp)
+                    if grad_pre:
+                        d_pp[t, i] = (total + grad_h_pre[t, i]) * hp * (T.float32(1) - hp)
+                    else:
+                        d_pp[t, i] = total * hp * (T.float32(1) - hp)
                     hq = h_post[t, i]
                     d_pp[t, n + i] = grad_h_post[t, i] * hq * (T.float32(1) - hq / post_mult)
                 for q in T.unroll(nn):
@@ -314,6 +319,6 @@ def pre_finalize_fwd_kernel(n: int, C: int, dtype: str, iters: int, eps: float):
 
 
 @functools.cache
-def pre_finalize_bwd_kernel(n: int, C: int, dtype: str):
+def pre_finalize_bwd_kernel(n: int, C: int, dtype: str, grad_pre: bool = True):
     """The compiled backward kernel (memoised; TileLang's disk cache below)."""
-    return _common.compile_program(pre_finalize_bwd_program(n, C, dtype))
+    return _common.compile_program(pre_finalize_bwd_program(n, C, dtype, grad_pre))

@@ -37,7 +37,15 @@ import tilelang.language as T
 
 from . import _common
 
-__all__ = ["STREAMS", "THREADS", "VEC", "phi_blocks", "pre_reduce_bwd_kernel", "pre_reduce_bwd_program"]
+__all__ = [
+    "STREAMS",
+    "THREADS",
+    "VEC",
+    "coef_block_macro",
+    "phi_blocks",
+    "pre_reduce_bwd_kernel",
+    "pre_reduce_bwd_program",
+]
 
 STREAMS: tuple[int, ...] = _common.ACTIVATION_STREAMS
 THREADS = 512
@@ -53,17 +61,14 @@ def phi_blocks(km: int) -> int:
     return -(-km // (THREADS * VEC))
 
 
-def pre_reduce_bwd_program(n: int, reduce_phi: bool = True):
-    """``d_phi`` (with ``reduce_phi``), ``d_bias`` and ``d_alpha`` from ``pre_proj_bwd``'s partials."""
-    if n not in STREAMS:
-        raise ValueError(f"pre_reduce: n must be one of {STREAMS}, got {n}")
+def coef_block_macro(n: int, rows):
+    """The coefficient block of :func:`pre_reduce_bwd_program` as a macro ``(tx, d_coef_part [rows, 2m], d_alpha,
+    d_bias)`` for ``THREADS`` threads, ``rows`` the caller's dynamic row count; shared with
+    ``tl_kernels.boundary``'s backward reduction, so that its d_alpha and d_bias are these bits."""
     m = n * n + 2 * n
     w = 2 * m  # d_bias | d_scale columns
     parts = THREADS // w
     f32 = "float32"
-    num_splits = T.dynamic("num_splits")
-    kq = T.dynamic("kq")  # K * m / VEC
-    rows = T.dynamic("rows")
 
     @T.macro
     def coef_block(tx, d_coef_part, d_alpha, d_bias):
@@ -107,6 +112,22 @@ def pre_reduce_bwd_program(n: int, reduce_phi: bool = True):
             for j in T.serial(1, T.if_then_else(tx < 2, n, n * n)):
                 total = total + tot[m + tx * n + j]
             d_alpha[tx] = total
+
+    return coef_block
+
+
+def pre_reduce_bwd_program(n: int, reduce_phi: bool = True):
+    """``d_phi`` (with ``reduce_phi``), ``d_bias`` and ``d_alpha`` from ``pre_proj_bwd``'s partials."""
+    if n not in STREAMS:
+        raise ValueError(f"pre_reduce: n must be one of {STREAMS}, got {n}")
+    m = n * n + 2 * n
+    w = 2 * m  # d_bias | d_scale columns
+    f32 = "float32"
+    num_splits = T.dynamic("num_splits")
+    kq = T.dynamic("kq")  # K * m / VEC
+    rows = T.dynamic("rows")
+
+    coef_block = coef_block_macro(n, rows)
 
     if reduce_phi:
 

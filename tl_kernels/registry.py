@@ -18,7 +18,8 @@ Shipped today (430 configurations):
   binary per n, with and without the d_phi split sum: 5 x 2 = 10);
 * ``boundary`` fwd (site l's post_res fused with site l+1's projection) + bwd (post_res(l)'s backward on the sum of
   x_{l+1}'s two gradients): the pre-mapping's 35 shapes (70); the fully fused backward (``fused=True``) at the same
-  shapes (35) and its d_h reduction (``reduce_dh=True``) per n (5): 110.
+  shapes (35) and its reduction (``reduce_dh=True``: ``boundary_reduce_bwd``, d_phi, d_alpha, d_bias and d_h) per
+  n (5): 110.
 * ``pre_decode`` fwd (the one-launch decode pre-mapping for T <= 64): the pre-mapping's 35 shapes at
   :data:`SINKHORN_ITERS`, :data:`SINKHORN_EPS` (35).
 
@@ -193,7 +194,7 @@ def _pre_mapping_configs() -> list[KernelConfig]:
 
 def _boundary_configs() -> list[KernelConfig]:
     """The fused boundary feeds the next site's pre_finalize: the same shapes as the pre-mapping; then the fully
-    fused backward (``fused=True``) at those shapes and its d_h reduction (``reduce_dh=True``) per n."""
+    fused backward (``fused=True``) at those shapes and its reduction (``reduce_dh=True``) per n."""
     out = [
         KernelConfig.make("boundary", direction, n=n, C=c, dtype=dtype)
         for n, c, dtype in _pre_mapping_shapes()

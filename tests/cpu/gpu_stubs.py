@@ -322,18 +322,19 @@ def _pre_finalize_fwd(n, C, dtype, iters, eps):
     return FakeKernel("pre_finalize_fwd", (n, C, dtype, iters, eps), prog, impl)
 
 
-def _pre_finalize_bwd(n, C, dtype):
+def _pre_finalize_bwd(n, C, dtype, grad_pre=True):
     from tl_kernels import pre_finalize
 
     def impl(g_li, x, g_pre, g_post, h_pre, h_post, proj, rinv, alpha, bias, d_pp, res_logits, post_mult):
         hp, hq = h_pre.double(), h_post.double()
         inner = (g_li.double()[:, None, :] * x.double()).sum(-1)
-        _put(d_pp[:, :n], (inner + g_pre.double()) * hp * (1 - hp))
+        _put(d_pp[:, :n], (inner + g_pre.double() if grad_pre else inner) * hp * (1 - hp))
         _put(d_pp[:, n:], g_post.double() * hq * (1 - hq / post_mult))
         logits = ref.coefficient_logits(proj.double(), rinv.double(), alpha.double(), bias.double(), n)
         _put(res_logits, ref.split_coefficients(logits, n)[2])
 
-    return FakeKernel("pre_finalize_bwd", (n, C, dtype), pre_finalize.pre_finalize_bwd_program(n, C, dtype), impl)
+    program = pre_finalize.pre_finalize_bwd_program(n, C, dtype, grad_pre)
+    return FakeKernel("pre_finalize_bwd", (n, C, dtype, grad_pre), program, impl)
 
 
 def _pre_decode_fwd(n, C, dtype, iters, eps):
@@ -449,15 +450,22 @@ def _boundary_bwd_fused(n, C, dtype):
     return FakeKernel("boundary_bwd_fused", (n, C, dtype), prog, impl)
 
 
-def _boundary_dh_reduce(n):
+def _boundary_reduce_bwd(n):
     from tl_kernels import boundary
 
-    def impl(dh_part, d_h_res, d_h_post):
+    m = n * n + 2 * n
+
+    def impl(d_phi_part, d_coef_part, dh_part, d_phi, d_alpha, d_bias, d_h_res, d_h_post):
+        _put(d_phi, d_phi_part.double().sum(0))
+        cols = d_coef_part.double().sum(0)
+        _put(d_bias, cols[:m])
+        scale = cols[m:]
+        _put(d_alpha, torch.stack([scale[:n].sum(), scale[n : 2 * n].sum(), scale[2 * n :].sum()]))
         total = dh_part.double().sum(0)
         _put(d_h_res, total[:, : n * n].reshape(-1, n, n))
         _put(d_h_post, total[:, n * n :])
 
-    return FakeKernel("boundary_dh_reduce", (n,), boundary.boundary_dh_reduce_program(n), impl)
+    return FakeKernel("boundary_reduce_bwd", (n,), boundary.boundary_reduce_bwd_program(n), impl)
 
 
 BUILDERS = {
@@ -474,7 +482,7 @@ BUILDERS = {
     ("boundary", "boundary_fwd_kernel"): _boundary_fwd,
     ("boundary", "boundary_bwd_kernel"): _boundary_bwd,
     ("boundary", "boundary_bwd_fused_kernel"): _boundary_bwd_fused,
-    ("boundary", "boundary_dh_reduce_kernel"): _boundary_dh_reduce,
+    ("boundary", "boundary_reduce_bwd_kernel"): _boundary_reduce_bwd,
 }
 
 

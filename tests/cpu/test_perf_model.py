@@ -334,12 +334,14 @@ def test_chain_attribution(chain):
     assert sorted((op.unit, op.name) for op in chain.ops if op.phase == "recompute") == fwd
 
 
-def test_expand_replays_nested_ops_through_their_cuda_code(chain):
-    """mhc::boundary_bwd calls mhc::pre_mapping_bwd: its kernels come out in order, then the boundary kernel."""
+def test_expand_replays_the_fused_backward_through_its_cuda_code(chain):
+    """mhc::boundary_bwd expands through its CUDA implementation into the fully fused backward's four launches in
+    order; the first two are the pre-mapping backward's own first two (pre_finalize_bwd, sinkhorn_bwd)."""
     (op,) = [o for o in chain.unit_ops() if o.name == "mhc::boundary_bwd"]
     names = [e.kernel.prim_func.attrs["global_symbol"] for e in capture.expand(op, 132)]
     pre = [e.kernel.prim_func.attrs["global_symbol"] for e in capture.expand(_pre_mapping_bwd_op(chain), 132)]
-    assert names[: len(pre)] == pre and len(names) > len(pre) and names[-1].startswith("boundary")
+    assert names == ["pre_finalize_bwd", "sinkhorn_bwd", "boundary_bwd_fused", "boundary_reduce_bwd"], names
+    assert names[:2] == pre[:2], pre
 
 
 def _pre_mapping_bwd_op(chain):

@@ -41,21 +41,24 @@ def main(path: str, plant: bool) -> None:
             d_residual=torch.empty(T, n, C, dtype=dt), d_h_post=torch.empty(T, n), d_h_res=torch.empty(T, n, n),
             num_tokens=T, grid=case["blocks"],
         )  # fmt: skip
-    for case in src.get("fused_cases", []):  # the fully fused backward and its d_h reduction
+    for case in src.get("fused_cases", []):  # the fully fused backward and its reduction (d_phi, d_coef, d_h)
         n, C, dtype, T, S, R, cb = case["n"], case["C"], case["dtype"], case["T"], case["S"], case["R"], case["cb"]
         dt, m, q = DT[dtype], n * n + 2 * n, n * n + n
-        dh_part = torch.empty(cb, T, q)
+        dh_part, d_phi_part, d_coef_part = torch.empty(cb, T, q), torch.empty(S, n * C, m), torch.empty(R, 2 * m)
         EmulatedKernel(case["source"])(
             grad_x_next=torch.randn(T, n, C).to(dt), layer_output=torch.randn(T, C).to(dt),
             residual=torch.randn(T, n, C).to(dt), h_post=torch.rand(T, n), h_res=torch.rand(T, n, n),
             phi=torch.randn(n * C, m), d_pp=torch.randn(T, 2 * n), d_res=torch.randn(T, n * n),
             proj=torch.randn(T, m), rinv=torch.rand(T) + 0.5, alpha=torch.rand(3), h_pre=torch.rand(T, n),
             g_li=torch.randn(T, C).to(dt), d_layer_output=torch.empty(T, C, dtype=dt),
-            d_residual=torch.empty(T, n, C, dtype=dt), dh_part=dh_part, d_phi_part=torch.empty(S, n * C, m),
-            d_coef_part=torch.empty(R, 2 * m), num_tokens=T, num_splits=S, num_coef_tiles=R, grid=(cb, S),
+            d_residual=torch.empty(T, n, C, dtype=dt), dh_part=dh_part, d_phi_part=d_phi_part,
+            d_coef_part=d_coef_part, num_tokens=T, num_splits=S, num_coef_tiles=R, grid=(cb, S),
         )  # fmt: skip
+        kq = n * C * m // 4
         EmulatedKernel(case["reduce_source"])(
-            dh_part=dh_part, d_h_res=torch.empty(T, n, n), d_h_post=torch.empty(T, n), num_tokens=T, num_cb=cb,
+            d_phi_part=d_phi_part.view(S, kq, 4), d_coef_part=d_coef_part, dh_part=dh_part,
+            d_phi=torch.empty(kq, 4), d_alpha=torch.empty(3), d_bias=torch.empty(m), d_h_res=torch.empty(T, n, n),
+            d_h_post=torch.empty(T, n), num_tokens=T, num_cb=cb, num_splits=S, kq=kq, rows=R,
             grid=case["reduce_blocks"],
         )  # fmt: skip
     print("ALL OK", flush=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tl_kernels import boundary, post_res
+from tl_kernels import boundary, post_res, pre_reduce
 
 from .asan_launch import run_under_asan
 from .cuda_emu import kernel_sources
@@ -39,9 +39,10 @@ def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
     ]  # fmt: skip
     fused_cases = [
         dict(n=n, C=C, dtype=dt, T=T, S=S, R=-(-T // boundary.COEF_BM), cb=boundary.fused_plan(n, C, dt).blocks,
-             reduce_blocks=-(-T * (n * n + n) // boundary.REDUCE_THREADS),
+             reduce_blocks=1 + -(-T * (n * n + n) // pre_reduce.THREADS)
+             + -(-(n * C * (n * n + 2 * n) // pre_reduce.VEC) // pre_reduce.THREADS),
              source=kernel_sources(boundary.boundary_bwd_fused_kernel(n, C, dt)),
-             reduce_source=kernel_sources(boundary.boundary_dh_reduce_kernel(n)))
+             reduce_source=kernel_sources(boundary.boundary_reduce_bwd_kernel(n)))
         for n, C, dt, T, S in FUSED_CASES
     ]  # fmt: skip
     payload = {"cases": cases, "bwd_cases": bwd_cases, "fused_cases": fused_cases}

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from mhc import reference as ref
-from tl_kernels import boundary, post_res
+from tl_kernels import boundary, post_res, pre_reduce
 
 from .cuda_emu import EmulatedKernel
 
@@ -241,11 +241,16 @@ def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2):
     for name in ("d_layer_output", "d_residual"):
         assert outs[name][T:].isnan().all(), f"{name} written past num_tokens"
     d_hp, d_hr = torch.full((T, n), float("nan")), torch.full((T, n, n), float("nan"))
-    EmulatedKernel(boundary.boundary_dh_reduce_kernel(n))(
-        dh_part=outs["dh_part"], d_h_res=d_hr, d_h_post=d_hp, num_tokens=T, num_cb=p.blocks,
-        grid=-(-T * (n * n + n) // boundary.REDUCE_THREADS),
+    kq, nan = n * C * m // pre_reduce.VEC, float("nan")
+    d_phi, d_alpha, d_bias = torch.full((n * C, m), nan), torch.full((3,), nan), torch.full((m,), nan)
+    EmulatedKernel(boundary.boundary_reduce_bwd_kernel(n))(
+        d_phi_part=outs["d_phi_part"].view(S, kq, pre_reduce.VEC), d_coef_part=outs["d_coef_part"],
+        dh_part=outs["dh_part"], d_phi=d_phi.view(kq, pre_reduce.VEC), d_alpha=d_alpha, d_bias=d_bias, d_h_res=d_hr,
+        d_h_post=d_hp, num_tokens=T, num_cb=p.blocks, num_splits=S, kq=kq, rows=R,
+        grid=1 + -(-T * (n * n + n) // pre_reduce.THREADS) + -(-kq // pre_reduce.THREADS),
     )  # fmt: skip
-    return (outs["d_layer_output"][:T], outs["d_residual"][:T], d_hp, d_hr, outs["d_phi_part"], outs["d_coef_part"])
+    return (outs["d_layer_output"][:T], outs["d_residual"][:T], d_hp, d_hr, outs["d_phi_part"], outs["d_coef_part"],
+            (d_phi, d_alpha, d_bias))  # fmt: skip
 
 
 def run_unfused_bwd(n, C, dtype, T, S, ins):
@@ -302,6 +307,16 @@ def test_boundary_bwd_fused_generated_source_on_cpu(n, C, dtype, T, splits):
         bits = BITS[fused[k].dtype]
         assert torch.equal(fused[k].view(bits), plain[k].view(bits)), f"{name} differs from the unfused kernels"
     assert torch.equal(fused[5], plain[5]), "d_coef_part differs from pre_proj_bwd's"
+    # the reduction's d_phi, d_alpha, d_bias: pre_reduce_bwd's bits on the same partials
+    kq, m = n * C * (n * n + 2 * n) // pre_reduce.VEC, n * n + 2 * n
+    want = (torch.empty(n * C, m), torch.empty(3), torch.empty(m))
+    EmulatedKernel(pre_reduce.pre_reduce_bwd_kernel(n, True))(
+        d_phi_part=fused[4].view(splits, kq, pre_reduce.VEC), d_coef_part=fused[5],
+        d_phi=want[0].view(kq, pre_reduce.VEC), d_alpha=want[1], d_bias=want[2], kq=kq, num_splits=splits,
+        rows=fused[5].shape[0], grid=pre_reduce.phi_blocks(n * C * m) + 1,
+    )  # fmt: skip
+    for got, exp, name in zip(fused[6], want, ("d_phi", "d_alpha", "d_bias"), strict=True):
+        assert torch.equal(got, exp), f"{name} differs from pre_reduce_bwd's"
     for k in (2, 3):  # d_h_post, d_h_res: fp32 sums over C in another order
         scale = plain[k].abs().max().item()
         torch.testing.assert_close(fused[k], plain[k], rtol=1e-5, atol=1e-6 * scale)

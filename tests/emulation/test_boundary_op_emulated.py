@@ -22,7 +22,6 @@ from mhc import _cuda
 from mhc import boundary as B
 from mhc import reference as ref
 from profiling import families
-from tl_kernels import boundary as tl_boundary
 
 from .cuda_emu import EmulatedKernel
 
@@ -128,7 +127,7 @@ def _bound_launch(log):
 )
 def test_fused_backward_against_the_unfused_cuda_path(monkeypatch, n, C, dt, T, sms):
     """``_boundary_bwd_cuda`` (the fully fused backward: pre_finalize_bwd, sinkhorn_bwd, boundary_bwd_fused,
-    pre_reduce_bwd, the d_h reduction) against ``_boundary_bwd_unfused_cuda`` (mhc::pre_mapping_bwd's four kernels and
+    and its reduction: d_phi, d_alpha, d_bias, d_h) against ``_boundary_bwd_unfused_cuda`` (mhc::pre_mapping_bwd's four kernels and
     boundary_bwd), every kernel emulated: d_layer_output, d_residual, d_alpha, d_bias bit for bit; d_h_post, d_h_res
     within fp32 summation order; d_phi within the TF32 budget of float64 (mhc.boundary.boundary_backward_reference),
     as the unfused path's; the launch sequence; bitwise reproducible."""
@@ -144,9 +143,7 @@ def test_fused_backward_against_the_unfused_cuda_path(monkeypatch, n, C, dt, T, 
     bwd_args = (*grads, *args[:4], x_next, *args[4:], h_pre_n, h_post_n, proj, rinv, 20, 2.0, 0.0)
     log.clear()
     got = B._boundary_bwd_cuda(*bwd_args)
-    splits = tl_boundary.fused_choose_splits(T, n, C, _TL[dt], sms)
-    tail = "pre_reduce_bwd" if splits > 1 else "pre_reduce_bwd_coef"
-    assert log == ["pre_finalize_bwd", "sinkhorn_bwd", "boundary_bwd_fused", tail, "boundary_dh_reduce"], log
+    assert log == ["pre_finalize_bwd", "sinkhorn_bwd", "boundary_bwd_fused", "boundary_reduce_bwd"], log
     plain = B._boundary_bwd_unfused_cuda(*bwd_args)
     for k in (0, 1, 5, 6):  # d_layer_output, d_residual, d_alpha, d_bias
         assert torch.equal(got[k], plain[k]), f"output {k} differs from the unfused CUDA path"
@@ -162,3 +159,26 @@ def test_fused_backward_against_the_unfused_cuda_path(monkeypatch, n, C, dt, T, 
         assert err.ok, err
     again = B._boundary_bwd_cuda(*bwd_args)
     assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True)), "not bitwise reproducible"
+
+
+def test_fused_backward_without_grad_h_pre(monkeypatch):
+    """``grad_h_pre'`` None (an unused ``h_pre'``: autograd's gradient is not materialised, so no zero-fill launch)
+    gives bit for bit the outputs of an explicit zero ``grad_h_pre'``, through pre_finalize_bwd's ``grad_pre=False``
+    variant; the unfused path accepts None as well."""
+    n, C, dt, T = 4, 128, torch.bfloat16, 70
+    log: list[str] = []
+    monkeypatch.setattr(_cuda, "_launch", _bound_launch(log))
+    monkeypatch.setattr(_cuda, "_num_sms", lambda device: 2)
+    monkeypatch.setattr(_cuda, "DISABLED", set())
+    args = _inputs(T, n, C, dt, seed=3)
+    fwd = B._boundary_fwd_cuda(*args, *SETTINGS)
+    g = torch.Generator().manual_seed(8)
+    grads = [torch.randn(o.shape, generator=g).to(o.dtype) for o in fwd[:4]]
+    x_next, _li, h_post_n, _hr, h_pre_n, proj, rinv = fwd
+    rest = (*args[:4], x_next, *args[4:], h_pre_n, h_post_n, proj, rinv, 20, 2.0, 0.0)
+    got = B._boundary_bwd_cuda(*grads, None, *rest)
+    want = B._boundary_bwd_cuda(*grads, torch.zeros_like(h_pre_n), *rest)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    plain = B._boundary_bwd_unfused_cuda(*grads, None, *rest)
+    for k in (0, 1, 5, 6):
+        assert torch.equal(got[k], plain[k]), k

@@ -157,10 +157,10 @@ def test_boundary_bwd_fused_hot_loop(n, C, dtype):
         assert count <= FUSED_CEILING[(n, C, dtype)], count
 
 
-def test_boundary_dh_reduce_has_no_atomics_or_local_memory():
+def test_boundary_reduce_bwd_has_no_atomics_or_local_memory():
     from tl_kernels.tools import pre_mapping_sass as pm_sass
 
-    text = _sass_or_skip(boundary.boundary_dh_reduce_kernel(4))
+    text = _sass_or_skip(boundary.boundary_reduce_bwd_kernel(4))
     everything = [t for _, t in codegen.sass_instructions(text)]
     assert pm_sass.local_memory(everything) == 0
     assert not [op for op in _opcodes(text) if op.startswith(("ATOM", "RED"))]
