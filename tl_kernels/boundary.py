@@ -655,8 +655,8 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     (``G`` = its threads / BM adjacent lanes a row: d_pp's columns ``[p 2n / G, ...)``, d_res's likewise, proj at the
     same columns, rinv) with ``h_res``, ``h_post``, ``h_pre`` spread over the block (n = 8: staged after the barrier,
     the registers spilled); ``d_proj`` and this part's share of ``cx`` are computed before the barrier, so that the
-    ``G`` parts summed by pre_proj_bwd's butterfly give its ``cx`` bit for bit (at n = 6, 8 in the warps idle in the
-    elementwise phases); (1) stage the coefficients in shared memory; (2) each thread owns a 16-byte chunk of
+    ``G`` parts summed by pre_proj_bwd's butterfly give its ``cx`` bit for bit (by the warps idle in the elementwise
+    phases where there are such: n = 6, 8 at 2 bytes); (1) stage the coefficients in shared memory; (2) each thread owns a 16-byte chunk of
     ``lanes`` per token row and writes the recomputed, rounded ``x_next`` of all n streams to the fp32 tile
     ``xs [BM, n g]``; (3) ``T.gemm``: ``d_proj phi^T`` (TF32 ``mma.sync``) and ``x_next^T d_proj`` into the block's
     ``d_phi`` accumulator; (4) per fragment element ``d_xn``, then ``g``, written over ``xs`` (same element, same
