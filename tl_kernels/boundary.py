@@ -542,8 +542,10 @@ FUSED_BM = 32  # tokens per tile of the fused backward
 FUSED_THREADS = 256
 COEF_BM = 64  # tokens per row of d_coef_part: pre_proj's tile, so the rows (and d_bias, d_alpha) are bit for bit its
 REDUCE_UNROLL = 8  # partials a thread loads at once in the d_h reduction (then sums in channel-block order)
-# n = 4 fp32 stays at one: its 113.8 KB of shared memory does not fit twice in an SM's 228 KB
-_FUSED_MIN_BLOCKS = {(n, dt): 2 for n in (1, 2, 4) for dt in ("bfloat16", "float16", "float32")} | {(4, "float32"): 1}
+# n = 4 stays at one: with a tile's inputs loaded at its top it needs 244 registers (bf16; 128 spilled 60 to 644
+# bytes), and one block of 244 beats two latency-bound ones (python -m profiling model --site chain --kernel site_bwd
+# --C 7168 --gpu H100: the kernel's t_latency 3,862 -> 1,571 us); fp32's 113.8 KB of shared memory fits once anyway
+_FUSED_MIN_BLOCKS = {(n, dt): 2 for n in (1, 2) for dt in ("bfloat16", "float16", "float32")} | {(4, "float32"): 1}
 # The fused backward places its barriers by hand (as pre_proj's backward; tests/emulation/test_barrier_mutations.py
 # deletes each in turn) and indexes in bounds by construction (row guards; the ASan test checks exact-size tensors).
 _FUSED_PASS_CONFIGS = {
@@ -644,14 +646,24 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     fixed orders by :func:`boundary_reduce_bwd_program` (``d_coef_part`` row ``r`` covers tokens ``[64 r, 64 r + 64)`` as pre_proj_bwd's does, computed by
     block ``by * CB + cb = r mod (CB S)``). No atomics: bitwise reproducible for a given (T, S).
 
-    Per token tile (256 threads, barriers by hand): (1) stage the tile's coefficients (``h_res``, ``h_post``,
-    ``h_pre``, ``cx``, ``d_proj``) in shared memory; (2) each thread owns a 16-byte chunk of ``lanes`` per token row,
-    loads ``y`` and the n streams of ``x`` (kept in shared memory for step 5) and writes the recomputed, rounded
-    ``x_next`` of all n streams to the fp32 tile ``xs [BM, n g]``; (3) ``T.gemm``: ``d_proj phi^T`` (TF32
-    ``mma.sync``) and ``x_next^T d_proj`` into the block's ``d_phi`` accumulator; (4) per fragment element
-    ``d_xn``, then ``g``, written over ``xs`` (same element, same thread); (5) the chunk owners of step 2 run
-    post_res's backward on ``g``: ``d_y``, ``d_x`` with 128-bit stores, the ``d_h`` partials reduced over a row's
-    lanes with an xor butterfly. ``d_coef_part`` after the tile loop, as pre_proj_bwd.
+    Per token tile (256 threads, barriers by hand): (0) every global input of the tile is loaded into registers at
+    its top, before the first barrier, rows clamped to ``T - 1`` (zeroed by selects, not branches: ptxas sinks a load
+    into the branch that uses it, and the warp then waits a DRAM latency there): each chunk owner's ``y`` and n
+    streams of ``x`` (then written to shared memory at once: a thread writes only the chunks it alone reads back, so
+    no barrier orders them), ``g_li`` and ``grad_x_next`` in the ``d_x`` accumulator's fragment layout (n <= 4; n = 6
+    right after the GEMMs; n = 8 where step 4 uses them), and pre_proj_bwd's share of a token row's coefficient inputs
+    (``G`` = its threads / BM adjacent lanes a row: d_pp's columns ``[p 2n / G, ...)``, d_res's likewise, proj at the
+    same columns, rinv) with ``h_res``, ``h_post``, ``h_pre`` spread over the block (n = 8: staged after the barrier,
+    the registers spilled); ``d_proj`` and this part's share of ``cx`` are computed before the barrier, so that the
+    ``G`` parts summed by pre_proj_bwd's butterfly give its ``cx`` bit for bit (by the warps idle in the elementwise
+    phases where there are such: n = 6, 8 at 2 bytes); (1) stage the coefficients in shared memory; (2) each thread owns a 16-byte chunk of
+    ``lanes`` per token row and writes the recomputed, rounded ``x_next`` of all n streams to the fp32 tile
+    ``xs [BM, n g]``; (3) ``T.gemm``: ``d_proj phi^T`` (TF32 ``mma.sync``) and ``x_next^T d_proj`` into the block's
+    ``d_phi`` accumulator; (4) per fragment element ``d_xn``, then ``g``, written over ``xs`` (same element, same
+    thread); (5) the chunk owners of step 2 run post_res's backward on ``g``: ``d_y``, ``d_x`` with 128-bit stores,
+    the ``d_h`` partials reduced over a row's lanes with an xor butterfly. ``d_coef_part`` after the tile loop, as
+    pre_proj_bwd. At n = 4, C = 7168, bf16 the tile loop waits for global loads twice a tile (22 times when each
+    value was loaded where it was used; tests/kernels/test_boundary_sass.py), 244 registers, one block an SM.
 
     Bytes per token (bf16, n = 4): reads ``x`` 8C, ``y`` 2C, ``g_li`` 2C, ``grad_x_next`` 8C, writes ``d_x`` 8C,
     ``d_y`` 2C: 30C, plus ``dh_part`` (C / 64 x 80 B, 1.25C) and the coefficients; see docs/design.md section 7.
@@ -659,6 +671,7 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     import tilelang.language as T
     from tvm import tirx
 
+    from . import pre_proj
     from .pre_proj import _coef_grad
     from .pre_proj import _tf32 as tf32
 
@@ -668,6 +681,21 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     f32 = "float32"
     idle_rows = rows > FUSED_BM  # threads whose row is past the tile idle in the elementwise phases (whole warps)
     shuffle_offsets = tuple(lanes >> s for s in range(1, lanes.bit_length()))  # lanes/2, ..., 1
+    # cx in pre_proj_bwd's order (its d_x bit for bit): G = its threads / BM parts a token row, G_LOG butterfly steps
+    G = pre_proj.bwd_threads(n) // pre_proj.BM
+    G_LOG = G.bit_length() - 1
+    a = n2 // G  # d_pp columns a part
+    b = -(-nn // G)  # d_res columns a part (the tail masked at n = 1)
+    coef_threads = FUSED_BM * G  # whole warps
+    # the coefficient threads: the last warps where those idle in the elementwise phases (n = 6, 8 at 2 bytes), so that
+    # no thread holds both a chunk of x and a row's coefficient inputs (ptxas spilled at n = 8)
+    coef_base = FUSED_THREADS - coef_threads if idle_rows else 0
+    hr_k = -(-(FUSED_BM * nn) // FUSED_THREADS)  # h_res elements a thread loads
+    # g_li and grad_x_next into registers at the top of the tile (n <= 4), right after the GEMMs (n = 6), or where
+    # step 4 uses them (n = 8: its 80-register d_phi accumulator leaves no room for them; ptxas spilled)
+    early_g, late_g = n <= 4, n == 6
+    rolled = n == 8  # h_res, h_post, h_pre staged after the first barrier (loaded at the top, ptxas spilled)
+    assert G * a == n2 and coef_threads % 32 == 0 and FUSED_BM * n <= FUSED_THREADS  # internal invariants
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
     num_coef_tiles = T.dynamic("num_coef_tiles")
@@ -709,16 +737,35 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
             # no barrier orders them; in shared memory, not registers, so that two blocks fit an SM at n = 4)
             xls = T.alloc_shared((n, FUSED_BM, g), dtype)
             lss = T.alloc_shared((FUSED_BM, g), dtype)
-            xl = T.alloc_local((n, vec), dtype)
-            ls = T.alloc_local((vec,), dtype)
+            xl = T.alloc_local((p.passes, n, vec), dtype)
+            ls = T.alloc_local((p.passes, vec), dtype)
             acc = T.alloc_local((vec,), f32)
             ob = T.alloc_local((vec,), dtype)
             gs = T.alloc_local((n, vec), dtype)  # g of the thread's chunk (exact in dtype: xs holds rounded values)
             ph = T.alloc_local((n,), f32)
+            # The tile's other global inputs, loaded into registers at the top of the tile (one DRAM latency a tile,
+            # not one per use): g_li and grad_x_next in dx_acc's fragment layout (step 4), pre_proj_bwd's share of
+            # a token row's coefficient inputs (row cr = tx // G, part cp = tx % G: d_pp's columns [cp a, cp a + a),
+            # d_res's [cp b, cp b + b), proj at the same columns, rinv), and h_res, h_post, h_pre spread flat over
+            # the block's threads.
+            glf = T.alloc_fragment((FUSED_BM, kw), dtype) if early_g or late_g else None
+            gxf = T.alloc_fragment((FUSED_BM, kw), dtype) if early_g or late_g else None
+            dlp = T.alloc_local((a,), f32)
+            prp = T.alloc_local((a,), f32)
+            dlr = T.alloc_local((b,), f32)
+            prr = T.alloc_local((b,), f32)
+            hrv = T.alloc_local((hr_k,), f32)
+            hpv = T.alloc_local((1,), f32)
+            hqv = T.alloc_local((1,), f32)
+            cxv = T.alloc_local((1,), f32)
+            rv = T.alloc_local((1,), f32)
+            sv = T.alloc_local((1,), f32)  # this part's share of the row's cx sum
             tx = T.get_thread_binding()
             lane = tx % lanes
             cl = lane * vec
             c0 = cb * g
+            cr = (tx - coef_base) // G  # coefficient row and part (a row's G parts in adjacent lanes, pre_proj_bwd's)
+            cp = tx % G
             tiles = T.ceildiv(num_tokens, FUSED_BM)
             per = T.alloc_var("int32")
             per = T.ceildiv(tiles, num_splits)
@@ -726,6 +773,12 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
             t_base = by * per * FUSED_BM
             count = T.alloc_var("int32")
             count = T.min(per, tiles - by * per)
+            a0 = T.alloc_var(f32)
+            a0 = alpha[0]
+            a1 = T.alloc_var(f32)
+            a1 = alpha[1]
+            a2 = T.alloc_var(f32)
+            a2 = alpha[2]
             for kk, j in T.Parallel(kw, mp):
                 ps[kk, j] = T.if_then_else(j < m, tf32(phi[(kk // g) * C + c0 + kk % g, T.min(j, m - 1)]), T.float32(0))
             for i, j in T.Parallel(FUSED_BM, mp):
@@ -733,67 +786,129 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
             T.clear(dphi_acc)
             for tt in T.serial(count):
                 t0 = t_base + tt * FUSED_BM
-                T.sync_threads()  # the previous tile's reads (GEMM, steps 4 and 5) before these writes
-                # (1) the tile's coefficients; pre_proj_bwd's expressions, so d_proj and cx are its bits
-                for i, j in T.Parallel(FUSED_BM, n2):
-                    dps[i, j] = T.if_then_else(
-                        t0 + i < num_tokens, tf32(d_pp[t0 + i, j] * alpha[j // n] * rinv[t0 + i]), T.float32(0)
+                # Every global load of the tile, rows past T clamped to T - 1 (zeroed by selects below, or unused)
+                for k in T.unroll(p.passes):
+                    r = k * rows + tx // lanes
+                    if not idle_rows or r < FUSED_BM:
+                        tr = T.min(t0 + r, num_tokens - 1)
+                        for e in T.vectorized(vec):
+                            ls[k, e] = layer_output[tr, c0 + cl + e]
+                        for j in T.unroll(n):
+                            for e in T.vectorized(vec):
+                                xl[k, j, e] = residual[tr, j, c0 + cl + e]
+                if early_g:
+                    for i, j in T.Parallel(FUSED_BM, kw):
+                        glf[i, j] = g_li[T.min(t0 + i, num_tokens - 1), c0 + j % g]
+                        gxf[i, j] = grad_x_next[T.min(t0 + i, num_tokens - 1), j // g, c0 + j % g]
+                ctr = T.min(t0 + cr, num_tokens - 1)
+                sv[0] = T.float32(0)
+                if not idle_rows and coef_base <= tx and tx < coef_base + coef_threads:  # x's threads: with x's loads
+                    for i in T.unroll(a):
+                        dlp[i] = d_pp[ctr, cp * a + i]
+                        prp[i] = proj[ctr, cp * a + i]
+                    for i in T.unroll(b):
+                        dlr[i] = d_res[ctr, T.min(cp * b + i, nn - 1)]
+                        prr[i] = proj[ctr, n2 + T.min(cp * b + i, nn - 1)]
+                    rv[0] = rinv[ctr]
+                if not rolled:
+                    for k in T.unroll(hr_k):
+                        e = T.min(tx + k * FUSED_THREADS, FUSED_BM * nn - 1)
+                        hrv[k] = h_res[T.min(t0 + e // nn, num_tokens - 1), (e % nn) // n, e % n]
+                    e1 = T.min(tx, FUSED_BM * n - 1)
+                    hpv[0] = h_post[T.min(t0 + e1 // n, num_tokens - 1), e1 % n]
+                    hqv[0] = h_pre[T.min(t0 + e1 // n, num_tokens - 1), e1 % n]
+                # x and y to shared memory now (rows past T zero), freeing their registers: a thread writes only the
+                # chunks it alone reads back (its own step 5 of the previous tile, then its step 2), so no barrier
+                for k in T.unroll(p.passes):
+                    r = k * rows + tx // lanes
+                    if not idle_rows or r < FUSED_BM:
+                        ok = t0 + r < num_tokens
+                        for e in T.unroll(vec):
+                            ls[k, e] = T.Select(ok, ls[k, e], T.cast(0, dtype))
+                        for j in T.unroll(n):
+                            for e in T.unroll(vec):
+                                xl[k, j, e] = T.Select(ok, xl[k, j, e], T.cast(0, dtype))
+                        for e in T.vectorized(vec):
+                            lss[r, cl + e] = ls[k, e]
+                        for j in T.unroll(n):
+                            for e in T.vectorized(vec):
+                                xls[j, r, cl + e] = xl[k, j, e]
+                if idle_rows and coef_base <= tx and tx < coef_base + coef_threads:  # after x's stores
+                    for i in T.unroll(a):
+                        dlp[i] = d_pp[ctr, cp * a + i]
+                        prp[i] = proj[ctr, cp * a + i]
+                    for i in T.unroll(b):
+                        dlr[i] = d_res[ctr, T.min(cp * b + i, nn - 1)]
+                        prr[i] = proj[ctr, n2 + T.min(cp * b + i, nn - 1)]
+                    rv[0] = rinv[ctr]
+                if coef_base <= tx and tx < coef_base + coef_threads:
+                    # d_proj (over its inputs) and cx in registers before the barrier: fewer live registers
+                    ok = t0 + cr < num_tokens
+                    sv[0] = T.float32(0)
+                    for i in T.unroll(a):
+                        ag = T.Select(cp * a + i < n, a0, a1)
+                        sv[0] += dlp[i] * ag * prp[i]
+                        dlp[i] = T.Select(ok, tf32(dlp[i] * ag * rv[0]), T.float32(0))
+                    for i in T.unroll(b):
+                        if nn % G == 0 or cp * b + i < nn:
+                            sv[0] += dlr[i] * a2 * prr[i]
+                        dlr[i] = T.Select(ok, tf32(dlr[i] * a2 * rv[0]), T.float32(0))
+                T.sync_threads()  # the previous tile's reads (GEMM, steps 4 and 5) of the coefficients before these writes
+                # the G parts of a row summed by lanes differing in bits [0, G_LOG), by every warp right after the
+                # barrier (converged: inside the branch ptxas added a divergent-shuffle fallback; other threads' sums
+                # are never read)
+                for sh_ in T.unroll(G_LOG):
+                    sv[0] = sv[0] + T.shfl_xor(sv[0], 1 << sh_)
+                if coef_base <= tx and tx < coef_base + coef_threads:
+                    cxv[0] = T.Select(
+                        t0 + cr < num_tokens, -sv[0] * rv[0] * rv[0] * rv[0] * T.float32(1.0 / K), T.float32(0)
                     )
-                for i, j in T.Parallel(FUSED_BM, nn):
-                    dps[i, n2 + j] = T.if_then_else(
-                        t0 + i < num_tokens, tf32(d_res[t0 + i, j] * alpha[2] * rinv[t0 + i]), T.float32(0)
-                    )
-                for i, j in T.Parallel(FUSED_BM, nn):
-                    hrs[i, j] = T.if_then_else(
-                        t0 + i < num_tokens, h_res[T.min(t0 + i, num_tokens - 1), j // n, j % n], T.float32(0)
-                    )
-                for i, j in T.Parallel(FUSED_BM, n):
-                    hps[i, j] = T.if_then_else(
-                        t0 + i < num_tokens, h_post[T.min(t0 + i, num_tokens - 1), j], T.float32(0)
-                    )
-                if tx < FUSED_BM:
-                    t = t0 + tx
-                    if t < num_tokens:
-                        s = T.alloc_var(f32)
-                        s = T.float32(0)
-                        for j in T.serial(m):
-                            s += _coef_grad(d_pp, d_res, t, j, n) * alpha[T.min(j // n, 2)] * proj[t, j]
-                        r = rinv[t]
-                        cxs[tx] = -s * r * r * r * T.float32(1.0 / K)
-                        for i in T.unroll(n):
-                            hqs[tx, i] = h_pre[t, i]
-                    else:
-                        cxs[tx] = T.float32(0)
-                        for i in T.unroll(n):
-                            hqs[tx, i] = T.float32(0)
+                # (1) the tile's coefficients, rows past T zero; d_proj and cx in pre_proj_bwd's expressions and
+                # order (its G parts of a row, summed by the same butterfly), so they are its bits
+                if not rolled:
+                    for k in T.unroll(hr_k):
+                        e = tx + k * FUSED_THREADS
+                        if FUSED_BM * nn % FUSED_THREADS == 0 or e < FUSED_BM * nn:
+                            hrs[e // nn, e % nn] = T.Select(t0 + e // nn < num_tokens, hrv[k], T.float32(0))
+                    if FUSED_BM * n >= FUSED_THREADS or tx < FUSED_BM * n:
+                        hps[tx // n, tx % n] = T.Select(t0 + tx // n < num_tokens, hpv[0], T.float32(0))
+                        hqs[tx // n, tx % n] = T.Select(t0 + tx // n < num_tokens, hqv[0], T.float32(0))
+                else:  # n = 8: loaded here (with the coefficient inputs at the top, ptxas spilled)
+                    for i, j in T.Parallel(FUSED_BM, nn):
+                        hrs[i, j] = T.if_then_else(
+                            t0 + i < num_tokens, h_res[T.min(t0 + i, num_tokens - 1), j // n, j % n], T.float32(0)
+                        )
+                    for i, j in T.Parallel(FUSED_BM, n):
+                        hps[i, j] = T.if_then_else(
+                            t0 + i < num_tokens, h_post[T.min(t0 + i, num_tokens - 1), j], T.float32(0)
+                        )
+                        hqs[i, j] = T.if_then_else(
+                            t0 + i < num_tokens, h_pre[T.min(t0 + i, num_tokens - 1), j], T.float32(0)
+                        )
+                if coef_base <= tx and tx < coef_base + coef_threads:
+                    for i in T.unroll(a):
+                        dps[cr, cp * a + i] = dlp[i]
+                    for i in T.unroll(b):
+                        if nn % G == 0 or cp * b + i < nn:
+                            dps[cr, n2 + cp * b + i] = dlr[i]
+                    if cp == 0:
+                        cxs[cr] = cxv[0]
                 T.sync_threads()  # hrs, hps before step 2 reads them
                 # (2) x_next of all n streams from x and y, post_res's arithmetic, rounded once
                 for k in T.unroll(p.passes):
                     r = k * rows + tx // lanes
                     if not idle_rows or r < FUSED_BM:
-                        if t0 + r < num_tokens:
-                            for e in T.vectorized(vec):
-                                ls[e] = layer_output[t0 + r, c0 + cl + e]
-                            for j in T.unroll(n):
-                                for e in T.vectorized(vec):
-                                    xl[j, e] = residual[t0 + r, j, c0 + cl + e]
-                        else:
-                            for e in T.unroll(vec):
-                                ls[e] = T.cast(0, dtype)
-                            for j in T.unroll(n):
-                                for e in T.unroll(vec):
-                                    xl[j, e] = T.cast(0, dtype)
                         for e in T.vectorized(vec):
-                            lss[r, cl + e] = ls[e]
+                            ls[0, e] = lss[r, cl + e]
                         for j in T.unroll(n):
                             for e in T.vectorized(vec):
-                                xls[j, r, cl + e] = xl[j, e]
+                                xl[0, j, e] = xls[j, r, cl + e]
                         for i in T.unroll(n):
                             for e in T.unroll(vec):
-                                acc[e] = hps[r, i] * T.cast(ls[e], f32)
+                                acc[e] = hps[r, i] * T.cast(ls[0, e], f32)
                             for j in T.unroll(n):
                                 for e in T.unroll(vec):
-                                    acc[e] = acc[e] + hrs[r, i * n + j] * T.cast(xl[j, e], f32)
+                                    acc[e] = acc[e] + hrs[r, i * n + j] * T.cast(xl[0, j, e], f32)
                             for e in T.unroll(vec):
                                 xs[r, i * g + cl + e] = T.cast(T.cast(acc[e], dtype), f32)
                 T.sync_threads()  # xs, dps, cxs, hqs written before the GEMMs and step 4 read them
@@ -801,14 +916,23 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                 T.gemm(dps, ps, dx_acc, transpose_B=True, clear_accum=True)
                 T.gemm(xs, dps, dphi_acc, transpose_A=True)
                 T.sync_threads()  # every warp's GEMM reads of xs before step 4 overwrites it
+                if late_g:  # n = 6: with the larger d_phi accumulator they spilled at the top of the tile
+                    for i, j in T.Parallel(FUSED_BM, kw):
+                        glf[i, j] = g_li[T.min(t0 + i, num_tokens - 1), c0 + j % g]
+                        gxf[i, j] = grad_x_next[T.min(t0 + i, num_tokens - 1), j // g, c0 + j % g]
                 # (4) d_xn (pre_proj_bwd's epilogue) and the summed gradient g, over x_next in xs
                 for i, j in T.Parallel(FUSED_BM, kw):
                     if t0 + i < num_tokens:
-                        v = dx_acc[i, j] + cxs[i] * xs[i, j] + hqs[i, j // g] * T.cast(g_li[t0 + i, c0 + j % g], f32)
-                        dxn = T.cast(T.cast(v, dtype), f32)
-                        xs[i, j] = T.cast(
-                            T.cast(T.cast(grad_x_next[t0 + i, j // g, c0 + j % g], f32) + dxn, dtype), f32
-                        )
+                        if early_g or late_g:
+                            v = dx_acc[i, j] + cxs[i] * xs[i, j] + hqs[i, j // g] * T.cast(glf[i, j], f32)
+                            dxn = T.cast(T.cast(v, dtype), f32)
+                            xs[i, j] = T.cast(T.cast(T.cast(gxf[i, j], f32) + dxn, dtype), f32)
+                        else:
+                            gli = g_li[t0 + i, c0 + j % g]
+                            v = dx_acc[i, j] + cxs[i] * xs[i, j] + hqs[i, j // g] * T.cast(gli, f32)
+                            dxn = T.cast(T.cast(v, dtype), f32)
+                            gxn = grad_x_next[t0 + i, j // g, c0 + j % g]
+                            xs[i, j] = T.cast(T.cast(T.cast(gxn, f32) + dxn, dtype), f32)
                 T.sync_threads()  # g written before step 5 reads other threads' elements
                 # (5) post_res(l)'s backward on g (its operation order), d_h partials over the block's channels
                 for k in T.unroll(p.passes):
@@ -818,7 +942,7 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                             for e in T.unroll(vec):
                                 gs[i, e] = T.cast(xs[r, i * g + cl + e], dtype)
                         for e in T.vectorized(vec):
-                            ls[e] = lss[r, cl + e]
+                            ls[0, e] = lss[r, cl + e]
                         for e in T.unroll(vec):
                             acc[e] = hps[r, 0] * T.cast(gs[0, e], f32)
                         for i in T.unroll(1, n):
@@ -833,7 +957,7 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                         for i in T.unroll(n):
                             ph[i] = T.float32(0)
                             for e in T.unroll(vec):
-                                ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(ls[e], f32)
+                                ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(ls[0, e], f32)
                         for offset in shuffle_offsets:  # xor butterfly over the row's lanes, fixed order
                             for i in T.unroll(n):
                                 ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
@@ -853,12 +977,12 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                                     d_residual[t0 + r, j, c0 + cl], T.reinterpret(ob[tirx.Ramp(0, 1, vec)], "uint32x4")
                                 )
                             for e in T.vectorized(vec):
-                                xl[0, e] = xls[j, r, cl + e]
+                                xl[0, 0, e] = xls[j, r, cl + e]
                             # column j of d_h_res: reduced over the row's lanes and written before the next column
                             for i in T.unroll(n):
                                 ph[i] = T.float32(0)
                                 for e in T.unroll(vec):
-                                    ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(xl[0, e], f32)
+                                    ph[i] = ph[i] + T.cast(gs[i, e], f32) * T.cast(xl[0, 0, e], f32)
                             for offset in shuffle_offsets:
                                 for i in T.unroll(n):
                                     ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
@@ -872,9 +996,9 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
             # r = b, b + CB S, ... for the linear block index b (every row in exactly one block)
             if tx < m:
                 col = T.min(tx, m - 1)
-                b = by * p.blocks + cb
-                for it in T.serial(T.ceildiv(T.max(num_coef_tiles - b, 0), p.blocks * num_splits)):
-                    tile = b + it * p.blocks * num_splits
+                lb = by * p.blocks + cb
+                for it in T.serial(T.ceildiv(T.max(num_coef_tiles - lb, 0), p.blocks * num_splits)):
+                    tile = lb + it * p.blocks * num_splits
                     tc0 = tile * COEF_BM
                     sb = T.alloc_var(f32)
                     sc = T.alloc_var(f32)
