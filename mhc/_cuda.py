@@ -527,10 +527,11 @@ def warmup(
                                     float(sinkhorn_eps))  # fmt: skip
                 if "boundary" not in DISABLED:  # the fused boundary kernels (mhc/boundary.py)
                     from tl_kernels import boundary as tl_boundary
+                    from tl_kernels import boundary_bwd as tl_boundary_bwd
 
                     tl_boundary.boundary_fwd_kernel(n, C, _TL_DTYPES[dt])
-                    tl_boundary.boundary_bwd_fused_kernel(n, C, _TL_DTYPES[dt])  # the op's backward (fully fused)
-                    tl_boundary.boundary_reduce_bwd_kernel(n)
+                    tl_boundary_bwd.boundary_bwd_fused_kernel(n, C, _TL_DTYPES[dt])  # the op's backward (fully fused)
+                    tl_boundary_bwd.boundary_reduce_bwd_kernel(n)
                     pre_finalize.pre_finalize_bwd_kernel(n, C, _TL_DTYPES[dt], False)  # grad_h_pre' None (unused)
                     count += 4
                     if launch:

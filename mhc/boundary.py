@@ -42,7 +42,7 @@ registers that hold x_next: 18C bytes a token at n = 4, bf16) and the unchanged 
 post_res's; proj and the sums of squares differ from pre_proj's only in the order of fp32 sums (the TF32 budget of
 ``tl_kernels.pre_proj``), so every coefficient differs from the unfused path by that rounding. The backward is four
 launches (:func:`_boundary_bwd_cuda`): ``pre_finalize_bwd`` (reads x_next and g_li: 10C) and ``sinkhorn_bwd``,
-then ``tl_kernels.boundary``'s fused backward, which recomputes x_next from ``x`` and ``y`` in registers, forms site
+then ``tl_kernels.boundary_bwd``'s fused backward, which recomputes x_next from ``x`` and ``y`` in registers, forms site
 l+1's d x_next as ``pre_proj_bwd`` does, adds ``grad_x_next`` (rounded as autograd's accumulation) and applies
 post_res(l)'s backward to the sum, writing none of the three (30C), then one reduction (d_phi, d_alpha, d_bias, d_h):
 40C a token plus the d_h partials (1.25C written and read at C = 7168) instead of 64C
@@ -480,7 +480,7 @@ boundary_fwd.register_kernel("cuda")(_boundary_fwd_cuda)
 def _boundary_bwd_cuda(*args):
     """Four launches, no torch op between them: ``pre_finalize_bwd`` (``<g_li, x_next>`` and the coefficient
     gradients; reads x_next 8C and g_li 2C; its ``grad_pre=False`` variant when ``g_pre`` is None), ``sinkhorn_bwd``,
-    ``tl_kernels.boundary``'s fused backward (x_next recomputed from ``x``, ``y``; site l+1's d x_next, the incoming
+    ``tl_kernels.boundary_bwd``'s fused backward (x_next recomputed from ``x``, ``y``; site l+1's d x_next, the incoming
     ``grad_x_next`` and post_res(l)'s backward, none of the three gradients of x_next written: 30C) and its
     reduction ``boundary_reduce_bwd`` (d_phi, d_alpha, d_bias as ``pre_reduce_bwd``, and the d_h sum): 40C a token
     at n = 4, bf16, plus the d_h partials (``C / 64 x 80`` bytes written and read), against 64C for
@@ -501,7 +501,7 @@ def _boundary_bwd_cuda(*args):
     d_hp, d_hr = torch.empty_like(h_post), torch.empty_like(h_res)
     if T == 0:
         return d_y, d_x, d_hp, d_hr, torch.zeros(K, m, **f32), torch.zeros(3, **f32), torch.zeros(m, **f32)
-    from tl_kernels import boundary as tl_boundary
+    from tl_kernels import boundary_bwd as tl_boundary_bwd
     from tl_kernels import pre_finalize, pre_reduce, sinkhorn
 
     dt, dev = _cuda._TL_DTYPES[x.dtype], x.device
@@ -512,21 +512,21 @@ def _boundary_bwd_cuda(*args):
     )  # fmt: skip
     d_res = torch.empty(T, n, n, **f32)
     _cuda._launch(dev, sinkhorn.sinkhorn_bwd_kernel(n, iters, float(s_eps)), g_res, res_logits, d_res)
-    plan = tl_boundary.fused_plan(n, C, dt)
-    splits = tl_boundary.fused_choose_splits(T, n, C, dt, _cuda._num_sms(dev))
+    plan = tl_boundary_bwd.fused_plan(n, C, dt)
+    splits = tl_boundary_bwd.fused_choose_splits(T, n, C, dt, _cuda._num_sms(dev))
     d_phi = torch.empty(K, m, **f32)
     d_phi_part = torch.empty(splits, K, m, **f32)  # summed (copied at S = 1) by the last launch, with d_h
-    d_coef_part = torch.empty(-(-T // tl_boundary.COEF_BM), 2 * m, **f32)  # pre_proj_bwd's 64-token rows
+    d_coef_part = torch.empty(-(-T // tl_boundary_bwd.COEF_BM), 2 * m, **f32)  # pre_proj_bwd's 64-token rows
     dh_part = torch.empty(plan.blocks, T, nn + n, **f32)
     _cuda._launch(
-        dev, tl_boundary.boundary_bwd_fused_kernel(n, C, dt),
+        dev, tl_boundary_bwd.boundary_bwd_fused_kernel(n, C, dt),
         g_xn, y, x, h_post, h_res, phi, d_pp, d_res.view(T, nn), proj, rinv, alpha, h_pre_n, g_li,
         d_y, d_x, dh_part, d_phi_part, d_coef_part,
     )  # fmt: skip
     d_alpha, d_bias = torch.empty(3, **f32), torch.empty(m, **f32)
     kq = K * m // pre_reduce.VEC
     _cuda._launch(
-        dev, tl_boundary.boundary_reduce_bwd_kernel(n), d_phi_part.view(splits, kq, pre_reduce.VEC), d_coef_part,
+        dev, tl_boundary_bwd.boundary_reduce_bwd_kernel(n), d_phi_part.view(splits, kq, pre_reduce.VEC), d_coef_part,
         dh_part, d_phi.view(kq, pre_reduce.VEC), d_alpha, d_bias, d_hr, d_hp,
     )  # fmt: skip
     return d_y, d_x, d_hp, d_hr, d_phi, d_alpha, d_bias

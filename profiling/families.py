@@ -332,14 +332,14 @@ def _check_boundary_dh_reduce(n: int, T: int, device: str, gen: torch.Generator)
     part = _randn(gen, blocks, T, q).float()
     d_hr, d_hp = torch.empty(T, n, n, device=device), torch.empty(T, n, device=device)
     if device == "cuda" and T > 0:
-        from tl_kernels import boundary
+        from tl_kernels import boundary_bwd
 
         # the backward's reduction: one split of zeros and one row of coefficient partials alongside the d_h sum
         m = n * n + 2 * n
         zeros = torch.zeros(1, m, 4, device=device)  # a d_phi of m x 4 floats
         out = (torch.empty(m, 4, device=device), torch.empty(3, device=device), torch.empty(m, device=device))
         coef = torch.zeros(1, 2 * m, device=device)
-        boundary.boundary_reduce_bwd_kernel(n)(zeros, coef, part, out[0], out[1], out[2], d_hr, d_hp)
+        boundary_bwd.boundary_reduce_bwd_kernel(n)(zeros, coef, part, out[0], out[1], out[2], d_hr, d_hp)
     else:
         total = part.sum(0)
         d_hr.copy_(total[:, : n * n].reshape(T, n, n))

@@ -401,15 +401,15 @@ def _boundary_bwd(n, C, dtype):
 
 
 def _boundary_bwd_fused(n, C, dtype):
-    from tl_kernels import boundary
+    from tl_kernels import boundary_bwd
 
-    p = boundary.fused_plan(n, C, dtype)
+    p = boundary_bwd.fused_plan(n, C, dtype)
     K, nn = n * C, n * n
 
     def impl(g_xn, y, x, h_post, h_res, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, d_y, d_x, dh_part, part,
              coef):  # fmt: skip
         T, dt = x.shape[0], x.dtype
-        S, tiles, rows = part.shape[0], -(-T // boundary.FUSED_BM), -(-T // boundary.COEF_BM)
+        S, tiles, rows = part.shape[0], -(-T // boundary_bwd.FUSED_BM), -(-T // boundary_bwd.COEF_BM)
         if coef.shape[0] != rows or dh_part.shape[0] != p.blocks:
             raise ValueError(f"boundary_bwd_fused: d_coef_part has {coef.shape[0]} rows (contract: {rows}), dh_part "
                              f"{dh_part.shape[0]} channel blocks (contract: {p.blocks})")  # fmt: skip
@@ -439,19 +439,19 @@ def _boundary_bwd_fused(n, C, dtype):
         _put(dh_part, torch.cat([dhr, dhp], 2))
         xv = x_next.reshape(T, K)
         for s in range(S):
-            t = slice(min(s * per * boundary.FUSED_BM, T), min((s + 1) * per * boundary.FUSED_BM, T))
+            t = slice(min(s * per * boundary_bwd.FUSED_BM, T), min((s + 1) * per * boundary_bwd.FUSED_BM, T))
             _put(part[s], xv[t].T @ d_proj[t])
         rs = d_logits * proj.double() * rinv.double()[:, None]
         for r in range(rows):
-            t = slice(r * boundary.COEF_BM, min((r + 1) * boundary.COEF_BM, T))
+            t = slice(r * boundary_bwd.COEF_BM, min((r + 1) * boundary_bwd.COEF_BM, T))
             _put(coef[r], torch.cat([d_logits[t].sum(0), rs[t].sum(0)]))
 
-    prog = boundary.boundary_bwd_fused_program(n, C, dtype)
+    prog = boundary_bwd.boundary_bwd_fused_program(n, C, dtype)
     return FakeKernel("boundary_bwd_fused", (n, C, dtype), prog, impl)
 
 
 def _boundary_reduce_bwd(n):
-    from tl_kernels import boundary
+    from tl_kernels import boundary_bwd
 
     m = n * n + 2 * n
 
@@ -465,7 +465,7 @@ def _boundary_reduce_bwd(n):
         _put(d_h_res, total[:, : n * n].reshape(-1, n, n))
         _put(d_h_post, total[:, n * n :])
 
-    return FakeKernel("boundary_reduce_bwd", (n,), boundary.boundary_reduce_bwd_program(n), impl)
+    return FakeKernel("boundary_reduce_bwd", (n,), boundary_bwd.boundary_reduce_bwd_program(n), impl)
 
 
 BUILDERS = {
@@ -481,8 +481,8 @@ BUILDERS = {
     ("pre_decode", "pre_decode_fwd_kernel"): _pre_decode_fwd,
     ("boundary", "boundary_fwd_kernel"): _boundary_fwd,
     ("boundary", "boundary_bwd_kernel"): _boundary_bwd,
-    ("boundary", "boundary_bwd_fused_kernel"): _boundary_bwd_fused,
-    ("boundary", "boundary_reduce_bwd_kernel"): _boundary_reduce_bwd,
+    ("boundary_bwd", "boundary_bwd_fused_kernel"): _boundary_bwd_fused,
+    ("boundary_bwd", "boundary_reduce_bwd_kernel"): _boundary_reduce_bwd,
 }
 
 

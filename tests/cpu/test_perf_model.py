@@ -400,10 +400,10 @@ def test_chain_site_bytes_against_the_byte_model(chain_records):
     # partials (one row of n * n + n floats per channel block and token, written by the fused kernel and read by
     # its reduction) and the d_phi partials (S x K x m floats, written and read: per token, amortised over T).
     # Issue 18's "40C plus a few hundred bytes" is therefore not met while the d_h partials are per channel block.
-    from tl_kernels import boundary as tl_boundary
+    from tl_kernels import boundary_bwd as tl_boundary_bwd
 
-    plan = tl_boundary.fused_plan(4, C, "bfloat16")
-    splits = tl_boundary.fused_choose_splits(TOKENS, 4, C, "bfloat16", gpus.gpu("H100").sms)
+    plan = tl_boundary_bwd.fused_plan(4, C, "bfloat16")
+    splits = tl_boundary_bwd.fused_choose_splits(TOKENS, 4, C, "bfloat16", gpus.gpu("H100").sms)
     dh_partials = 2 * plan.blocks * (4 * 4 + 4) * 4
     dphi_partials = 2 * splits * 4 * C * plan.m * 4 / TOKENS
     extra = bwd["bytes_per_token"] - designs["fused"] - dh_partials

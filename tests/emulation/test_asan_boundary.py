@@ -1,4 +1,4 @@
-"""The emulated boundary forward and backward (tl_kernels/boundary.py) under AddressSanitizer (g++ -fsanitize=address, libasan
+"""The emulated boundary forward and backward (tl_kernels/boundary.py, boundary_bwd.py) under AddressSanitizer (g++ -fsanitize=address, libasan
 preloaded into a child python): every tensor is allocated to its exact size, so an out-of-bounds read or write of the
 generated code (a missing guard for rows past T, a wrong stride in the split's channel blocks or the phi rows)
 aborts the child. Forward: partial token tiles at n = 4 bf16 (BC = 64) and n = 8 fp32 (BC = 32), several splits, one token;
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tl_kernels import boundary, post_res, pre_reduce
+from tl_kernels import boundary, boundary_bwd, post_res, pre_reduce
 
 from .asan_launch import run_under_asan
 from .cuda_emu import kernel_sources
@@ -38,11 +38,11 @@ def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
         for n, C, dt, T in BWD_CASES
     ]  # fmt: skip
     fused_cases = [
-        dict(n=n, C=C, dtype=dt, T=T, S=S, R=-(-T // boundary.COEF_BM), cb=boundary.fused_plan(n, C, dt).blocks,
+        dict(n=n, C=C, dtype=dt, T=T, S=S, R=-(-T // boundary_bwd.COEF_BM), cb=boundary_bwd.fused_plan(n, C, dt).blocks,
              reduce_blocks=1 + -(-T * (n * n + n) // pre_reduce.THREADS)
              + -(-(n * C * (n * n + 2 * n) // pre_reduce.VEC) // pre_reduce.THREADS),
-             source=kernel_sources(boundary.boundary_bwd_fused_kernel(n, C, dt)),
-             reduce_source=kernel_sources(boundary.boundary_reduce_bwd_kernel(n)))
+             source=kernel_sources(boundary_bwd.boundary_bwd_fused_kernel(n, C, dt)),
+             reduce_source=kernel_sources(boundary_bwd.boundary_reduce_bwd_kernel(n)))
         for n, C, dt, T, S in FUSED_CASES
     ]  # fmt: skip
     payload = {"cases": cases, "bwd_cases": bwd_cases, "fused_cases": fused_cases}

@@ -25,7 +25,7 @@ import re
 import pytest
 import torch
 
-from tl_kernels import boundary, post_res, pre_decode, pre_finalize, pre_proj, sinkhorn
+from tl_kernels import boundary, boundary_bwd, post_res, pre_decode, pre_finalize, pre_proj, sinkhorn
 
 from .cuda_emu import BLOCK_ORDERS, SCHEDULES, EmulatedKernel, kernel_sources
 
@@ -167,8 +167,8 @@ def _boundary_bwd_fused():
     # the next tile's writes), the last tile partial; 8 warps, so every phase's shared data crosses warps
     n, C, T, S, dt = 4, 128, 70, 1, torch.bfloat16
     m = n * n + 2 * n
-    p = boundary.fused_plan(n, C, "bfloat16")
-    kernel = boundary.boundary_bwd_fused_kernel(n, C, "bfloat16")
+    p = boundary_bwd.fused_plan(n, C, "bfloat16")
+    kernel = boundary_bwd.boundary_bwd_fused_kernel(n, C, "bfloat16")
 
     def inputs(g):
         ins = dict(grad_x_next=torch.randn(T, n, C, generator=g).to(dt), layer_output=torch.randn(T, C, generator=g).to(dt),
@@ -178,7 +178,7 @@ def _boundary_bwd_fused():
                    proj=torch.randn(T, m, generator=g), rinv=torch.rand(T, generator=g) + 0.5,
                    alpha=torch.tensor([0.7, 0.5, 1.3]), h_pre=torch.rand(T, n, generator=g),
                    g_li=torch.randn(T, C, generator=g).to(dt))  # fmt: skip
-        R = -(-T // boundary.COEF_BM)
+        R = -(-T // boundary_bwd.COEF_BM)
         outs = dict(d_layer_output=torch.empty(T, C, dtype=dt), d_residual=torch.empty(T, n, C, dtype=dt),
                     dh_part=torch.empty(p.blocks, T, n * n + n), d_phi_part=torch.empty(S, n * C, m),
                     d_coef_part=torch.empty(R, 2 * m))  # fmt: skip

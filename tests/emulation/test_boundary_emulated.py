@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from mhc import reference as ref
-from tl_kernels import boundary, post_res, pre_reduce
+from tl_kernels import boundary, boundary_bwd, post_res, pre_reduce
 
 from .cuda_emu import EmulatedKernel
 
@@ -226,8 +226,8 @@ def fused_bwd_inputs(n, C, dtype, T, extra, seed=11):
 def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2):
     """The fused kernel and the d_h reduction, emulated: (d_layer_output, d_residual, d_h_post, d_h_res, d_phi_part,
     d_coef_part), outputs past T checked unwritten."""
-    dt, m, p = DT[dtype], n * n + 2 * n, boundary.fused_plan(n, C, dtype)
-    R = -(-T // boundary.COEF_BM)
+    dt, m, p = DT[dtype], n * n + 2 * n, boundary_bwd.fused_plan(n, C, dtype)
+    R = -(-T // boundary_bwd.COEF_BM)
     outs = dict(
         d_layer_output=torch.full((T + extra_out, C), float("nan")).to(dt),
         d_residual=torch.full((T + extra_out, n, C), float("nan")).to(dt),
@@ -235,7 +235,7 @@ def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2):
         d_phi_part=torch.full((S, n * C, m), float("nan")),
         d_coef_part=torch.full((R, 2 * m), float("nan")),
     )
-    EmulatedKernel(boundary.boundary_bwd_fused_kernel(n, C, dtype))(
+    EmulatedKernel(boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype))(
         **ins, **outs, num_tokens=T, num_splits=S, num_coef_tiles=R, grid=(p.blocks, S)
     )
     for name in ("d_layer_output", "d_residual"):
@@ -243,7 +243,7 @@ def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2):
     d_hp, d_hr = torch.full((T, n), float("nan")), torch.full((T, n, n), float("nan"))
     kq, nan = n * C * m // pre_reduce.VEC, float("nan")
     d_phi, d_alpha, d_bias = torch.full((n * C, m), nan), torch.full((3,), nan), torch.full((m,), nan)
-    EmulatedKernel(boundary.boundary_reduce_bwd_kernel(n))(
+    EmulatedKernel(boundary_bwd.boundary_reduce_bwd_kernel(n))(
         d_phi_part=outs["d_phi_part"].view(S, kq, pre_reduce.VEC), d_coef_part=outs["d_coef_part"],
         dh_part=outs["dh_part"], d_phi=d_phi.view(kq, pre_reduce.VEC), d_alpha=d_alpha, d_bias=d_bias, d_h_res=d_hr,
         d_h_post=d_hp, num_tokens=T, num_cb=p.blocks, num_splits=S, kq=kq, rows=R,

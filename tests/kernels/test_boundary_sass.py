@@ -21,7 +21,7 @@ import collections
 
 import pytest
 
-from tl_kernels import boundary, post_res
+from tl_kernels import boundary, boundary_bwd, post_res
 from tl_kernels.tools import codegen
 
 CONFIGS = [(4, 7168, "bfloat16"), (8, 7168, "float32"), (1, 1280, "bfloat16")]
@@ -99,7 +99,7 @@ def test_boundary_bwd_resources_and_instructions(n, C, dtype):
 
 
 # ------------------------------------------------------------------------------- the fully fused backward's hot loop
-# The token-tile loop of boundary_bwd_fused (tl_kernels/boundary.py) at n = 4, C = 7168, bf16, measured with
+# The token-tile loop of boundary_bwd_fused (tl_kernels/boundary_bwd.py) at n = 4, C = 7168, bf16, measured with
 # ``_fused_hot_loop`` below: 2,316 SASS instructions a thread per 32-token tile (the loop's body plus the rolled
 # MMA loop of T.gemm at its remaining trips; 2,321 when each input was loaded where it was used), 64 HMMA a warp;
 # guarded at +8%.
@@ -122,9 +122,9 @@ def _fused_hot_loop(kernel, n, C, dtype):
     ]
     hot = [a for a in outer if any("HMMA" in t for t in body(a))]
     assert len(hot) == 1, hot
-    loop, p = hot[0], boundary.fused_plan(n, C, dtype)
+    loop, p = hot[0], boundary_bwd.fused_plan(n, C, dtype)
     count, hmma = len(body(loop)), sum("HMMA" in t for t in body(loop))
-    need = 2 * (boundary.FUSED_BM // 16) * (p.kw // 8) * (p.mp // 8) // (boundary.FUSED_THREADS // 32)
+    need = 2 * (boundary_bwd.FUSED_BM // 16) * (p.kw // 8) * (p.mp // 8) // (boundary_bwd.FUSED_THREADS // 32)
     for inner in loops:
         if inner is not loop and loop["start"] <= inner["start"] and inner["end"] <= loop["end"]:
             per = sum("HMMA" in t for t in body(inner))
@@ -142,7 +142,7 @@ def test_boundary_bwd_fused_hot_loop(n, C, dtype):
     :data:`FUSED_CEILING` instructions a tile."""
     from tl_kernels.tools import pre_mapping_sass as pm_sass
 
-    kernel = boundary.boundary_bwd_fused_kernel(n, C, dtype)
+    kernel = boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype)
     count, hmma, need, body, everything = _fused_hot_loop(kernel, n, C, dtype)
     result = codegen.analyze(kernel)
     assert result["spill_bytes"] == 0 and result["stack_frame_bytes"] == 0, result["kernels"]
@@ -150,7 +150,7 @@ def test_boundary_bwd_fused_hot_loop(n, C, dtype):
     assert not [op for op in _opcodes("\n".join(everything)) if op.startswith(("ATOM", "RED"))]
     assert pm_sass.division_sequences(body) == 0, "an integer division (or a call) in the token-tile loop"
     assert hmma == need and all("HMMA.1688.F32.TF32" in t for t in body if "HMMA" in t), (hmma, need)
-    p = boundary.fused_plan(n, C, dtype)
+    p = boundary_bwd.fused_plan(n, C, dtype)
     ops = collections.Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for t in body)
     assert ops["STG.E.128"] == p.passes * (n + 1), ops
     assert pm_sass.widest_load_bits(body) == 128
@@ -165,7 +165,7 @@ def test_boundary_bwd_fused_issues_a_tile_loads_together():
     dependent chain: 3,862 us of the kernel at T = 16384 on an H100, against 1,571 now)."""
     from tests.kernels.test_sass import global_load_waits
 
-    kernel = boundary.boundary_bwd_fused_kernel(4, 7168, "bfloat16")
+    kernel = boundary_bwd.boundary_bwd_fused_kernel(4, 7168, "bfloat16")
     _, _, _, body, _ = _fused_hot_loop(kernel, 4, 7168, "bfloat16")
     assert global_load_waits(body) <= 2
 
@@ -173,7 +173,7 @@ def test_boundary_bwd_fused_issues_a_tile_loads_together():
 def test_boundary_reduce_bwd_has_no_atomics_or_local_memory():
     from tl_kernels.tools import pre_mapping_sass as pm_sass
 
-    text = _sass_or_skip(boundary.boundary_reduce_bwd_kernel(4))
+    text = _sass_or_skip(boundary_bwd.boundary_reduce_bwd_kernel(4))
     everything = [t for _, t in codegen.sass_instructions(text)]
     assert pm_sass.local_memory(everything) == 0
     assert not [op for op in _opcodes(text) if op.startswith(("ATOM", "RED"))]
