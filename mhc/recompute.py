@@ -30,8 +30,9 @@ replay alike; see docs/design.md section 7.
 
 Under ``torch.compile`` the saved-tensor hooks would break the graph, so a compiled stack instead wraps each block in
 ``torch.utils.checkpoint`` with a selective policy (:func:`recompute_policy`): ``torch.ops.mhc.*`` ops and aliasing or
-casting ops are recomputed, every other op's output is saved (the sublayers are not recomputed). The compiler's
-partitioner then decides the saved set; it is not measured here.
+casting ops are recomputed, every other op's output is saved (the sublayers are not recomputed). The block runs
+:func:`~mhc.boundary.run_sites` there too, so its boundaries are the fused ``mhc::boundary_*`` ops, recomputed like
+the others. The compiler's partitioner then decides the saved set; it is not measured here.
 
 Composition with FSDP2: the replay reads the ``phi``/``alpha``/``bias`` of every site of the block, so a block must
 not span several FSDP units that reshard after forward (shard the stack, or groups of whole blocks, as one unit, or
@@ -283,9 +284,9 @@ def _accept_old_keys(state_dict, prefix, *args) -> None:
 
 
 def _run_block(block: list[MHC], h: Tensor, args: tuple, kwargs: dict) -> Tensor:
-    for layer in block:
-        h = layer(h, *args, **kwargs)
-    return h
+    """A compiled stack's block, run under ``checkpoint``: fused boundaries between matching sites, as eagerly; the
+    selective policy recomputes the ``mhc::boundary_*`` ops like every other ``mhc`` op."""
+    return run_sites(block, h, args, kwargs)
 
 
 def _run_block_eager(block: list[MHC], h: Tensor, args: tuple, kwargs: dict) -> Tensor:

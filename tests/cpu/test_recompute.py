@@ -91,6 +91,38 @@ def test_torch_compile():
     _assert_same(_run(compiled, x, w), plain, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_fuses_the_boundaries_inside_a_block():
+    """A compiled stack's checkpointed blocks take the fused boundary ops, as the eager blocks do: 4 sites in blocks
+    of 2 give one fused boundary a block and two unfused block edges. The forward graph runs each block's
+    pre-mapping, boundary and post_res once; the backward graph replays the block's pre-mapping and boundary (the
+    selective policy recomputes mhc ops) and runs every backward."""
+    from collections import Counter
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    calls = {"fw": Counter(), "bw": Counter()}
+
+    def counter(key):
+        def compiler(gm, example_inputs):
+            for mod in gm.modules():
+                if isinstance(mod, torch.fx.GraphModule):
+                    calls[key].update(str(nd.target) for nd in mod.graph.nodes if nd.op == "call_function")
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    stack = mhc.MHCStack(_layers(4), recompute_block=2)
+    backend = aot_autograd(fw_compiler=counter("fw"), bw_compiler=counter("bw"))
+    x, w = torch.randn(2, 3, N, C), torch.randn(2, 3, N, C)
+    _run(torch.compile(stack, backend=backend, fullgraph=True), x, w)
+    ops = {key: {k[4:-8]: v for k, v in c.items() if k.startswith("mhc.")} for key, c in calls.items()}
+    assert ops["fw"] == {"pre_mapping_fwd": 2, "boundary_fwd": 2, "post_res_fwd": 2}
+    assert ops["bw"] == {
+        "pre_mapping_fwd": 2, "boundary_fwd": 2, "pre_mapping_bwd": 2, "boundary_bwd": 2, "post_res_bwd": 2,
+    }  # fmt: skip
+
+
 def test_saved_memory_matches_the_model():
     """Resident bytes after forward: each extra block keeps exactly one n*C residual per token; the plain path keeps
     n*C per site plus the coefficients (h_pre n, h_post n, proj n*n+2n, rinv 1, h_res n*n floats per token)."""
