@@ -200,8 +200,11 @@ def post_res_fwd(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: 
     T, n, C = residual.shape
     if T > 0:
         from tl_kernels.post_res import post_res_fwd_kernel
+        from tl_kernels.pre_decode import MAX_TOKENS
 
-        kernel = post_res_fwd_kernel(n, C, _TL_DTYPES[residual.dtype])
+        # decode sizes take the variant with programmatic dependent launch (a static shape: the same choice eagerly,
+        # under torch.compile and in a captured graph; docs/design.md section 8)
+        kernel = post_res_fwd_kernel(n, C, _TL_DTYPES[residual.dtype], T <= MAX_TOKENS)
         _launch(residual.device, kernel, layer_output, residual, h_post, h_res, out)
     return out
 
@@ -477,13 +480,17 @@ def warmup(
                 if fallback_reason("post_res", n=n, C=C, dtypes=(dt,)) is not None:
                     continue
                 post_res.post_res_fwd_kernel(n, C, _TL_DTYPES[dt])
+                post_res.post_res_fwd_kernel(n, C, _TL_DTYPES[dt], True)  # the decode variant (T <= 64)
                 post_res.post_res_bwd_kernel(n, C, _TL_DTYPES[dt])
-                count += 2
+                count += 3
                 if launch:
-                    y = torch.zeros(1, C, device=dev, dtype=dt)
-                    x = torch.zeros(1, n, C, device=dev, dtype=dt)
-                    h_post, h_res = torch.zeros(1, n, device=dev), torch.zeros(1, n, n, device=dev)
-                    post_res_fwd(y, x, h_post, h_res)
+                    from tl_kernels.pre_decode import MAX_TOKENS
+
+                    for tokens in (MAX_TOKENS + 1, 1):  # both variants; the one-token tensors serve below
+                        y = torch.zeros(tokens, C, device=dev, dtype=dt)
+                        x = torch.zeros(tokens, n, C, device=dev, dtype=dt)
+                        h_post, h_res = torch.zeros(tokens, n, device=dev), torch.zeros(tokens, n, n, device=dev)
+                        post_res_fwd(y, x, h_post, h_res)
                     post_res_bwd(x, y, x, h_post, h_res)
                 if fallback_reason("pre_mapping", n=n, C=C, dtypes=(dt,)) is not None:
                     continue

@@ -143,8 +143,15 @@ def _chunk_loop(T, iters: int):
     return T.serial(1) if iters == 1 else T.unroll(iters, annotations={"pragma_unroll_factor": 1})
 
 
-def post_res_fwd_program(n: int, C: int, dtype: str):
-    """``out = h_res @ residual + h_post^T layer_output`` per token; see the module docstring."""
+def post_res_fwd_program(n: int, C: int, dtype: str, pdl: bool = False):
+    """``out = h_res @ residual + h_post^T layer_output`` per token; see the module docstring.
+
+    ``pdl=True``: the decode variant (the runtime takes it at T <= 64) with programmatic dependent launch, as
+    ``tl_kernels.pre_decode``: ``T.pdl_sync()`` (``griddepcontrol.wait``) before the first global access, so that the
+    kernel behaves as a stream-ordered launch while its launch and block dispatch overlap its predecessor, and
+    ``T.pdl_trigger()`` after the block's stores, so that the next site's decode kernel may start its own prologue.
+    TileLang drops ``__restrict__`` from such a kernel (its loads lose the read-only path), which is why the
+    training-size kernel stays without it (docs/design.md section 8)."""
     _validate(n, C, dtype)
     import tilelang.language as T
     from tvm import tirx
@@ -182,6 +189,8 @@ def post_res_fwd_program(n: int, C: int, dtype: str):
     ):
         with T.Kernel(T.ceildiv(num_tokens, tpb), threads=p.threads) as bx:
             T.annotate_min_blocks_per_sm(_min_blocks("fwd", n, p))
+            if pdl:
+                T.pdl_sync()  # nothing global is read or written before the predecessor grid has completed
             tx = T.get_thread_binding()
             hr = T.alloc_local((n, n), f32)
             hp = T.alloc_local((n,), f32)
@@ -206,6 +215,8 @@ def post_res_fwd_program(n: int, C: int, dtype: str):
                             chunk(q, t, layer_output, residual, out, hr, hp, xs, ls, acc, ob)
                     else:
                         chunk(q, t, layer_output, residual, out, hr, hp, xs, ls, acc, ob)
+            if pdl:
+                T.pdl_trigger()  # a dependent grid's prologue may start; its pdl_sync still waits for this grid
 
     return post_res_fwd
 
@@ -382,9 +393,10 @@ def post_res_bwd_program(n: int, C: int, dtype: str, *, summed: bool = False, mi
 
 
 @functools.cache
-def post_res_fwd_kernel(n: int, C: int, dtype: str):
-    """The compiled forward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
-    return _common.compile_program(post_res_fwd_program(n, C, dtype))
+def post_res_fwd_kernel(n: int, C: int, dtype: str, pdl: bool = False):
+    """The compiled forward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below); ``pdl``: the decode
+    variant of :func:`post_res_fwd_program`."""
+    return _common.compile_program(post_res_fwd_program(n, C, dtype, pdl))
 
 
 @functools.cache

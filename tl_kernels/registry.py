@@ -5,10 +5,11 @@
 (the module ``tl_kernels.<family>``), a direction (``fwd`` or ``bwd``) and the keyword arguments of that module's
 ``<family>_<direction>_program`` / ``<family>_<direction>_kernel`` functions, in call order.
 
-Shipped today (430 configurations):
+Shipped today (460 configurations):
 
 * ``post_res`` fwd + bwd: ``n`` in :data:`STREAMS` x ``C`` in :data:`HIDDEN_SIZES` x ``dtype`` in :data:`DTYPES`
-  (4 x 5 x 3 x 2 = 120);
+  (4 x 5 x 3 x 2 = 120), and the decode forward (``pdl=True``, programmatic dependent launch, taken at T <= 64) at
+  the pre-mapping's shapes with n in :data:`STREAMS` (30): 150;
 * ``sinkhorn`` fwd + bwd: ``n`` in :data:`SINKHORN_STREAMS`, ``iters`` = :data:`SINKHORN_ITERS`,
   ``eps`` = :data:`SINKHORN_EPS` (5 x 2 = 10). ``iters`` and ``eps`` are baked into the binary, so keep this set small;
 * the fused pre-mapping, families ``pre_proj`` (projection GEMM fwd, dual GEMM bwd, plus the bwd variant that
@@ -151,10 +152,16 @@ class KernelConfig:
 
 
 def _post_res_configs() -> list[KernelConfig]:
+    """Every shape in both directions; then the decode forward (programmatic dependent launch, T <= 64) at the
+    shapes the decode pre-mapping serves."""
     return [
         KernelConfig.make("post_res", direction, n=n, C=c, dtype=dtype)
         for n, c, dtype in itertools.product(STREAMS, HIDDEN_SIZES, DTYPES)
         for direction in DIRECTIONS
+    ] + [
+        KernelConfig.make("post_res", "fwd", n=n, C=c, dtype=dtype, pdl=True)
+        for n, c, dtype in _pre_mapping_shapes()
+        if n in STREAMS
     ]
 
 

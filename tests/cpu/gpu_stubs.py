@@ -198,13 +198,13 @@ def _sinkhorn_bwd(n, iters, eps, exp_domain=True):
                       exp_domain), impl)  # fmt: skip
 
 
-def _post_res_fwd(n, C, dtype):
+def _post_res_fwd(n, C, dtype, pdl=False):
     from tl_kernels import post_res
 
     def impl(y, x, h_post, h_res, out):
         _put(out, ref.post_res(y.double(), x.double(), h_post.double(), h_res.double()))
 
-    return FakeKernel("post_res_fwd", (n, C, dtype), post_res.post_res_fwd_program(n, C, dtype), impl)
+    return FakeKernel("post_res_fwd", (n, C, dtype, pdl), post_res.post_res_fwd_program(n, C, dtype, pdl), impl)
 
 
 def _post_res_bwd(n, C, dtype):

@@ -82,3 +82,21 @@ def test_emulation_catches_a_transposed_h_res():
     fwd(layer_output=y, residual=x, h_post=h_post, h_res=h_res, out=out, num_tokens=T, grid=1)
     torch.testing.assert_close(out, ref.post_res(y, x, h_post, h_res), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, ref.post_res(y, x, h_post, h_res.transpose(-1, -2)), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("n,C,dtype,T", [(4, 7168, "bfloat16", 3), (4, 64, "float32", 17), (8, 2560, "bfloat16", 2)])
+def test_decode_variant_is_bitwise_the_training_kernel(n, C, dtype, T):
+    """``pdl=True`` (taken at T <= 64) adds only the launch-ordering intrinsics: its outputs are the same bits."""
+    dt, plan = DT[dtype], post_res._plan(n, C, dtype)
+    y, x = torch.randn(T, C).to(dt), torch.randn(T, n, C).to(dt)
+    h_post, h_res = torch.randn(T, n), torch.randn(T, n, n)
+    outs = []
+    for pdl in (False, True):
+        out = torch.full((T, n, C), float("nan"), dtype=dt)
+        EmulatedKernel(post_res.post_res_fwd_kernel(n, C, dtype, pdl))(
+            layer_output=y, residual=x, h_post=h_post, h_res=h_res, out=out, num_tokens=T, grid=-(-T // plan.tpb)
+        )
+        outs.append(out)
+    assert not outs[1].isnan().any()
+    bits = torch.int16 if dt.itemsize == 2 else torch.int32
+    assert torch.equal(outs[0].view(bits), outs[1].view(bits))

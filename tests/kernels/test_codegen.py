@@ -294,7 +294,7 @@ def test_vector_global_access_in_ptx() -> None:
 def test_registry_counts() -> None:
     post_res = registry.configs("post_res")
     sinkhorn = registry.configs("sinkhorn")
-    assert len(post_res) == 4 * 5 * 3 * 2 == 120
+    assert len(post_res) == 4 * 5 * 3 * 2 + 30 == 150
     assert len(sinkhorn) == 5 * 2 == 10
     pre = registry.configs(("pre_proj", "pre_finalize"))
     shapes = {(n, c, d) for n in (1, 2, 4, 6, 8) for c in registry.HIDDEN_SIZES for d in registry.DTYPES
@@ -318,7 +318,9 @@ def test_registry_counts() -> None:
         (*shape, "fwd") for shape in shapes
     }
     assert all(c.kwargs["iters"] == 20 and c.kwargs["eps"] == 0.0 for c in decode)
-    assert len(ALL_CONFIGS) == 430 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary, *decode}
+    pdl = registry.configs("post_res", "fwd", pdl=True)
+    assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in pdl} == {s for s in shapes if s[0] != 1}
+    assert len(ALL_CONFIGS) == 460 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary, *decode}
     for family, direction in itertools.product(("pre_proj", "pre_finalize"), ("fwd", "bwd")):
         got = {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in registry.configs(family, direction)}
         assert got == shapes, (family, direction)
@@ -359,6 +361,8 @@ def test_registry_selection() -> None:
     picked = registry.configs("post_res", "fwd", n=4, C=(4096, 7168))
     assert [c.name for c in picked] == [
         f"post_res_fwd[n=4,C={c},dtype={d}]" for c in (4096, 7168) for d in ("bfloat16", "float16", "float32")
+    ] + [
+        f"post_res_fwd[n=4,C={c},dtype={d},pdl=True]" for c in (4096, 7168) for d in ("bfloat16", "float16", "float32")
     ]
     assert registry.configs(family=["sinkhorn"], n=16) == [
         KernelConfig.make("sinkhorn", d, n=16, iters=20, eps=0.0) for d in ("fwd", "bwd")
@@ -409,7 +413,7 @@ def test_kernel_config_resolves_builders_lazily(monkeypatch) -> None:
 
 def test_registry_import_is_light() -> None:
     code = (
-        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 430; "
+        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 460; "
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tilelang', 'torch', 'tvm') "
         "or m.startswith('tl_kernels.') and m.split('.')[1] in r.FAMILIES]; assert not heavy, heavy"
     )
