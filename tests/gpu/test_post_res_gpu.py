@@ -48,7 +48,8 @@ def _run_fwd_kernel_poisoned(y, x, h_post, h_res):
 
     T, n, C = x.shape
     out = torch.full_like(x, float("nan"))
-    post_res_fwd_kernel(n, C, str(x.dtype).removeprefix("torch."))(y, x, h_post, h_res, out)
+    # as the runtime: the decode variant (programmatic dependent launch) at T <= 64, so T = 1 and 7 run it
+    post_res_fwd_kernel(n, C, str(x.dtype).removeprefix("torch."), T <= 64)(y, x, h_post, h_res, out)
     return out
 
 
