@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from mhc import reference as ref
+from mhc._cuda import TORCH_DTYPES as DTYPES
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Activation outputs: fp32 accumulation, rounded once to the activation dtype (one unit in the last place).
 ACT_RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}
 ACT_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
