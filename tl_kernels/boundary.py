@@ -331,19 +331,7 @@ def boundary_fwd_program(n: int, C: int, dtype: str):
                                 bf[v] = ps[buf * frag + ((s * nt_count + nt) * 32 + lane) * 2 + v]
                             T.ptx_mma(f32, "m16n8k8", "row", "col", "tf32", "tf32", "fp32",
                                       af.data, 0, bf.data, 0, pacc.data, 4 * nt, T.bool(False))  # fmt: skip
-            for r in T.unroll(2):
-                sq[r] = sq[r] + T.shfl_xor(sq[r], 1)
-                sq[r] = sq[r] + T.shfl_xor(sq[r], 2)
-            if q == 0:
-                for r in T.unroll(2):
-                    if tok0 + 8 * r < num_tokens:
-                        sq_part[by, tok0 + 8 * r] = sq[r]
-            for r in T.unroll(2):
-                if tok0 + 8 * r < num_tokens:
-                    for nt in T.unroll(nt_count):
-                        for c in T.unroll(2):
-                            if nt * 8 + 2 * q + c < m:
-                                proj_part[by, tok0 + 8 * r, nt * 8 + 2 * q + c] = pacc[4 * nt + 2 * r + c]
+            pre_proj.store_partials_macro(m, nt_count)(pacc, sq, proj_part, sq_part, by, tok0, q, num_tokens)
 
     return boundary_fwd
 
