@@ -44,7 +44,7 @@ from . import _checks, ops, reference
 TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in _tl_common.ACTIVATION_DTYPES}
 _TL_DTYPES: dict[torch.dtype, str] = {dt: name for name, dt in TORCH_DTYPES.items()}
 #: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj, pre_finalize and pre_reduce;
-#: ``boundary``, registered by mhc.boundary, is tl_kernels.boundary; ``pre_decode`` is tl_kernels.pre_decode, the
+#: ``boundary``, registered by mhc._boundary_cuda, is tl_kernels.boundary; ``pre_decode`` is tl_kernels.pre_decode, the
 #: one-launch forward for T <= 64: disabled, those calls take pre_mapping's two-launch forward)
 KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping", "boundary", "pre_decode")
 DISABLE_ENV = "MHC_DISABLE_KERNELS"

@@ -76,12 +76,10 @@ performance model's prediction (``python -m profiling model --kernel site_fwd --
 part of the chain record) are in docs/benchmarks.md beside their commands.
 
 Backward (:func:`boundary_bwd_program`): post_res's token-to-thread mapping and reduction with a second gradient
-input; 36C a token at n = 4, bf16 instead of 52C (add + post_res backward). ptxas: 0 spills, 0 stack; registers
-n = 1 bf16 C = 1280: 34, n = 2 fp16 C = 1920: 56, n = 4 bf16 C = 7168: 121, n = 4 fp32 C = 1280: 128, n = 6 bf16
-C = 4096 / 7168: 195 / 210, n = 6 fp32 C = 7168: 224, n = 8 bf16 / fp32 C = 7168: 243 / 245 (same
-``codegen.analyze`` call with ``boundary_bwd_kernel``; all 35 registered configurations spill-free:
-``pytest tests/kernels/test_codegen.py -k boundary``). ``__launch_bounds__`` follows post_res's rule with
-``_BWD_REG_BUDGET``.
+input; 36C a token at n = 4, bf16 instead of 52C (add + post_res backward). Its registers, spills and shared
+memory per registered configuration: ``python -m tl_kernels.build --family boundary --direction bwd`` (all
+spill-free: ``pytest tests/kernels/test_codegen.py -k boundary``). ``__launch_bounds__`` follows post_res's rule
+with ``_BWD_REG_BUDGET``.
 
 The fully fused backward (:mod:`tl_kernels.boundary_bwd`: ``boundary_bwd_fused_program`` and ``boundary_reduce_bwd_program``) replaces
 ``pre_proj_bwd`` and this backward: x_next recomputed from x and y, site l+1's d x_next, the incoming gradient and
