@@ -138,17 +138,8 @@ def sinkhorn_bwd(grad_out: Tensor, logits: Tensor, iters: int, eps: float) -> Te
         return sinkhorn_backward(grad_out, logits, iters, eps)
 
 
-def pre_mapping_fwd(
-    residual: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    bias: Tensor,
-    iters: int,
-    post_mult: float,
-    rms_eps: float,
-    sinkhorn_eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`mhc.reference.pre_mapping` with the exp-domain Sinkhorn."""
+def pre_mapping_fwd(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps):
+    """:func:`mhc.reference.pre_mapping` with the exp-domain Sinkhorn (the schema: :func:`mhc.ops.pre_mapping_fwd`)."""
     _checks.pre_mapping(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, "mhc::pre_mapping_fwd")
     with _no_autocast():
         T, n, C = residual.shape
@@ -165,28 +156,12 @@ def pre_mapping_fwd(
         return layer_input.to(residual.dtype), h_post.to(cdt), h_res.to(cdt), h_pre.to(cdt), proj.to(cdt), rinv.to(cdt)
 
 
-def pre_mapping_bwd(
-    grad_layer_input: Tensor,
-    grad_h_post: Tensor,
-    grad_h_res: Tensor,
-    grad_h_pre: Tensor,
-    residual: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    bias: Tensor,
-    h_pre: Tensor,
-    h_post: Tensor,
-    proj: Tensor,
-    rinv: Tensor,
-    iters: int,
-    post_mult: float,
-    sinkhorn_eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`mhc.reference.pre_mapping_backward` (same chain, see there) with the exp-domain Sinkhorn backward."""
-    ops._check_pre_mapping_bwd(
-        grad_layer_input, grad_h_post, grad_h_res, grad_h_pre, residual, phi, alpha, bias,
-        h_pre, h_post, proj, rinv, iters, post_mult, sinkhorn_eps,
-    )  # fmt: skip
+def pre_mapping_bwd(*args):
+    """:func:`mhc.reference.pre_mapping_backward` (same chain, see there) with the exp-domain Sinkhorn backward (the
+    schema: :func:`mhc.ops.pre_mapping_bwd`)."""
+    ops._check_pre_mapping_bwd(*args)
+    (grad_layer_input, grad_h_post, grad_h_res, grad_h_pre, residual, phi, alpha, bias,
+     h_pre, h_post, proj, rinv, iters, post_mult, sinkhorn_eps) = args  # fmt: skip
     with _no_autocast():
         T, n, C = residual.shape
         cd = reference.compute_dtype(residual.dtype, phi.dtype, alpha.dtype, bias.dtype)

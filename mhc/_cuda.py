@@ -35,11 +35,16 @@ import warnings
 import torch
 from torch import Tensor
 
+from tl_kernels import _common as _tl_common  # standard library only: imports neither TileLang nor CUDA
+
 from . import _checks, ops, reference
 
-_TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+#: the kernels' activation dtypes (``tl_kernels._common.ACTIVATION_DTYPES``) by TileLang name, and the reverse map:
+#: the one place a torch dtype meets a kernel's dtype name
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in _tl_common.ACTIVATION_DTYPES}
+_TL_DTYPES: dict[torch.dtype, str] = {dt: name for name, dt in TORCH_DTYPES.items()}
 #: families with a CUDA kernel here (``pre_mapping`` covers tl_kernels.pre_proj, pre_finalize and pre_reduce;
-#: ``boundary``, registered by mhc.boundary, is tl_kernels.boundary; ``pre_decode`` is tl_kernels.pre_decode, the
+#: ``boundary``, registered by mhc._boundary_cuda, is tl_kernels.boundary; ``pre_decode`` is tl_kernels.pre_decode, the
 #: one-launch forward for T <= 64: disabled, those calls take pre_mapping's two-launch forward)
 KERNEL_FAMILIES = ("post_res", "sinkhorn", "pre_mapping", "boundary", "pre_decode")
 DISABLE_ENV = "MHC_DISABLE_KERNELS"
@@ -374,27 +379,10 @@ def _pre_mapping_fwd_two_launches(residual, phi, alpha, bias, iters, post_mult, 
     )  # fmt: skip
 
 
-def pre_mapping_bwd(
-    grad_layer_input: Tensor,
-    grad_h_post: Tensor,
-    grad_h_res: Tensor,
-    grad_h_pre: Tensor,
-    residual: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    bias: Tensor,
-    h_pre: Tensor,
-    h_post: Tensor,
-    proj: Tensor,
-    rinv: Tensor,
-    iters: int,
-    post_mult: float,
-    sinkhorn_eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    args = (
-        grad_layer_input, grad_h_post, grad_h_res, grad_h_pre, residual, phi, alpha, bias,
-        h_pre, h_post, proj, rinv, iters, post_mult, sinkhorn_eps,
-    )  # fmt: skip
+def pre_mapping_bwd(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The schema: :func:`mhc.ops.pre_mapping_bwd`."""
+    (grad_layer_input, grad_h_post, grad_h_res, grad_h_pre, residual, phi, alpha, bias,
+     h_pre, h_post, proj, rinv, iters, post_mult, sinkhorn_eps) = args  # fmt: skip
     op = "mhc::pre_mapping_bwd"
     ops._check_pre_mapping_bwd(*args)
     reason = _pre_mapping_reason(residual, phi, iters)
@@ -532,7 +520,7 @@ def warmup(
                     grads = (y, h_post, h_res, h_post)
                     pre_mapping_bwd(*grads, x, phi, alpha, bias, out[3], out[1], out[4], out[5], sinkhorn_iters, 2.0,
                                     float(sinkhorn_eps))  # fmt: skip
-                if "boundary" not in DISABLED:  # the fused boundary kernels (mhc/boundary.py)
+                if "boundary" not in DISABLED:  # the fused boundary kernels (mhc/_boundary_cuda.py)
                     from tl_kernels import boundary as tl_boundary
                     from tl_kernels import boundary_bwd as tl_boundary_bwd
 

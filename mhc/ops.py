@@ -25,6 +25,17 @@ Every op has:
 * for the forward ops, ``register_autograd`` whose backward calls the matching ``*_bwd`` op. The Sinkhorn backward
   is the exact derivative of the truncated ``iters``-step iteration; the backward ops are not differentiable again.
 
+Signatures are declared once, here: ``torch.library.custom_op`` infers each op's schema from the annotated signature
+of its function in this module (``torch.ops.mhc.<op>.default._schema`` prints it), and the boundary ops of
+:mod:`mhc.boundary_ops` likewise from their default kernels, their high-priority twins taking the same schema
+(``torch.library.infer_schema``). The other kernels of an op (``register_fake`` here, ``register_kernel("cpu")`` in
+:mod:`mhc._cpu`, ``register_kernel("cuda")`` in :mod:`mhc._cuda` and :mod:`mhc._boundary_cuda`) must still name the
+parameters they receive: ``torch.library`` calls each with the schema's positional arguments and neither passes a
+declaration down nor checks a kernel's parameter list, and Python has no way to inherit one. So they bind the same
+names in the schema's order without annotations (the long ones take ``*args`` and unpack it in one statement), and
+share the checks (:mod:`mhc._checks`, :func:`_check_pre_mapping_bwd`). :mod:`mhc.reference` restates them with
+defaults as the public functions of the specification.
+
 In ``mhc::pre_mapping_fwd`` the outputs ``proj`` and ``rinv`` are statistics saved for the backward and are marked
 non-differentiable; ``h_pre`` is differentiable (it is returned for instrumentation).
 """

@@ -316,7 +316,9 @@ def run(args) -> dict:
     else:
         bench, how = make_timer(device, cupti=not args.no_cupti)
     copy_gbs = copy_bandwidth_gbs(device, bench)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    from mhc._cuda import TORCH_DTYPES
+
+    dtype = TORCH_DTYPES[args.dtype]
     tokens, hidden = shapes(args)
     others = [] if args.no_baselines else third_party.load_all()
     rows, compiled = [], {}

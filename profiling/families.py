@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from mhc import reference as ref
+from mhc._cuda import TORCH_DTYPES as DTYPES
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Activation outputs: fp32 accumulation, rounded once to the activation dtype (one unit in the last place).
 ACT_RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 1e-5}
 ACT_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
@@ -208,7 +208,8 @@ def check_pre_mapping(cfg, T: int, device: str, gen: torch.Generator) -> dict[st
     runs both kernels; bwd: ``mhc::pre_mapping_bwd``), stage by stage against float64: proj within the TF32 budget,
     rinv, the coefficients recomputed from the kernel's own proj and rinv, layer_input within an ulp, and the
     backward within the TF32 budget of its products. ``pre_proj`` bwd with ``accumulate`` also runs that kernel
-    variant directly (CUDA) against the plain one plus the accumulated gradient."""
+    variant directly (CUDA) against the plain one plus the accumulated gradient; ``pre_finalize`` bwd with
+    ``grad_pre=False`` runs that variant directly (CUDA) against the plain kernel given a zero ``grad_h_pre``."""
     kw = cfg.kwargs
     n, C, dt = kw["n"], kw["C"], DTYPES[kw["dtype"]]
     iters, eps, post_mult, rms_eps = kw.get("iters", 20), float(kw.get("eps", 0.0)), 2.0, 1e-6
@@ -221,6 +222,10 @@ def check_pre_mapping(cfg, T: int, device: str, gen: torch.Generator) -> dict[st
     grads = (_randn(gen, T, C).to(dt), _randn(gen, T, n).float(), _randn(gen, T, n, n).float(),
              _randn(gen, T, n).float())  # fmt: skip
     saved = (hp, hq, proj, rinv)
+    if kw.get("grad_pre") is False:  # the variant alone: the op's backward is the plain config's check
+        if device != "cpu" and T > 0:
+            errs.update(_check_no_grad_pre(n, C, dt, T, gen, x, grads, alpha, bias, saved, post_mult))
+        return errs
     got = torch.ops.mhc.pre_mapping_bwd(*grads, x, phi, alpha, bias, *saved, iters, post_mult, eps)
     d64 = [t.double() for t in (*grads, x, phi, alpha, bias, *saved)]
     want = ref.pre_mapping_backward(*d64, iters, post_mult, eps)
@@ -235,6 +240,28 @@ def check_pre_mapping(cfg, T: int, device: str, gen: torch.Generator) -> dict[st
     if kw.get("accumulate") and device != "cpu" and T > 0:
         errs["d_x_accumulate"] = _check_accumulate(n, C, dt, T, gen, x, phi, alpha, saved)
     return errs
+
+
+def _check_no_grad_pre(n, C, dt, T, gen, x, grads, alpha, bias, saved, post_mult) -> dict[str, Err]:
+    """``pre_finalize_bwd`` with ``grad_pre=False`` (grad_h_pre taken as zero, its buffer never read: filled with
+    NaN here) against the plain kernel given zeros: the same arithmetic but for adding a zero, so equal to an ulp or two
+    of fp32 (res_logits do not depend on it at all)."""
+    from tl_kernels import pre_finalize
+
+    g_li, g_post = grads[0], grads[1]
+    h_pre, h_post, proj, rinv = saved
+    outs = []
+    for grad_pre, g_pre in ((True, torch.zeros_like(h_pre)), (False, torch.full_like(h_pre, float("nan")))):
+        d_pp = torch.empty(T, 2 * n, device=x.device)
+        res_logits = torch.empty(T, n, n, device=x.device)
+        kernel = pre_finalize.pre_finalize_bwd_kernel(n, C, kw_dtype(dt), grad_pre)
+        kernel(g_li, x, g_pre, g_post, h_pre, h_post, proj, rinv, alpha, bias, d_pp, res_logits, float(post_mult))
+        outs.append((d_pp, res_logits))
+    exact = {"atol": 1e-30, "rtol": 2**-22}
+    return {
+        "d_pp_no_grad_pre": compare(outs[1][0], outs[0][0], **exact),
+        "res_logits_no_grad_pre": compare(outs[1][1], outs[0][1], **exact),
+    }
 
 
 def _check_accumulate(n, C, dt, T, gen, x, phi, alpha, saved) -> Err:

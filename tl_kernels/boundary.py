@@ -76,12 +76,10 @@ performance model's prediction (``python -m profiling model --kernel site_fwd --
 part of the chain record) are in docs/benchmarks.md beside their commands.
 
 Backward (:func:`boundary_bwd_program`): post_res's token-to-thread mapping and reduction with a second gradient
-input; 36C a token at n = 4, bf16 instead of 52C (add + post_res backward). ptxas: 0 spills, 0 stack; registers
-n = 1 bf16 C = 1280: 34, n = 2 fp16 C = 1920: 56, n = 4 bf16 C = 7168: 121, n = 4 fp32 C = 1280: 128, n = 6 bf16
-C = 4096 / 7168: 195 / 210, n = 6 fp32 C = 7168: 224, n = 8 bf16 / fp32 C = 7168: 243 / 245 (same
-``codegen.analyze`` call with ``boundary_bwd_kernel``; all 35 registered configurations spill-free:
-``pytest tests/kernels/test_codegen.py -k boundary``). ``__launch_bounds__`` follows post_res's rule with
-``_BWD_REG_BUDGET``.
+input; 36C a token at n = 4, bf16 instead of 52C (add + post_res backward). Its registers, spills and shared
+memory per registered configuration: ``python -m tl_kernels.build --family boundary --direction bwd`` (all
+spill-free: ``pytest tests/kernels/test_codegen.py -k boundary``). ``__launch_bounds__`` follows post_res's rule
+with ``_BWD_REG_BUDGET``.
 
 The fully fused backward (:mod:`tl_kernels.boundary_bwd`: ``boundary_bwd_fused_program`` and ``boundary_reduce_bwd_program``) replaces
 ``pre_proj_bwd`` and this backward: x_next recomputed from x and y, site l+1's d x_next, the incoming gradient and
@@ -331,19 +329,7 @@ def boundary_fwd_program(n: int, C: int, dtype: str):
                                 bf[v] = ps[buf * frag + ((s * nt_count + nt) * 32 + lane) * 2 + v]
                             T.ptx_mma(f32, "m16n8k8", "row", "col", "tf32", "tf32", "fp32",
                                       af.data, 0, bf.data, 0, pacc.data, 4 * nt, T.bool(False))  # fmt: skip
-            for r in T.unroll(2):
-                sq[r] = sq[r] + T.shfl_xor(sq[r], 1)
-                sq[r] = sq[r] + T.shfl_xor(sq[r], 2)
-            if q == 0:
-                for r in T.unroll(2):
-                    if tok0 + 8 * r < num_tokens:
-                        sq_part[by, tok0 + 8 * r] = sq[r]
-            for r in T.unroll(2):
-                if tok0 + 8 * r < num_tokens:
-                    for nt in T.unroll(nt_count):
-                        for c in T.unroll(2):
-                            if nt * 8 + 2 * q + c < m:
-                                proj_part[by, tok0 + 8 * r, nt * 8 + 2 * q + c] = pacc[4 * nt + 2 * r + c]
+            pre_proj.store_partials_macro(m, nt_count)(pacc, sq, proj_part, sq_part, by, tok0, q, num_tokens)
 
     return boundary_fwd
 

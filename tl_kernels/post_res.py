@@ -143,6 +143,23 @@ def _chunk_loop(T, iters: int):
     return T.serial(1) if iters == 1 else T.unroll(iters, annotations={"pragma_unroll_factor": 1})
 
 
+def _coefficient_loader(T, n: int, cw: int):
+    """A ``T.macro`` shared by the forward and the backward: token ``t``'s coefficients into registers,
+    ``hp[i] = h_post[t, i]`` and ``hr[i, j] = h_res[t, i, j]``, in ``cw``-wide vector loads."""
+
+    @T.macro
+    def load_coefficients(t, h_post, h_res, hp, hr):
+        for i in T.unroll(n // cw):
+            for e in T.vectorized(cw):
+                hp[i * cw + e] = h_post[t, i * cw + e]
+        for i in T.unroll(n):
+            for j in T.unroll(n // cw):
+                for e in T.vectorized(cw):
+                    hr[i, j * cw + e] = h_res[t, i, j * cw + e]
+
+    return load_coefficients
+
+
 def post_res_fwd_program(n: int, C: int, dtype: str, pdl: bool = False):
     """``out = h_res @ residual + h_post^T layer_output`` per token; see the module docstring.
 
@@ -160,6 +177,7 @@ def post_res_fwd_program(n: int, C: int, dtype: str, pdl: bool = False):
     vec, tpt, tpb, cw = p.vec, p.tpt, p.tpb, p.coef_vec
     f32 = "float32"
     num_tokens = T.dynamic("num_tokens")
+    load_coefficients = _coefficient_loader(T, n, cw)
 
     @T.macro
     def chunk(q, t, layer_output, residual, out, hr, hp, xs, ls, acc, ob):
@@ -201,13 +219,7 @@ def post_res_fwd_program(n: int, C: int, dtype: str, pdl: bool = False):
             t = bx * tpb + tx // tpt
             lane = tx % tpt
             if t < num_tokens:
-                for i in T.unroll(n // cw):
-                    for e in T.vectorized(cw):
-                        hp[i * cw + e] = h_post[t, i * cw + e]
-                for i in T.unroll(n):
-                    for j in T.unroll(n // cw):
-                        for e in T.vectorized(cw):
-                            hr[i, j * cw + e] = h_res[t, i, j * cw + e]
+                load_coefficients(t, h_post, h_res, hp, hr)
                 for k in _chunk_loop(T, p.iters):
                     q = k * tpt + lane
                     if p.guarded:
@@ -240,6 +252,7 @@ def post_res_bwd_program(n: int, C: int, dtype: str, *, summed: bool = False, mi
     butterfly, publish, slot_sum = lanes.macros(T)
     coef_rounds = -(-num_coef // tpt)
     num_tokens = T.dynamic("num_tokens")
+    load_coefficients = _coefficient_loader(T, n, cw)
 
     @T.macro
     def add_partner(offset, ph, pr):
@@ -323,13 +336,7 @@ def post_res_bwd_program(n: int, C: int, dtype: str, *, summed: bool = False, mi
                 for j in T.unroll(n):
                     pr[i, j] = 0.0
             if t < num_tokens:
-                for i in T.unroll(n // cw):
-                    for e in T.vectorized(cw):
-                        hp[i * cw + e] = h_post[t, i * cw + e]
-                for i in T.unroll(n):
-                    for j in T.unroll(n // cw):
-                        for e in T.vectorized(cw):
-                            hr[i, j * cw + e] = h_res[t, i, j * cw + e]
+                load_coefficients(t, h_post, h_res, hp, hr)
                 for k in _chunk_loop(T, p.iters):
                     q = k * tpt + lane
                     if p.guarded:

@@ -225,6 +225,32 @@ def _fwd_fragment_index(r, j, nt_count: int):
     return ((step * nt_count + j // 8) * 32 + lane) * 2 + r % 2
 
 
+def store_partials_macro(m: int, nt_count: int):
+    """The forward's epilogue as a ``T.macro``, shared with ``tl_kernels.boundary``'s register forward: a lane's two
+    sums of squares (rows g and g + 8 of its warp's tile) summed over its quad with two butterflies and stored by
+    lane q = 0 into ``sq_part[by, token]`` (``by``: the split); its MMA accumulators (the m16n8 C-fragments of the ``nt_count`` column
+    tiles: ``acc[4 nt + 2 r + c]`` is row g + 8r, column 8 nt + 2q + c) stored into ``proj_part[by, token, j]``,
+    j < m. Rows past ``num_tokens`` are not stored."""
+
+    @T.macro
+    def store_partials(acc, sq, proj_part, sq_part, by, tok0, q, num_tokens):
+        for r in T.unroll(2):
+            sq[r] = sq[r] + T.shfl_xor(sq[r], 1)
+            sq[r] = sq[r] + T.shfl_xor(sq[r], 2)
+        if q == 0:
+            for r in T.unroll(2):
+                if tok0 + 8 * r < num_tokens:
+                    sq_part[by, tok0 + 8 * r] = sq[r]
+        for r in T.unroll(2):
+            if tok0 + 8 * r < num_tokens:
+                for nt in T.unroll(nt_count):
+                    for c in T.unroll(2):
+                        if nt * 8 + 2 * q + c < m:
+                            proj_part[by, tok0 + 8 * r, nt * 8 + 2 * q + c] = acc[4 * nt + 2 * r + c]
+
+    return store_partials
+
+
 def pre_proj_fwd_program(n: int, C: int, dtype: str):
     """``proj_part[s] = x[:, K_s] @ phi[K_s]`` and ``sq_part[s] = sum over K_s of x^2``; see the module docstring."""
     sh = _shape(n, C, dtype)
@@ -235,6 +261,7 @@ def pre_proj_fwd_program(n: int, C: int, dtype: str):
     f32 = "float32"
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
+    store_partials = store_partials_macro(m, nt_count)
 
     @T.macro
     def load_chunk(x, phi, kc, row0, row1, tx, q, xd, pd):
@@ -323,19 +350,7 @@ def pre_proj_fwd_program(n: int, C: int, dtype: str):
                 for r in T.unroll(2):
                     for e in T.unroll(16):
                         xc[r, e] = xn[r, e]
-            for r in T.unroll(2):
-                sq[r] = sq[r] + T.shfl_xor(sq[r], 1)
-                sq[r] = sq[r] + T.shfl_xor(sq[r], 2)
-            if q == 0:
-                for r in T.unroll(2):
-                    if tok0 + 8 * r < num_tokens:
-                        sq_part[by, tok0 + 8 * r] = sq[r]
-            for r in T.unroll(2):
-                if tok0 + 8 * r < num_tokens:
-                    for nt in T.unroll(nt_count):
-                        for c in T.unroll(2):
-                            if nt * 8 + 2 * q + c < m:
-                                proj_part[by, tok0 + 8 * r, nt * 8 + 2 * q + c] = acc[4 * nt + 2 * r + c]
+            store_partials(acc, sq, proj_part, sq_part, by, tok0, q, num_tokens)
 
     return pre_proj_fwd
 

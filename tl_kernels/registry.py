@@ -5,7 +5,7 @@
 (the module ``tl_kernels.<family>``), a direction (``fwd`` or ``bwd``) and the keyword arguments of that module's
 ``<family>_<direction>_program`` / ``<family>_<direction>_kernel`` functions, in call order.
 
-Shipped today (460 configurations):
+Shipped today (495 configurations):
 
 * ``post_res`` fwd + bwd: ``n`` in :data:`STREAMS` x ``C`` in :data:`HIDDEN_SIZES` x ``dtype`` in :data:`DTYPES`
   (4 x 5 x 3 x 2 = 120), and the decode forward (``pdl=True``, programmatic dependent launch, taken at T <= 64) at
@@ -14,8 +14,9 @@ Shipped today (460 configurations):
   ``eps`` = :data:`SINKHORN_EPS` (5 x 2 = 10). ``iters`` and ``eps`` are baked into the binary, so keep this set small;
 * the fused pre-mapping, families ``pre_proj`` (projection GEMM fwd, dual GEMM bwd, plus the bwd variant that
   accumulates into a given gradient for n=4 bf16) and ``pre_finalize`` (coefficients + Sinkhorn + F_pre fwd,
-  coefficient bwd): n = 4 x :data:`HIDDEN_SIZES` x :data:`DTYPES`, and n in {1, 2, 6, 8} x :data:`HIDDEN_SIZES` in
-  bfloat16 (35 shapes x 4 + 5 = 145), and ``pre_reduce`` bwd (the fixed-order sums of the backward's partials; one
+  coefficient bwd, plus its ``grad_pre=False`` variant that the fused boundary backward launches when ``h_pre'`` has
+  no gradient): n = 4 x :data:`HIDDEN_SIZES` x :data:`DTYPES`, and n in {1, 2, 6, 8} x :data:`HIDDEN_SIZES` in
+  bfloat16 (35 shapes x 5 + 5 = 180), and ``pre_reduce`` bwd (the fixed-order sums of the backward's partials; one
   binary per n, with and without the d_phi split sum: 5 x 2 = 10);
 * ``boundary`` fwd (site l's post_res fused with site l+1's projection) + bwd (post_res(l)'s backward on the sum of
   x_{l+1}'s two gradients): the pre-mapping's 35 shapes (70); the fully fused backward (``fused=True``) at the same
@@ -193,6 +194,8 @@ def _pre_mapping_configs() -> list[KernelConfig]:
             KernelConfig.make("pre_finalize", "fwd", n=n, C=c, dtype=dtype, iters=SINKHORN_ITERS, eps=SINKHORN_EPS)
         )
         out.append(KernelConfig.make("pre_finalize", "bwd", n=n, C=c, dtype=dtype))
+        # the variant without grad_h_pre (taken as zero, never read): the fused boundary backward's first launch
+        out.append(KernelConfig.make("pre_finalize", "bwd", n=n, C=c, dtype=dtype, grad_pre=False))
     for n in PRE_MAPPING_STREAMS:  # no C or dtype: the partials are fp32 with dynamic sizes
         for reduce_phi in (True, False):
             out.append(KernelConfig.make("pre_reduce", "bwd", n=n, reduce_phi=reduce_phi))

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mhc._cuda import TORCH_DTYPES as _DTYPES
 from profiling import bytemodel
 
 from . import capture, counts, gpus, sass
@@ -48,7 +49,6 @@ KERNELS = (
     "post_res_fwd", "post_res_bwd", "pre_mapping_fwd", "pre_mapping_bwd",
     "sinkhorn_fwd", "sinkhorn_bwd", "site_fwd", "site_bwd",
 )  # fmt: skip
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: Data-dependent conditions of the normal path (see counts): the Sinkhorn's exp-domain check succeeds.
 ASSUME = {"ok[0]": 1}
 

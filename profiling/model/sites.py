@@ -38,6 +38,7 @@ import functools
 
 import torch
 
+from mhc._cuda import TORCH_DTYPES as _DTYPES
 from profiling import bytemodel
 
 from . import bounds, capture, gpus
@@ -47,7 +48,6 @@ __all__ = ["PDL_MARK", "SITE_KINDS", "predict_site", "predict_stack", "sequence_
 SITE_KINDS = ("chain", "single", "chain_unfused")
 #: What TileLang 0.1.15 emits for ``T.pdl_sync()`` (the dependent kernel's wait), in the generated CUDA.
 PDL_MARK = "cudaGridDependencySynchronize"
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @functools.lru_cache(maxsize=32)

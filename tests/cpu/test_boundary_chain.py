@@ -12,6 +12,7 @@ from torch import nn
 
 import mhc
 from mhc import boundary as B
+from mhc import boundary_chain
 
 C, N = 32, 4
 
@@ -33,13 +34,13 @@ def _sites(L, seed=0):
 @pytest.fixture
 def fused_calls(monkeypatch):
     calls = []
-    real = B.boundary
+    real = boundary_chain.boundary
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(B, "boundary", counting)
+    monkeypatch.setattr(boundary_chain, "boundary", counting)  # the function post_pre calls
     return calls
 
 

@@ -299,7 +299,9 @@ def test_registry_counts() -> None:
     pre = registry.configs(("pre_proj", "pre_finalize"))
     shapes = {(n, c, d) for n in (1, 2, 4, 6, 8) for c in registry.HIDDEN_SIZES for d in registry.DTYPES
               if n == 4 or d == "bfloat16"}  # fmt: skip
-    assert len(shapes) == 35 and len(pre) == 35 * 4 + 5 == 145
+    assert len(shapes) == 35 and len(pre) == 35 * 5 + 5 == 180
+    no_grad_pre = registry.configs("pre_finalize", "bwd", grad_pre=False)
+    assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in no_grad_pre} == shapes
     boundary = registry.configs("boundary")
     plain = [c for c in boundary if len(c.kwargs) == 3]
     assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"], c.direction) for c in plain} == {
@@ -320,7 +322,7 @@ def test_registry_counts() -> None:
     assert all(c.kwargs["iters"] == 20 and c.kwargs["eps"] == 0.0 for c in decode)
     pdl = registry.configs("post_res", "fwd", pdl=True)
     assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in pdl} == {s for s in shapes if s[0] != 1}
-    assert len(ALL_CONFIGS) == 460 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary, *decode}
+    assert len(ALL_CONFIGS) == 495 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary, *decode}
     for family, direction in itertools.product(("pre_proj", "pre_finalize"), ("fwd", "bwd")):
         got = {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in registry.configs(family, direction)}
         assert got == shapes, (family, direction)
@@ -356,8 +358,8 @@ def test_registry_names() -> None:
 
 
 def test_registry_selection() -> None:
-    # post_res, pre_proj, pre_finalize, pre_reduce, boundary
-    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35 + 10 + 35 + 40
+    # post_res + sinkhorn, pre_proj, pre_finalize (+ its grad_pre=False variant), pre_reduce, boundary
+    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35 + 35 + 10 + 35 + 40
     picked = registry.configs("post_res", "fwd", n=4, C=(4096, 7168))
     assert [c.name for c in picked] == [
         f"post_res_fwd[n=4,C={c},dtype={d}]" for c in (4096, 7168) for d in ("bfloat16", "float16", "float32")
@@ -413,7 +415,7 @@ def test_kernel_config_resolves_builders_lazily(monkeypatch) -> None:
 
 def test_registry_import_is_light() -> None:
     code = (
-        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 460; "
+        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 495; "
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tilelang', 'torch', 'tvm') "
         "or m.startswith('tl_kernels.') and m.split('.')[1] in r.FAMILIES]; assert not heavy, heavy"
     )
