@@ -111,7 +111,7 @@ def _boundary_bwd_cuda(*args):
     d_phi = torch.empty(K, m, **f32)
     d_phi_part = torch.empty(splits, K, m, **f32)  # summed (copied at S = 1) by the last launch, with d_h
     d_coef_part = torch.empty(-(-T // tl_boundary_bwd.COEF_BM), 2 * m, **f32)  # pre_proj_bwd's 64-token rows
-    dh_part = torch.empty(plan.blocks, T, nn + n, **f32)
+    dh_part = torch.empty(plan.groups, T, nn + n, **f32)  # one d_h partial per thread block cluster
     _cuda._launch(
         dev, tl_boundary_bwd.boundary_bwd_fused_kernel(n, C, dt),
         g_xn, y, x, h_post, h_res, phi, d_pp, d_res.view(T, nn), proj, rinv, alpha, h_pre_n, g_li,

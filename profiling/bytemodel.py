@@ -92,6 +92,16 @@ def boundary_bytes(T: int, n: int, C: int, esize: int, mode: str, design: str = 
     return _pick(fwd, bwd, mode)
 
 
+def boundary_dh_partial_bytes(T: int, n: int, groups: int) -> int:
+    """The d_h partials of the shipped fused backward, which :func:`boundary_bytes`'s design leaves out: ``groups``
+    rows of ``n * n + n`` fp32 (d_h_res | d_h_post) per token, written by ``boundary_bwd_fused`` and read back by
+    ``boundary_reduce_bwd``. ``groups`` is the fused kernel's channel blocks over its thread block cluster size
+    (``tl_kernels.boundary_bwd.fused_plan(n, C, dtype).groups``: C / 64 / 8 at n = 4, C = 7168, 14 rows, 2240 bytes
+    a token; per channel block, without the cluster, 112 rows, 17920 bytes); the sum over a cluster's blocks goes
+    through distributed shared memory, not DRAM."""
+    return 2 * groups * T * (n * n + n) * 4
+
+
 def chain_site_bytes(T: int, n: int, C: int, esize: int, mode: str) -> int:
     """One site of a chain of fused sites (``mhc.MHCStack``): one fused boundary per site (its F_post,res and the
     next site's pre-mapping), the target design."""

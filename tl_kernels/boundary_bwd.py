@@ -7,6 +7,10 @@ Sinkhorn backward; they replace ``pre_proj_bwd``, the gradient add and ``post_re
 The forward and the summed backward of the family live in :mod:`tl_kernels.boundary` (its ``boundary_bwd_kernel``
 dispatches here for ``fused=True`` / ``reduce_dh=True``, the registry's names). Design, math and call contracts are
 in the two programs' docstrings; bytes, resources and the performance model's estimate in docs/design.md section 7.
+
+The fused kernel runs in thread block clusters (sm_90) of ``cs`` adjacent channel blocks (:func:`cluster_size`: the
+largest of 8, 4, 2, 1 dividing ``C / g``): the d_h partials of a cluster's blocks are summed through distributed
+shared memory (:data:`DSMEM_PRELUDE`), so ``dh_part`` holds one partial per cluster, not one per channel block.
 """
 
 import functools
@@ -18,11 +22,13 @@ __all__ = [
     "COEF_BM",
     "FUSED_BM",
     "FUSED_THREADS",
+    "DSMEM_PRELUDE",
     "FusedPlan",
     "boundary_bwd_fused_kernel",
     "boundary_bwd_fused_program",
     "boundary_reduce_bwd_kernel",
     "boundary_reduce_bwd_program",
+    "cluster_size",
     "fused_choose_splits",
     "fused_plan",
 ]
@@ -32,13 +38,32 @@ MAX_SPLITS = 16  # token splits of the fused backward: its d_phi partials stay a
 FUSED_BM = 32  # tokens per tile of the fused backward
 FUSED_THREADS = 256
 COEF_BM = 64  # tokens per row of d_coef_part: pre_proj's tile, so the rows (and d_bias, d_alpha) are bit for bit its
-REDUCE_UNROLL = 8  # partials a thread loads at once in the d_h reduction (then sums in channel-block order)
+REDUCE_UNROLL = 8  # partials a thread loads at once in the d_h reduction (then sums in cluster order)
 # n = 4 stays at one: with a tile's inputs loaded at its top it needs 244 registers (bf16; 128 spilled 60 to 644
 # bytes), and one block of 244 beats two latency-bound ones (python -m profiling model --site chain --kernel site_bwd
 # --C 7168 --gpu H100: the kernel's t_latency 3,862 -> 1,571 us); fp32's 113.8 KB of shared memory fits once anyway
 _FUSED_MIN_BLOCKS = {(n, dt): 2 for n in (1, 2) for dt in ("bfloat16", "float16", "float32")} | {(4, "float32"): 1}
 # The fused backward places its barriers by hand (as pre_proj's backward; tests/emulation/test_barrier_mutations.py
 # deletes each in turn) and indexes in bounds by construction (row guards; the ASan test checks exact-size tensors).
+# Thread block clusters along the channel-block axis (sm_90): the d_h partials of a cluster's blocks are summed through
+# distributed shared memory, one partial per cluster in dh_part. 8 is the portable maximum cluster size; (1,) gives
+# the kernel without clusters (a d_h partial per channel block: the same generated code as before the clusters).
+CLUSTER_SIZES = (8, 4, 2, 1)
+# No cluster at n = 2: its two blocks an SM at 128 registers leave none for it (ptxas spilled 24 bytes at C = 1280)
+_NO_CLUSTER = {(2, dt) for dt in _common.ACTIVATION_DTYPES}
+DH_SLOTS = 3  # a block's d_h partial slots in shared memory, used round robin by the token tiles (see the program)
+# A 4-byte load from block `rank`'s shared memory at the address of `p` in the caller's (mapa + ld.shared::cluster;
+# TileLang 0.1.15 has the cluster barriers and ranks but no element-wise distributed shared memory load). The CPU
+# emulator defines the same function (tests/emulation/shim.h).
+DSMEM_PRELUDE = r"""
+__device__ __forceinline__ float mhc_ld_shared_cluster_f32(const float *p, int rank) {
+  unsigned local = (unsigned)__cvta_generic_to_shared(p), remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+"""
 _FUSED_PASS_CONFIGS = {
     "tl.disable_safe_memory_legalize": True,
     "tl.disable_thread_storage_sync": True,
@@ -54,12 +79,21 @@ class FusedPlan:
     mp: int  # m padded to a multiple of 16 (the MMA's N)
     g: int  # channels of every stream a block owns (its channel block)
     kw: int  # n * g: the block's K-slice (rows of phi)
-    blocks: int  # channel blocks: C / g (the grid's x extent, and the rows of dh_part)
+    blocks: int  # channel blocks: C / g (the grid's x extent)
+    cs: int  # thread block cluster size along the channel blocks (:func:`cluster_size`; 1: no cluster)
+    groups: int  # clusters along the channel blocks: blocks / cs (the rows of dh_part)
     vec: int  # elements per 16-byte chunk
     lanes: int  # threads per token row in the elementwise phases (g / vec)
     rows: int  # token rows one pass covers (FUSED_THREADS / lanes; rows past FUSED_BM idle)
     passes: int
     min_blocks: int  # __launch_bounds__ minimum blocks per SM (registers <= 65536 / (256 * min_blocks))
+
+
+def cluster_size(blocks: int) -> int:
+    """The cluster size of a fused backward of ``blocks`` channel blocks: the largest of 8, 4, 2, 1 dividing it (a
+    cluster's blocks are adjacent channel blocks of one token split, and CUDA needs the grid to be a whole number of
+    clusters)."""
+    return next(c for c in CLUSTER_SIZES if blocks % c == 0)
 
 
 def fused_plan(n: int, C: int, dtype: str) -> FusedPlan:
@@ -73,8 +107,10 @@ def fused_plan(n: int, C: int, dtype: str) -> FusedPlan:
     # Two blocks an SM (16 warps in flight instead of 8: the performance model finds the loop latency-bound at one)
     # where the registers allow it without spills (ptxas at 128 registers: checked by tests/kernels/test_codegen.py).
     min_blocks = _FUSED_MIN_BLOCKS.get((n, dtype), 1)
-    return FusedPlan(n=n, C=C, m=m, mp=-(-m // 16) * 16, g=g, kw=n * g, blocks=C // g, vec=vec, lanes=lanes,
-                     rows=rows, passes=max(1, FUSED_BM // rows), min_blocks=min_blocks)  # fmt: skip
+    blocks = C // g
+    cs = 1 if (n, dtype) in _NO_CLUSTER else cluster_size(blocks)
+    return FusedPlan(n=n, C=C, m=m, mp=-(-m // 16) * 16, g=g, kw=n * g, blocks=blocks, cs=cs, groups=blocks // cs,
+                     vec=vec, lanes=lanes, rows=rows, passes=max(1, FUSED_BM // rows), min_blocks=min_blocks)  # fmt: skip
 
 
 def fused_choose_splits(num_tokens: int, n: int, C: int, dtype: str, num_sms: int) -> int:
@@ -127,14 +163,15 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
         boundary_bwd_fused_kernel(n, C, dtype)(grad_x_next [T, n, C] dt, layer_output [T, C] dt,
             residual [T, n, C] dt, h_post [T, n] f32, h_res [T, n, n] f32, phi [K, m] f32, d_pp [T, 2n] f32,
             d_res [T, n * n] f32, proj [T, m] f32, rinv [T] f32, alpha [3] f32, h_pre [T, n] f32, g_li [T, C] dt,
-            d_layer_output [T, C] dt, d_residual [T, n, C] dt, dh_part [CB, T, n * n + n] f32,
+            d_layer_output [T, C] dt, d_residual [T, n, C] dt, dh_part [CB / cs, T, n * n + n] f32,
             d_phi_part [S, K, m] f32, d_coef_part [R, 2m] f32)
 
     grid ``(CB, S)``: block ``(cb, s)`` owns channels ``[cb g, cb g + g)`` of every stream (the K-slice of
     ``n g`` rows of ``phi``, staged once, TF32-rounded) and the token tiles ``[s ceil(TT / S), ...)`` of
-    ``FUSED_BM`` tokens (TT = ceil(T / FUSED_BM)); use :func:`fused_choose_splits`. ``dh_part[cb, t]`` =
-    (d_h_res row-major | d_h_post) over the block's channels; it, ``d_phi_part`` and ``d_coef_part`` are summed in
-    fixed orders by :func:`boundary_reduce_bwd_program` (``d_coef_part`` row ``r`` covers tokens ``[64 r, 64 r + 64)`` as pre_proj_bwd's does, computed by
+    ``FUSED_BM`` tokens (TT = ceil(T / FUSED_BM)); use :func:`fused_choose_splits`. Thread block clusters of
+    ``cs`` blocks along x (``cs = 1``: no cluster): ``dh_part[G, t]`` = (d_h_res row-major | d_h_post) over the
+    ``cs g`` channels of cluster ``G`` (blocks ``cb = G cs + r``); it, ``d_phi_part`` and ``d_coef_part`` are summed
+    in fixed orders by :func:`boundary_reduce_bwd_program` (``d_coef_part`` row ``r`` covers tokens ``[64 r, 64 r + 64)`` as pre_proj_bwd's does, computed by
     block ``by * CB + cb = r mod (CB S)``). No atomics: bitwise reproducible for a given (T, S).
 
     Per token tile (256 threads, barriers by hand): (0) every global input of the tile is loaded into registers at
@@ -152,12 +189,23 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     ``xs [BM, n g]``; (3) ``T.gemm``: ``d_proj phi^T`` (TF32 ``mma.sync``) and ``x_next^T d_proj`` into the block's
     ``d_phi`` accumulator; (4) per fragment element ``d_xn``, then ``g``, written over ``xs`` (same element, same
     thread); (5) the chunk owners of step 2 run post_res's backward on ``g``: ``d_y``, ``d_x`` with 128-bit stores,
-    the ``d_h`` partials reduced over a row's lanes with an xor butterfly. ``d_coef_part`` after the tile loop, as
-    pre_proj_bwd. At n = 4, C = 7168, bf16 the tile loop waits for global loads twice a tile (22 times when each
-    value was loaded where it was used; tests/kernels/test_boundary_sass.py), 244 registers, one block an SM.
+    the ``d_h`` partials reduced over a row's lanes with an xor butterfly, into the block's shared slot ``tile mod
+    DH_SLOTS`` (``dh_part`` directly at ``cs = 1``). ``d_coef_part`` after the tile loop, as pre_proj_bwd.
+
+    The cluster's d_h sum, one tile late, so that the cluster barrier rarely waits: after step 4 of tile ``i`` every
+    thread arrives (``barrier.cluster.arrive``: tile ``i - 1``'s partials are in its slot, and it has read tile
+    ``i - 2``'s; the release is a ``MEMBAR.ALL.GPU`` in SASS, placed where the tile's loads have been used); after
+    step 5 it waits for the cluster, and block rank ``r`` sums token rows ``[r BM / cs, (r + 1) BM / cs)`` of tile
+    ``i - 1`` over the ``cs`` blocks' slots (``ld.shared::cluster``, a pairwise tree in rank order: deterministic)
+    on its last threads, and writes them to ``dh_part``. A slot is written again ``DH_SLOTS = 3`` tiles later, after
+    the wait that follows every peer's next arrive (two slots race: tests/emulation/test_barrier_mutations.py).
+    After the loop the last tile's sum, then one wait before exit: no block leaves while a peer reads its shared
+    memory. At n = 4, C = 7168, bf16 the tile loop waits for global loads twice a tile (22 times when each
+    value was loaded where it was used; tests/kernels/test_boundary_sass.py), 241 registers, one block an SM.
 
     Bytes per token (bf16, n = 4): reads ``x`` 8C, ``y`` 2C, ``g_li`` 2C, ``grad_x_next`` 8C, writes ``d_x`` 8C,
-    ``d_y`` 2C: 30C, plus ``dh_part`` (C / 64 x 80 B, 1.25C) and the coefficients; see docs/design.md section 7.
+    ``d_y`` 2C: 30C, plus ``dh_part`` (C / 64 / cs x 80 B: 0.16C at cs = 8, 1.25C per channel block without the
+    cluster) and the coefficients; see docs/design.md section 7.
     """
     import tilelang.language as T
     from tvm import tirx
@@ -186,10 +234,39 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     # step 4 uses them (n = 8: its 80-register d_phi accumulator leaves no room for them; ptxas spilled)
     early_g, late_g = n <= 4, n == 6
     rolled = n == 8  # h_res, h_post, h_pre staged after the first barrier (loaded at the top, ptxas spilled)
+    # the cluster's d_h sum: block rank r of a cluster of cs sums token rows [r BM / cs, (r + 1) BM / cs) of a tile
+    # over the cs blocks' shared memory, dh_rows x q floats, dh_k of them a thread, on the block's last threads
+    # (dh_skip threads idle at the front): the first warps compute pre_proj_bwd's coefficients (coef_base = 0)
+    cs, clustered = p.cs, p.cs > 1
+    dh_rows = FUSED_BM // cs
+    dh_k = -(-(dh_rows * q) // FUSED_THREADS)
+    dh_skip = dh_k * FUSED_THREADS - dh_rows * q
+    dh_tree = tuple(cs >> s for s in range(1, cs.bit_length()))  # cs/2, ..., 1 partial sums a level
     assert G * a == n2 and coef_threads % 32 == 0 and FUSED_BM * n <= FUSED_THREADS  # internal invariants
+    assert FUSED_BM % cs == 0
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
     num_coef_tiles = T.dynamic("num_coef_tiles")
+
+    @T.macro
+    def dh_cluster_sum(dhs, dh_part, slot, tp, tx, rank, grp):
+        """Rows [rank dh_rows, ...) of the tile at token ``tp`` (its partials in slot ``slot`` of every block of the
+        cluster), summed over the blocks in rank order and written to ``dh_part[grp]``."""
+        acc_dh = T.alloc_var(f32)
+        part = T.alloc_local((cs,), f32)
+        for k in T.unroll(dh_k):
+            e = tx + k * FUSED_THREADS - dh_skip
+            if dh_skip == 0 or e >= 0:
+                rr = rank * dh_rows + e // q
+                for src in T.unroll(cs):
+                    part[src] = T.call_extern(f32, "mhc_ld_shared_cluster_f32", T.address_of(dhs[slot, rr, e % q]), src)
+                # a pairwise tree in rank order (fixed: deterministic), log2(cs) dependent adds after the loads
+                for width in dh_tree:
+                    for u in T.unroll(width):
+                        part[u] = part[2 * u] + part[2 * u + 1]
+                acc_dh = part[0]
+                if tp + rr < num_tokens:
+                    dh_part[grp, tp + rr, e % q] = acc_dh
 
     @T.prim_func
     def boundary_bwd_fused(
@@ -208,11 +285,17 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
         g_li: T.Tensor((num_tokens, C), dtype),
         d_layer_output: T.Tensor((num_tokens, C), dtype),
         d_residual: T.Tensor((num_tokens, n, C), dtype),
-        dh_part: T.Tensor((p.blocks, num_tokens, q), f32),
+        dh_part: T.Tensor((p.groups, num_tokens, q), f32),
         d_phi_part: T.Tensor((num_splits, K, m), f32),
         d_coef_part: T.Tensor((num_coef_tiles, 2 * m), f32),
     ):
-        with T.Kernel(p.blocks, num_splits, threads=FUSED_THREADS) as (cb, by):
+        with T.Kernel(
+            p.blocks,
+            num_splits,
+            threads=FUSED_THREADS,
+            cluster_dims=(cs, 1, 1) if clustered else None,
+            prelude=DSMEM_PRELUDE if clustered else None,
+        ) as (cb, by):
             if p.min_blocks > 1:
                 T.annotate_min_blocks_per_sm(p.min_blocks)
             ps = T.alloc_shared((kw, mp), f32)  # phi rows i C + c0 + [0, g) for every stream i, TF32-rounded
@@ -234,6 +317,8 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
             ob = T.alloc_local((vec,), dtype)
             gs = T.alloc_local((n, vec), dtype)  # g of the thread's chunk (exact in dtype: xs holds rounded values)
             ph = T.alloc_local((n,), f32)
+            # the block's d_h partials of the last DH_SLOTS tiles (d_h_res row-major | d_h_post), read by the cluster
+            dhs = T.alloc_shared((DH_SLOTS, FUSED_BM, q), f32) if clustered else None
             # The tile's other global inputs, loaded into registers at the top of the tile (one DRAM latency a tile,
             # not one per use): g_li and grad_x_next in dx_acc's fragment layout (step 4), pre_proj_bwd's share of
             # a token row's coefficient inputs (row cr = tx // G, part cp = tx % G: d_pp's columns [cp a, cp a + a),
@@ -257,6 +342,8 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
             c0 = cb * g
             cr = (tx - coef_base) // G  # coefficient row and part (a row's G parts in adjacent lanes, pre_proj_bwd's)
             cp = tx % G
+            rank = cb % cs  # %cluster_ctarank: the cluster is cs adjacent channel blocks of one split
+            grp = cb // cs
             tiles = T.ceildiv(num_tokens, FUSED_BM)
             per = T.alloc_var("int32")
             per = T.ceildiv(tiles, num_splits)
@@ -264,6 +351,10 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
             t_base = by * per * FUSED_BM
             count = T.alloc_var("int32")
             count = T.min(per, tiles - by * per)
+            wslot = T.alloc_var("int32")  # the d_h slot of this tile, and of the previous one (round robin)
+            wslot = 0
+            rslot = T.alloc_var("int32")
+            rslot = 0
             a0 = T.alloc_var(f32)
             a0 = alpha[0]
             a1 = T.alloc_var(f32)
@@ -425,6 +516,13 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                             gxn = grad_x_next[t0 + i, j // g, c0 + j % g]
                             xs[i, j] = T.cast(T.cast(T.cast(gxn, f32) + dxn, dtype), f32)
                 T.sync_threads()  # g written before step 5 reads other threads' elements
+                if clustered:  # noqa: SIM102 - compile-time test, then the run-time one
+                    # the cluster barrier's arrive for the previous tile: its d_h partials (step 5) are in this
+                    # block's slot, and this block has read the tile before it from its peers. Here, after step 4,
+                    # the tile's global loads have been used: the arrive's release (MEMBAR.ALL.GPU in SASS, which
+                    # waits for the thread's outstanding memory operations) finds none in flight
+                    if tt > 0:
+                        T.cluster_arrive()
                 # (5) post_res(l)'s backward on g (its operation order), d_h partials over the block's channels
                 for k in T.unroll(p.passes):
                     r = k * rows + tx // lanes
@@ -452,7 +550,11 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                         for offset in shuffle_offsets:  # xor butterfly over the row's lanes, fixed order
                             for i in T.unroll(n):
                                 ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
-                        if lane == 0 and t0 + r < num_tokens:
+                        if clustered:
+                            if lane == 0:
+                                for i in T.unroll(n):
+                                    dhs[wslot, r, nn + i] = ph[i]
+                        elif lane == 0 and t0 + r < num_tokens:
                             for i in T.unroll(n):
                                 dh_part[cb, t0 + r, nn + i] = ph[i]
                         for j in T.unroll(n):
@@ -477,9 +579,30 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                             for offset in shuffle_offsets:
                                 for i in T.unroll(n):
                                     ph[i] = ph[i] + T.shfl_xor(ph[i], offset)
-                            if lane == 0 and t0 + r < num_tokens:
+                            if clustered:
+                                if lane == 0:
+                                    for i in T.unroll(n):
+                                        dhs[wslot, r, i * n + j] = ph[i]
+                            elif lane == 0 and t0 + r < num_tokens:
                                 for i in T.unroll(n):
                                     dh_part[cb, t0 + r, i * n + j] = ph[i]
+                if clustered:  # noqa: SIM102 - compile-time test, then the run-time one
+                    # the previous tile's d_h summed over the cluster, one tile late (the peers arrived before their
+                    # step 5: the wait rarely stalls). Its slot is written again DH_SLOTS = 3 tiles after it, once
+                    # the writer has passed the wait that follows every peer's next arrive (after this read)
+                    if tt > 0:
+                        T.cluster_wait()
+                        dh_cluster_sum(dhs, dh_part, rslot, t0 - FUSED_BM, tx, rank, grp)
+                    rslot = wslot
+                    wslot = T.if_then_else(wslot == DH_SLOTS - 1, 0, wslot + 1)
+            # the last tile's d_h (all blocks of a cluster share the split, so the same tile count), then an arrive
+            # that tells the peers this block has read their slots
+            if clustered:  # noqa: SIM102 - compile-time test, then the run-time one
+                if count > 0:
+                    T.cluster_arrive()
+                    T.cluster_wait()
+                    dh_cluster_sum(dhs, dh_part, rslot, t_base + (count - 1) * FUSED_BM, tx, rank, grp)
+                    T.cluster_arrive()
             for kk, j in T.Parallel(kw, mp):
                 if j < m:
                     d_phi_part[by, (kk // g) * C + c0 + kk % g, j] = dphi_acc[kk, j]
@@ -501,6 +624,9 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
                         sc += dl * proj[tc0 + i, col] * rinv[tc0 + i]
                     d_coef_part[tile, col] = sb
                     d_coef_part[tile, m + col] = sc
+            if clustered:  # noqa: SIM102 - compile-time test, then the run-time one
+                if count > 0:  # no block exits (freeing its shared memory) before its peers have read the last tile
+                    T.cluster_wait()
 
     return boundary_bwd_fused
 
@@ -511,13 +637,13 @@ def boundary_reduce_bwd_program(n: int):
 
         d_phi[e]                 = sum_{s < S} d_phi_part[s, e]             (split order, as pre_reduce_bwd)
         d_bias, d_alpha          = pre_reduce_bwd's coefficient block (the same macro: its bits)
-        d_h_res[t] | d_h_post[t] = sum_{cb < CB} dh_part[cb, t]             (channel-block order)
+        d_h_res[t] | d_h_post[t] = sum_{G < CB / cs} dh_part[G, t]          (cluster order)
 
-    Call (``S``, ``kq = K m / 4``, ``R``, ``CB``, ``T`` dynamic; ``S = 1`` too: ``d_phi_part`` is then the fused
-    kernel's own buffer, copied)::
+    Call (``S``, ``kq = K m / 4``, ``R``, ``num_cb`` (the fused kernel's clusters, ``CB / cs``), ``T`` dynamic;
+    ``S = 1`` too: ``d_phi_part`` is then the fused kernel's own buffer, copied)::
 
         boundary_reduce_bwd_kernel(n)(d_phi_part [S, kq, 4] f32, d_coef_part [R, 2m] f32,
-            dh_part [CB, T, n * n + n] f32, d_phi [kq, 4] f32, d_alpha [3] f32, d_bias [m] f32,
+            dh_part [num_cb, T, n * n + n] f32, d_phi [kq, 4] f32, d_alpha [3] f32, d_bias [m] f32,
             d_h_res [T, n, n] f32, d_h_post [T, n] f32)
 
     grid ``1 + ceil(T (n * n + n) / THREADS) + ceil(kq / THREADS)`` of ``pre_reduce.THREADS`` threads: block 0 the
@@ -549,7 +675,7 @@ def boundary_reduce_bwd_program(n: int):
         if e < num_tokens * q:
             t = e // q
             k = e % q
-            # REDUCE_UNROLL independent loads in flight, then their sum in channel-block order (a block past the
+            # REDUCE_UNROLL independent loads in flight, then their sum in cluster order (a block past the
             # last adds +0: exact)
             s = T.float32(0)
             for c in T.serial(T.ceildiv(num_cb, REDUCE_UNROLL)):

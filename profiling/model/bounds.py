@@ -328,6 +328,8 @@ def _dests_sources(text: str) -> tuple[list[str], list[str]]:
 
 def _latency_cycles(x: sass.Instruction, g: gpus.GPU) -> float:
     base = x.opcode.split(".")[0]
+    if x.dsmem:  # another block's shared memory: the SM-to-SM network, not DRAM
+        return g.dsmem_latency_cycles
     if base in _GLOBAL:
         return g.dram_latency_us * 1e-6 * g.clock_hz
     if base in _SHORT_VARIABLE:
@@ -350,7 +352,8 @@ def warp_cycles(ins: list[sass.Instruction], executions: list[float], g: gpus.GP
     Each executed instruction issues at the earliest cycle that is at least one after the previous issue, when
     every register it reads (and writes) is ready and its pipe is free on this quarter of the SM; its result is
     ready ``_latency_cycles`` later (FP32/integer 4, MUFU, shared memory and shuffles, global loads the DRAM
-    latency, :mod:`profiling.model.gpus`), and it holds its pipe ``schedulers / rate`` cycles (MUFU 8, an
+    latency, loads from a peer block's shared memory (distributed shared memory) the SM-to-SM latency,
+    :mod:`profiling.model.gpus`), and it holds its pipe ``schedulers / rate`` cycles (MUFU 8, an
     integer-pipe op 2, FFMA 1). An instruction costs the cycles between its issue and the previous one; a loop's
     body is played twice in a row (the second pass, with the loop-carried registers of the first, is the steady
     state) and its cost is weighted by ``executions`` (its executions by the busiest warp). Waits on asynchronous

@@ -34,6 +34,17 @@ Parameters that are not datasheet numbers (the model's assumptions, to be calibr
   :func:`profiling.model.bounds.warp_cycles`. Assumptions of the order the microbenchmark studies above report for
   Volta to Hopper (Jia et al. 2018; Luo et al. 2024, 2025: shared-memory loads a few tens of cycles, MUFU between
   the FP32 latency and the shared-memory latency), to be calibrated by a GPU run like the other assumptions.
+* ``dsmem_latency_cycles`` (200): cycles from issue until a load from another block's shared memory (distributed
+  shared memory, ``ld.shared::cluster``: a generic ``LD`` into the shared window in SASS) can be used. It crosses
+  the GPC's SM-to-SM network, not the memory hierarchy (Luo et al. 2024 above measure that network); the model takes
+  a value between its local shared-memory (30) and DRAM (1400) latencies. An assumption, to be calibrated.
+* Thread block clusters: the cluster barrier (``UCGABAR_ARV``/``UCGABAR_WAIT``) and the ``MEMBAR.ALL.GPU`` that its
+  default release semantics adds are issue slots only, as ``BAR.SYNC``: the waits for the cluster's other blocks
+  and for the thread's outstanding memory operations are not modelled (a kernel places the arrive where its loads
+  have been used). A cluster's blocks must be resident together on the SMs of one GPC; the model assumes that
+  costs no resident slots. The whitepaper's full GH100 has 8 GPCs of 18 SMs and H100 SXM5 enables 132 of the 144,
+  so a GPC holds at most 18: clusters of 8 blocks at one block an SM can leave SMs of a GPC idle
+  (``cudaOccupancyMaxActiveClusters`` tells on the GPU). An assumption.
 * ``launch_us``: the least time a kernel launch occupies the stream in eager PyTorch (host launch overhead and the
   gap between back-to-back kernels, a few microseconds; CUDA graphs shrink it). 2.5 us.
 """
@@ -60,6 +71,7 @@ class GPU:
     dependent_cpi: float = 4.0
     mufu_latency_cycles: float = 18.0
     smem_latency_cycles: float = 30.0
+    dsmem_latency_cycles: float = 200.0
     mma_latency_cycles: float = 32.0
     fp64_latency_cycles: float = 8.0
     schedulers: int = 4

@@ -38,6 +38,7 @@ class Instruction:
     opcode: str
     pipe: str
     branch_to: str | None = None
+    dsmem: bool = False  # a generic LD/ST into the shared-memory window of another block of the cluster
 
 
 @dataclass
@@ -133,7 +134,35 @@ def parse_annotated(text: str, source_names: tuple[str, ...] = ("tvm_kernels.cu"
     for ins in out:
         if ins.branch_to is not None:
             ins.branch_to = labels.get(ins.branch_to, ins.branch_to)
+    mark_dsmem(out)
     return out
+
+
+_DEST = re.compile(r"^(?:@!?U?P\w+\s+)?[\w.]+\s+(R\d+)\b")
+_MOVE = re.compile(r"^(?:@!?U?P\w+\s+)?(?:MOV|IMAD\.MOV\.U32)\s+(R\d+),\s+(?:RZ,\s+RZ,\s+)?(R\d+)(?:\.reuse)?\s*$")
+_GENERIC_ACCESS = re.compile(r"^(?:@!?U?P\w+\s+)?(?:LD|ST)\.E\S*\s+(?:R\d+,\s+)?\[R(\d+)(?:\.64)?(?:\+[^\]]*)?\]")
+
+
+def mark_dsmem(ins: list[Instruction]) -> None:
+    """Flag the distributed shared memory accesses (``ld/st.shared::cluster``): ptxas compiles them to generic
+    ``LD.E``/``ST.E`` whose 64-bit address has the shared-memory window (``S2R Rx, SR_SWINHI``) as its high word
+    and the peer's ``mapa`` address as its low word. Tracked in address order through plain register moves; any
+    other write to a register ends its tracking. Such an access goes over the SM-to-SM network, not to DRAM."""
+    window: set[str] = set()
+    for x in ins:
+        text = x.text.strip()
+        if m := _GENERIC_ACCESS.match(text):
+            x.dsmem = f"R{int(m.group(1)) + 1}" in window
+        if x.opcode.split(".")[0] in ("ST", "STG", "STS", "STL", "BRA", "EXIT", "BAR", "RED") or not (
+            d := _DEST.match(text)
+        ):
+            continue
+        dest = d.group(1)
+        moved = _MOVE.match(text)
+        if (x.opcode == "S2R" and "SR_SWINHI" in text) or (moved and moved.group(2) in window):
+            window.add(dest)
+        else:
+            window.discard(dest)
 
 
 def loops(ins: list[Instruction]) -> list[Loop]:

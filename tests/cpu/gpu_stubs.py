@@ -410,9 +410,9 @@ def _boundary_bwd_fused(n, C, dtype):
              coef):  # fmt: skip
         T, dt = x.shape[0], x.dtype
         S, tiles, rows = part.shape[0], -(-T // boundary_bwd.FUSED_BM), -(-T // boundary_bwd.COEF_BM)
-        if coef.shape[0] != rows or dh_part.shape[0] != p.blocks:
+        if coef.shape[0] != rows or dh_part.shape[0] != p.groups:
             raise ValueError(f"boundary_bwd_fused: d_coef_part has {coef.shape[0]} rows (contract: {rows}), dh_part "
-                             f"{dh_part.shape[0]} channel blocks (contract: {p.blocks})")  # fmt: skip
+                             f"{dh_part.shape[0]} clusters (contract: {p.groups})")  # fmt: skip
         per = -(-tiles // S)
         if (S - 1) * per >= tiles:
             raise ValueError(f"boundary_bwd_fused: split {S - 1} of {S} has no token tile ({tiles} tiles): the "
@@ -429,12 +429,13 @@ def _boundary_bwd_fused(n, C, dtype):
         dy, dx, _dhp, _dhr = ref.post_res_backward(g, y.double(), x.double(), h_post.double(), h_res.double())
         _put(d_y, dy)
         _put(d_x, dx)
+        # one d_h partial per thread block cluster: its cs channel blocks, cs g channels of every stream
         gb, yb, xb = (
-            g.view(T, n, p.blocks, p.g),
-            y.double().view(T, p.blocks, p.g),
-            x.double().view(T, n, p.blocks, p.g),
+            g.view(T, n, p.groups, p.cs * p.g),
+            y.double().view(T, p.groups, p.cs * p.g),
+            x.double().view(T, n, p.groups, p.cs * p.g),
         )
-        dhr = torch.einsum("tibc,tjbc->btij", gb, xb).reshape(p.blocks, T, nn)
+        dhr = torch.einsum("tibc,tjbc->btij", gb, xb).reshape(p.groups, T, nn)
         dhp = torch.einsum("tibc,tbc->bti", gb, yb)
         _put(dh_part, torch.cat([dhr, dhp], 2))
         xv = x_next.reshape(T, K)

@@ -397,14 +397,15 @@ def test_chain_site_bytes_against_the_byte_model(chain_records):
     designs = {d: bytemodel.boundary_bytes(1, 4, C, e, "bwd", d) for d in ("fused", "summed")}
     assert {d: v // C for d, v in designs.items()} == {"fused": 40, "summed": 64}
     # The shipped fused backward moves the 40C design plus its partials, which the design leaves out: the d_h
-    # partials (one row of n * n + n floats per channel block and token, written by the fused kernel and read by
-    # its reduction) and the d_phi partials (S x K x m floats, written and read: per token, amortised over T).
-    # Issue 18's "40C plus a few hundred bytes" is therefore not met while the d_h partials are per channel block.
+    # partials (one row of n * n + n floats per thread block cluster of channel blocks and token, written by the
+    # fused kernel and read by its reduction: bytemodel.boundary_dh_partial_bytes) and the d_phi partials (S x K x m
+    # floats, written and read: per token, amortised over T).
     from tl_kernels import boundary_bwd as tl_boundary_bwd
 
     plan = tl_boundary_bwd.fused_plan(4, C, "bfloat16")
+    assert plan.cs == 8 and plan.groups == C // 64 // 8  # 112 channel blocks: 14 clusters of 8
     splits = tl_boundary_bwd.fused_choose_splits(TOKENS, 4, C, "bfloat16", gpus.gpu("H100").sms)
-    dh_partials = 2 * plan.blocks * (4 * 4 + 4) * 4
+    dh_partials = bytemodel.boundary_dh_partial_bytes(1, 4, plan.groups)
     dphi_partials = 2 * splits * 4 * C * plan.m * 4 / TOKENS
     extra = bwd["bytes_per_token"] - designs["fused"] - dh_partials
     assert 0 <= extra < COEF_SLACK + dphi_partials, (bwd["bytes_per_token"] / C, extra)
@@ -486,3 +487,31 @@ def test_decode_records(tmp_path, capsys):
         assert r["t_site_eager_us"] == pytest.approx(sum(max(x + gap, host) for x in execs))
         assert r["t_site_eager_us"] >= host * r["launches"]
     assert "graph+PDL" in capsys.readouterr().out
+
+
+def test_distributed_shared_memory_loads_are_not_dram():
+    """A generic ``LD.E`` whose address has the shared-memory window (``S2R SR_SWINHI``) as its high word, as ptxas
+    compiles ``ld.shared::cluster``, is a peer block's shared memory: the scoreboard gives it the SM-to-SM latency,
+    not DRAM's; a generic load through an ordinary pointer, or one whose high word was overwritten, stays global."""
+    from profiling.model import bounds, sass
+
+    lines = [
+        "S2R R91, SR_SWINHI",
+        "PRMT R16, RZ, 0x654, R15",
+        "MOV R17, R91",
+        "IMAD.MOV.U32 R35, RZ, RZ, R91",
+        "LD.E R18, [R16]",  # window high word: a peer's shared memory
+        "LD.E R19, [R34+0x10]",  # R35 is the window too
+        "LD.E R20, [R40]",  # an ordinary generic pointer
+        "IADD3 R17, R17, 0x1, RZ",  # the high word overwritten
+        "LD.E R21, [R16]",
+        "LDG.E R22, [R16]",
+    ]
+    ins = [sass.Instruction(16 * i, t, None, t.split()[0], sass.classify(t.split()[0])) for i, t in enumerate(lines)]
+    sass.mark_dsmem(ins)
+    assert [x.dsmem for x in ins] == [False] * 4 + [True, True, False, False, False, False]
+    g = gpus.gpu("H100")
+    latency = [bounds._latency_cycles(x, g) for x in ins if x.opcode.startswith(("LD.", "LDG."))]
+    dram = g.dram_latency_us * 1e-6 * g.clock_hz
+    assert latency == [g.dsmem_latency_cycles] * 2 + [dram] * 3
+    assert g.smem_latency_cycles < g.dsmem_latency_cycles < dram

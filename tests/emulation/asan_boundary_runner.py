@@ -1,5 +1,6 @@
 """Run by tests/emulation/test_asan_boundary.py in a python process with AddressSanitizer preloaded: launches the
-emulated boundary forward, backward and fully fused backward (generated sources read from a JSON file, so this process never imports TileLang) on
+emulated boundary forward, backward and fully fused backward (generated sources read from a JSON file, so this
+process never imports TileLang; the fused backward's thread block clusters run together, cuda_emu.py) on
 tensors allocated to their exact sizes, so any out-of-bounds access of the generated code lands in an ASan redzone
 and aborts the process. ``--plant`` makes the residual a row short (the check must fire).
 """
@@ -42,9 +43,10 @@ def main(path: str, plant: bool) -> None:
             num_tokens=T, grid=case["blocks"],
         )  # fmt: skip
     for case in src.get("fused_cases", []):  # the fully fused backward and its reduction (d_phi, d_coef, d_h)
-        n, C, dtype, T, S, R, cb = case["n"], case["C"], case["dtype"], case["T"], case["S"], case["R"], case["cb"]
+        n, C, dtype, T, S, R = case["n"], case["C"], case["dtype"], case["T"], case["S"], case["R"]
+        cb, groups = case["cb"], case["groups"]  # channel blocks (the grid), clusters of them (dh_part's rows)
         dt, m, q = DT[dtype], n * n + 2 * n, n * n + n
-        dh_part, d_phi_part, d_coef_part = torch.empty(cb, T, q), torch.empty(S, n * C, m), torch.empty(R, 2 * m)
+        dh_part, d_phi_part, d_coef_part = torch.empty(groups, T, q), torch.empty(S, n * C, m), torch.empty(R, 2 * m)
         EmulatedKernel(case["source"])(
             grad_x_next=torch.randn(T, n, C).to(dt), layer_output=torch.randn(T, C).to(dt),
             residual=torch.randn(T, n, C).to(dt), h_post=torch.rand(T, n), h_res=torch.rand(T, n, n),
@@ -58,7 +60,7 @@ def main(path: str, plant: bool) -> None:
         EmulatedKernel(case["reduce_source"])(
             d_phi_part=d_phi_part.view(S, kq, 4), d_coef_part=d_coef_part, dh_part=dh_part,
             d_phi=torch.empty(kq, 4), d_alpha=torch.empty(3), d_bias=torch.empty(m), d_h_res=torch.empty(T, n, n),
-            d_h_post=torch.empty(T, n), num_tokens=T, num_cb=cb, num_splits=S, kq=kq, rows=R,
+            d_h_post=torch.empty(T, n), num_tokens=T, num_cb=groups, num_splits=S, kq=kq, rows=R,
             grid=case["reduce_blocks"],
         )  # fmt: skip
     print("ALL OK", flush=True)

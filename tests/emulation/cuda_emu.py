@@ -13,6 +13,10 @@ onto C++. The execution model is built to expose bugs a GPU would show only some
   with 0xFF (NaN) and followed by an inaccessible page (an exact-size heap block under ASan), so reading a byte no
   thread wrote gives NaN and an access past the declared size faults;
 * blocks run in ``block_order`` ``"forward"``, ``"reverse"`` or ``"shuffle"`` (seeded) order, one at a time;
+  a kernel launched with thread block clusters (TileLang's ``T.Kernel(..., cluster_dims=(cs, 1, 1))``; read from
+  its host code) runs one cluster at a time instead, its ``cs`` blocks together (each its own shared memory and
+  ``__syncthreads``; the cluster barrier waits for all their threads; distributed shared memory reads the peer
+  block's allocation; a block's shared memory is poisoned again when it exits), the clusters in ``block_order``;
 * the approximate math (``exp2f``, ``expf``, ``__log2f``, ``rsqrtf``, ``__fdividef``) returns the exact value moved by
   the documented worst-case error of the PTX instruction or CUDA function, all upwards (``approx="up"``) or all
   downwards (``"down"``), or exact libm (``"exact"``); kernels compiled with ``-ftz=true`` flush subnormals.
@@ -74,13 +78,52 @@ def dynamic_smem_bytes(host_source: str) -> int:
     return int(values[-1])
 
 
+def cluster_dims(host_source: str, num_params: int) -> tuple[int, int, int]:
+    """The thread block cluster shape TileLang's host code launches the kernel with, ``(1, 1, 1)`` for none.
+
+    TVM's CUDA runtime takes the launch values after the kernel's ``num_params`` arguments in the order of the
+    kernel's launch tags; a cluster kernel's tags begin with ``tir.cluster_dim_x/y/z`` (its runtime then launches
+    with ``cuLaunchKernelEx`` and the cluster attribute). The host source does not name the tags, so this reads the
+    three values after the parameters; :func:`kernel_sources` calls it only for a program with TileLang's
+    ``cluster_dims`` launch annotation, and checks that the two agree."""
+    calls = list(re.finditer(r"TVMFFIFunctionCall\((\w+)_packed, \(TVMFFIAny\*\) stack_ffi_any, (\d+),", host_source))
+    calls = [c for c in calls if c.group(1) != "__tvm_set_device"]
+    if len(calls) != 1:
+        raise ValueError(f"expected one kernel launch in the host source, found {len(calls)}")
+    head = host_source[: calls[0].start()]
+    dims = []
+    for i in range(num_params, num_params + 3):
+        pattern = r"\(\(\(TVMFFIAny\*\)stack_ffi_any\)\[" + str(i) + r"\]\.v_int64\) = \(\(int64_t\)(\d+)\);"
+        values = re.findall(pattern, head)
+        if not values:
+            raise ValueError(f"the cluster dimension at launch argument {i} is not a constant in the host source")
+        dims.append(int(values[-1]))
+    return tuple(dims)
+
+
+def _annotated_cluster_dims(kernel) -> tuple[int, int, int] | None:
+    """TileLang's ``cluster_dims`` launch annotation of a ``JITKernel``'s program, or ``None`` without one."""
+    m = re.search(r'"cluster_dims": \[(\d+), (\d+), (\d+)\]', kernel.prim_func.script())
+    return tuple(int(v) for v in m.groups()) if m else None
+
+
 def kernel_sources(kernel) -> dict:
     """What :class:`EmulatedKernel` needs from a TileLang ``JITKernel``, as plain data (for a child process)."""
     source = kernel.get_kernel_source()
     flags = (kernel.pass_configs or {}).get("tl.device_compile_flags") or []
     flags = [flags] if isinstance(flags, str) else list(flags)
+    annotated = _annotated_cluster_dims(kernel)
+    cluster = (1, 1, 1)
+    if annotated is not None:
+        sig = _SIG.search(
+            source[source.index('extern "C" __global__ void __launch_bounds__') :].replace('extern "C" ', "static ", 1)
+        )
+        cluster = cluster_dims(kernel.get_host_source(), len(sig.group(3).split(",")))
+        if cluster != annotated:
+            raise ValueError(f"host code launches clusters {cluster}, the program declares {annotated}")
     return {
         "source": source,
+        "cluster": list(cluster),
         "smem_bytes": dynamic_smem_bytes(kernel.get_host_source()) if _DYN_SHARED.search(source) else 0,
         "ftz": any("-ftz=true" in f or "use_fast_math" in f for f in flags)
         or bool((kernel.pass_configs or {}).get("tl.enable_fast_math")),
@@ -97,6 +140,9 @@ class EmulatedKernel:
     def __init__(self, kernel, *, approx: str | None = None):
         info = kernel if isinstance(kernel, dict) else kernel_sources(kernel)
         source, self.smem_bytes, ftz = info["source"], int(info["smem_bytes"]), bool(info["ftz"])
+        self.cluster = tuple(int(v) for v in info.get("cluster", (1, 1, 1)))
+        if len(self.cluster) != 3 or self.cluster[1:] != (1, 1) or not 1 <= self.cluster[0] <= 8:
+            raise ValueError(f"cluster: expected (cs, 1, 1) with 1 <= cs <= 8, got {self.cluster}")
         approx = approx or DEFAULTS["approx"]
         if approx not in APPROX_MODES:
             raise ValueError(f"approx: expected one of {sorted(APPROX_MODES)}, got {approx!r}")
@@ -132,11 +178,12 @@ class EmulatedKernel:
             else:  # a scalar (int or float) parameter: passed as a double, converted to its type
                 casts.append(f"({typ})scalars[{i}]")
         launcher = f"""
-extern "C" void launch(void **ptrs, const double *scalars, int grid_x, const int *order, int blocks, int schedule,
-                       long smem_bytes) {{
-  for (int i = 0; i < blocks; ++i) {{
-    unsigned bx = order[i] % grid_x, by = order[i] / grid_x;
-    emu::run_block({self.threads}, schedule, smem_bytes, bx, by, [&] {{ {name}({", ".join(casts)}); }});
+extern "C" void launch(void **ptrs, const double *scalars, int grid_x, const int *order, int clusters, int schedule,
+                       long smem_bytes, int cs) {{
+  int clusters_x = grid_x / cs;
+  for (int i = 0; i < clusters; ++i) {{
+    unsigned bx0 = order[i] % clusters_x * cs, by = order[i] / clusters_x;
+    emu::run_cluster({self.threads}, cs, schedule, smem_bytes, bx0, by, [&] {{ {name}({", ".join(casts)}); }});
   }}
 }}
 """
@@ -164,6 +211,7 @@ extern "C" void launch(void **ptrs, const double *scalars, int grid_x, const int
             ctypes.c_int,
             ctypes.c_int,
             ctypes.c_long,
+            ctypes.c_int,
         ]
 
     def __call__(
@@ -178,8 +226,8 @@ extern "C" void launch(void **ptrs, const double *scalars, int grid_x, const int
         """Launch ``grid`` blocks (an int, or ``(grid_x, grid_y)``); every parameter is passed by name, tensors and
         scalars alike (``num_tokens`` and other dynamic sizes are scalars: the generated signature orders the
         parameters by name, not as the TileLang program declares them). ``schedule`` orders the threads of a block
-        (``"forward"``/``"reverse"``), ``block_order`` the blocks (``"forward"``/``"reverse"``/``"shuffle"``, the
-        last with ``seed``)."""
+        (``"forward"``/``"reverse"``), ``block_order`` the blocks, or the clusters of a cluster launch
+        (``"forward"``/``"reverse"``/``"shuffle"``, the last with ``seed``)."""
         schedule = schedule or DEFAULTS["schedule"]
         block_order = block_order or DEFAULTS["block_order"]
         if schedule not in SCHEDULES:
@@ -199,10 +247,13 @@ extern "C" void launch(void **ptrs, const double *scalars, int grid_x, const int
                 raise ValueError(f"{n}: expected a contiguous CPU tensor")
             ptrs[i] = value.data_ptr()
         gx, gy = (grid, 1) if isinstance(grid, int) else grid
-        order = list(range(gx * gy))
+        cs = self.cluster[0]
+        if gx % cs:
+            raise ValueError(f"grid: the x extent {gx} is not a multiple of the cluster size {cs}")
+        order = list(range(gx // cs * gy))  # clusters (blocks without clusters)
         if block_order == "reverse":
             order.reverse()
         elif block_order == "shuffle":
             random.Random(seed).shuffle(order)
         c_order = (ctypes.c_int * len(order))(*order)
-        self._lib.launch(ptrs, scalars, gx, c_order, len(order), SCHEDULES[schedule], self.smem_bytes)
+        self._lib.launch(ptrs, scalars, gx, c_order, len(order), SCHEDULES[schedule], self.smem_bytes, cs)

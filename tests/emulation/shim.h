@@ -11,6 +11,11 @@
 //   two schedules, every time.
 // * warp collectives synchronise only the 32 threads of their warp (the last lane to arrive computes the results of
 //   all 32); only __syncthreads orders shared memory between warps.
+// * thread block clusters: the blocks of one cluster run together (the baton passes among all their threads, lower
+//   block rank first in the forward schedule), each with its own shared memory, __syncthreads and warps;
+//   barrier.cluster.arrive/wait (tl::cluster_*) waits for every thread of the cluster, mapa + ld.shared::cluster
+//   (mhc_ld_shared_cluster_f32) reads the same offset of another block's shared memory, and a block's shared memory
+//   is poisoned again when its last thread exits (a peer reading it without a final cluster barrier gets NaN).
 // * shared memory: each block gets a fresh allocation of exactly the declared dynamic size (the launch's), filled
 //   with 0xFF bytes (NaN in every float format, -1 as an integer) and ending at a PROT_NONE page (under ASan: an
 //   exact-size heap block, whose redzones catch both ends), so a read of a never-written byte is poisoned and an
@@ -27,6 +32,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <semaphore>
 #include <thread>
@@ -47,25 +53,32 @@ struct dim3_ { unsigned x = 0, y = 0, z = 0; };
 inline thread_local dim3_ threadIdx, blockIdx;
 
 // ---------------------------------------------------------------------------------------------------------------
-// The baton scheduler
+// The baton scheduler. A launch runs one cluster at a time (a cluster of one block without cluster dims): the
+// blocks of a cluster run together, each with its own shared memory, __syncthreads and warps; the baton passes
+// among all the cluster's threads, lowest global thread index (rank * threads + threadIdx.x) first ("forward") or
+// highest first ("reverse"), so block rank 0 runs its whole phase before rank 1 starts (or the reverse).
 namespace emu {
 enum State : char { kRunnable, kBlocked, kDone };
-struct Block {
-  int threads = 0, schedule = 0;
+struct Block {  // the running group of threads: one cluster of `ranks` blocks of `threads` threads
+  int threads = 0, ranks = 1, schedule = 0;
   std::vector<std::unique_ptr<std::binary_semaphore>> go;
   std::vector<State> state;
   std::binary_semaphore finished{0};
   bool deadlock = false;
 };
 inline Block *g_block = nullptr;
+inline thread_local int t_rank = 0;  // the running thread's block rank in its cluster (%cluster_ctarank)
+inline thread_local int t_gtid = 0;  // its index among the cluster's threads: t_rank * threads + threadIdx.x
+constexpr int kMaxThreads = 8 * 1024;  // a portable cluster of 8 blocks of 1024 threads
 
 inline int pick_next() {
   Block &b = *g_block;
+  int total = b.threads * b.ranks;
   if (b.schedule == 0) {
-    for (int t = 0; t < b.threads; ++t)
+    for (int t = 0; t < total; ++t)
       if (b.state[t] == kRunnable) return t;
   } else {
-    for (int t = b.threads - 1; t >= 0; --t)
+    for (int t = total - 1; t >= 0; --t)
       if (b.state[t] == kRunnable) return t;
   }
   return -1;
@@ -94,7 +107,7 @@ struct Barrier {
   int expected = 0, arrived = 0;
   std::vector<int> waiting;
   template <class F> void arrive(F &&complete) {
-    int tid = threadIdx.x;
+    int tid = t_gtid;
     if (++arrived == expected) {
       complete();
       for (int w : waiting) g_block->state[w] = kRunnable;
@@ -108,17 +121,65 @@ struct Barrier {
   }
   void arrive() { arrive([] {}); }
 };
-inline Barrier g_block_bar;
-inline std::vector<Barrier> g_warp_bar;
-inline Barrier &warp_barrier() { return g_warp_bar[threadIdx.x / 32]; }
+// The cluster barrier, split as barrier.cluster.arrive / barrier.cluster.wait, as a counting barrier: each thread
+// counts its arrives, and a wait returns once every thread of the cluster has arrived at least as often as the
+// caller. With arrive and wait alternating in every thread (as PTX requires) these are the hardware's phases; a
+// kernel that breaks the alternation (a deleted wait or arrive) still gets a defined schedule here: a missing wait
+// leaves its reads unordered (they see the peers' poison or stale data), a missing arrive holds the peers' waits
+// until the thread exits (or deadlocks, reported).
+struct ClusterBarrier {
+  std::vector<long> arrivals;  // per thread of the cluster
+  std::vector<int> waiting;
+  std::vector<long> want;  // per waiting thread: the arrivals it waits for
+  bool complete(long k) const {
+    for (long a : arrivals)
+      if (a < k) return false;
+    return true;
+  }
+  void arrive() {
+    ++arrivals[t_gtid];
+    release();
+  }
+  // An exited thread no longer holds the cluster back (PTX: the wait is for "all non-exited threads").
+  void exit() {
+    arrivals[t_gtid] = std::numeric_limits<long>::max();
+    release();
+  }
+  void release() {
+    for (size_t i = 0; i < waiting.size();) {
+      if (complete(want[i])) {
+        g_block->state[waiting[i]] = kRunnable;
+        waiting.erase(waiting.begin() + i);
+        want.erase(want.begin() + i);
+      } else {
+        ++i;
+      }
+    }
+  }
+  void wait() {
+    int tid = t_gtid;
+    if (!complete(arrivals[tid])) {
+      waiting.push_back(tid);
+      want.push_back(arrivals[tid]);
+      g_block->state[tid] = kBlocked;
+    }
+    pass_baton(tid);
+  }
+};
+inline std::vector<Barrier> g_block_bars;  // __syncthreads of each block of the cluster
+inline std::vector<Barrier> g_warp_bar;    // every warp of the cluster: rank * warps_per_block + warp
+inline ClusterBarrier g_cluster_bar;
+inline int g_warps_per_block = 0;
+inline Barrier &warp_barrier() { return g_warp_bar[t_rank * g_warps_per_block + threadIdx.x / 32]; }
 
 // Shared memory: exact-size, poisoned (0xFF: NaN in every float format), guarded allocations.
 struct Guarded {
   unsigned char *ptr = nullptr, *map = nullptr;
-  size_t map_bytes = 0;
+  size_t map_bytes = 0, bytes = 0;
 };
 inline Guarded guarded_alloc(size_t bytes) {
   Guarded g;
+  g.bytes = bytes;
 #if defined(__SANITIZE_ADDRESS__)
   g.ptr = static_cast<unsigned char *>(std::malloc(bytes ? bytes : 1));  // ASan's redzones guard both ends
   std::memset(g.ptr, 0xFF, bytes);
@@ -143,52 +204,111 @@ inline void guarded_free(Guarded &g) {
 #endif
   g = Guarded{};
 }
-inline Guarded g_dyn_smem;
-inline unsigned char *g_smem = nullptr;  // the dynamic shared memory of the running block
-// Static __shared__ arrays of the running block, one allocation each (slot = the declaration's index in the source);
-// only one thread runs at a time, so the first to reach a declaration allocates it.
-inline std::vector<Guarded> g_static_smem;
+inline void guarded_poison(Guarded &g) {
+  if (g.ptr) std::memset(g.ptr, 0xFF, g.bytes);
+}
+// Per block rank of the running cluster: its dynamic shared memory and its static __shared__ arrays (slot = the
+// declaration's index in the source; only one thread runs at a time, so the first to reach a declaration
+// allocates it).
+inline std::vector<Guarded> g_dyn_smem;
+inline std::vector<std::vector<Guarded>> g_static_smem;
+inline thread_local unsigned char *g_smem = nullptr;  // the dynamic shared memory of the running thread's block
 inline void *static_shared(int slot, size_t bytes) {
-  if ((int)g_static_smem.size() <= slot) g_static_smem.resize(slot + 1);
-  if (!g_static_smem[slot].ptr) g_static_smem[slot] = guarded_alloc(bytes);
-  return g_static_smem[slot].ptr;
+  std::vector<Guarded> &mine = g_static_smem[t_rank];
+  if ((int)mine.size() <= slot) mine.resize(slot + 1);
+  if (!mine[slot].ptr) mine[slot] = guarded_alloc(bytes);
+  return mine[slot].ptr;
+}
+// Distributed shared memory (mapa.shared::cluster): the address in block `rank`'s shared memory that corresponds
+// to `p` in the caller's. A rank outside the cluster or an address outside the caller's shared memory aborts (a GPU
+// faults); so does an access that would run past the end of the target allocation.
+inline void *map_shared(const void *p, int rank, size_t access_bytes) {
+  Block &b = *g_block;
+  if (rank < 0 || rank >= b.ranks) {
+    std::fprintf(stderr, "cuda_emu: mapa.shared::cluster to rank %d of a cluster of %d blocks\n", rank, b.ranks);
+    std::fflush(stderr);
+    std::abort();
+  }
+  auto c = static_cast<const unsigned char *>(p);
+  auto in = [&](const Guarded &g) { return g.ptr && c >= g.ptr && c + access_bytes <= g.ptr + g.bytes; };
+  if (in(g_dyn_smem[t_rank])) return g_dyn_smem[rank].ptr + (c - g_dyn_smem[t_rank].ptr);
+  std::vector<Guarded> &mine = g_static_smem[t_rank], &theirs = g_static_smem[rank];
+  for (size_t s = 0; s < mine.size(); ++s)
+    if (in(mine[s])) {
+      if (theirs.size() <= s || !theirs[s].ptr) {  // that block has not reached the declaration: nothing there yet
+        if (theirs.size() <= s) theirs.resize(s + 1);
+        theirs[s] = guarded_alloc(mine[s].bytes);
+      }
+      return theirs[s].ptr + (c - mine[s].ptr);
+    }
+  std::fprintf(stderr, "cuda_emu: a distributed shared memory access outside the caller's shared memory\n");
+  std::fflush(stderr);
+  std::abort();
 }
 
-// Runs one block of `threads` threads; `body` is the kernel call.
-template <class F> void run_block(int threads, int schedule, size_t smem_bytes, unsigned bx, unsigned by, F body) {
+// Runs one cluster of `ranks` blocks (cluster rank r = block (bx0 + r, by)) of `threads` threads; `body` is the
+// kernel call. When every thread of a block has exited, its shared memory is poisoned again: a block of the cluster
+// that still reads it (no cluster barrier before the owner's exit) gets NaN.
+template <class F>
+void run_cluster(int threads, int ranks, int schedule, size_t smem_bytes, unsigned bx0, unsigned by, F body) {
   Block b;
   b.threads = threads;
+  b.ranks = ranks;
   b.schedule = schedule;
-  for (int t = 0; t < threads; ++t) b.go.emplace_back(new std::binary_semaphore(0));
-  b.state.assign(threads, kRunnable);
+  int total = threads * ranks;
+  if (total > kMaxThreads) {
+    std::fprintf(stderr, "cuda_emu: a cluster of %d threads (at most %d)\n", total, kMaxThreads);
+    std::abort();
+  }
+  for (int t = 0; t < total; ++t) b.go.emplace_back(new std::binary_semaphore(0));
+  b.state.assign(total, kRunnable);
   g_block = &b;
-  g_block_bar = Barrier{threads};
-  g_warp_bar.assign((threads + 31) / 32, Barrier{});
-  for (int w = 0; w * 32 < threads; ++w) g_warp_bar[w].expected = std::min(32, threads - 32 * w);
-  g_dyn_smem = guarded_alloc(smem_bytes);
-  g_smem = g_dyn_smem.ptr;
+  g_block_bars.assign(ranks, Barrier{threads});
+  g_warps_per_block = (threads + 31) / 32;
+  g_warp_bar.assign(g_warps_per_block * ranks, Barrier{});
+  for (int r = 0; r < ranks; ++r)
+    for (int w = 0; w * 32 < threads; ++w) g_warp_bar[r * g_warps_per_block + w].expected = std::min(32, threads - 32 * w);
+  g_cluster_bar = ClusterBarrier{};
+  g_cluster_bar.arrivals.assign(total, 0);
+  g_dyn_smem.clear();
+  for (int r = 0; r < ranks; ++r) g_dyn_smem.push_back(guarded_alloc(smem_bytes));
+  g_static_smem.assign(ranks, {});
+  std::vector<int> exited(ranks, 0);
   std::vector<std::thread> ts;
-  for (int t = 0; t < threads; ++t)
+  for (int t = 0; t < total; ++t)
     ts.emplace_back([&, t] {
       b.go[t]->acquire();
 #if MHC_EMU_FTZ && (defined(__x86_64__) || defined(__i386__))
       _mm_setcsr(_mm_getcsr() | 0x8040);  // FTZ | DAZ
 #endif
-      threadIdx.x = t;
-      blockIdx.x = bx;
+      int r = t / threads;
+      t_rank = r;
+      t_gtid = t;
+      threadIdx.x = t % threads;
+      blockIdx.x = bx0 + r;
       blockIdx.y = by;
+      g_smem = g_dyn_smem[r].ptr;
       body();
+      g_cluster_bar.exit();
+      if (++exited[r] == threads) {  // the block has exited: its shared memory is gone
+        guarded_poison(g_dyn_smem[r]);
+        for (Guarded &g : g_static_smem[r]) guarded_poison(g);
+      }
       b.state[t] = kDone;
       pass_baton(t);
     });
   b.go[pick_next()]->release();
   b.finished.acquire();
   for (auto &th : ts) th.join();
-  guarded_free(g_dyn_smem);
-  g_smem = nullptr;
-  for (Guarded &g : g_static_smem) guarded_free(g);
+  for (Guarded &g : g_dyn_smem) guarded_free(g);
+  g_dyn_smem.clear();
+  for (auto &v : g_static_smem)
+    for (Guarded &g : v) guarded_free(g);
   g_static_smem.clear();
   g_block = nullptr;
+}
+template <class F> void run_block(int threads, int schedule, size_t smem_bytes, unsigned bx, unsigned by, F body) {
+  run_cluster(threads, 1, schedule, smem_bytes, bx, by, body);
 }
 }  // namespace emu
 
@@ -217,7 +337,24 @@ inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
-inline void __syncthreads() { emu::g_block_bar.arrive(); }
+inline void __syncthreads() { emu::g_block_bars[emu::t_rank].arrive(); }
+// Thread block clusters (TileLang's tl_templates/cuda/cluster.h): barrier.cluster.arrive/wait over every thread of
+// the cluster (the relaxed arrive orders no memory on a GPU; here every access is sequential, so it is the same),
+// %cluster_ctarank, and the distributed shared memory load of tl_kernels (mhc_ld_shared_cluster_f32: mapa +
+// ld.shared::cluster.f32 in the kernel's prelude).
+namespace tl {
+inline void cluster_arrive() { emu::g_cluster_bar.arrive(); }
+inline void cluster_arrive_relaxed() { emu::g_cluster_bar.arrive(); }
+inline void cluster_wait() { emu::g_cluster_bar.wait(); }
+inline void cluster_sync() {
+  emu::g_cluster_bar.arrive();
+  emu::g_cluster_bar.wait();
+}
+inline int block_rank_in_cluster() { return emu::t_rank; }
+}  // namespace tl
+inline float mhc_ld_shared_cluster_f32(const float *p, int rank) {
+  return *static_cast<const float *>(emu::map_shared(p, rank, sizeof(float)));
+}
 typedef unsigned int uint;
 struct uint2 { uint32_t x, y; };
 struct int2 { int x, y; };  // index pairs of vectorized gathers
@@ -311,11 +448,11 @@ inline float2 __half22float2(half2 v) { return {(float)v.x, (float)v.y}; }
 // ---------------------------------------------------------------------------------------------------------------
 // Warp collectives: every lane of the warp must arrive (full mask); the last one computes all lanes' results.
 namespace emu {
-inline uint64_t g_shfl_in[1024], g_shfl_out[1024];
-inline int g_shfl_src[1024];
+inline uint64_t g_shfl_in[kMaxThreads], g_shfl_out[kMaxThreads];
+inline int g_shfl_src[kMaxThreads];
 template <class T> T shuffle(T v, int src_lane, int width) {
   static_assert(sizeof(T) <= 8, "shim: shuffle of a value wider than 64 bits");
-  int tid = threadIdx.x, lane = tid & 31, base = tid - lane;
+  int tid = t_gtid, lane = threadIdx.x & 31, base = tid - lane;
   int seg = lane & ~(width - 1);
   if (src_lane < seg || src_lane >= seg + width) src_lane = lane;  // outside the caller's segment: its own value
   uint64_t bits = 0;
@@ -351,11 +488,11 @@ inline void store_global_128(void *p, uint4 v) { std::memcpy(p, &v, 16); }
 // Warp-collective tensor-core and ldmatrix instructions, emulated with the fragment layouts of the PTX ISA.
 enum class DataType { kInt4, kUInt4, kInt8, kUInt8, kInt16, kInt32, kFloat16, kBFloat16, kTensorFloat32, kFloat32,
                       kFloat64, kFloat8_e4m3, kFloat8_e5m2 };
-inline uint32_t g_frag[1024][4];
-inline uint32_t g_frag_b[1024][2];
-inline float g_acc[1024][4];
-inline uint32_t g_ld_out[1024][4];
-inline const char *g_rows[1024];
+inline uint32_t g_frag[emu::kMaxThreads][4];
+inline uint32_t g_frag_b[emu::kMaxThreads][2];
+inline float g_acc[emu::kMaxThreads][4];
+inline uint32_t g_ld_out[emu::kMaxThreads][4];
+inline const char *g_rows[emu::kMaxThreads];
 inline float tf32_operand(uint32_t bits) {  // mma .tf32 reads the top 19 bits of each operand
   bits &= 0xFFFFE000u; float f; std::memcpy(&f, &bits, 4); return f;
 }
@@ -366,7 +503,7 @@ template <DataType A, DataType B, DataType C, int M, int N, int K, bool TransA, 
 inline void mma_sync(float *c, const unsigned *a, const unsigned *b) {
   static_assert(A == DataType::kTensorFloat32 && B == DataType::kTensorFloat32 && C == DataType::kFloat32 &&
                 M == 16 && N == 8 && K == 8 && !TransA && TransB, "shim: only the TF32 m16n8k8 row.col mma");
-  int tid = threadIdx.x, base = tid - (tid & 31);
+  int tid = emu::t_gtid, base = tid - (threadIdx.x & 31);
   for (int i = 0; i < 4; ++i) g_frag[tid][i] = a[i];
   for (int i = 0; i < 2; ++i) g_frag_b[tid][i] = b[i];
   for (int i = 0; i < 4; ++i) g_acc[tid][i] = c[i];
@@ -388,7 +525,7 @@ inline void mma_sync(float *c, const unsigned *a, const unsigned *b) {
 // ldmatrix.sync.aligned.x4.m8n8.shared.b16: lane t gives the address of row t % 8 of matrix t / 8 (16 bytes);
 // register i of lane t receives 32-bit word t % 4 of row t / 4 of matrix i.
 inline void ptx_ldmatrix_x4(const void *smem, void *local) {
-  int tid = threadIdx.x, base = tid - (tid & 31);
+  int tid = emu::t_gtid, base = tid - (threadIdx.x & 31);
   g_rows[tid] = static_cast<const char *>(smem);
   emu::warp_barrier().arrive([base] {
     for (int lane = 0; lane < 32; ++lane)

@@ -3,7 +3,8 @@ preloaded into a child python): every tensor is allocated to its exact size, so 
 generated code (a missing guard for rows past T, a wrong stride in the split's channel blocks or the phi rows)
 aborts the child. Forward: partial token tiles at n = 4 bf16 (BC = 64) and n = 8 fp32 (BC = 32), several splits, one token;
 backward: a partial block of several tokens and a one-token block; the fully fused backward and its d_h
-reduction: partial token tiles over two splits, g = 32 with idle rows, two passes, one token.
+reduction: partial token tiles over two splits, g = 32 with idle rows, two passes, one token, thread block clusters
+of 2 and 8 (distributed shared memory reads checked against the peer's allocation by the emulator) and none.
 A planted short input shows the check can fail. Skipped where g++ has no libasan."""
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from .cuda_emu import kernel_sources
 CASES = [(4, 128, "bfloat16", 67, 2), (8, 64, "float32", 3, 2), (2, 192, "float16", 1, 3)]
 BWD_CASES = [(4, 64, "float32", 19), (4, 1280, "bfloat16", 2)]  # several tokens a block (partial); one a block
 # the fused backward: partial token tiles over two splits (n = 4 bf16), g = 32 with idle rows (n = 8 bf16), two
-# passes (n = 1 fp32), one token
+# passes (n = 1 fp32), one token; thread block clusters of 2 (the first four), of 8 with a d_h slot reused (four
+# tiles a split), none (three channel blocks)
 FUSED_CASES = [
     (4, 128, "bfloat16", 70, 2),
     (8, 64, "bfloat16", 33, 2),
     (1, 128, "float32", 5, 1),
     (6, 192, "float16", 1, 1),
+    (4, 512, "bfloat16", 130, 1),
+    (4, 192, "bfloat16", 40, 2),
 ]
 
 
@@ -39,6 +43,7 @@ def _run(tmp_path, plant: bool) -> subprocess.CompletedProcess:
     ]  # fmt: skip
     fused_cases = [
         dict(n=n, C=C, dtype=dt, T=T, S=S, R=-(-T // boundary_bwd.COEF_BM), cb=boundary_bwd.fused_plan(n, C, dt).blocks,
+             groups=boundary_bwd.fused_plan(n, C, dt).groups,
              reduce_blocks=1 + -(-T * (n * n + n) // pre_reduce.THREADS)
              + -(-(n * C * (n * n + 2 * n) // pre_reduce.VEC) // pre_reduce.THREADS),
              source=kernel_sources(boundary_bwd.boundary_bwd_fused_kernel(n, C, dt)),

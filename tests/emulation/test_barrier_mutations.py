@@ -1,8 +1,9 @@
 """Barrier mutation tests: the emulation (cuda_emu.py, shim.h) must not hide a missing ``__syncthreads``.
 
 For each shipped kernel family (post_res bwd, Sinkhorn fwd/bwd in the exp domain with K in registers and in the
-tile rows and in the log domain, pre_proj fwd/bwd, pre_finalize fwd/bwd, boundary fwd/bwd and the fused backward) at a representative configuration (several
-warps per block, partial last blocks), every ``__syncthreads`` found in the generated source is deleted in turn and
+tile rows and in the log domain, pre_proj fwd/bwd, pre_finalize fwd/bwd, boundary fwd/bwd and the fused backward,
+with thread block clusters of two and of four) at a representative configuration (several warps per block,
+partial last blocks), every ``__syncthreads`` found in the generated source is deleted in turn and
 the mutant is run under both thread schedules; the mutation is detected when some output differs bit for bit from the
 unmutated kernel's (whose outputs are the same under every schedule and block order: asserted too). The barriers
 are enumerated from the source, not counted by hand, so a kernel that gains a barrier is covered by the same test.
@@ -162,13 +163,14 @@ def _boundary(direction):
     return kernel, inputs
 
 
-def _boundary_bwd_fused():
-    # two channel blocks, three token tiles of 32 in one split (the loop-top barrier orders a tile's reads before
-    # the next tile's writes), the last tile partial; 8 warps, so every phase's shared data crosses warps
-    n, C, T, S, dt = 4, 128, 70, 1, torch.bfloat16
+def _boundary_bwd_fused(C=128, T=70, kernel=None):
+    # C = 128: two channel blocks (one cluster of two), three token tiles of 32 in one split (the loop-top barrier
+    # orders a tile's reads before the next tile's writes), the last tile partial; 8 warps, so every phase's shared
+    # data crosses warps. C = 256, T = 130: a cluster of four, five tiles (the d_h slots reused)
+    n, S, dt = 4, 1, torch.bfloat16
     m = n * n + 2 * n
     p = boundary_bwd.fused_plan(n, C, "bfloat16")
-    kernel = boundary_bwd.boundary_bwd_fused_kernel(n, C, "bfloat16")
+    kernel = kernel or boundary_bwd.boundary_bwd_fused_kernel(n, C, "bfloat16")
 
     def inputs(g):
         ins = dict(grad_x_next=torch.randn(T, n, C, generator=g).to(dt), layer_output=torch.randn(T, C, generator=g).to(dt),
@@ -180,7 +182,7 @@ def _boundary_bwd_fused():
                    g_li=torch.randn(T, C, generator=g).to(dt))  # fmt: skip
         R = -(-T // boundary_bwd.COEF_BM)
         outs = dict(d_layer_output=torch.empty(T, C, dtype=dt), d_residual=torch.empty(T, n, C, dtype=dt),
-                    dh_part=torch.empty(p.blocks, T, n * n + n), d_phi_part=torch.empty(S, n * C, m),
+                    dh_part=torch.empty(p.groups, T, n * n + n), d_phi_part=torch.empty(S, n * C, m),
                     d_coef_part=torch.empty(R, 2 * m))  # fmt: skip
         return ins, outs, dict(num_tokens=T, num_splits=S, num_coef_tiles=R, grid=(p.blocks, S))
 
@@ -233,6 +235,7 @@ CASES = {
     "boundary_fwd": lambda: _boundary("fwd"),
     "boundary_bwd": lambda: _boundary("bwd"),
     "boundary_bwd_fused": _boundary_bwd_fused,
+    "boundary_bwd_fused-cluster4": lambda: _boundary_bwd_fused(256, 130),
     "pre_decode_fwd": _pre_decode,
 }
 
@@ -291,3 +294,42 @@ def test_post_res_forward_needs_no_barrier():
     for C in (64, 1280, 7168):
         source = post_res.post_res_fwd_kernel(4, C, "bfloat16").get_kernel_source()
         assert "__shared__" not in source and not BARRIER.search(source), C
+
+
+CLUSTER_BARRIER = re.compile(r"tl::cluster_(?:arrive|wait)\(\);")
+
+
+def test_deleting_any_cluster_barrier_is_detected():
+    """The fused backward's cluster barriers (tl_kernels/boundary_bwd.py: each tile's arrive for the previous tile
+    and the wait before the cluster sums that tile's d_h, the last tile's arrive, wait and arrive after the loop,
+    the wait before exit), each deleted in turn, on a cluster of four and five tiles: some output differs in one of
+    the two schedules (the emulator runs a cluster's blocks together, lower rank first or last; shim.h)."""
+    kernel, inputs = _boundary_bwd_fused(256, 130)
+    info = kernel_sources(kernel)
+    assert info["cluster"] == [4, 1, 1]
+    sites = list(CLUSTER_BARRIER.finditer(info["source"]))
+    assert len(sites) == 6, f"expected 3 waits and 3 arrives, found {len(sites)}"
+    base = _run(EmulatedKernel(info), inputs)
+    missed = []
+    for i, m in enumerate(sites):
+        source = info["source"][: m.start()] + "/* cluster barrier deleted */" + info["source"][m.end() :]
+        mutant = EmulatedKernel(dict(info, source=source))
+        if all(_same(_run(mutant, inputs, schedule=s), base) for s in SCHEDULES):
+            missed.append(f"{i}: {m.group(0)}")
+    assert not missed, f"deleting {missed} left every output bit-identical"
+
+
+def test_two_d_h_slots_are_too_few(monkeypatch):
+    """With the d_h partials read one tile late, a slot is free again only after the wait two tiles on: with two
+    slots instead of three a block overwrites a slot its peers have still to read (caught; with three, the
+    unmutated kernel above is schedule-independent)."""
+    from tl_kernels import _common
+
+    monkeypatch.setattr(boundary_bwd, "DH_SLOTS", 2)
+    racy = _common.compile_program(
+        boundary_bwd.boundary_bwd_fused_program(4, 256, "bfloat16"), pass_configs=boundary_bwd._FUSED_PASS_CONFIGS
+    )
+    _, inputs = _boundary_bwd_fused(256, 130)
+    base = _run(EmulatedKernel(boundary_bwd.boundary_bwd_fused_kernel(4, 256, "bfloat16")), inputs)
+    mutant = EmulatedKernel(racy)
+    assert not all(_same(_run(mutant, inputs, schedule=s), base) for s in SCHEDULES)

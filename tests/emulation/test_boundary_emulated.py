@@ -233,20 +233,28 @@ def fused_bwd_inputs(n, C, dtype, T, extra, seed=11):
     return ins
 
 
-def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2):
+def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2, schedule=None, block_order=None):
     """The fused kernel and the d_h reduction, emulated: (d_layer_output, d_residual, d_h_post, d_h_res, d_phi_part,
-    d_coef_part), outputs past T checked unwritten."""
+    d_coef_part), outputs past T checked unwritten. A kernel with thread block clusters runs a cluster's blocks
+    together (cuda_emu.py); ``block_order`` orders the blocks or clusters."""
     dt, m, p = DT[dtype], n * n + 2 * n, boundary_bwd.fused_plan(n, C, dtype)
     R = -(-T // boundary_bwd.COEF_BM)
     outs = dict(
         d_layer_output=torch.full((T + extra_out, C), float("nan")).to(dt),
         d_residual=torch.full((T + extra_out, n, C), float("nan")).to(dt),
-        dh_part=torch.full((p.blocks, T, n * n + n), float("nan")),
+        dh_part=torch.full((p.groups, T, n * n + n), float("nan")),
         d_phi_part=torch.full((S, n * C, m), float("nan")),
         d_coef_part=torch.full((R, 2 * m), float("nan")),
     )
     EmulatedKernel(boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype))(
-        **ins, **outs, num_tokens=T, num_splits=S, num_coef_tiles=R, grid=(p.blocks, S)
+        **ins,
+        **outs,
+        num_tokens=T,
+        num_splits=S,
+        num_coef_tiles=R,
+        grid=(p.blocks, S),
+        schedule=schedule,
+        block_order=block_order,
     )
     for name in ("d_layer_output", "d_residual"):
         assert outs[name][T:].isnan().all(), f"{name} written past num_tokens"
@@ -256,7 +264,7 @@ def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2):
     EmulatedKernel(boundary_bwd.boundary_reduce_bwd_kernel(n))(
         d_phi_part=outs["d_phi_part"].view(S, kq, pre_reduce.VEC), d_coef_part=outs["d_coef_part"],
         dh_part=outs["dh_part"], d_phi=d_phi.view(kq, pre_reduce.VEC), d_alpha=d_alpha, d_bias=d_bias, d_h_res=d_hr,
-        d_h_post=d_hp, num_tokens=T, num_cb=p.blocks, num_splits=S, kq=kq, rows=R,
+        d_h_post=d_hp, num_tokens=T, num_cb=p.groups, num_splits=S, kq=kq, rows=R,
         grid=1 + -(-T * (n * n + n) // pre_reduce.THREADS) + -(-kq // pre_reduce.THREADS),
     )  # fmt: skip
     return (outs["d_layer_output"][:T], outs["d_residual"][:T], d_hp, d_hr, outs["d_phi_part"], outs["d_coef_part"],
@@ -292,13 +300,15 @@ def run_unfused_bwd(n, C, dtype, T, S, ins):
     return (*outs, d_phi_part, d_coef_part, x_next, d_xn.view(T, n, C))
 
 
-FUSED_CASES = [  # (n, C, dtype, T, splits)
-    (4, 256, "bfloat16", 70, 2),  # three token tiles of 32 over two splits, the last partial; two coef rows
-    (1, 128, "float32", 5, 1),  # two passes of the elementwise phases
-    (8, 64, "bfloat16", 33, 2),  # g = 32: rows past the tile idle in the elementwise phases
-    (8, 128, "float32", 3, 1),
-    (6, 192, "float16", 65, 3),  # g = 32: six channel blocks
+FUSED_CASES = [  # (n, C, dtype, T, splits); cs = the cluster size (the largest of 8, 4, 2, 1 dividing C / g)
+    (4, 256, "bfloat16", 70, 2),  # three token tiles of 32 over two splits, the last partial; two coef rows; cs 4
+    (1, 128, "float32", 5, 1),  # two passes of the elementwise phases; cs 2
+    (8, 64, "bfloat16", 33, 2),  # g = 32: rows past the tile idle in the elementwise phases; cs 2 (2 x 288 floats)
+    (8, 128, "float32", 3, 1),  # cs 4
+    (6, 192, "float16", 65, 3),  # g = 32: six channel blocks, clusters of 2
     (2, 128, "bfloat16", 1, 1),  # decode: one token
+    (4, 1024, "bfloat16", 200, 2),  # two clusters of 8 (cs 8); 4 + 3 tiles, the last partial: a d_h slot reused
+    (4, 192, "bfloat16", 40, 1),  # three channel blocks: no cluster (cs 1), one partial a channel block
 ]
 
 
@@ -307,7 +317,8 @@ FUSED_CASES = [  # (n, C, dtype, T, splits)
 )
 def test_boundary_bwd_fused_generated_source_on_cpu(n, C, dtype, T, splits):
     """The fused backward against today's three emulated kernels on the same inputs: d_layer_output, d_residual and
-    the d_bias / d_scale rows bit for bit; d_h_post, d_h_res within fp32 summation order; d_phi within the TF32
+    the d_bias / d_scale rows bit for bit; d_h_post, d_h_res within fp32 summation order (their partials summed over
+    thread block clusters of 2, 4 and 8 channel blocks through distributed shared memory, and without a cluster); d_phi within the TF32
     budget of float64 on the rounded x_next (and of the unfused d_phi); d_residual, d_layer_output within one output
     rounding of float64 (mhc.boundary.boundary_backward_reference's post_res part on the unfused g)."""
     ins = fused_bwd_inputs(n, C, dtype, T, extra=2)

@@ -165,3 +165,108 @@ def test_bad_options_are_rejected():
         kernel(out=torch.zeros(32), grid=1, block_order="sideways")
     with pytest.raises(ValueError, match="launch size"):
         EmulatedKernel(dict(_WARP_SCOPE, smem_bytes=0))
+
+
+# Thread block clusters: each block of a 4-block cluster stores its x in shared memory, then every block sums, over
+# the cluster's ranks in order, the element of its own thread index from each rank's shared memory (distributed
+# shared memory), between two cluster barriers (the second keeps every block's shared memory alive until its
+# peers have read it).
+_CLUSTER_BODY = """  extern __shared__ __align__(1024) float s[];
+  s[((int)threadIdx.x)] = x[((int)blockIdx.x) * 64 + ((int)threadIdx.x)];
+  tl::cluster_sync();
+  float acc = 0.0f;
+  for (int r = 0; r < 4; ++r) acc = acc + mhc_ld_shared_cluster_f32(&s[((int)threadIdx.x)], r);
+  out[((int)blockIdx.x) * 64 + ((int)threadIdx.x)] = acc * (float)(tl::block_rank_in_cluster() + 1);
+  tl::cluster_sync();"""
+
+
+def _cluster_kernel(body: str) -> EmulatedKernel:
+    info = _kernel(body, "float* __restrict__ out, const float* __restrict__ x", smem=256)
+    return EmulatedKernel(dict(info, cluster=[4, 1, 1]))
+
+
+def _cluster_run(
+    kernel: EmulatedKernel, schedule: str, block_order: str = "forward"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(8 * 64)  # two clusters of four blocks
+    out = torch.zeros(8 * 64)
+    kernel(out=out, x=x, grid=8, schedule=schedule, block_order=block_order)
+    rank = torch.arange(8).repeat_interleave(64) % 4 + 1
+    want = x.view(2, 4, 64).sum(1, keepdim=True).expand(2, 4, 64).reshape(-1) * rank
+    return out, want
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+def test_cluster_blocks_read_each_others_shared_memory(schedule):
+    out, want = _cluster_run(_cluster_kernel(_CLUSTER_BODY), schedule, "reverse")
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        ("  tl::cluster_sync();\n  float acc", "  float acc"),  # no barrier between the writes and the peers' reads
+        ("  tl::cluster_sync();\n  float acc", "  __syncthreads();\n  float acc"),  # a block barrier only
+        (
+            "acc * (float)(tl::block_rank_in_cluster() + 1);\n  tl::cluster_sync();",
+            "acc * (float)(tl::block_rank_in_cluster() + 1);",
+        ),  # exits early
+    ],
+    ids=["no-barrier", "block-barrier", "no-final-barrier"],
+)
+def test_a_missing_cluster_barrier_is_caught(mutation):
+    """Each planted bug poisons some output in at least one of the two schedules (a reader sees a peer's
+    never-written, or already freed, shared memory: NaN)."""
+    body = _CLUSTER_BODY.replace(*mutation)
+    assert body != _CLUSTER_BODY
+    kernel = _cluster_kernel(body)
+    caught = [_cluster_run(kernel, schedule)[0].isnan().any().item() for schedule in ("forward", "reverse")]
+    assert any(caught), caught
+
+
+def test_cluster_launches_are_checked():
+    kernel = _cluster_kernel(_CLUSTER_BODY)
+    with pytest.raises(ValueError, match="multiple of the cluster size"):
+        kernel(out=torch.zeros(6 * 64), x=torch.zeros(6 * 64), grid=6)
+    with pytest.raises(ValueError, match="cluster"):
+        EmulatedKernel(dict(_kernel(_CLUSTER_BODY, "float* __restrict__ out", smem=256), cluster=[16, 1, 1]))
+
+
+def test_cluster_dims_come_from_tilelangs_host_code():
+    """A TileLang program with ``cluster_dims``: the emulator reads the launch's cluster shape from the host code
+    (TVM's launch arguments after the kernel's parameters), and the compiled kernel runs as the hand-written one."""
+    pytest.importorskip("tilelang")
+    import tilelang.language as T
+
+    from tl_kernels import _common
+
+    from .cuda_emu import kernel_sources
+
+    prelude = (
+        "__device__ __forceinline__ float mhc_ld_shared_cluster_f32(const float *p, int rank) {\n"
+        "  unsigned a = (unsigned)__cvta_generic_to_shared(p), r; float v;\n"
+        '  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));\n'
+        '  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");\n'
+        "  return v;\n}\n"
+    )
+
+    @T.prim_func
+    def summed(x: T.Tensor((8, 64), "float32"), out: T.Tensor((8, 64), "float32")):
+        with T.Kernel(8, threads=64, cluster_dims=(4, 1, 1), prelude=prelude) as bx:
+            s = T.alloc_shared((64,), "float32")
+            tx = T.get_thread_binding()
+            s[tx] = x[bx, tx]
+            T.cluster_sync()
+            acc = T.alloc_var("float32")
+            acc = T.float32(0)
+            for r in T.serial(4):
+                acc = acc + T.call_extern("float32", "mhc_ld_shared_cluster_f32", T.address_of(s[tx]), r)
+            out[bx, tx] = acc * T.cast(T.block_rank_in_cluster() + 1, "float32")
+            T.cluster_sync()
+
+    info = kernel_sources(_common.compile_program(summed))
+    assert info["cluster"] == [4, 1, 1]
+    kernel = EmulatedKernel(info)
+    for schedule in ("forward", "reverse"):
+        out, want = _cluster_run(kernel, schedule)
+        torch.testing.assert_close(out, want)

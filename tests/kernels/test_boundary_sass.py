@@ -11,8 +11,9 @@ split partials and the sums of squares are reduced in a fixed order: determinist
 n = 4, bf16 has an instruction ceiling (measured 1,230 a block of 32 channels x 4 streams: :func:`_channel_block_loop`
 on ``codegen.sass(boundary.boundary_fwd_kernel(4, 7168, "bfloat16"))``, plus ~8%). The backward (post_res(l)'s
 backward on the summed gradient): zero spills, no local memory, no atomics, n + 1 128-bit stores per chunk. The fully fused backward
-(``boundary_bwd_fused``): the same, no division in its token-tile loop, the MMA count of its two GEMMs exactly, and
-an instruction ceiling per tile.
+(``boundary_bwd_fused``): the same, no division in its token-tile loop, the MMA count of its two GEMMs exactly, an
+instruction ceiling per tile, and its thread block cluster: the cluster barriers (3 arrives, 3 waits) and ``cs`` loads
+from the cluster's shared memory per tile in PTX and SASS, no global store of a per-channel-block d_h partial.
 """
 
 from __future__ import annotations
@@ -100,10 +101,10 @@ def test_boundary_bwd_resources_and_instructions(n, C, dtype):
 
 # ------------------------------------------------------------------------------- the fully fused backward's hot loop
 # The token-tile loop of boundary_bwd_fused (tl_kernels/boundary_bwd.py) at n = 4, C = 7168, bf16, measured with
-# ``_fused_hot_loop`` below: 2,316 SASS instructions a thread per 32-token tile (the loop's body plus the rolled
-# MMA loop of T.gemm at its remaining trips; 2,321 when each input was loaded where it was used), 64 HMMA a warp;
-# guarded at +8%.
-FUSED_CEILING = {(4, 7168, "bfloat16"): 2501}
+# ``_fused_hot_loop`` below: 2,409 SASS instructions a thread per 32-token tile (the loop's body plus the rolled
+# MMA loop of T.gemm at its remaining trips; 2,316 with a d_h partial per channel block instead of the cluster's sum,
+# 2,321 when each input was loaded where it was used), 64 HMMA a warp; guarded at +8%.
+FUSED_CEILING = {(4, 7168, "bfloat16"): 2602}
 FUSED_CONFIGS = [(4, 7168, "bfloat16"), (8, 7168, "bfloat16"), (1, 1280, "bfloat16"), (4, 7168, "float32")]
 
 
@@ -147,7 +148,8 @@ def test_boundary_bwd_fused_hot_loop(n, C, dtype):
     result = codegen.analyze(kernel)
     assert result["spill_bytes"] == 0 and result["stack_frame_bytes"] == 0, result["kernels"]
     assert pm_sass.local_memory(everything) == 0, "local memory in SASS"
-    assert not [op for op in _opcodes("\n".join(everything)) if op.startswith(("ATOM", "RED"))]
+    every_op = collections.Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for t in everything)
+    assert every_op and not [op for op in every_op if op.startswith(("ATOM", "RED"))]
     assert pm_sass.division_sequences(body) == 0, "an integer division (or a call) in the token-tile loop"
     assert hmma == need and all("HMMA.1688.F32.TF32" in t for t in body if "HMMA" in t), (hmma, need)
     p = boundary_bwd.fused_plan(n, C, dtype)
@@ -177,3 +179,32 @@ def test_boundary_reduce_bwd_has_no_atomics_or_local_memory():
     everything = [t for _, t in codegen.sass_instructions(text)]
     assert pm_sass.local_memory(everything) == 0
     assert not [op for op in _opcodes(text) if op.startswith(("ATOM", "RED"))]
+
+
+@pytest.mark.parametrize("n,C,dtype", FUSED_CONFIGS, ids=[f"n{c[0]}-C{c[1]}-{c[2]}" for c in FUSED_CONFIGS])
+def test_boundary_bwd_fused_cluster(n, C, dtype):
+    """The d_h partials summed over the thread block cluster: PTX has the kernel's 3 ``barrier.cluster.arrive`` and
+    3 ``barrier.cluster.wait`` (aligned, the arrive with its default release semantics) and ``2 cs dh_k`` loads
+    ``ld.shared::cluster.f32`` after ``mapa`` (the in-loop and the last tile's sums, unrolled over the ranks); in
+    SASS (``UCGABAR_ARV``/``UCGABAR_WAIT``; the loads are generic ``LD.E`` into the shared window, flagged by the
+    performance model's ``sass.mark_dsmem``) the token-tile loop holds one wait, one arrive and ``cs * dh_k``
+    distributed loads, and its only scalar global stores are the cluster's d_h rows (``dh_k`` a thread)."""
+    from profiling.model import sass as model_sass
+
+    kernel = boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype)
+    p = boundary_bwd.fused_plan(n, C, dtype)
+    assert p.cs == boundary_bwd.cluster_size(p.blocks) and p.cs > 1 and p.groups * p.cs == p.blocks
+    dh_k = -(-(boundary_bwd.FUSED_BM // p.cs * (n * n + n)) // boundary_bwd.FUSED_THREADS)  # d_h sums a thread
+    ptx = codegen.ptx(kernel)
+    assert ptx.count("barrier.cluster.arrive.aligned;") == 3 and ptx.count("barrier.cluster.wait.aligned;") == 3
+    assert ptx.count("ld.shared::cluster.f32") == ptx.count("mapa.shared::cluster.u32") == 2 * p.cs * dh_k
+    _, _, _, body, everything = _fused_hot_loop(kernel, n, C, dtype)
+    ops = collections.Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for t in body)
+    assert ops["UCGABAR_ARV"] == 1 and ops["UCGABAR_WAIT"] == 1, ops
+    all_ops = collections.Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for t in everything)
+    assert all_ops["UCGABAR_ARV"] == 3 and all_ops["UCGABAR_WAIT"] == 3, all_ops
+    ins = model_sass.parse_annotated(codegen.sass_with_line_info(kernel))
+    loop = max(model_sass.loops(ins), key=lambda lp: len(lp.body))
+    assert sum(ins[i].dsmem for i in loop.body) == p.cs * dh_k
+    assert sum(x.dsmem for x in ins) == 2 * p.cs * dh_k
+    assert ops["STG.E"] == dh_k, ops
