@@ -52,48 +52,57 @@ def _fork_join(fn, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return outs
 
 
-@torch.library.custom_op("mhc::post_res_hp_fwd", mutates_args=())
-def post_res_hp_fwd(layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+# The two ops are declared with the schemas of mhc::post_res_fwd / post_res_bwd (mhc/ops.py), so their arguments are
+# the plain ops' by construction; their fakes check under their own names, then defer to the plain ops' fakes.
+
+
+def _schema_of(op) -> str:
+    """The arguments and returns of a registered op's schema: ``"(Tensor layer_output, ...) -> Tensor"``."""
+    text = str(op.default._schema)
+    return text[text.index("(") :]
+
+
+def _hp_fwd_default(*args):
     """``mhc::post_res_fwd`` on the high-priority stream (CUDA); the plain op elsewhere."""
-    return torch.ops.mhc.post_res_fwd(layer_output, residual, h_post, h_res)
+    return torch.ops.mhc.post_res_fwd(*args)
+
+
+def _hp_bwd_default(*args):
+    """``mhc::post_res_bwd`` on the high-priority stream (CUDA); the plain op elsewhere."""
+    return torch.ops.mhc.post_res_bwd(*args)
+
+
+post_res_hp_fwd = torch.library.custom_op(
+    "mhc::post_res_hp_fwd", _hp_fwd_default, mutates_args=(), schema=_schema_of(torch.ops.mhc.post_res_fwd)
+)
+post_res_hp_bwd = torch.library.custom_op(
+    "mhc::post_res_hp_bwd", _hp_bwd_default, mutates_args=(), schema=_schema_of(torch.ops.mhc.post_res_bwd)
+)
 
 
 @post_res_hp_fwd.register_kernel("cuda")
-def _(layer_output, residual, h_post, h_res):
-    _checks.post_res(layer_output, residual, h_post, h_res, "mhc::post_res_hp_fwd")
-    (out,) = _fork_join(lambda *a: (torch.ops.mhc.post_res_fwd(*a),), (layer_output, residual, h_post, h_res))
+def _(*args):
+    _checks.post_res(*args, "mhc::post_res_hp_fwd")
+    (out,) = _fork_join(lambda *a: (torch.ops.mhc.post_res_fwd(*a),), args)
     return out
 
 
 @post_res_hp_fwd.register_fake
-def _(layer_output, residual, h_post, h_res):
-    _checks.post_res(layer_output, residual, h_post, h_res, "mhc::post_res_hp_fwd")
-    return residual.new_empty(residual.shape)
-
-
-@torch.library.custom_op("mhc::post_res_hp_bwd", mutates_args=())
-def post_res_hp_bwd(
-    grad_out: Tensor, layer_output: Tensor, residual: Tensor, h_post: Tensor, h_res: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``mhc::post_res_bwd`` on the high-priority stream (CUDA); the plain op elsewhere."""
-    return torch.ops.mhc.post_res_bwd(grad_out, layer_output, residual, h_post, h_res)
+def _(*args):
+    _checks.post_res(*args, "mhc::post_res_hp_fwd")
+    return torch.ops.mhc.post_res_fwd(*args)
 
 
 @post_res_hp_bwd.register_kernel("cuda")
-def _(grad_out, layer_output, residual, h_post, h_res):
-    _checks.post_res_bwd(grad_out, layer_output, residual, h_post, h_res, "mhc::post_res_hp_bwd")
-    return _fork_join(torch.ops.mhc.post_res_bwd, (grad_out, layer_output, residual, h_post, h_res))
+def _(*args):
+    _checks.post_res_bwd(*args, "mhc::post_res_hp_bwd")
+    return _fork_join(torch.ops.mhc.post_res_bwd, args)
 
 
 @post_res_hp_bwd.register_fake
-def _(grad_out, layer_output, residual, h_post, h_res):
-    _checks.post_res_bwd(grad_out, layer_output, residual, h_post, h_res, "mhc::post_res_hp_bwd")
-    return (
-        layer_output.new_empty(layer_output.shape),
-        residual.new_empty(residual.shape),
-        h_post.new_empty(h_post.shape),
-        h_res.new_empty(h_res.shape),
-    )
+def _(*args):
+    _checks.post_res_bwd(*args, "mhc::post_res_hp_bwd")
+    return torch.ops.mhc.post_res_bwd(*args)
 
 
 def _setup(ctx, inputs, output):
