@@ -295,10 +295,20 @@ def pre_mapping_fwd(
     h_res = torch.empty(T, n, n, **f32)
     proj, rinv = torch.empty(T, m, **f32), torch.empty(T, **f32)
     outs = (layer_input, h_post, h_res, h_pre, proj, rinv)
-    if T > 0 and not _pre_decode_fwd(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, outs):
+    one_launch = T <= _DECODE_ONE_LAUNCH_TOKENS
+    if T > 0 and not (one_launch and _pre_decode_fwd(residual, phi, alpha, bias, iters, post_mult, rms_eps,
+                                                     sinkhorn_eps, outs)):  # fmt: skip
         _pre_mapping_fwd_two_launches(residual, phi, alpha, bias, iters, post_mult, rms_eps, sinkhorn_eps, outs)
     return layer_input, h_post, h_res, h_pre, proj, rinv
 
+
+# Which pre-mapping serves a lone site at 1 <= T <= 64, by the performance model (docs/design.md section 8; n = 4,
+# bf16, H100, graph + PDL latency of the site, estimates): the one-launch decode kernel against pre_proj +
+# pre_finalize is 14.7 / 21.3 us at T = 1, 20.3 / 21.3 at T = 8, 21.4 / 21.3 at T = 16, 25.2 / 21.3 at T = 32 and
+# 33.3 / 21.3 at T = 64 (C = 7168; C = 2560: 14.3 / 18.7, 16.7 / 18.7, 16.7 / 18.7, 17.8 / 18.7, 20.5 / 18.7): one
+# block a token group applies H_pre to its 8 tokens, which costs more with every group. So the decode kernel serves
+# T <= 16; an MHCStack interior site (boundary_fwd + pre_finalize_fwd) never takes it.
+_DECODE_ONE_LAUNCH_TOKENS = 16
 
 # The decode forward (tl_kernels/pre_decode.py): one launch for 1 <= T <= pre_decode.MAX_TOKENS. Its blocks find the
 # last one of each token group with a self-resetting ticket counter: zero before a launch, zero again after it. The

@@ -1,9 +1,10 @@
 """The decode pre-mapping (mHC paper Eq. 14-19 and F_pre) in ONE launch for T <= 64 tokens, forward only.
 
 Training and prefill keep the two-launch forward (:mod:`tl_kernels.pre_proj` then :mod:`tl_kernels.pre_finalize`)
-and its backward; this kernel serves ``mhc::pre_mapping_fwd`` when ``T <= MAX_TOKENS`` (a static shape, so the
-choice is the same under ``torch.compile`` and in a captured CUDA graph). With ``post_res`` a decode site is then
-two launches instead of three.
+and its backward; the kernel serves ``T <= MAX_TOKENS``, and ``mhc::pre_mapping_fwd`` takes it where the
+performance model predicts it faster than the two launches (``T <= 16``, ``mhc._cuda._DECODE_ONE_LAUNCH_TOKENS``; a
+static shape, so the choice is the same under ``torch.compile`` and in a captured CUDA graph). With ``post_res`` a
+decode site is then two launches instead of three.
 
 Math, per token ``t`` (``K = n * C``, ``m = n * n + 2n``), as :mod:`tl_kernels.pre_finalize` states it::
 
@@ -29,14 +30,17 @@ launches and CUDA-graph replays in stream order; two launches that run *concurre
 Design. At decode the projection is bound by reading ``phi`` (K x m x 4 B: 2.75 MB at n = 4, C = 7168), not by
 ``x`` (2nC B = 57 KB a token in bf16, 3.7 MB at T = 64). A grid of one CTA per token would make one SM read all
 of phi at T = 1 (~20 us at an estimated ~150 GB/s per SM); so the K dimension is split over the GPU as in
-``pre_proj`` (split-K, one wave: ``S`` about #SMs / groups), tokens in groups of ``TB`` = 8 (grid x). Block
-``(g, s)`` stages each 64-wide K-chunk of its split (x rows of its 8 tokens and phi's 64 x m block, coalesced) in
-shared memory and accumulates ``TB x (m + 1)`` dot products (column m is the sum of squares) with fp32 FMAs; at
+``pre_proj`` (split-K, one wave: ``S`` about #SMs / groups), tokens in groups of ``TB`` = 8 (grid x), blocks of
+``threads(n)`` = 512 threads (128 at n > 4, whose Sinkhorn needs more than 128 registers). Block ``(g, s)`` stages
+``stage_chunks(n)`` (4 at n = 4) 64-wide K-chunks of its split at a time (x rows of its 8 tokens and phi's 64 x m
+block, coalesced; every load of the round issued before the first is used: one DRAM latency a round) in shared
+memory and accumulates ``TB x (m + 1)`` dot products (column m is the sum of squares) with fp32 FMAs; at
 T <= 64 the 2 nC m FLOPs a token are far below what even one SM's FMA units do in the phi read time, so tensor
 cores would not shorten it. It then stores its partials; the block that takes the last ticket of its group (a
 ``__syncthreads``, then thread 0's ``__threadfence`` and ``atomicAdd``: the pattern of cooperative groups' grid
-sync, without any wait) resets the ticket, reduces the group's partials in split order (fixed: deterministic, no
-float atomics) and forms the coefficients with ``pre_finalize``'s own device code
+sync, without any wait) resets the ticket, reduces the group's partials in split order with all its threads
+(:func:`tl_kernels.pre_finalize.reduce_splits`: batches of up to ``STAGE`` = 8192 partials loaded at once, then
+each sum taken in split order; fixed: deterministic, no float atomics) and forms the coefficients with ``pre_finalize``'s own device code
 (:func:`tl_kernels.pre_finalize.coefficients`, the Sinkhorn of :mod:`tl_kernels.sinkhorn` included; one token per
 lane of warp 0), then applies ``H_pre`` to its group's tokens with 128-bit loads and stores. Nobody waits for
 another block, so no co-residency is assumed.
@@ -45,8 +49,9 @@ Bytes per launch (bf16, n = 4, C = 7168): phi 4 K m B = 2.75 MB from DRAM once (
 from L2: 8 groups at T = 64); x 8C a token for the projection and again for the apply (the second read mostly from
 L2, a few microseconds after the first); layer_input 2C a token; partials S x T x (m + 1) x 4 B written and read
 once. Latency: not measured (no GPU has run this kernel). One block applies a group (8 tokens x 57 KB at C = 7168)
-with up to four 128-bit chunks of every stream in flight per thread: the cost of keeping one launch; the
-performance model (profiling/) predicts it per site.
+with up to four 128-bit chunks of every stream in flight per thread (4 rounds of loads at 512 threads): the cost of
+keeping one launch, which grows with the groups; the performance model (profiling/) predicts it per site
+(docs/design.md section 8: 9.3 us at T = 1, 14.9 at T = 8, n = 4, C = 7168, H100, estimates).
 
 PDL: ``pdl_sync`` (``griddepcontrol.wait``) runs before the first global access, so every read of a predecessor's
 output and every write that a predecessor might still read is ordered after the predecessor grid completed and
@@ -55,9 +60,10 @@ finalisation. TileLang drops ``__restrict__`` from the parameters of a kernel wi
 can be hoisted above the wait). See docs/design.md, section 8.
 
 Resources and SASS (sm_90a, CUDA 13.0; ``codegen.analyze`` / ``codegen.sass`` of ``pre_decode_fwd_kernel``, guarded
-in tests/kernels/test_pre_decode_sass.py): registers n = 4 bf16 / fp32: 96, n = 8 bf16: 250, n = 1 bf16: 55 (the
-Sinkhorn state of the last block's warp 0 sets them); 0 spills, no local memory; the K-chunk loop is 285
-instructions at n = 4, C = 7168, bf16; one ``ATOM.E.ADD.S32`` (the ticket), no float atomics; ``ACQBULK`` (the
+in tests/kernels/test_pre_decode_sass.py): registers n = 4 bf16 / fp32: 96 (512 threads), n = 8 bf16: 254,
+n = 6: 255 (128 threads), n = 1 bf16: 80 (the Sinkhorn state of the last block's warp 0 sets them); 0 spills, no
+local memory; the K-chunk loop is 475 instructions an iteration of 4 chunks at n = 4, C = 7168, bf16 (was 285 for
+one); three 32-bit integer divisions a block, none in a loop; one ``ATOM.E.ADD.S32`` (the ticket), no float atomics; ``ACQBULK`` (the
 wait) before every global access.
 
 Accuracy (CPU emulation of the generated source, approximate math at its error bounds; ``pytest -s
@@ -78,10 +84,13 @@ __all__ = [
     "MAX_GROUPS",
     "MAX_TOKENS",
     "STREAMS",
+    "STAGE",
     "TB",
     "choose_splits",
     "pre_decode_fwd_kernel",
     "pre_decode_fwd_program",
+    "stage_chunks",
+    "threads",
 ]
 
 DTYPES: tuple[str, ...] = _common.ACTIVATION_DTYPES
@@ -89,7 +98,7 @@ STREAMS: tuple[int, ...] = _common.ACTIVATION_STREAMS
 MAX_TOKENS = 64  # the decode path serves T <= MAX_TOKENS
 TB = 8  # tokens per group (grid x); one lane of warp 0 each for the coefficients
 MAX_GROUPS = MAX_TOKENS // TB
-THREADS = 128
+STAGE = 8192  # split partials staged per batch of the last block's reduction (32 KB of shared memory)
 BK = 64  # K elements per staged chunk; divides C, so a chunk lies in one stream
 
 
@@ -108,6 +117,19 @@ def choose_splits(num_tokens: int, n: int, C: int, num_sms: int) -> int:
     return -(-chunks // per)
 
 
+def threads(n: int) -> int:
+    """Threads per block: 512 where the Sinkhorn state of the finalising warp fits 128 registers (n <= 4), else 128
+    (n = 8 needs about 250)."""
+    return 512 if n <= 4 else 128
+
+
+def stage_chunks(n: int) -> int:
+    """K-chunks staged per round of the projection loop (their loads all in flight together): as many as fit
+    32 KB of shared memory (x rows and phi block of a chunk: (TB + m) x BK x 4 B), at most 4."""
+    m = n * n + 2 * n
+    return max(1, min(4, 32768 // ((TB + m) * BK * 4)))
+
+
 def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
     """The one-launch decode pre-mapping; see the module docstring."""
     _validate(n, C, dtype)
@@ -115,15 +137,19 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
     chunks = K // BK
     cols = m + 1  # column m: the sum of squares
     outs = TB * cols
-    per_thread = -(-outs // THREADS)
+    nthreads = threads(n)
+    ku = stage_chunks(n)
+    per_thread = -(-outs // nthreads)
     vec = _common.VECTOR_BYTES // _common.ELEMENT_BYTES[dtype]
     cchunks = C // vec
-    stage_x = TB * BK // THREADS
-    stage_phi = -(-BK * m // THREADS)
+    stage_x = -(-TB * BK // nthreads)
+    stage_phi = -(-BK * m // nthreads)
     units = max(1, min(4, 16 // n))  # 128-bit chunks of every stream in flight per thread in the apply
-    rounds = -(-TB * cchunks // (THREADS * units))
+    rounds = -(-TB * cchunks // (nthreads * units))
     f32 = "float32"
     finalize = pre_finalize.coefficients(n, C, iters, eps)  # pre_finalize's device code, Sinkhorn included
+    reduce = pre_finalize.reduce_splits(n, TB, nthreads, STAGE)
+    loads_p, loads_q = pre_finalize.stage_loads(n, nthreads, STAGE)
     num_tokens = T.dynamic("num_tokens")
     num_splits = T.dynamic("num_splits")
 
@@ -145,12 +171,19 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
         rms_eps: T.float32,
         post_mult: T.float32,
     ):
-        with T.Kernel(T.ceildiv(num_tokens, TB), num_splits, threads=THREADS) as (bx, by):
+        with T.Kernel(T.ceildiv(num_tokens, TB), num_splits, threads=nthreads) as (bx, by):
             tx = T.get_thread_binding()
-            xs = T.alloc_shared((TB, BK), f32)
-            ps = T.alloc_shared((BK, m), f32)
+            xs = T.alloc_shared((ku, TB, BK), f32)
+            ps = T.alloc_shared((ku, BK, m), f32)
             hps = T.alloc_shared((TB, n), f32)
             last = T.alloc_shared((1,), "int32")
+            stage_p = T.alloc_shared((loads_p * nthreads,), f32)
+            stage_q = T.alloc_shared((loads_q * nthreads,), f32)
+            red = T.alloc_shared((TB, cols), f32)
+            vals = T.alloc_local((loads_p + loads_q,), f32)
+            acc_r = T.alloc_local((-(-TB * cols // nthreads),), f32)
+            xv_s = T.alloc_local((ku, stage_x), dtype)  # converted when staged: no load waits in the load loop
+            pv_s = T.alloc_local((ku, stage_phi), f32)
             acc = T.alloc_local((per_thread,), f32)
             p = T.alloc_local((m,), f32)
             z = T.alloc_local((nn,), f32)
@@ -171,29 +204,45 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
             count = T.min(per, chunks - k_first)
             for u in T.unroll(per_thread):
                 acc[u] = T.float32(0)
-            for kk in T.serial(count):
-                k0 = (k_first + kk) * BK
-                for u in T.unroll(stage_x):
-                    e = u * THREADS + tx
-                    t = t_first + e // BK
-                    xs[e // BK, e % BK] = T.if_then_else(
-                        t < num_tokens, T.cast(x[T.min(t, num_tokens - 1), k0 + e % BK], f32), T.float32(0)
-                    )
-                for u in T.unroll(stage_phi):
-                    if (BK * m) % THREADS == 0 or u * THREADS + tx < BK * m:
-                        f = u * THREADS + tx
-                        ps[f // m, f % m] = phi[k0 + f // m, f % m]
-                T.sync_threads()  # the chunk is staged before any thread reads it
+            # KU chunks a round: every load of the round in flight before the first is used, then staged.
+            for kr in T.serial(T.ceildiv(count, ku)):
+                for c in T.unroll(ku):
+                    k0 = (k_first + T.min(kr * ku + c, count - 1)) * BK  # a chunk past count loads chunk count-1
+                    for u in T.unroll(stage_x):
+                        e = u * nthreads + tx
+                        if (TB * BK) % nthreads == 0 or e < TB * BK:
+                            # in-range indices clamped only to tell the compiler (no bounds branch between loads)
+                            xv_s[c, u] = x[
+                                T.max(T.min(t_first + e // BK, num_tokens - 1), 0), T.max(T.min(k0 + e % BK, K - 1), 0)
+                            ]
+                    for u in T.unroll(stage_phi):
+                        f = u * nthreads + tx
+                        if (BK * m) % nthreads == 0 or f < BK * m:
+                            pv_s[c, u] = phi[T.max(T.min(k0 + f // m, K - 1), 0), f % m]
+                for c in T.unroll(ku):
+                    for u in T.unroll(stage_x):
+                        e = u * nthreads + tx
+                        if (TB * BK) % nthreads == 0 or e < TB * BK:
+                            xs[c, e // BK, e % BK] = T.if_then_else(
+                                t_first + e // BK < num_tokens, T.cast(xv_s[c, u], f32), T.float32(0)
+                            )
+                    for u in T.unroll(stage_phi):
+                        f = u * nthreads + tx
+                        if (BK * m) % nthreads == 0 or f < BK * m:
+                            ps[c, f // m, f % m] = pv_s[c, u]
+                T.sync_threads()  # the round is staged before any thread reads it
                 for u in T.unroll(per_thread):
-                    if outs % THREADS == 0 or u * THREADS + tx < outs:
-                        o = u * THREADS + tx
-                        for k in T.serial(BK):
-                            v = xs[o // cols, k]
-                            acc[u] += v * T.if_then_else(o % cols < m, ps[k, T.min(o % cols, m - 1)], v)
-                T.sync_threads()  # every read of the chunk precedes the next chunk's staging
+                    if outs % nthreads == 0 or u * nthreads + tx < outs:
+                        o = u * nthreads + tx
+                        for c in T.unroll(ku):
+                            if kr * ku + c < count:  # chunks in K order: the sum's order is fixed
+                                for k in T.serial(BK):
+                                    v = xs[c, o // cols, k]
+                                    acc[u] += v * T.if_then_else(o % cols < m, ps[c, k, T.min(o % cols, m - 1)], v)
+                T.sync_threads()  # every read of the round precedes the next round's staging
             for u in T.unroll(per_thread):
-                if outs % THREADS == 0 or u * THREADS + tx < outs:
-                    o = u * THREADS + tx
+                if outs % nthreads == 0 or u * nthreads + tx < outs:
+                    o = u * nthreads + tx
                     t = t_first + o // cols
                     if t < num_tokens:
                         if o % cols < m:
@@ -213,12 +262,14 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
                     ticket[bx] = 0  # every block of this group has taken its ticket: reset for the next launch
                     T.call_extern("void", "__threadfence")
             T.sync_threads()
-            if last[0] == 1:
+            if last[0] == 1:  # uniform over the block: every thread reaches the reduction's barriers
+                reduce(tx, t_first, T.min(TB, num_tokens - t_first), proj_part, sq_part, stage_p, stage_q, red, vals,
+                       acc_r)  # fmt: skip
                 t = t_first + tx
                 if tx < TB:
                     if t < num_tokens:
-                        finalize(t, tx, True, proj_part, sq_part, alpha, bias, h_post, h_res, h_pre, proj, rinv,
-                                 rms_eps, post_mult, hps, p, z, a, b, w)  # fmt: skip
+                        finalize(t, tx, True, red, alpha, bias, h_post, h_res, h_pre, proj, rinv, rms_eps, post_mult,
+                                 hps, p, z, a, b, w)  # fmt: skip
                     else:
                         for i in T.unroll(n):
                             hps[tx, i] = T.float32(0)
@@ -231,13 +282,13 @@ def pre_decode_fwd_program(n: int, C: int, dtype: str, iters: int, eps: float):
                 # parallelism is what bounds it).
                 for rnd in T.serial(rounds):
                     for v in T.unroll(units):
-                        u = (rnd * units + v) * THREADS + tx
+                        u = (rnd * units + v) * nthreads + tx
                         if u < TB * cchunks and t_first + u // cchunks < num_tokens:
                             for i in T.unroll(n):
                                 for e in T.vectorized(vec):
                                     xv[v, i, e] = x[t_first + u // cchunks, i * C + (u % cchunks) * vec + e]
                     for v in T.unroll(units):
-                        u = (rnd * units + v) * THREADS + tx
+                        u = (rnd * units + v) * nthreads + tx
                         if u < TB * cchunks and t_first + u // cchunks < num_tokens:
                             for e in T.unroll(vec):
                                 av[e] = hps[u // cchunks, 0] * T.cast(xv[v, 0, e], f32)

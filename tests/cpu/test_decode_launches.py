@@ -42,23 +42,36 @@ def _stack_forward(T: int, sites: int, dtype=torch.bfloat16) -> list:
     return log.ops
 
 
-@pytest.mark.parametrize("T", [1, 8, 64])
-def test_a_single_site_forward_is_two_launches(T):
+def _pre_mapping(T: int) -> list[str]:
+    """The lone site's pre-mapping launches: the decode kernel where the model predicts it faster (T <= 16,
+    mhc._cuda._DECODE_ONE_LAUNCH_TOKENS), else pre_proj + pre_finalize."""
+    if T <= _cuda._DECODE_ONE_LAUNCH_TOKENS:
+        return ["pre_decode_fwd_kernel"]
+    return ["pre_proj_fwd_kernel", "pre_finalize_fwd_kernel"]
+
+
+def test_the_one_launch_bound_is_a_decode_size():
+    assert 8 <= _cuda._DECODE_ONE_LAUNCH_TOKENS <= 64
+
+
+@pytest.mark.parametrize("T", [1, 8, 16, 17, 64])
+def test_a_single_site_forward_launches(T):
+    """Two launches at T <= 16; above, three (the two-launch pre-mapping is predicted faster there)."""
     ops = [op for op in capture.site_ops(4, C, torch.bfloat16, T) if op.phase == "fwd"]
     launches = [name for op in ops for name in _launches(op)]
-    assert launches == ["pre_decode_fwd_kernel", "post_res_fwd_kernel"], launches
+    assert launches == [*_pre_mapping(T), "post_res_fwd_kernel"], launches
 
 
 @pytest.mark.parametrize("T", [1, 8, 64])
-def test_a_chain_of_sites_is_two_launches_a_site(T):
-    """In an MHCStack chain the first site's pre-mapping is the decode kernel, every later one is the fused
+def test_a_chain_of_sites_is_two_launches_an_interior_site(T):
+    """In an MHCStack chain the first site's pre-mapping is the lone site's, every later one is the fused
     boundary (boundary_fwd + pre_finalize_fwd, which replaces the previous site's post_res), the last post_res ends
-    it: 2 launches a site."""
+    it: 2 launches a site, plus one at 16 < T where the first pre-mapping is two launches."""
     sites = 3
     launches = [name for op in _stack_forward(T, sites) for name in _launches(op)]
     boundary = ["boundary_fwd_kernel", "pre_finalize_fwd_kernel"]
-    assert launches == ["pre_decode_fwd_kernel", *boundary * (sites - 1), "post_res_fwd_kernel"], launches
-    assert len(launches) == 2 * sites
+    assert launches == [*_pre_mapping(T), *boundary * (sites - 1), "post_res_fwd_kernel"], launches
+    assert len(launches) == 2 * sites + len(_pre_mapping(T)) - 1
 
 
 def test_above_64_tokens_or_disabled_the_two_launch_forward_runs(monkeypatch):

@@ -121,8 +121,8 @@ def test_sinkhorn_ops(calls):
                                             (4, 1280, "float32", 137)])  # fmt: skip
 def test_pre_mapping_ops(calls, n, C, dtype, T):
     pre_mapping.test_forward_and_backward_match_reference(n, C, dtype, T)
-    # forward: 2 launches (1 for T <= 64: tl_kernels/pre_decode.py); backward: 4, with no torch op between them
-    fwd = ["pre_decode_fwd"] if T <= 64 else ["pre_proj_fwd", "pre_finalize_fwd"]
+    # forward: 2 launches (1 for T <= 16: tl_kernels/pre_decode.py); backward: 4, with no torch op between them
+    fwd = ["pre_decode_fwd"] if T <= _cuda._DECODE_ONE_LAUNCH_TOKENS else ["pre_proj_fwd", "pre_finalize_fwd"]
     assert _names(calls) == [*fwd, "pre_finalize_bwd", "sinkhorn_bwd", "pre_proj_bwd", "pre_reduce_bwd"]
 
 

@@ -151,7 +151,7 @@ def test_pre_decode_matches_the_two_kernel_path(n, C, dtype, T):
     }  # fmt: skip
     EmulatedKernel(pre_finalize.pre_finalize_fwd_kernel(n, C, dtype, iters, 0.0))(
         proj_part=proj_part, sq_part=sq_part, alpha=alpha, bias=bias, x=x, **two, rms_eps=1e-6, post_mult=2.0,
-        num_slices=1, num_tokens=T, num_splits=splits, grid=(-(-T // pre_finalize.TOKENS), 1),
+        num_slices=1, num_tokens=T, num_splits=splits, grid=(-(-T // pre_finalize.token_block(splits, n)), 1),
     )  # fmt: skip
     mag = x.double().reshape(T, K).abs() @ phi.double().abs()
     assert ((out["proj"].double() - two["proj"].double()).abs() / (mag + 1e-30)).max().item() <= PROJ_BUDGET

@@ -35,6 +35,8 @@ FWD_CASES = [  # (n, C, dtype, T, splits, slices, iters, eps)
     (8, 640, "bfloat16", 3, 4, 1, 20, 0.0),
     (1, 64, "float32", 2, 1, 1, 20, 0.0),
     (6, 192, "bfloat16", 4, 2, 1, 3, 1e-6),
+    (4, 128, "bfloat16", 9, 56, 2, 20, 0.0),  # decode: 56 splits, 2 tokens a block (token_block), five blocks
+    (8, 64, "float16", 3, 40, 1, 20, 0.0),  # 40 x 81 partials a token: one token a block, two staged batches
 ]
 
 
@@ -72,13 +74,19 @@ def test_pre_finalize_fwd_generated_source_on_cpu(n, C, dtype, T, splits, slices
     kernel(
         proj_part=proj_part, sq_part=sq_part, alpha=alpha, bias=bias, x=xp, **outs,
         rms_eps=rms_eps, post_mult=post_mult, num_slices=slices, num_tokens=T, num_splits=splits,
-        grid=(-(-T // pre_finalize.TOKENS), slices),
+        grid=(-(-T // pre_finalize.token_block(splits, n)), slices),
     )  # fmt: skip
     for name, t in outs.items():
         assert t[T:].isnan().all(), f"{name} written past num_tokens"
         assert not t[:T].isnan().any(), f"{name}: some outputs never written"
     want = ref.pre_mapping(x.double(), phi.double(), alpha.double(), bias.double(), iters, post_mult, rms_eps, eps)
     li, hq, hr, hp, pr, ri = want
+    # proj is the fp32 sum of the partials from 0 in split order (one rounding per add, as torch adds here):
+    # bit for bit, whatever the staging and the number of batches
+    in_order = torch.zeros(T, m)
+    for s in range(splits):
+        in_order = in_order + proj_part[s]
+    assert torch.equal(outs["proj"][:T], in_order), "proj is not the split-order fp32 sum of the partials"
     torch.testing.assert_close(outs["proj"][:T].double(), pr, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs["rinv"][:T].double(), ri, rtol=1e-6, atol=0)
     for name, w in (("h_pre", hp), ("h_post", hq), ("h_res", hr)):
