@@ -55,10 +55,7 @@ def _boundary_fwd_cuda(layer_output, residual, h_post, h_res, phi, alpha, bias, 
         sms = _cuda._num_sms(dev)
         splits = tl_boundary.choose_splits(T, n, C, dt, sms)
         proj_part, sq_part = torch.empty(splits, T, m, **f32), torch.empty(splits, T, **f32)
-        from tl_kernels.pre_decode import MAX_TOKENS
-
-        # decode sizes take the variant with programmatic dependent launch (docs/design.md section 8)
-        kernel = tl_boundary.boundary_fwd_kernel(n, C, dt, T <= MAX_TOKENS and tl_boundary.has_decode_variant(n, dt))
+        kernel = tl_boundary.boundary_fwd_kernel(n, C, dt)
         _cuda._launch(dev, kernel, layer_output, residual, h_post, h_res, phi, x_next, proj_part, sq_part)
         _cuda._launch(
             dev, pre_finalize.pre_finalize_fwd_kernel(n, C, dt, iters, float(s_eps)),

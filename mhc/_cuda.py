@@ -539,19 +539,8 @@ def warmup(
                     tl_boundary_bwd.boundary_reduce_bwd_kernel(n)
                     pre_finalize.pre_finalize_bwd_kernel(n, C, _TL_DTYPES[dt], False)  # grad_h_pre' None (unused)
                     count += 4
-                    if tl_boundary.has_decode_variant(n, _TL_DTYPES[dt]):
-                        tl_boundary.boundary_fwd_kernel(n, C, _TL_DTYPES[dt], True)  # the decode variant (T <= 64)
-                        count += 1
                     if launch:
                         settings = (sinkhorn_iters, 2.0, 1e-6, float(sinkhorn_eps))
-                        from tl_kernels.pre_decode import MAX_TOKENS
-
-                        wide = MAX_TOKENS + 1  # the variant above the decode sizes (the one-token call: the other)
-                        torch.ops.mhc.boundary_fwd(
-                            torch.zeros(wide, C, device=dev, dtype=dt), torch.zeros(wide, n, C, device=dev, dtype=dt),
-                            torch.zeros(wide, n, device=dev), torch.zeros(wide, n, n, device=dev), phi, alpha, bias,
-                            *settings,
-                        )  # fmt: skip
                         b = torch.ops.mhc.boundary_fwd(y, x, h_post, h_res, phi, alpha, bias, *settings)
                         torch.ops.mhc.boundary_bwd(
                             x, y, h_post, h_res, h_post, y, x, h_post, h_res, b[0], phi, alpha, bias, b[4], b[2],

@@ -105,7 +105,6 @@ __all__ = [
     "boundary_fwd_kernel",
     "boundary_fwd_program",
     "choose_splits",
-    "has_decode_variant",
     "plan",
 ]
 
@@ -175,29 +174,17 @@ def _fragment_index(r, j, vec: int, nt_count: int):
     return (((r % vec) // 2 * nt_count + j // 8) * 32 + lane) * 2 + r % 2
 
 
-def has_decode_variant(n: int, dtype: str) -> bool:
-    """Whether :func:`boundary_fwd_program` has its ``pdl=True`` variant at ``(n, dtype)``: not at n = 6 with 16-bit
-    activations, whose register design sits at 255 registers and spilled 16 bytes once TileLang dropped
-    ``__restrict__`` for PDL (``python -m tl_kernels.build --family boundary`` with the variant registered there); the
-    runtime launches the plain kernel there."""
-    return not (n == 6 and _common.ELEMENT_BYTES[dtype] == 2)
-
-
-def boundary_fwd_program(n: int, C: int, dtype: str, pdl: bool = False):
+def boundary_fwd_program(n: int, C: int, dtype: str):
     """``out = h_res @ residual + h_post^T layer_output`` and the next site's projection partials; see the module
-    docstring. ``pdl=True``: the decode variant (taken at T <= 64) with programmatic dependent launch, as
-    ``tl_kernels.post_res``'s: ``T.pdl_sync()`` before the first global access, ``T.pdl_trigger()`` after the last
-    store (docs/design.md section 8)."""
+    docstring."""
     import tilelang.language as T
     from tvm import tirx
 
     from . import pre_proj  # its TF32 rounding; imported here so that this module loads without TileLang
 
     p = plan(n, C, dtype)
-    if pdl and not has_decode_variant(n, dtype):
-        raise ValueError(f"boundary: no decode (pdl=True) variant at n={n}, dtype={dtype} (has_decode_variant)")
     if not p.registers:
-        return _boundary_fwd_tile_program(n, C, dtype, pdl)
+        return _boundary_fwd_tile_program(n, C, dtype)
     m, nt_count, vec, bc, per_thread = p.m, p.nt, p.vec, p.bc, p.per_thread
     nn = n * n
     frag = bc * nt_count * 8  # floats of one (channel block, stream) chunk of phi in B-fragment order
@@ -245,8 +232,6 @@ def boundary_fwd_program(n: int, C: int, dtype: str, pdl: bool = False):
         sq_part: T.Tensor((num_splits, num_tokens), f32),
     ):
         with T.Kernel(T.ceildiv(num_tokens, BM), num_splits, threads=THREADS) as (bx, by):
-            if pdl:
-                T.pdl_sync()  # nothing global is read or written before the predecessor grid has completed
             # coefficient rows padded by one word: the 8 rows a warp reads at once fall in distinct banks
             hr = T.alloc_shared((BM, nn + 1), f32)
             hp = T.alloc_shared((BM, n + 1), f32)
@@ -345,13 +330,11 @@ def boundary_fwd_program(n: int, C: int, dtype: str, pdl: bool = False):
                             T.ptx_mma(f32, "m16n8k8", "row", "col", "tf32", "tf32", "fp32",
                                       af.data, 0, bf.data, 0, pacc.data, 4 * nt, T.bool(False))  # fmt: skip
             pre_proj.store_partials_macro(m, nt_count)(pacc, sq, proj_part, sq_part, by, tok0, q, num_tokens)
-            if pdl:
-                T.pdl_trigger()  # a dependent grid's prologue may start; its pdl_sync still waits for this grid
 
     return boundary_fwd
 
 
-def _boundary_fwd_tile_program(n: int, C: int, dtype: str, pdl: bool = False):
+def _boundary_fwd_tile_program(n: int, C: int, dtype: str):
     """The forward where the register design does not fit (:func:`_register_design`): post_res into a shared tile
     ``xs [n, BM, BC + VEC]`` (rows padded by 16 bytes), then ``T.gemm`` per stream from it; TileLang's sync pass
     places the barriers. See the module docstring."""
@@ -404,8 +387,6 @@ def _boundary_fwd_tile_program(n: int, C: int, dtype: str, pdl: bool = False):
         sq_part: T.Tensor((num_splits, num_tokens), f32),
     ):
         with T.Kernel(T.ceildiv(num_tokens, BM), num_splits, threads=THREADS) as (bx, by):
-            if pdl:
-                T.pdl_sync()
             hr = T.alloc_shared((BM, nn), f32)  # h_res (row-major) of the tile's tokens
             hp = T.alloc_shared((BM, n), f32)  # h_post of the tile's tokens
             xs = T.alloc_shared((n, BM, bc + vec), dtype)  # x_next of the channel block, rounded; rows padded
@@ -460,8 +441,6 @@ def _boundary_fwd_tile_program(n: int, C: int, dtype: str, pdl: bool = False):
             for i, j in T.Parallel(BM, mp):
                 if t0 + i < num_tokens and j < m:
                     proj_part[by, t0 + i, j] = pacc[i, j]
-            if pdl:
-                T.pdl_trigger()
 
     return boundary_fwd
 
@@ -526,13 +505,12 @@ def boundary_bwd_kernel(
 
 
 @functools.cache
-def boundary_fwd_kernel(n: int, C: int, dtype: str, pdl: bool = False):
-    """The compiled forward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below); ``pdl``: the decode
-    variant of :func:`boundary_fwd_program`."""
+def boundary_fwd_kernel(n: int, C: int, dtype: str):
+    """The compiled forward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
     from . import pre_proj
 
     # The register design: pre_proj's pass configuration, barriers placed by hand (boundary_fwd_program) and 128-bit
     # loads at the splits' dynamic offsets (in bounds by construction: rows clamped, every split non-empty;
     # ASan-tested). The shared-tile design: TileLang's defaults (its sync pass places the barriers).
     configs = pre_proj._HAND_SYNC if plan(n, C, dtype).registers else None
-    return _common.compile_program(boundary_fwd_program(n, C, dtype, pdl), pass_configs=configs)
+    return _common.compile_program(boundary_fwd_program(n, C, dtype), pass_configs=configs)

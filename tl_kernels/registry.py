@@ -5,7 +5,7 @@
 (the module ``tl_kernels.<family>``), a direction (``fwd`` or ``bwd``) and the keyword arguments of that module's
 ``<family>_<direction>_program`` / ``<family>_<direction>_kernel`` functions, in call order.
 
-Shipped today (525 configurations):
+Shipped today (495 configurations):
 
 * ``post_res`` fwd + bwd: ``n`` in :data:`STREAMS` x ``C`` in :data:`HIDDEN_SIZES` x ``dtype`` in :data:`DTYPES`
   (4 x 5 x 3 x 2 = 120), and the decode forward (``pdl=True``, programmatic dependent launch, taken at T <= 64) at
@@ -20,9 +20,8 @@ Shipped today (525 configurations):
   binary per n, with and without the d_phi split sum: 5 x 2 = 10);
 * ``boundary`` fwd (site l's post_res fused with site l+1's projection) + bwd (post_res(l)'s backward on the sum of
   x_{l+1}'s two gradients): the pre-mapping's 35 shapes (70); the fully fused backward (``fused=True``) at the same
-  shapes (35), its reduction (``reduce_dh=True``: ``boundary_reduce_bwd``, d_phi, d_alpha, d_bias and d_h) per
-  n (5) and the decode forward (``pdl=True``, programmatic dependent launch, taken at T <= 64) at those shapes but
-  n = 6 (30): 140.
+  shapes (35) and its reduction (``reduce_dh=True``: ``boundary_reduce_bwd``, d_phi, d_alpha, d_bias and d_h) per
+  n (5): 110.
 * ``pre_decode`` fwd (the one-launch decode pre-mapping for T <= 64): the pre-mapping's 35 shapes at
   :data:`SINKHORN_ITERS`, :data:`SINKHORN_EPS` (35).
 
@@ -215,12 +214,6 @@ def _boundary_configs() -> list[KernelConfig]:
         KernelConfig.make("boundary", "bwd", n=n, C=c, dtype=dtype, fused=True) for n, c, dtype in _pre_mapping_shapes()
     ]
     out += [KernelConfig.make("boundary", "bwd", n=n, reduce_dh=True) for n in PRE_MAPPING_STREAMS]
-    # the decode forward (programmatic dependent launch, taken at T <= 64)
-    out += [
-        KernelConfig.make("boundary", "fwd", n=n, C=c, dtype=dtype, pdl=True)
-        for n, c, dtype in _pre_mapping_shapes()
-        if not (n == 6 and dtype != "float32")  # no decode variant there (boundary.has_decode_variant)
-    ]
     return out
 
 

@@ -363,7 +363,7 @@ def _pre_decode_fwd(n, C, dtype, iters, eps):
     return FakeKernel("pre_decode_fwd", (n, C, dtype, iters, eps), prog, impl)
 
 
-def _boundary_fwd(n, C, dtype, pdl=False):
+def _boundary_fwd(n, C, dtype):
     from tl_kernels import boundary
 
     p = boundary.plan(n, C, dtype)
@@ -384,7 +384,7 @@ def _boundary_fwd(n, C, dtype, pdl=False):
             _put(proj_part[s], torch.einsum("tic,icm->tm", xs, rows))
             _put(sq_part[s], xs.square().sum((1, 2)))
 
-    return FakeKernel("boundary_fwd", (n, C, dtype, pdl), boundary.boundary_fwd_program(n, C, dtype, pdl), impl)
+    return FakeKernel("boundary_fwd", (n, C, dtype), boundary.boundary_fwd_program(n, C, dtype), impl)
 
 
 def _boundary_bwd(n, C, dtype):

@@ -64,9 +64,9 @@ def test_runtime_current_device(calls):
 
 
 def test_runtime_graph_after_warmup(calls):
-    """warmup() makes 17 kernels ready for n = 4, C = 2560, bf16 (the GPU test asserted 4 until issue 21; 12 before
+    """warmup() makes 16 kernels ready for n = 4, C = 2560, bf16 (the GPU test asserted 4 until issue 21; 12 before
     the fully fused boundary backward, 13 before its pre_finalize_bwd variant without grad_h_pre', 14 before the
-    decode kernel, 15 before post_res's decode variant, 16 before boundary_fwd's)."""
+    decode kernel, 15 before post_res's decode variant)."""
     runtime.test_graph_captured_straight_after_warmup()
     built = {(name, cfg) for name, cfg, _ in calls}
     assert ("post_res_fwd", (4, 2560, "bfloat16", True)) in built and (

@@ -4,7 +4,7 @@
 Per kernel: ``griddepcontrol.wait`` (SASS ``ACQBULK``) precedes every global load, store and atomic, straight-line
 from the kernel's entry (no branch before it, so no thread can skip it); ``griddepcontrol.launch_dependents`` is
 issued once; the variant moves the same 128-bit global accesses as the training-size kernel, which has neither
-instruction (its code is unchanged). The kernels: post_res_fwd and boundary_fwd. The pre_decode kernel has its own guards (test_pre_decode_sass.py).
+instruction (its code is unchanged). The pre_decode kernel has its own guards (test_pre_decode_sass.py).
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import re
 
 import pytest
 
-from tl_kernels import boundary, post_res
+from tl_kernels import post_res
 from tl_kernels.tools import codegen
 
 _GLOBAL = re.compile(r"^(?:@!?U?P\w+\s+)?(?:LDG|STG|ATOM|RED)\b")
 _WIDE = re.compile(r"^(?:@!?U?P\w+\s+)?(?:LDG|STG)\.E\.128\b")
 KERNELS = {
     "post_res_fwd": lambda n, C, dt, pdl: post_res.post_res_fwd_kernel(n, C, dt, pdl),
-    "boundary_fwd": lambda n, C, dt, pdl: boundary.boundary_fwd_kernel(n, C, dt, pdl),  # n = 8 bf16: the tile design
 }
 CONFIGS = [(4, 7168, "bfloat16"), (4, 2560, "float32"), (8, 4096, "bfloat16"), (2, 1280, "bfloat16")]
 
