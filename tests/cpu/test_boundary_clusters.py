@@ -68,3 +68,19 @@ def test_warmup_readies_the_variant_that_is_on(monkeypatch, clusters):
     with _cuda.use_boundary_clusters(clusters):
         _cuda.warmup(hidden_sizes=(2560,), streams=(4,), dtypes=(torch.bfloat16,))  # no CUDA: compiles only
     assert built == [(4, 2560, "bfloat16", clusters)]
+
+
+@pytest.mark.parametrize("clusters", [False, True])
+def test_stage2_check_runs_the_configurations_variant(monkeypatch, clusters):
+    """profiling/families.py's check of ``boundary_bwd[..., fused=True(, clusters=True)]`` launches that
+    configuration's variant of the fused backward (not the runtime's default) and passes on the CPU stand-ins."""
+    from profiling.check_configs import check_config
+    from tl_kernels import registry
+
+    name = "boundary_bwd[n=4,C=1280,dtype=bfloat16,fused=True" + (",clusters=True]" if clusters else "]")
+    previous = _cuda.BOUNDARY_CLUSTERS
+    with cpu_as_cuda(monkeypatch) as calls:
+        result = check_config(registry.by_name(name), (13,), "cuda")
+        assert result["ok"], result
+        fused = {config for kernel, config, _ in calls if kernel == "boundary_bwd_fused"}
+    assert fused == {(4, 1280, "bfloat16", clusters)} and _cuda.BOUNDARY_CLUSTERS is previous
