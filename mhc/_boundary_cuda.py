@@ -74,7 +74,8 @@ def _boundary_bwd_cuda(*args):
     ``tl_kernels.boundary_bwd``'s fused backward (x_next recomputed from ``x``, ``y``; site l+1's d x_next, the incoming
     ``grad_x_next`` and post_res(l)'s backward, none of the three gradients of x_next written: 30C) and its
     reduction ``boundary_reduce_bwd`` (d_phi, d_alpha, d_bias as ``pre_reduce_bwd``, and the d_h sum): 40C a token
-    at n = 4, bf16, plus the d_h partials (``C / 64 x 80`` bytes written and read), against 64C for
+    at n = 4, bf16, plus the d_h partials (``C / 64 x 80`` bytes written and read; ``C / 64 / cs x 80`` with the
+    opt-in thread block clusters of ``cs`` channel blocks, ``mhc._cuda.BOUNDARY_CLUSTERS``), against 64C for
     :func:`_boundary_bwd_unfused_cuda`. d_layer_output, d_residual, d_alpha and d_bias are bit for bit the
     unfused path's; d_h_post, d_h_res differ by the order of fp32 sums, d_phi by the order of its fp32 (TF32-product)
     sums over tokens (docs/design.md section 7)."""
@@ -103,14 +104,15 @@ def _boundary_bwd_cuda(*args):
     )  # fmt: skip
     d_res = torch.empty(T, n, n, **f32)
     _cuda._launch(dev, sinkhorn.sinkhorn_bwd_kernel(n, iters, float(s_eps)), g_res, res_logits, d_res)
-    plan = tl_boundary_bwd.fused_plan(n, C, dt)
+    clusters = _cuda.BOUNDARY_CLUSTERS  # the opt-in thread block cluster variant (MHC_BOUNDARY_CLUSTERS)
+    plan = tl_boundary_bwd.fused_plan(n, C, dt, clusters)
     splits = tl_boundary_bwd.fused_choose_splits(T, n, C, dt, _cuda._num_sms(dev))
     d_phi = torch.empty(K, m, **f32)
     d_phi_part = torch.empty(splits, K, m, **f32)  # summed (copied at S = 1) by the last launch, with d_h
     d_coef_part = torch.empty(-(-T // tl_boundary_bwd.COEF_BM), 2 * m, **f32)  # pre_proj_bwd's 64-token rows
-    dh_part = torch.empty(plan.groups, T, nn + n, **f32)  # one d_h partial per thread block cluster
+    dh_part = torch.empty(plan.groups, T, nn + n, **f32)  # one d_h partial per channel block (per cluster: clusters)
     _cuda._launch(
-        dev, tl_boundary_bwd.boundary_bwd_fused_kernel(n, C, dt),
+        dev, tl_boundary_bwd.boundary_bwd_fused_kernel(n, C, dt, clusters),
         g_xn, y, x, h_post, h_res, phi, d_pp, d_res.view(T, nn), proj, rinv, alpha, h_pre_n, g_li,
         d_y, d_x, dh_part, d_phi_part, d_coef_part,
     )  # fmt: skip

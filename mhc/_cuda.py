@@ -23,11 +23,19 @@ each fallback decision (a dict lookup and a cached parse, no device work: the wr
 graph under ``torch.compile``, and a CUDA graph replays only the kernels captured), so a test can set it with
 ``monkeypatch.setenv``.
 
-Nothing here runs at import beyond the registration and reading ``MHC_DISABLE_KERNELS``.
+Opt-in variant: ``MHC_BOUNDARY_CLUSTERS=1`` (read at import, or :func:`boundary_clusters` / the context manager
+:func:`use_boundary_clusters` at run time) makes the fused boundary backward run its thread block cluster variant
+(``tl_kernels.boundary_bwd``, ``clusters=True``: fewer d_h partial bytes, predicted slower by the performance model;
+docs/design.md section 7). Read by the op's CUDA wrapper on each call, outside any traced graph: a CUDA graph replays
+the variant that was current when it was captured.
+
+Nothing here runs at import beyond the registration and reading ``MHC_DISABLE_KERNELS`` and
+``MHC_BOUNDARY_CLUSTERS``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -80,6 +88,44 @@ def disable_kernels(*families: str) -> None:
 def enable_kernels(*families: str) -> None:
     """Undo :func:`disable_kernels` (all families when none is named)."""
     DISABLED.difference_update(families or KERNEL_FAMILIES)
+
+
+CLUSTERS_ENV = "MHC_BOUNDARY_CLUSTERS"
+
+
+def _parse_clusters(value: str) -> bool:
+    """``MHC_BOUNDARY_CLUSTERS``: 1/true/yes/on or 0/false/no/off/empty (case-insensitive); anything else warns and
+    leaves the variant off (read at import, where an error would make the package unimportable)."""
+    key = value.strip().lower()
+    if key not in _STRICT_VALUES:
+        warnings.warn(f"{CLUSTERS_ENV}={value!r} ignored (off); expected one of {sorted(_STRICT_VALUES)}", stacklevel=2)
+        return False
+    return _STRICT_VALUES[key]
+
+
+#: whether the fused boundary backward runs its thread block cluster variant (off by default; see the docstring)
+BOUNDARY_CLUSTERS: bool = _parse_clusters(os.environ.get(CLUSTERS_ENV, ""))
+
+
+def boundary_clusters(on: bool) -> bool:
+    """Turn the fused boundary backward's thread block cluster variant on or off (``MHC_BOUNDARY_CLUSTERS`` at run
+    time); returns the previous setting. Takes effect at the next call of the op (a captured CUDA graph keeps the
+    variant it captured)."""
+    global BOUNDARY_CLUSTERS
+    if not isinstance(on, bool):
+        raise TypeError(f"boundary_clusters: expected a bool, got {type(on).__name__}")
+    previous, BOUNDARY_CLUSTERS = BOUNDARY_CLUSTERS, on
+    return previous
+
+
+@contextlib.contextmanager
+def use_boundary_clusters(on: bool = True):
+    """:func:`boundary_clusters` for the ``with`` block only (benchmarks: the two variants side by side)."""
+    previous = boundary_clusters(on)
+    try:
+        yield
+    finally:
+        boundary_clusters(previous)
 
 
 def fallback_reason(family: str, **shape) -> str | None:
@@ -535,7 +581,8 @@ def warmup(
                     from tl_kernels import boundary_bwd as tl_boundary_bwd
 
                     tl_boundary.boundary_fwd_kernel(n, C, _TL_DTYPES[dt])
-                    tl_boundary_bwd.boundary_bwd_fused_kernel(n, C, _TL_DTYPES[dt])  # the op's backward (fully fused)
+                    # the op's backward (fully fused), the thread block cluster variant when that is on
+                    tl_boundary_bwd.boundary_bwd_fused_kernel(n, C, _TL_DTYPES[dt], BOUNDARY_CLUSTERS)
                     tl_boundary_bwd.boundary_reduce_bwd_kernel(n)
                     pre_finalize.pre_finalize_bwd_kernel(n, C, _TL_DTYPES[dt], False)  # grad_h_pre' None (unused)
                     count += 4

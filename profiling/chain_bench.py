@@ -1,6 +1,10 @@
 """Fused against unfused residual boundaries (issue 18), on a GPU: ``mhc.MHCStack`` with the boundary kernels on
-(the default) and off (``mhc._cuda.disable_kernels("boundary")``, as ``MHC_DISABLE_KERNELS=boundary``), each
-measurement beside the performance model's prediction for the same stack, so that a GPU run calibrates it.
+(the default, ``fused``), on with the fused backward's opt-in thread block cluster variant (``fused_clusters``:
+``mhc._cuda.use_boundary_clusters``, as ``MHC_BOUNDARY_CLUSTERS=1``) and off (``unfused``:
+``mhc._cuda.disable_kernels("boundary")``, as ``MHC_DISABLE_KERNELS=boundary``), each measurement beside the
+performance model's prediction for the same stack, so that a GPU run calibrates it. The cluster variant changes the
+backward only, so it is timed in the ``fwd+bwd`` modes only: the run decides whether the model's prediction (the
+cluster variant slower, docs/design.md section 7) holds.
 
 Entries (``result["chain"]`` of ``profiling.bench``; one record per (sublayer, variant, mode, C, T)):
 
@@ -27,7 +31,9 @@ import torch
 import mhc
 
 SUBLAYERS = ("identity", "block")
-VARIANTS = ("fused", "unfused")
+VARIANTS = ("fused", "unfused", "fused_clusters")
+#: the variants of the forward-only modes (``fwd``, ``decode``): the cluster variant runs the default's forward
+FORWARD_VARIANTS = ("fused", "unfused")
 DECODE_TOKENS = (1, 8, 64)
 #: Two Transformer blocks: the default recompute block is 2 sites, so each block's attention and FFN sites are
 #: joined by one fused boundary, as in a model.
@@ -45,6 +51,17 @@ def boundary_kernels(on: bool):
         yield
     finally:
         (_cuda.disable_kernels if was_off else _cuda.enable_kernels)("boundary")
+
+
+@contextlib.contextmanager
+def variant_kernels(variant: str):
+    """The boundary kernels of ``variant`` (:data:`VARIANTS`) for the ``with`` block, the previous state restored."""
+    from mhc import _cuda
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    with boundary_kernels(variant != "unfused"), _cuda.use_boundary_clusters(variant == "fused_clusters"):
+        yield
 
 
 def build(sublayer: str, sites: int, n: int, C: int, device, dtype) -> mhc.MHCStack:
@@ -96,6 +113,8 @@ def measure(bench, sublayer: str, variant: str, mode: str, n: int, C: int, T: in
     """One record: the stack built, warmed up and timed with ``bench`` (``profiling.bench``'s timer)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant not in FORWARD_VARIANTS and mode != "fwd+bwd":
+        raise ValueError(f"variant {variant!r} differs in the backward only: mode must be 'fwd+bwd', got {mode!r}")
     from profiling.model import capture
 
     sites = capture.CHAIN_SITES if sublayer == "identity" else BLOCK_SITES
@@ -104,7 +123,7 @@ def measure(bench, sublayer: str, variant: str, mode: str, n: int, C: int, T: in
     x = torch.randn(1, T, n, C, device=device, dtype=dtype, requires_grad=mode != "decode")
     g = torch.randn(1, T, n, C, device=device, dtype=dtype)
     fn = step_fn(stack, x, g, mode)
-    with boundary_kernels(variant == "fused"):
+    with variant_kernels(variant):
         fn()  # compile and warm up
         t = bench(fn)
     return {
@@ -115,12 +134,15 @@ def measure(bench, sublayer: str, variant: str, mode: str, n: int, C: int, T: in
 
 
 def cases(hidden, tokens: int, block_hidden, block_tokens: int) -> list[tuple]:
-    """(sublayer, variant, mode, C, T) of a run."""
+    """(sublayer, variant, mode, C, T) of a run: every variant in the ``fwd+bwd`` modes, :data:`FORWARD_VARIANTS`
+    in the others."""
     out = []
     for C in hidden:
         for variant in VARIANTS:
-            out += [("identity", variant, mode, C, tokens) for mode in ("fwd", "fwd+bwd")]
-            out += [("identity", variant, "decode", C, T) for T in DECODE_TOKENS]
+            out += [("identity", variant, "fwd+bwd", C, tokens)]
+            if variant in FORWARD_VARIANTS:
+                out += [("identity", variant, "fwd", C, tokens)]
+                out += [("identity", variant, "decode", C, T) for T in DECODE_TOKENS]
     for C in block_hidden:
         out += [("block", variant, "fwd+bwd", C, block_tokens) for variant in VARIANTS]
     return out
@@ -146,12 +168,14 @@ def prediction(r: dict, gpu: str, dtype: str, copy_gbps: float) -> float:
     """The model's µs for a record (see the module docstring)."""
     from profiling.model import sites
 
-    fused = r["variant"] == "fused"
+    fused, clusters = r["variant"] != "unfused", r["variant"] == "fused_clusters"
     if r["mode"] == "decode":
-        kind = "chain" if fused else "chain_unfused"
+        kind = {"fused": "chain", "unfused": "chain_unfused", "fused_clusters": "chain_clusters"}[r["variant"]]
         rec = sites.predict_site("site_fwd", r["n"], r["C"], dtype, r["T"], gpu, copy_gbps=copy_gbps, site=kind)
         return r["sites"] * rec["t_site_eager_us"]
-    stack = sites.predict_stack(r["n"], r["C"], dtype, r["T"], gpu, fused, copy_gbps=copy_gbps, sites=r["sites"])
+    stack = sites.predict_stack(
+        r["n"], r["C"], dtype, r["T"], gpu, fused, copy_gbps=copy_gbps, sites=r["sites"], clusters=clusters
+    )
     return stack["fwd"] + (stack["bwd"] if r["mode"] == "fwd+bwd" else 0.0)
 
 
@@ -191,26 +215,30 @@ def markdown(records: list[dict], notes: list[str]) -> list[str]:
         "",
         "## Fused against unfused boundaries (MHCStack)",
         "",
-        "Stack time (µs) with the boundary kernels on and off, per site, and the performance model's time of the "
-        "stack's mHC ops (`model µs`; the Transformer block's sublayers are not modelled). Decode: forward under "
-        "no_grad.",
+        "Stack time (µs) with the boundary kernels on (fused), on with the fused backward's thread block clusters "
+        "(clusters, `MHC_BOUNDARY_CLUSTERS=1`; fwd+bwd only) and off (unfused), per site, and the performance "
+        "model's time of the stack's mHC ops (`model µs`; the Transformer block's sublayers are not modelled). "
+        "Decode: forward under no_grad.",
         "",
-        "| sublayer | mode | C | T | sites | fused µs | unfused µs | fused / unfused | model fused µs | "
-        "model unfused µs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| sublayer | mode | C | T | sites | fused µs | clusters µs | unfused µs | fused / unfused | "
+        "clusters / fused | model fused µs | model clusters µs | model unfused µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(r["sublayer"], r["mode"], r["C"], r["T"], r["variant"]): r for r in records}
     for key in dict.fromkeys(k[:4] for k in by_key):
-        f, u = by_key.get((*key, "fused")), by_key.get((*key, "unfused"))
-        ref = f or u
+        f, c, u = (by_key.get((*key, v)) for v in ("fused", "fused_clusters", "unfused"))
+        ref = f or c or u
 
         def v(r, k):
             return "-" if r is None or r.get(k) is None else f"{r[k]:.1f}"
 
-        ratio = f"{f['us'] / u['us']:.2f}" if f and u else "-"
+        def ratio(a, b):
+            return f"{a['us'] / b['us']:.2f}" if a and b and a.get("us") and b.get("us") else "-"
+
         lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {ref['sites']} | {v(f, 'us')} | {v(u, 'us')} | {ratio} | "
-            f"{v(f, 'model_us')} | {v(u, 'model_us')} |"
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {ref['sites']} | {v(f, 'us')} | {v(c, 'us')} | "
+            f"{v(u, 'us')} | {ratio(f, u)} | {ratio(c, f)} | {v(f, 'model_us')} | {v(c, 'model_us')} | "
+            f"{v(u, 'model_us')} |"
         )
     lines += [f"- {note}" for note in notes]
     return lines

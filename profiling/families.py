@@ -319,7 +319,10 @@ def check_boundary(cfg, T: int, device: str, gen: torch.Generator) -> dict[str, 
     plain = None
     if device == "cuda":  # the op runs the fully fused backward; the previous (unfused) CUDA path for comparison
         plain = mb._boundary_bwd_unfused_cuda(*args, iters, post_mult, eps)
-    got = torch.ops.mhc.boundary_bwd(*args, iters, post_mult, eps) if kw.get("fused") or plain is None else plain
+    from mhc import _cuda
+
+    with _cuda.use_boundary_clusters(bool(kw.get("clusters"))):  # the configuration's variant of the fused backward
+        got = torch.ops.mhc.boundary_bwd(*args, iters, post_mult, eps) if kw.get("fused") or plain is None else plain
     want = mb.boundary_backward_reference(*(t.double() for t in args), iters, post_mult, eps)
     mag_xn, mag_phi = backward_magnitudes(grads, x_next, phi, alpha, bias, (hp, hq, proj, rinv), iters, eps, post_mult)
     mag = g_xn.double().abs() + mag_xn  # |terms| behind the gradient reaching x_next: [T, n, C]

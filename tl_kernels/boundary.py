@@ -446,14 +446,22 @@ def _boundary_fwd_tile_program(n: int, C: int, dtype: str):
 
 
 def boundary_bwd_program(
-    n: int, C: int | None = None, dtype: str | None = None, *, fused: bool = False, reduce_dh: bool = False
+    n: int,
+    C: int | None = None,
+    dtype: str | None = None,
+    *,
+    fused: bool = False,
+    clusters: bool = False,
+    reduce_dh: bool = False,
 ):
     """post_res(l)'s backward on the *sum* of the two gradients that reach ``x_next``, without writing the sum.
 
     ``fused=True``: :func:`tl_kernels.boundary_bwd.boundary_bwd_fused_program` (the whole backward across the boundary in one pass);
     ``reduce_dh=True``: :func:`tl_kernels.boundary_bwd.boundary_reduce_bwd_program` (``n`` only: the fused backward's last launch, d_phi,
-    d_alpha, d_bias and d_h). The registry names the three variants
-    ``boundary_bwd[n, C, dtype]``, ``boundary_bwd[n, C, dtype, fused=True]`` and ``boundary_bwd[n, reduce_dh=True]``.
+    d_alpha, d_bias and d_h); ``fused=True, clusters=True``: the fused backward's opt-in thread block cluster variant
+    (``MHC_BOUNDARY_CLUSTERS=1``). The registry names the four variants ``boundary_bwd[n, C, dtype]``,
+    ``boundary_bwd[n, C, dtype, fused=True]``, ``boundary_bwd[n, C, dtype, fused=True, clusters=True]`` and
+    ``boundary_bwd[n, reduce_dh=True]``.
 
     Math, per token (``g = round_dt(grad_x_next + d_x_next)``: the sum rounded once to the activation dtype, exactly
     as autograd's accumulation of the two gradients of ``x_next`` in the unfused path)::
@@ -477,7 +485,9 @@ def boundary_bwd_program(
     if reduce_dh:
         return boundary_bwd.boundary_reduce_bwd_program(n)
     if fused:
-        return boundary_bwd.boundary_bwd_fused_program(n, C, dtype)
+        return boundary_bwd.boundary_bwd_fused_program(n, C, dtype, clusters)
+    if clusters:
+        raise ValueError("boundary_bwd: clusters=True needs fused=True (the summed backward has no cluster variant)")
     _common.validate_activation_config("boundary", n, C, dtype, STREAMS)
     p = post_res._plan(n, C, dtype)
     # post_res's __launch_bounds__ rule with this kernel's own budget: the second gradient's registers made n = 6
@@ -491,16 +501,24 @@ def boundary_bwd_program(
 
 @functools.cache
 def boundary_bwd_kernel(
-    n: int, C: int | None = None, dtype: str | None = None, fused: bool = False, reduce_dh: bool = False
+    n: int,
+    C: int | None = None,
+    dtype: str | None = None,
+    fused: bool = False,
+    clusters: bool = False,
+    reduce_dh: bool = False,
 ):
     """The compiled backward kernel for ``(n, C, dtype)`` (memoised; TileLang's disk cache below); ``fused`` and
-    ``reduce_dh`` select the two kernels of :mod:`tl_kernels.boundary_bwd`."""
+    ``reduce_dh`` select the two kernels of :mod:`tl_kernels.boundary_bwd`, ``clusters`` the fused one's thread
+    block cluster variant."""
     from . import boundary_bwd
 
     if reduce_dh:
         return boundary_bwd.boundary_reduce_bwd_kernel(n)
     if fused:
-        return boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype)
+        return boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype, clusters)
+    if clusters:
+        raise ValueError("boundary_bwd: clusters=True needs fused=True (the summed backward has no cluster variant)")
     return _common.compile_program(boundary_bwd_program(n, C, dtype))
 
 

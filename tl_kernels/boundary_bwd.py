@@ -8,9 +8,12 @@ The forward and the summed backward of the family live in :mod:`tl_kernels.bound
 dispatches here for ``fused=True`` / ``reduce_dh=True``, the registry's names). Design, math and call contracts are
 in the two programs' docstrings; bytes, resources and the performance model's estimate in docs/design.md section 7.
 
-The fused kernel runs in thread block clusters (sm_90) of ``cs`` adjacent channel blocks (:func:`cluster_size`: the
-largest of 8, 4, 2, 1 dividing ``C / g``): the d_h partials of a cluster's blocks are summed through distributed
-shared memory (:data:`DSMEM_PRELUDE`), so ``dh_part`` holds one partial per cluster, not one per channel block.
+The fused kernel has two variants. The default (``clusters=False``) writes one d_h partial per channel block to
+``dh_part``. The opt-in ``clusters=True`` runs in thread block clusters (sm_90) of ``cs`` adjacent channel blocks
+(:func:`cluster_size`: the largest of 8, 4, 2, 1 dividing ``C / g``): the d_h partials of a cluster's blocks are
+summed through distributed shared memory (:data:`DSMEM_PRELUDE`), so ``dh_part`` holds one partial per cluster. It
+moves fewer bytes, but the performance model (an estimate; no GPU has run either) predicts it slower, so it is off
+unless ``MHC_BOUNDARY_CLUSTERS=1`` (docs/design.md section 7, docs/env.md).
 """
 
 import functools
@@ -46,8 +49,9 @@ _FUSED_MIN_BLOCKS = {(n, dt): 2 for n in (1, 2) for dt in ("bfloat16", "float16"
 # The fused backward places its barriers by hand (as pre_proj's backward; tests/emulation/test_barrier_mutations.py
 # deletes each in turn) and indexes in bounds by construction (row guards; the ASan test checks exact-size tensors).
 # Thread block clusters along the channel-block axis (sm_90): the d_h partials of a cluster's blocks are summed through
-# distributed shared memory, one partial per cluster in dh_part. 8 is the portable maximum cluster size; (1,) gives
-# the kernel without clusters (a d_h partial per channel block: the same generated code as before the clusters).
+# distributed shared memory, one partial per cluster in dh_part (fused_plan's clusters=True, opt-in). 8 is the portable
+# maximum cluster size; cs = 1 (clusters=False, the default) gives the kernel without clusters (a d_h partial per
+# channel block: the same generated code as before the clusters).
 CLUSTER_SIZES = (8, 4, 2, 1)
 # No cluster at n = 2: its two blocks an SM at 128 registers leave none for it (ptxas spilled 24 bytes at C = 1280)
 _NO_CLUSTER = {(2, dt) for dt in _common.ACTIVATION_DTYPES}
@@ -96,8 +100,12 @@ def cluster_size(blocks: int) -> int:
     return next(c for c in CLUSTER_SIZES if blocks % c == 0)
 
 
-def fused_plan(n: int, C: int, dtype: str) -> FusedPlan:
-    """The tiling of :func:`boundary_bwd_fused_program` for ``(n, C, dtype)``; validates the arguments."""
+def fused_plan(n: int, C: int, dtype: str, clusters: bool = False) -> FusedPlan:
+    """The tiling of :func:`boundary_bwd_fused_program` for ``(n, C, dtype)``; validates the arguments.
+    ``clusters``: the thread block cluster variant (``cs = cluster_size(blocks)``, but 1 at n = 2); otherwise
+    ``cs = 1`` (one d_h partial per channel block, the default)."""
+    if not isinstance(clusters, bool):
+        raise TypeError(f"boundary_bwd fused_plan: clusters must be a bool, got {type(clusters).__name__}")
     _common.validate_activation_config("boundary", n, C, dtype, STREAMS)
     vec = _common.VECTOR_BYTES // _common.ELEMENT_BYTES[dtype]
     g = 64 if n <= 4 else 32  # K-slice n * g <= 256: the two accumulators stay at <= 32 + 80 registers a thread
@@ -108,7 +116,7 @@ def fused_plan(n: int, C: int, dtype: str) -> FusedPlan:
     # where the registers allow it without spills (ptxas at 128 registers: checked by tests/kernels/test_codegen.py).
     min_blocks = _FUSED_MIN_BLOCKS.get((n, dtype), 1)
     blocks = C // g
-    cs = 1 if (n, dtype) in _NO_CLUSTER else cluster_size(blocks)
+    cs = cluster_size(blocks) if clusters and (n, dtype) not in _NO_CLUSTER else 1
     return FusedPlan(n=n, C=C, m=m, mp=-(-m // 16) * 16, g=g, kw=n * g, blocks=blocks, cs=cs, groups=blocks // cs,
                      vec=vec, lanes=lanes, rows=rows, passes=max(1, FUSED_BM // rows), min_blocks=min_blocks)  # fmt: skip
 
@@ -136,7 +144,7 @@ def fused_choose_splits(num_tokens: int, n: int, C: int, dtype: str, num_sms: in
     return -(-tiles // per)
 
 
-def boundary_bwd_fused_program(n: int, C: int, dtype: str):
+def boundary_bwd_fused_program(n: int, C: int, dtype: str, clusters: bool = False):
     """The fully fused backward across the boundary: site l+1's pre-mapping input gradient and post_res(l)'s
     backward in one pass, without reading ``x_next`` or writing any gradient of it.
 
@@ -214,7 +222,7 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
     from .pre_proj import _coef_grad
     from .pre_proj import _tf32 as tf32
 
-    p = fused_plan(n, C, dtype)
+    p = fused_plan(n, C, dtype, clusters)
     m, mp, g, kw, vec, lanes, rows = p.m, p.mp, p.g, p.kw, p.vec, p.lanes, p.rows
     K, nn, n2, q = n * C, n * n, 2 * n, n * n + n
     f32 = "float32"
@@ -342,8 +350,6 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
             c0 = cb * g
             cr = (tx - coef_base) // G  # coefficient row and part (a row's G parts in adjacent lanes, pre_proj_bwd's)
             cp = tx % G
-            rank = cb % cs  # %cluster_ctarank: the cluster is cs adjacent channel blocks of one split
-            grp = cb // cs
             tiles = T.ceildiv(num_tokens, FUSED_BM)
             per = T.alloc_var("int32")
             per = T.ceildiv(tiles, num_splits)
@@ -351,10 +357,14 @@ def boundary_bwd_fused_program(n: int, C: int, dtype: str):
             t_base = by * per * FUSED_BM
             count = T.alloc_var("int32")
             count = T.min(per, tiles - by * per)
-            wslot = T.alloc_var("int32")  # the d_h slot of this tile, and of the previous one (round robin)
-            wslot = 0
-            rslot = T.alloc_var("int32")
-            rslot = 0
+            if clustered:  # bound only with clusters: the default's program is the one before the clusters
+                rank = cb % cs  # %cluster_ctarank: the cluster is cs adjacent channel blocks of one split
+                grp = cb // cs
+                # the d_h slot of this tile, and of the previous one (round robin)
+                wslot = T.alloc_var("int32")
+                wslot = 0
+                rslot = T.alloc_var("int32")
+                rslot = 0
             a0 = T.alloc_var(f32)
             a0 = alpha[0]
             a1 = T.alloc_var(f32)
@@ -733,9 +743,10 @@ def boundary_reduce_bwd_program(n: int):
 
 
 @functools.cache
-def boundary_bwd_fused_kernel(n: int, C: int, dtype: str):
-    """The compiled fused backward for ``(n, C, dtype)`` (memoised; TileLang's disk cache below)."""
-    return _common.compile_program(boundary_bwd_fused_program(n, C, dtype), pass_configs=_FUSED_PASS_CONFIGS)
+def boundary_bwd_fused_kernel(n: int, C: int, dtype: str, clusters: bool = False):
+    """The compiled fused backward for ``(n, C, dtype)`` (memoised; TileLang's disk cache below); ``clusters``: the
+    thread block cluster variant (:func:`fused_plan`)."""
+    return _common.compile_program(boundary_bwd_fused_program(n, C, dtype, clusters), pass_configs=_FUSED_PASS_CONFIGS)
 
 
 @functools.cache

@@ -5,7 +5,7 @@
 (the module ``tl_kernels.<family>``), a direction (``fwd`` or ``bwd``) and the keyword arguments of that module's
 ``<family>_<direction>_program`` / ``<family>_<direction>_kernel`` functions, in call order.
 
-Shipped today (495 configurations):
+Shipped today (525 configurations):
 
 * ``post_res`` fwd + bwd: ``n`` in :data:`STREAMS` x ``C`` in :data:`HIDDEN_SIZES` x ``dtype`` in :data:`DTYPES`
   (4 x 5 x 3 x 2 = 120), and the decode forward (``pdl=True``, programmatic dependent launch, taken at T <= 64) at
@@ -20,8 +20,10 @@ Shipped today (495 configurations):
   binary per n, with and without the d_phi split sum: 5 x 2 = 10);
 * ``boundary`` fwd (site l's post_res fused with site l+1's projection) + bwd (post_res(l)'s backward on the sum of
   x_{l+1}'s two gradients): the pre-mapping's 35 shapes (70); the fully fused backward (``fused=True``) at the same
-  shapes (35) and its reduction (``reduce_dh=True``: ``boundary_reduce_bwd``, d_phi, d_alpha, d_bias and d_h) per
-  n (5): 110.
+  shapes (35), its opt-in thread block cluster variant (``fused=True, clusters=True``, ``MHC_BOUNDARY_CLUSTERS=1``)
+  at those shapes where it has a cluster (``boundary_bwd.fused_plan(..., clusters=True).cs > 1``: all but n = 2,
+  30) and its reduction (``reduce_dh=True``: ``boundary_reduce_bwd``, d_phi, d_alpha, d_bias and d_h) per
+  n (5): 140.
 * ``pre_decode`` fwd (the one-launch decode pre-mapping for T <= 64): the pre-mapping's 35 shapes at
   :data:`SINKHORN_ITERS`, :data:`SINKHORN_EPS` (35).
 
@@ -39,7 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _common
+from . import _common, boundary_bwd  # boundary_bwd: its fused_plan only (imports no TileLang, torch or family)
 
 __all__ = [
     "ALL_CONFIGS",
@@ -212,6 +214,12 @@ def _boundary_configs() -> list[KernelConfig]:
     ]
     out += [
         KernelConfig.make("boundary", "bwd", n=n, C=c, dtype=dtype, fused=True) for n, c, dtype in _pre_mapping_shapes()
+    ]
+    # the fused backward's opt-in thread block cluster variant (MHC_BOUNDARY_CLUSTERS=1), where it has a cluster
+    out += [
+        KernelConfig.make("boundary", "bwd", n=n, C=c, dtype=dtype, fused=True, clusters=True)
+        for n, c, dtype in _pre_mapping_shapes()
+        if boundary_bwd.fused_plan(n, c, dtype, clusters=True).cs > 1
     ]
     out += [KernelConfig.make("boundary", "bwd", n=n, reduce_dh=True) for n in PRE_MAPPING_STREAMS]
     return out

@@ -27,7 +27,7 @@ def predict(
     kernel: str, n: int, C: int, dtype: str, T: int, gpu: str, copy_gbps: float | None = None, site: str = "chain"
 ) -> dict:
     """The model's record for one (kernel, n, C, dtype, T, gpu): :func:`.sites.predict_site` for ``site_fwd`` and
-    ``site_bwd`` (``site``: ``"chain"`` or ``"single"``), :func:`.bounds.predict` for the other kernels."""
+    ``site_bwd`` (``site``: one of :data:`.sites.SITE_KINDS`), :func:`.bounds.predict` for the other kernels."""
     if kernel in ("site_fwd", "site_bwd"):
         return sites.predict_site(kernel, n, C, dtype, T, gpu, copy_gbps=copy_gbps, site=site)
     return bounds.predict(kernel, n, C, dtype, T, gpu, copy_gbps=copy_gbps)

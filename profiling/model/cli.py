@@ -30,7 +30,9 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["chain"],
         choices=list(sites.SITE_KINDS),
-        help="site_fwd/site_bwd: the steady-state site of a chain of fused sites (default) and/or one site alone",
+        help="site_fwd/site_bwd: the steady-state site of a chain of fused sites (default; the fused backward's "
+        "thread block clusters where MHC_BOUNDARY_CLUSTERS=1), one site alone, the chain unfused, and/or the chain "
+        "with the fused backward's thread block clusters (chain_clusters)",
     )
     ap.add_argument(
         "--decode",
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
                 json.dump(rows, f, indent=1)
         return 0
     if args.decode:
-        args.T, args.kernel, args.site = list(DECODE_TOKENS), ["site_fwd"], list(sites.SITE_KINDS)
+        args.T, args.kernel, args.site = list(DECODE_TOKENS), ["site_fwd"], list(sites.DECODE_SITE_KINDS)
     recs = records(args.kernel, args.n, tuple(args.C), args.dtype, tuple(args.T), tuple(args.gpu), tuple(args.site))
     copy = ", ".join(f"{g} {gpus.GPUS[g].copy_gbps / 1000:.3g} TB/s" for g in args.gpu)
     print(f"Performance model (n={args.n}, {args.dtype}; assumed copy bandwidth {copy}; estimates from SASS, "

@@ -12,6 +12,12 @@ Two kinds of record (the ``site`` field):
 * ``"chain_unfused"``: the chain's unit with the boundary kernels disabled (``boundary`` in
   ``mhc._cuda.DISABLED`` while the ops are replayed, as ``MHC_DISABLE_KERNELS=boundary`` does on a GPU): the
   boundary ops then run post_res and the pre-mapping separately. The benchmark's "unfused" row.
+* ``"chain_clusters"``: the chain's unit with the fused boundary backward's opt-in thread block cluster variant
+  (``mhc._cuda.use_boundary_clusters`` while the ops are replayed, as ``MHC_BOUNDARY_CLUSTERS=1``; ``python -m
+  profiling model --site chain chain_clusters --kernel site_bwd``). The benchmark's "fused_clusters" row.
+
+``"chain"`` replays what the runtime would run: the cluster variant only where ``MHC_BOUNDARY_CLUSTERS=1``
+(``mhc._cuda.BOUNDARY_CLUSTERS``; off by default). Every record says which in ``boundary_clusters``.
 
 Fields beyond those of every record (:mod:`.bounds`):
 
@@ -43,9 +49,19 @@ from profiling import bytemodel
 
 from . import bounds, capture, gpus
 
-__all__ = ["PDL_MARK", "SITE_KINDS", "predict_site", "predict_stack", "sequence_latency", "uses_pdl"]
+__all__ = [
+    "DECODE_SITE_KINDS",
+    "PDL_MARK",
+    "SITE_KINDS",
+    "predict_site",
+    "predict_stack",
+    "sequence_latency",
+    "uses_pdl",
+]
 
-SITE_KINDS = ("chain", "single", "chain_unfused")
+SITE_KINDS = ("chain", "single", "chain_unfused", "chain_clusters")
+#: the kinds of the decode table (``site_fwd`` only: ``chain_clusters``'s forward is ``chain``'s)
+DECODE_SITE_KINDS = ("chain", "single", "chain_unfused")
 #: What TileLang 0.1.15 emits for ``T.pdl_sync()`` (the dependent kernel's wait), in the generated CUDA.
 PDL_MARK = "cudaGridDependencySynchronize"
 
@@ -54,7 +70,7 @@ PDL_MARK = "cudaGridDependencySynchronize"
 def _ops(site: str, n: int, C: int, dtype: str, T: int):
     """(forward, backward, recompute) ops of the site's unit."""
     td = _DTYPES[dtype]
-    if site in ("chain", "chain_unfused"):
+    if site in ("chain", "chain_unfused", "chain_clusters"):
         chain = capture.chain_ops(n, C, td, T)
         ops = chain.unit_ops()
         meta = {"chain_sites": capture.CHAIN_SITES, "chain_site": chain.site, "recompute_block": chain.recompute_block}
@@ -78,8 +94,18 @@ def _boundary_kernels(on: bool):
         (_cuda.disable_kernels if was_off else _cuda.enable_kernels)("boundary")
 
 
-def _launches(ops, sms: int, site: str):
-    with _boundary_kernels(site != "chain_unfused"):
+def _clusters(site: str) -> bool:
+    """Whether ``site``'s replay runs the fused boundary backward's cluster variant (see the module docstring)."""
+    from mhc import _cuda
+
+    return site == "chain_clusters" or (site == "chain" and _cuda.BOUNDARY_CLUSTERS)
+
+
+def _launches(ops, sms: int, site: str, clusters: bool | None = None):
+    from mhc import _cuda
+
+    clusters = _clusters(site) if clusters is None else clusters
+    with _boundary_kernels(site != "chain_unfused"), _cuda.use_boundary_clusters(clusters):
         return capture.launches_of(ops, sms)
 
 
@@ -118,7 +144,7 @@ def _part(item, g: gpus.GPU) -> dict:
 
 
 def _floor(site: str, mode: str, n: int, C: int, esize: int, T: int) -> int:
-    if site == "chain":
+    if site in ("chain", "chain_clusters"):
         return bytemodel.chain_site_bytes(T, n, C, esize, mode)
     return bytemodel.site_bytes(T, n, C, esize, mode)
 
@@ -126,8 +152,8 @@ def _floor(site: str, mode: str, n: int, C: int, esize: int, T: int) -> int:
 def predict_site(
     kernel: str, n: int, C: int, dtype: str, T: int, gpu: str, copy_gbps: float | None = None, site: str = "chain"
 ) -> dict:
-    """The record of ``site_fwd`` or ``site_bwd`` (see the module docstring); ``site`` is ``"chain"`` or
-    ``"single"``."""
+    """The record of ``site_fwd`` or ``site_bwd`` (see the module docstring); ``site`` one of
+    :data:`SITE_KINDS`."""
     if kernel not in ("site_fwd", "site_bwd"):
         raise ValueError(f"kernel must be 'site_fwd' or 'site_bwd', got {kernel!r}")
     if site not in SITE_KINDS:
@@ -137,8 +163,9 @@ def predict_site(
     g = gpus.gpu(gpu, copy_gbps)
     mode = kernel.rpartition("_")[2]
     ops, meta = _ops(site, n, C, dtype, T)
-    own = [_part(x, g) for x in _launches(ops[mode], g.sms, site)]
-    rec = [_part(x, g) for x in _launches(ops["recompute"], g.sms, site)] if mode == "bwd" else []
+    clusters = _clusters(site)
+    own = [_part(x, g) for x in _launches(ops[mode], g.sms, site, clusters)]
+    rec = [_part(x, g) for x in _launches(ops["recompute"], g.sms, site, clusters)] if mode == "bwd" else []
     if not own:
         raise ValueError(f"{kernel} ({site}): no launch captured for n={n} C={C} T={T}")
     floor = _floor(site, mode, n, C, _DTYPES[dtype].itemsize, T)
@@ -147,7 +174,7 @@ def predict_site(
     t_rec = float(sum(p["t_pred_us"] for p in rec))
     latency = sequence_latency(own)
     return {
-        "kernel": kernel, "site": site, "n": n, "C": C, "dtype": dtype, "T": T, "gpu": g.name,
+        "kernel": kernel, "site": site, "boundary_clusters": clusters, "n": n, "C": C, "dtype": dtype, "T": T, "gpu": g.name,
         "bytes": nbytes, "bytes_moved": nbytes, "bytes_per_token": nbytes / T if T else 0.0, "bytes_floor": floor,
         "launches": len(own),
         "t_dram_us": sum(p["t_dram_us"] for p in own), "t_issue_us": sum(p["t_issue_us"] for p in own),
@@ -162,7 +189,6 @@ def predict_site(
     }  # fmt: skip
 
 
-@functools.lru_cache(maxsize=64)
 def predict_stack(
     n: int,
     C: int,
@@ -172,14 +198,24 @@ def predict_stack(
     fused: bool = True,
     copy_gbps: float | None = None,
     sites: int = capture.CHAIN_SITES,
+    clusters: bool | None = None,
 ) -> dict[str, float]:
     """The model's time for the mHC ops of a whole stack of ``sites`` sites (``MHCStack`` with the default
     recompute block, every site, not only an interior one), boundary kernels on or off: ``{"fwd": µs, "bwd": µs
     (the replay included), "sites": sites}``. What ``profiling.chain_bench`` puts beside a measured stack of the
-    same shape (identical launches are modelled once)."""
+    same shape (identical launches are modelled once). ``clusters``: the fused boundary backward's cluster variant
+    (``None``: what the runtime runs, ``mhc._cuda.BOUNDARY_CLUSTERS``)."""
+    from mhc import _cuda
+
+    clusters = _cuda.BOUNDARY_CLUSTERS if clusters is None else bool(clusters)
+    return _predict_stack(n, C, dtype, T, gpu, fused, copy_gbps, sites, clusters and fused)
+
+
+@functools.lru_cache(maxsize=64)
+def _predict_stack(n, C, dtype, T, gpu, fused, copy_gbps, sites, clusters) -> dict[str, float]:
     g = gpus.gpu(gpu, copy_gbps)
     chain = capture.chain_ops(n, C, _DTYPES[dtype], T, sites)
-    site = "chain" if fused else "chain_unfused"
+    site = ("chain_clusters" if clusters else "chain") if fused else "chain_unfused"
     memo: dict = {}
 
     def t(item) -> float:
@@ -193,5 +229,5 @@ def predict_stack(
     out = {"fwd": 0.0, "bwd": 0.0, "sites": float(sites)}
     for op in chain.ops:
         phase = "fwd" if op.phase == "fwd" else "bwd"
-        out[phase] += sum(t(x) for x in _launches([op], g.sms, site))
+        out[phase] += sum(t(x) for x in _launches([op], g.sms, site, clusters))
     return out

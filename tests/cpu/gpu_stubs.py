@@ -400,10 +400,10 @@ def _boundary_bwd(n, C, dtype):
     return FakeKernel("boundary_bwd", (n, C, dtype), boundary.boundary_bwd_program(n, C, dtype), impl)
 
 
-def _boundary_bwd_fused(n, C, dtype):
+def _boundary_bwd_fused(n, C, dtype, clusters=False):
     from tl_kernels import boundary_bwd
 
-    p = boundary_bwd.fused_plan(n, C, dtype)
+    p = boundary_bwd.fused_plan(n, C, dtype, clusters)
     K, nn = n * C, n * n
 
     def impl(g_xn, y, x, h_post, h_res, phi, d_pp, d_res, proj, rinv, alpha, h_pre, g_li, d_y, d_x, dh_part, part,
@@ -412,7 +412,8 @@ def _boundary_bwd_fused(n, C, dtype):
         S, tiles, rows = part.shape[0], -(-T // boundary_bwd.FUSED_BM), -(-T // boundary_bwd.COEF_BM)
         if coef.shape[0] != rows or dh_part.shape[0] != p.groups:
             raise ValueError(f"boundary_bwd_fused: d_coef_part has {coef.shape[0]} rows (contract: {rows}), dh_part "
-                             f"{dh_part.shape[0]} clusters (contract: {p.groups})")  # fmt: skip
+                             f"{dh_part.shape[0]} (contract: {p.groups}: {p.blocks} channel blocks / cluster "
+                             f"size {p.cs})")  # fmt: skip
         per = -(-tiles // S)
         if (S - 1) * per >= tiles:
             raise ValueError(f"boundary_bwd_fused: split {S - 1} of {S} has no token tile ({tiles} tiles): the "
@@ -429,7 +430,7 @@ def _boundary_bwd_fused(n, C, dtype):
         dy, dx, _dhp, _dhr = ref.post_res_backward(g, y.double(), x.double(), h_post.double(), h_res.double())
         _put(d_y, dy)
         _put(d_x, dx)
-        # one d_h partial per thread block cluster: its cs channel blocks, cs g channels of every stream
+        # one d_h partial per thread block cluster (per channel block at cs = 1): its cs g channels of every stream
         gb, yb, xb = (
             g.view(T, n, p.groups, p.cs * p.g),
             y.double().view(T, p.groups, p.cs * p.g),
@@ -447,8 +448,8 @@ def _boundary_bwd_fused(n, C, dtype):
             t = slice(r * boundary_bwd.COEF_BM, min((r + 1) * boundary_bwd.COEF_BM, T))
             _put(coef[r], torch.cat([d_logits[t].sum(0), rs[t].sum(0)]))
 
-    prog = boundary_bwd.boundary_bwd_fused_program(n, C, dtype)
-    return FakeKernel("boundary_bwd_fused", (n, C, dtype), prog, impl)
+    prog = boundary_bwd.boundary_bwd_fused_program(n, C, dtype, clusters)
+    return FakeKernel("boundary_bwd_fused", (n, C, dtype, clusters), prog, impl)
 
 
 def _boundary_reduce_bwd(n):

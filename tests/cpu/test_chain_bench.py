@@ -66,12 +66,46 @@ def test_fwd_bwd_step_makes_gradients():
         chain_bench.step_fn(stack, x, x, "bwd")
 
 
-def test_cases_cover_both_variants():
+def test_cases_cover_every_variant():
+    """Every variant in the fwd+bwd modes; the cluster variant (backward only) not in the forward-only ones."""
     cases = chain_bench.cases((2560, 7168), 16384, (2560,), 4096)
-    assert len(cases) == 2 * 2 * (2 + len(chain_bench.DECODE_TOKENS)) + 2
+    assert set(chain_bench.VARIANTS) == {"fused", "unfused", "fused_clusters"}
+    assert len(cases) == 2 * (3 + 2 * (1 + len(chain_bench.DECODE_TOKENS))) + 3
     for sublayer, _, mode, C, T in cases:
         others = {v for s, v, m, c, t in cases if (s, m, c, t) == (sublayer, mode, C, T)}
-        assert others == set(chain_bench.VARIANTS)
+        assert others == set(chain_bench.VARIANTS if mode == "fwd+bwd" else chain_bench.FORWARD_VARIANTS)
+
+
+@pytest.mark.parametrize("variant", ["fused", "unfused", "fused_clusters"])
+def test_variant_kernels_switch_and_restore(variant):
+    """Each variant's boundary kernels and cluster setting inside the block, the previous state after it (also
+    after an exception)."""
+    saved, clusters = set(_cuda.DISABLED), _cuda.BOUNDARY_CLUSTERS
+    try:
+        _cuda.disable_kernels("boundary")
+        _cuda.boundary_clusters(True)
+        with pytest.raises(KeyError), chain_bench.variant_kernels(variant):
+            assert ("boundary" in _cuda.DISABLED) is (variant == "unfused")
+            assert _cuda.BOUNDARY_CLUSTERS is (variant == "fused_clusters")
+            raise KeyError
+        assert "boundary" in _cuda.DISABLED and _cuda.BOUNDARY_CLUSTERS is True
+        with pytest.raises(ValueError, match="variant must be one of"), chain_bench.variant_kernels("clusters"):
+            pass
+    finally:
+        _cuda.DISABLED.clear()
+        _cuda.DISABLED.update(saved)
+        _cuda.boundary_clusters(clusters)
+
+
+def test_measure_the_cluster_variant_in_fwd_bwd_only():
+    def timer(fn):
+        fn()
+        return bench.Timing(5.0, 4.0, 6.0, None)
+
+    r = chain_bench.measure(timer, "identity", "fused_clusters", "fwd+bwd", 4, 64, 8, torch.float32, "cpu")
+    assert (r["variant"], r["us"]) == ("fused_clusters", 5.0)
+    with pytest.raises(ValueError, match="backward only"):
+        chain_bench.measure(timer, "identity", "fused_clusters", "decode", 4, 64, 8, torch.float32, "cpu")
 
 
 def test_annotate_puts_the_model_beside_each_record(monkeypatch):
@@ -85,6 +119,7 @@ def test_annotate_puts_the_model_beside_each_record(monkeypatch):
         {**base, "variant": "fused", "mode": "fwd+bwd", "T": 16384},
         {**base, "variant": "unfused", "mode": "fwd", "T": 16384},
         {**base, "variant": "fused", "mode": "decode", "T": 8},
+        {**base, "variant": "fused_clusters", "mode": "fwd+bwd", "T": 16384},
     ]
     result = {"meta": {"dtype": "bfloat16", "copy_GBps": 2900.0}, "chain": recs}
     assert not chain_bench.annotate(result, gpu="NVIDIA A100")  # not a modelled GPU
@@ -96,7 +131,13 @@ def test_annotate_puts_the_model_beside_each_record(monkeypatch):
     assert recs[1]["model_us"] == pytest.approx(unfused["fwd"])
     assert recs[2]["model_us"] == pytest.approx(12 * decode["t_site_eager_us"])
     assert fused["fwd"] < unfused["fwd"] and fused["bwd"] < unfused["bwd"]  # the fusion saves bytes and launches
+    clustered = sites.predict_stack(4, 2560, "bfloat16", 16384, "H100", True, copy_gbps=2900.0, clusters=True)
+    assert recs[3]["model_us"] == pytest.approx(clustered["fwd"] + clustered["bwd"])
+    # the same forward; the backward differs (the clustered fused backward is another kernel)
+    assert clustered["fwd"] == pytest.approx(fused["fwd"]) and clustered["bwd"] != pytest.approx(fused["bwd"])
     lines = "\n".join(chain_bench.markdown(recs, ["a note"]))
     assert "| identity | fwd+bwd | 2560 | 16384 | 12 |" in lines and "- a note" in lines
+    row = next(line for line in lines.splitlines() if line.startswith("| identity | fwd+bwd |"))
+    assert f"| {recs[3]['model_us']:.1f} |" in row  # the cluster variant's model column
     monkeypatch.setenv(model.MODEL_ENV, "0")
     assert not chain_bench.annotate(result, gpu="NVIDIA H100 80GB HBM3")

@@ -397,19 +397,30 @@ def test_chain_site_bytes_against_the_byte_model(chain_records):
     designs = {d: bytemodel.boundary_bytes(1, 4, C, e, "bwd", d) for d in ("fused", "summed")}
     assert {d: v // C for d, v in designs.items()} == {"fused": 40, "summed": 64}
     # The shipped fused backward moves the 40C design plus its partials, which the design leaves out: the d_h
-    # partials (one row of n * n + n floats per thread block cluster of channel blocks and token, written by the
-    # fused kernel and read by its reduction: bytemodel.boundary_dh_partial_bytes) and the d_phi partials (S x K x m
-    # floats, written and read: per token, amortised over T).
+    # partials (one row of n * n + n floats per channel block and token, or per thread block cluster of channel
+    # blocks with the opt-in clusters, written by the fused kernel and read by its reduction:
+    # bytemodel.boundary_dh_partial_bytes) and the d_phi partials (S x K x m floats, written and read: per token,
+    # amortised over T). "chain" is the runtime's default (no clusters), "chain_clusters" the opt-in.
     from tl_kernels import boundary_bwd as tl_boundary_bwd
 
-    plan = tl_boundary_bwd.fused_plan(4, C, "bfloat16")
-    assert plan.cs == 8 and plan.groups == C // 64 // 8  # 112 channel blocks: 14 clusters of 8
     splits = tl_boundary_bwd.fused_choose_splits(TOKENS, 4, C, "bfloat16", gpus.gpu("H100").sms)
-    dh_partials = bytemodel.boundary_dh_partial_bytes(1, 4, plan.groups)
-    dphi_partials = 2 * splits * 4 * C * plan.m * 4 / TOKENS
-    extra = bwd["bytes_per_token"] - designs["fused"] - dh_partials
-    assert 0 <= extra < COEF_SLACK + dphi_partials, (bwd["bytes_per_token"] / C, extra)
-    assert bwd["bytes_floor"] == bytemodel.chain_site_bytes(TOKENS, 4, C, e, "bwd")
+    cbwd = chain_records["site_bwd", "chain_clusters"]
+    assert (bwd["boundary_clusters"], cbwd["boundary_clusters"]) == (False, True)
+    for record, clusters, groups in ((bwd, False, C // 64), (cbwd, True, C // 64 // 8)):
+        plan = tl_boundary_bwd.fused_plan(4, C, "bfloat16", clusters)
+        assert plan.groups == groups  # 112 channel blocks; with clusters, 14 clusters of 8
+        dh_partials = bytemodel.boundary_dh_partial_bytes(1, 4, plan.groups)
+        dphi_partials = 2 * splits * 4 * C * plan.m * 4 / TOKENS
+        extra = record["bytes_per_token"] - designs["fused"] - dh_partials
+        assert 0 <= extra < COEF_SLACK + dphi_partials, (clusters, record["bytes_per_token"] / C, extra)
+        assert record["bytes_floor"] == bytemodel.chain_site_bytes(TOKENS, 4, C, e, "bwd")
+        assert record["launches"] == bwd["launches"]
+    # the clusters save the d_h partials of all but one channel block in eight, and nothing else
+    saved = bytemodel.boundary_dh_partial_bytes(1, 4, C // 64) - bytemodel.boundary_dh_partial_bytes(1, 4, C // 512)
+    assert bwd["bytes_per_token"] - cbwd["bytes_per_token"] == pytest.approx(saved)
+    # the forward is the same with and without the backward's clusters
+    cfwd = chain_records["site_fwd", "chain_clusters"]
+    assert [p["name"] for p in cfwd["parts"]] == [p["name"] for p in fwd["parts"]] and cfwd["bytes"] == fwd["bytes"]
     assert not any(p["name"] == "aten::add" for p in bwd["parts"])
     assert [p["name"] for p in sbwd["parts"]].count("aten::add") == 1  # the residual-gradient sum, 3 x n C
     # the replay: the forward's launches again
@@ -473,7 +484,8 @@ def test_decode_records(tmp_path, capsys):
     path = tmp_path / "decode.json"
     assert cli.main(["--decode", "--C", str(TARGET_C), "--gpu", "H100", "--json", str(path)]) == 0
     recs = json.loads(path.read_text())
-    assert sorted({(r["T"], r["site"]) for r in recs}) == sorted((T, s) for T in (1, 8, 64) for s in sites.SITE_KINDS)
+    want = sorted((T, s) for T in (1, 8, 64) for s in sites.DECODE_SITE_KINDS)
+    assert sorted({(r["T"], r["site"]) for r in recs}) == want
     gap, pdl, host = gpus.LAUNCH.graph_gap_us, gpus.LAUNCH.pdl_gap_us, gpus.LAUNCH.host_us
     for r in recs:
         for p in r["parts"]:

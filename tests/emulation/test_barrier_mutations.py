@@ -2,7 +2,7 @@
 
 For each shipped kernel family (post_res bwd, Sinkhorn fwd/bwd in the exp domain with K in registers and in the
 tile rows and in the log domain, pre_proj fwd/bwd, pre_finalize fwd/bwd, boundary fwd/bwd and the fused backward,
-with thread block clusters of two and of four) at a representative configuration (several warps per block,
+by default without and opt-in with thread block clusters of two and of four) at a representative configuration (several warps per block,
 partial last blocks), every ``__syncthreads`` found in the generated source is deleted in turn and
 the mutant is run under both thread schedules; the mutation is detected when some output differs bit for bit from the
 unmutated kernel's (whose outputs are the same under every schedule and block order: asserted too). The barriers
@@ -163,14 +163,15 @@ def _boundary(direction):
     return kernel, inputs
 
 
-def _boundary_bwd_fused(C=128, T=70, kernel=None):
-    # C = 128: two channel blocks (one cluster of two), three token tiles of 32 in one split (the loop-top barrier
-    # orders a tile's reads before the next tile's writes), the last tile partial; 8 warps, so every phase's shared
-    # data crosses warps. C = 256, T = 130: a cluster of four, five tiles (the d_h slots reused)
+def _boundary_bwd_fused(C=128, T=70, kernel=None, clusters=False):
+    # C = 128: two channel blocks (with the opt-in clusters, one cluster of two), three token tiles of 32 in one
+    # split (the loop-top barrier orders a tile's reads before the next tile's writes), the last tile partial; 8
+    # warps, so every phase's shared data crosses warps. C = 256, T = 130, clusters: a cluster of four, five tiles
+    # (the d_h slots reused)
     n, S, dt = 4, 1, torch.bfloat16
     m = n * n + 2 * n
-    p = boundary_bwd.fused_plan(n, C, "bfloat16")
-    kernel = kernel or boundary_bwd.boundary_bwd_fused_kernel(n, C, "bfloat16")
+    p = boundary_bwd.fused_plan(n, C, "bfloat16", clusters)
+    kernel = kernel or boundary_bwd.boundary_bwd_fused_kernel(n, C, "bfloat16", clusters)
 
     def inputs(g):
         ins = dict(grad_x_next=torch.randn(T, n, C, generator=g).to(dt), layer_output=torch.randn(T, C, generator=g).to(dt),
@@ -234,8 +235,9 @@ CASES = {
     "pre_finalize_bwd": lambda: _pre_finalize("bwd"),
     "boundary_fwd": lambda: _boundary("fwd"),
     "boundary_bwd": lambda: _boundary("bwd"),
-    "boundary_bwd_fused": _boundary_bwd_fused,
-    "boundary_bwd_fused-cluster4": lambda: _boundary_bwd_fused(256, 130),
+    "boundary_bwd_fused": _boundary_bwd_fused,  # the default: no cluster
+    "boundary_bwd_fused-cluster2": lambda: _boundary_bwd_fused(clusters=True),  # the opt-in clusters
+    "boundary_bwd_fused-cluster4": lambda: _boundary_bwd_fused(256, 130, clusters=True),
     "pre_decode_fwd": _pre_decode,
 }
 
@@ -304,9 +306,10 @@ def test_deleting_any_cluster_barrier_is_detected():
     and the wait before the cluster sums that tile's d_h, the last tile's arrive, wait and arrive after the loop,
     the wait before exit), each deleted in turn, on a cluster of four and five tiles: some output differs in one of
     the two schedules (the emulator runs a cluster's blocks together, lower rank first or last; shim.h)."""
-    kernel, inputs = _boundary_bwd_fused(256, 130)
+    kernel, inputs = _boundary_bwd_fused(256, 130, clusters=True)
     info = kernel_sources(kernel)
     assert info["cluster"] == [4, 1, 1]
+    assert not CLUSTER_BARRIER.search(kernel_sources(_boundary_bwd_fused(256, 130)[0])["source"])  # the default
     sites = list(CLUSTER_BARRIER.finditer(info["source"]))
     assert len(sites) == 6, f"expected 3 waits and 3 arrives, found {len(sites)}"
     base = _run(EmulatedKernel(info), inputs)
@@ -327,9 +330,9 @@ def test_two_d_h_slots_are_too_few(monkeypatch):
 
     monkeypatch.setattr(boundary_bwd, "DH_SLOTS", 2)
     racy = _common.compile_program(
-        boundary_bwd.boundary_bwd_fused_program(4, 256, "bfloat16"), pass_configs=boundary_bwd._FUSED_PASS_CONFIGS
+        boundary_bwd.boundary_bwd_fused_program(4, 256, "bfloat16", True), pass_configs=boundary_bwd._FUSED_PASS_CONFIGS
     )
-    _, inputs = _boundary_bwd_fused(256, 130)
-    base = _run(EmulatedKernel(boundary_bwd.boundary_bwd_fused_kernel(4, 256, "bfloat16")), inputs)
+    _, inputs = _boundary_bwd_fused(256, 130, clusters=True)
+    base = _run(EmulatedKernel(boundary_bwd.boundary_bwd_fused_kernel(4, 256, "bfloat16", True)), inputs)
     mutant = EmulatedKernel(racy)
     assert not all(_same(_run(mutant, inputs, schedule=s), base) for s in SCHEDULES)

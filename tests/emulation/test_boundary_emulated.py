@@ -223,11 +223,11 @@ def fused_bwd_inputs(n, C, dtype, T, extra, seed=11):
     return ins
 
 
-def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2, schedule=None, block_order=None):
+def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2, schedule=None, block_order=None, clusters=False):
     """The fused kernel and the d_h reduction, emulated: (d_layer_output, d_residual, d_h_post, d_h_res, d_phi_part,
-    d_coef_part), outputs past T checked unwritten. A kernel with thread block clusters runs a cluster's blocks
-    together (cuda_emu.py); ``block_order`` orders the blocks or clusters."""
-    dt, m, p = DT[dtype], n * n + 2 * n, boundary_bwd.fused_plan(n, C, dtype)
+    d_coef_part), outputs past T checked unwritten. ``clusters``: the opt-in thread block cluster variant, whose
+    cluster's blocks the emulator runs together (cuda_emu.py); ``block_order`` orders the blocks or clusters."""
+    dt, m, p = DT[dtype], n * n + 2 * n, boundary_bwd.fused_plan(n, C, dtype, clusters)
     R = -(-T // boundary_bwd.COEF_BM)
     outs = dict(
         d_layer_output=torch.full((T + extra_out, C), float("nan")).to(dt),
@@ -236,7 +236,7 @@ def run_fused_bwd(n, C, dtype, T, S, ins, extra_out=2, schedule=None, block_orde
         d_phi_part=torch.full((S, n * C, m), float("nan")),
         d_coef_part=torch.full((R, 2 * m), float("nan")),
     )
-    EmulatedKernel(boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype))(
+    EmulatedKernel(boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype, clusters))(
         **ins,
         **outs,
         num_tokens=T,
@@ -290,29 +290,38 @@ def run_unfused_bwd(n, C, dtype, T, S, ins):
     return (*outs, d_phi_part, d_coef_part, x_next, d_xn.view(T, n, C))
 
 
-FUSED_CASES = [  # (n, C, dtype, T, splits); cs = the cluster size (the largest of 8, 4, 2, 1 dividing C / g)
-    (4, 256, "bfloat16", 70, 2),  # three token tiles of 32 over two splits, the last partial; two coef rows; cs 4
-    (1, 128, "float32", 5, 1),  # two passes of the elementwise phases; cs 2
-    (8, 64, "bfloat16", 33, 2),  # g = 32: rows past the tile idle in the elementwise phases; cs 2 (2 x 288 floats)
-    (8, 128, "float32", 3, 1),  # cs 4
-    (6, 192, "float16", 65, 3),  # g = 32: six channel blocks, clusters of 2
-    (2, 128, "bfloat16", 1, 1),  # decode: one token
-    (4, 1024, "bfloat16", 200, 2),  # two clusters of 8 (cs 8); 4 + 3 tiles, the last partial: a d_h slot reused
-    (4, 192, "bfloat16", 40, 1),  # three channel blocks: no cluster (cs 1), one partial a channel block
+# (n, C, dtype, T, splits, clusters); with clusters, cs = the cluster size (the largest of 8, 4, 2, 1 dividing C / g;
+# 1 at n = 2); the default (clusters False) writes one d_h partial a channel block
+FUSED_CASES = [
+    (4, 256, "bfloat16", 70, 2, True),  # three token tiles of 32 over two splits, the last partial; two coef rows; cs 4
+    (1, 128, "float32", 5, 1, True),  # two passes of the elementwise phases; cs 2
+    (8, 64, "bfloat16", 33, 2, True),  # g = 32: rows past the tile idle in the elementwise phases; cs 2 (2 x 288)
+    (8, 128, "float32", 3, 1, True),  # cs 4
+    (6, 192, "float16", 65, 3, True),  # g = 32: six channel blocks, clusters of 2
+    (2, 128, "bfloat16", 1, 1, True),  # decode: one token; n = 2 has no cluster (cs 1)
+    (4, 1024, "bfloat16", 200, 2, True),  # two clusters of 8 (cs 8); 4 + 3 tiles, the last partial: a d_h slot reused
+    (4, 192, "bfloat16", 40, 1, True),  # three channel blocks: no cluster (cs 1), one partial a channel block
+    (4, 256, "bfloat16", 70, 2, False),  # the default variant on the shapes above with several channel blocks
+    (1, 128, "float32", 5, 1, False),
+    (8, 64, "bfloat16", 33, 2, False),
+    (6, 192, "float16", 65, 3, False),
 ]
 
 
 @pytest.mark.parametrize(
-    "n,C,dtype,T,splits", FUSED_CASES, ids=[f"n{c[0]}-C{c[1]}-{c[2]}-T{c[3]}-S{c[4]}" for c in FUSED_CASES]
+    "n,C,dtype,T,splits,clusters",
+    FUSED_CASES,
+    ids=[f"n{c[0]}-C{c[1]}-{c[2]}-T{c[3]}-S{c[4]}" + ("-clusters" if c[5] else "") for c in FUSED_CASES],
 )
-def test_boundary_bwd_fused_generated_source_on_cpu(n, C, dtype, T, splits):
+def test_boundary_bwd_fused_generated_source_on_cpu(n, C, dtype, T, splits, clusters):
     """The fused backward against today's three emulated kernels on the same inputs: d_layer_output, d_residual and
-    the d_bias / d_scale rows bit for bit; d_h_post, d_h_res within fp32 summation order (their partials summed over
-    thread block clusters of 2, 4 and 8 channel blocks through distributed shared memory, and without a cluster); d_phi within the TF32
-    budget of float64 on the rounded x_next (and of the unfused d_phi); d_residual, d_layer_output within one output
-    rounding of float64 (mhc.boundary.boundary_backward_reference's post_res part on the unfused g)."""
+    the d_bias / d_scale rows bit for bit; d_h_post, d_h_res within fp32 summation order (their partials one per
+    channel block by default, and with the opt-in clusters summed over thread block clusters of 2, 4 and 8 channel
+    blocks through distributed shared memory); d_phi within the TF32 budget of float64 on the rounded x_next (and of
+    the unfused d_phi); d_residual, d_layer_output within one output rounding of float64
+    (mhc.boundary.boundary_backward_reference's post_res part on the unfused g)."""
     ins = fused_bwd_inputs(n, C, dtype, T, extra=2)
-    fused = run_fused_bwd(n, C, dtype, T, splits, ins)
+    fused = run_fused_bwd(n, C, dtype, T, splits, ins, clusters=clusters)
     plain = run_unfused_bwd(n, C, dtype, T, splits, ins)
     for k, name in ((0, "d_layer_output"), (1, "d_residual")):
         bits = BITS[fused[k].dtype]

@@ -75,8 +75,16 @@ def test_boundary_fwd_matches_unfused(T, n, C, dtype):
         assert torch.equal(a, b), "not deterministic"
 
 
+@pytest.mark.parametrize("clusters", [False, True], ids=["default", "clusters"])  # MHC_BOUNDARY_CLUSTERS
 @pytest.mark.parametrize("n,C,dtype", [(4, 2560, "bfloat16"), (2, 1280, "float32")])
-def test_boundary_gradients_match_unfused(n, C, dtype):
+def test_boundary_gradients_match_unfused(n, C, dtype, clusters):
+    from mhc import _cuda as mhc_cuda
+
+    with mhc_cuda.use_boundary_clusters(clusters):  # the fused backward's opt-in thread block cluster variant
+        _gradients_match_unfused(n, C, dtype)
+
+
+def _gradients_match_unfused(n, C, dtype):
     T = 300
     fused_in = [t.requires_grad_(True) for t in _inputs(T, n, C, dtype, seed=1)]
     plain_in = [t.detach().clone().requires_grad_(True) for t in fused_in]

@@ -12,8 +12,9 @@ n = 4, bf16 has an instruction ceiling (measured 1,230 a block of 32 channels x 
 on ``codegen.sass(boundary.boundary_fwd_kernel(4, 7168, "bfloat16"))``, plus ~8%). The backward (post_res(l)'s
 backward on the summed gradient): zero spills, no local memory, no atomics, n + 1 128-bit stores per chunk. The fully fused backward
 (``boundary_bwd_fused``): the same, no division in its token-tile loop, the MMA count of its two GEMMs exactly, an
-instruction ceiling per tile, and its thread block cluster: the cluster barriers (3 arrives, 3 waits) and ``cs`` loads
-from the cluster's shared memory per tile in PTX and SASS, no global store of a per-channel-block d_h partial.
+instruction ceiling per tile, both in the default variant and in the opt-in thread block cluster variant; the latter's
+cluster barriers (3 arrives, 3 waits) and ``cs`` loads from the cluster's shared memory per tile in PTX and SASS, no
+global store of a per-channel-block d_h partial; the default has none of them.
 """
 
 from __future__ import annotations
@@ -101,11 +102,13 @@ def test_boundary_bwd_resources_and_instructions(n, C, dtype):
 
 # ------------------------------------------------------------------------------- the fully fused backward's hot loop
 # The token-tile loop of boundary_bwd_fused (tl_kernels/boundary_bwd.py) at n = 4, C = 7168, bf16, measured with
-# ``_fused_hot_loop`` below: 2,409 SASS instructions a thread per 32-token tile (the loop's body plus the rolled
-# MMA loop of T.gemm at its remaining trips; 2,316 with a d_h partial per channel block instead of the cluster's sum,
-# 2,321 when each input was loaded where it was used), 64 HMMA a warp; guarded at +8%.
-FUSED_CEILING = {(4, 7168, "bfloat16"): 2602}
+# ``_fused_hot_loop`` below: 2,316 SASS instructions a thread per 32-token tile in the default variant (a d_h partial
+# per channel block; the loop's body plus the rolled MMA loop of T.gemm at its remaining trips; 2,321 when each input
+# was loaded where it was used), 2,409 with the opt-in cluster's sum, 64 HMMA a warp; guarded at +8%. Keyed by
+# (n, C, dtype, clusters).
+FUSED_CEILING = {(4, 7168, "bfloat16", False): 2501, (4, 7168, "bfloat16", True): 2602}
 FUSED_CONFIGS = [(4, 7168, "bfloat16"), (8, 7168, "bfloat16"), (1, 1280, "bfloat16"), (4, 7168, "float32")]
+CLUSTERS = pytest.mark.parametrize("clusters", [False, True], ids=["default", "clusters"])
 
 
 def _fused_hot_loop(kernel, n, C, dtype):
@@ -135,15 +138,16 @@ def _fused_hot_loop(kernel, n, C, dtype):
     return count, hmma, need, body(loop), [t for _, t in ins]
 
 
+@CLUSTERS
 @pytest.mark.parametrize("n,C,dtype", FUSED_CONFIGS, ids=[f"n{c[0]}-C{c[1]}-{c[2]}" for c in FUSED_CONFIGS])
-def test_boundary_bwd_fused_hot_loop(n, C, dtype):
+def test_boundary_bwd_fused_hot_loop(n, C, dtype, clusters):
     """0 spills, no stack, no local memory, no atomics anywhere; in the token-tile loop no integer division
     sequence or call, every MMA TF32 m16n8k8 (the GEMMs' count per warp exactly), 128-bit loads of x and y and
     ``passes * (n + 1)`` 128-bit stores (d_layer_output and the n streams of d_residual), and at n = 4 bf16 at most
     :data:`FUSED_CEILING` instructions a tile."""
     from tl_kernels.tools import pre_mapping_sass as pm_sass
 
-    kernel = boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype)
+    kernel = boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype, clusters)
     count, hmma, need, body, everything = _fused_hot_loop(kernel, n, C, dtype)
     result = codegen.analyze(kernel)
     assert result["spill_bytes"] == 0 and result["stack_frame_bytes"] == 0, result["kernels"]
@@ -156,18 +160,19 @@ def test_boundary_bwd_fused_hot_loop(n, C, dtype):
     ops = collections.Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for t in body)
     assert ops["STG.E.128"] == p.passes * (n + 1), ops
     assert pm_sass.widest_load_bits(body) == 128
-    if (n, C, dtype) in FUSED_CEILING:
-        assert count <= FUSED_CEILING[(n, C, dtype)], count
+    if (n, C, dtype, clusters) in FUSED_CEILING:
+        assert count <= FUSED_CEILING[(n, C, dtype, clusters)], count
 
 
-def test_boundary_bwd_fused_issues_a_tile_loads_together():
+@CLUSTERS
+def test_boundary_bwd_fused_issues_a_tile_loads_together(clusters):
     """The fused backward's token-tile loop (n = 4, C = 7168, bf16) stops for global loads at most twice a tile: its
     inputs (x, y, g_li, grad_x_next, the coefficient inputs, h_res, h_post, h_pre) are all issued at the top of the
     tile. Loading each where it was used stopped 22 times a tile, a DRAM latency each (the performance model's
     dependent chain: 3,862 us of the kernel at T = 16384 on an H100, against 1,571 now)."""
     from tests.kernels.test_sass import global_load_waits
 
-    kernel = boundary_bwd.boundary_bwd_fused_kernel(4, 7168, "bfloat16")
+    kernel = boundary_bwd.boundary_bwd_fused_kernel(4, 7168, "bfloat16", clusters)
     _, _, _, body, _ = _fused_hot_loop(kernel, 4, 7168, "bfloat16")
     assert global_load_waits(body) <= 2
 
@@ -191,8 +196,8 @@ def test_boundary_bwd_fused_cluster(n, C, dtype):
     distributed loads, and its only scalar global stores are the cluster's d_h rows (``dh_k`` a thread)."""
     from profiling.model import sass as model_sass
 
-    kernel = boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype)
-    p = boundary_bwd.fused_plan(n, C, dtype)
+    kernel = boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype, True)
+    p = boundary_bwd.fused_plan(n, C, dtype, True)
     assert p.cs == boundary_bwd.cluster_size(p.blocks) and p.cs > 1 and p.groups * p.cs == p.blocks
     dh_k = -(-(boundary_bwd.FUSED_BM // p.cs * (n * n + n)) // boundary_bwd.FUSED_THREADS)  # d_h sums a thread
     ptx = codegen.ptx(kernel)
@@ -208,3 +213,20 @@ def test_boundary_bwd_fused_cluster(n, C, dtype):
     assert sum(ins[i].dsmem for i in loop.body) == p.cs * dh_k
     assert sum(x.dsmem for x in ins) == 2 * p.cs * dh_k
     assert ops["STG.E"] == dh_k, ops
+
+
+@pytest.mark.parametrize("n,C,dtype", FUSED_CONFIGS, ids=[f"n{c[0]}-C{c[1]}-{c[2]}" for c in FUSED_CONFIGS])
+def test_boundary_bwd_fused_default_has_no_cluster(n, C, dtype):
+    """The default fused backward (``clusters=False``): no cluster dimensions, barriers or distributed shared memory
+    in PTX, and its token-tile loop stores the block's own d_h partials to global memory (``dh_part`` has a row per
+    channel block)."""
+    kernel = boundary_bwd.boundary_bwd_fused_kernel(n, C, dtype)
+    p = boundary_bwd.fused_plan(n, C, dtype)
+    assert (p.cs, p.groups) == (1, p.blocks)
+    ptx = codegen.ptx(kernel)
+    assert "barrier.cluster" not in ptx and "shared::cluster" not in ptx and "mapa" not in ptx
+    source = codegen.cuda_source(kernel)
+    assert "tl::cluster_" not in source and "mhc_ld_shared_cluster_f32" not in source
+    _, _, _, body, _ = _fused_hot_loop(kernel, n, C, dtype)
+    ops = collections.Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for t in body)
+    assert ops["STG.E"] > 0 and ops["UCGABAR_ARV"] == ops["UCGABAR_WAIT"] == 0, ops

@@ -308,9 +308,14 @@ def test_registry_counts() -> None:
         (*shape, d) for shape in shapes for d in ("fwd", "bwd")
     }
     fused = registry.configs("boundary", "bwd", fused=True)
-    assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in fused} == shapes
+    unclustered = [c for c in fused if "clusters" not in c.kwargs]
+    assert len(unclustered) == 35 and {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in unclustered} == shapes
+    # the opt-in thread block cluster variant: every shape with a cluster (none at n = 2; C / g is even elsewhere)
+    clustered = registry.configs("boundary", "bwd", fused=True, clusters=True)
+    assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in clustered} == {s for s in shapes if s[0] != 2}
+    assert len(clustered) == 30 and len(fused) == 65
     assert {c.kwargs["n"] for c in registry.configs("boundary", "bwd", reduce_dh=True)} == {1, 2, 4, 6, 8}
-    assert len(boundary) == 70 + 35 + 5
+    assert len(boundary) == 70 + 35 + 30 + 5
     reduce = registry.configs("pre_reduce")
     assert {(c.direction, c.kwargs["n"], c.kwargs["reduce_phi"]) for c in reduce} == {
         ("bwd", n, r) for n in (1, 2, 4, 6, 8) for r in (True, False)
@@ -322,7 +327,7 @@ def test_registry_counts() -> None:
     assert all(c.kwargs["iters"] == 20 and c.kwargs["eps"] == 0.0 for c in decode)
     pdl = registry.configs("post_res", "fwd", pdl=True)
     assert {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in pdl} == {s for s in shapes if s[0] != 1}
-    assert len(ALL_CONFIGS) == 495 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary, *decode}
+    assert len(ALL_CONFIGS) == 525 and set(ALL_CONFIGS) == {*post_res, *sinkhorn, *pre, *reduce, *boundary, *decode}
     for family, direction in itertools.product(("pre_proj", "pre_finalize"), ("fwd", "bwd")):
         got = {(c.kwargs["n"], c.kwargs["C"], c.kwargs["dtype"]) for c in registry.configs(family, direction)}
         assert got == shapes, (family, direction)
@@ -358,8 +363,9 @@ def test_registry_names() -> None:
 
 
 def test_registry_selection() -> None:
-    # post_res + sinkhorn, pre_proj, pre_finalize (+ its grad_pre=False variant), pre_reduce, boundary
-    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35 + 35 + 10 + 35 + 40
+    # post_res + sinkhorn, pre_proj, pre_finalize (+ its grad_pre=False variant), pre_reduce, boundary (+ its fused
+    # backward's thread block cluster variant)
+    assert len(registry.configs(direction="bwd")) == 65 + 40 + 35 + 35 + 10 + 35 + 40 + 30
     picked = registry.configs("post_res", "fwd", n=4, C=(4096, 7168))
     assert [c.name for c in picked] == [
         f"post_res_fwd[n=4,C={c},dtype={d}]" for c in (4096, 7168) for d in ("bfloat16", "float16", "float32")
@@ -415,7 +421,7 @@ def test_kernel_config_resolves_builders_lazily(monkeypatch) -> None:
 
 def test_registry_import_is_light() -> None:
     code = (
-        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 495; "
+        "import sys, tl_kernels.registry as r; assert len(r.ALL_CONFIGS) == 525; "
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('tilelang', 'torch', 'tvm') "
         "or m.startswith('tl_kernels.') and m.split('.')[1] in r.FAMILIES]; assert not heavy, heavy"
     )
