@@ -342,6 +342,27 @@ def _load_manifest(fingerprint: str) -> dict[str, dict[str, Any]]:
     return entries if isinstance(entries, dict) else {}
 
 
+def shipped_cache_entries() -> list[str]:
+    """The TileLang cache entries of every shipped configuration, relative to :func:`tilelang_cache_dir`, from the
+    manifest of the last build of this tree (``profiling/gpu_prep.sh`` packs only these, not the experiments a shared
+    cache also holds). Raises ``RuntimeError`` naming the first configuration without a current entry: run ``make``
+    (``python -m tl_kernels.build``) first."""
+    entries = _load_manifest(manifest_fingerprint())
+    root = os.path.realpath(tilelang_cache_dir())
+    out = []
+    for cfg in registry.ALL_CONFIGS:
+        path = (entries.get(cfg.name) or {}).get("cache_path")
+        if not path or not os.path.isdir(path):
+            raise RuntimeError(
+                f"{cfg.name}: no TileLang cache entry recorded by the last build of this tree (run make)"
+            )
+        rel = os.path.relpath(os.path.realpath(path), root)
+        if rel.startswith(".."):
+            raise RuntimeError(f"{cfg.name}: cache entry {path} lies outside the TileLang cache {root}")
+        out.append(rel)
+    return out
+
+
 def _save_manifest(fingerprint: str, entries: dict[str, dict[str, Any]]) -> None:
     path = _manifest_path()
     try:
