@@ -61,3 +61,28 @@ def test_progress_is_plain_lines_without_a_terminal():
     bar = build._progress(3, True, tty=True)
     assert not isinstance(bar, build.LineProgress)
     bar.close()
+
+
+def test_shipped_cache_entries_lists_every_config_from_the_manifest(tmp_path, monkeypatch):
+    """What profiling/gpu_prep.sh packs: each shipped configuration's cache entry, relative to the cache; a missing
+    one is an error that names the configuration."""
+    import re
+
+    import pytest
+
+    from tl_kernels import registry
+
+    cache, codegen_dir = tmp_path / "cache", tmp_path / "codegen"
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(cache))
+    monkeypatch.setenv("MHC_CODEGEN_CACHE_DIR", str(codegen_dir))
+    entries = {}
+    for i, cfg in enumerate(registry.ALL_CONFIGS):
+        path = cache / "0.1.15" / "linux-x86_64" / "kernels" / f"k{i}"
+        path.mkdir(parents=True)
+        entries[cfg.name] = {"cache_path": str(path)}
+    build._save_manifest(build.manifest_fingerprint(), entries)
+    got = build.shipped_cache_entries()
+    assert got == [f"0.1.15/linux-x86_64/kernels/k{i}" for i in range(len(registry.ALL_CONFIGS))]
+    (cache / "0.1.15" / "linux-x86_64" / "kernels" / "k3").rmdir()
+    with pytest.raises(RuntimeError, match=re.escape(registry.ALL_CONFIGS[3].name)):
+        build.shipped_cache_entries()
