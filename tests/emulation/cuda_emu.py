@@ -13,6 +13,9 @@ onto C++. The execution model is built to expose bugs a GPU would show only some
   with 0xFF (NaN) and followed by an inaccessible page (an exact-size heap block under ASan), so reading a byte no
   thread wrote gives NaN and an access past the declared size faults;
 * blocks run in ``block_order`` ``"forward"``, ``"reverse"`` or ``"shuffle"`` (seeded) order, one at a time;
+* a deadlock (threads waiting at a barrier that the others never reach: a GPU hangs) cancels the waiting threads
+  where they wait, skips the remaining blocks and raises :class:`EmulationDeadlock`; the process lives on (a barrier
+  deleted by tests/emulation/test_barrier_mutations.py may do this, and counts as detected);
   a kernel launched with thread block clusters (TileLang's ``T.Kernel(..., cluster_dims=(cs, 1, 1))``; read from
   its host code) runs one cluster at a time instead, its ``cs`` blocks together (each its own shared memory and
   ``__syncthreads``; the cluster barrier waits for all their threads; distributed shared memory reads the peer
@@ -130,6 +133,11 @@ def kernel_sources(kernel) -> dict:
     }
 
 
+class EmulationDeadlock(RuntimeError):
+    """Some threads of a block (or cluster) waited at a barrier that the others never reached: on a GPU the kernel
+    hangs. The emulator cancels the waiting threads, skips the remaining blocks and raises this."""
+
+
 class EmulatedKernel:
     """A generated kernel built for the CPU; call with torch CPU tensors by parameter name.
 
@@ -178,13 +186,15 @@ class EmulatedKernel:
             else:  # a scalar (int or float) parameter: passed as a double, converted to its type
                 casts.append(f"({typ})scalars[{i}]")
         launcher = f"""
-extern "C" void launch(void **ptrs, const double *scalars, int grid_x, const int *order, int clusters, int schedule,
-                       long smem_bytes, int cs) {{
+extern "C" int launch(void **ptrs, const double *scalars, int grid_x, const int *order, int clusters, int schedule,
+                      long smem_bytes, int cs) {{
   int clusters_x = grid_x / cs;
-  for (int i = 0; i < clusters; ++i) {{
+  emu::g_deadlocked = false;
+  for (int i = 0; i < clusters && !emu::g_deadlocked; ++i) {{
     unsigned bx0 = order[i] % clusters_x * cs, by = order[i] / clusters_x;
     emu::run_cluster({self.threads}, cs, schedule, smem_bytes, bx0, by, [&] {{ {name}({", ".join(casts)}); }});
   }}
+  return emu::g_deadlocked ? 1 : 0;
 }}
 """
         defines = f"#define MHC_EMU_APPROX {APPROX_MODES[approx]}\n#define MHC_EMU_FTZ {int(ftz)}\n"
@@ -203,6 +213,7 @@ extern "C" void launch(void **ptrs, const double *scalars, int grid_x, const int
                 raise RuntimeError(f"g++ failed to build the emulated kernel:\n{proc.stderr[-4000:]}")
             os.replace(tmp, so)
         self._lib = ctypes.CDLL(str(so))
+        self._lib.launch.restype = ctypes.c_int
         self._lib.launch.argtypes = [
             ctypes.POINTER(ctypes.c_void_p),
             ctypes.POINTER(ctypes.c_double),
@@ -256,4 +267,7 @@ extern "C" void launch(void **ptrs, const double *scalars, int grid_x, const int
         elif block_order == "shuffle":
             random.Random(seed).shuffle(order)
         c_order = (ctypes.c_int * len(order))(*order)
-        self._lib.launch(ptrs, scalars, gx, c_order, len(order), SCHEDULES[schedule], self.smem_bytes, cs)
+        if self._lib.launch(ptrs, scalars, gx, c_order, len(order), SCHEDULES[schedule], self.smem_bytes, cs):
+            raise EmulationDeadlock(
+                "the emulated kernel deadlocked: threads waited at a barrier that not all threads reach (a GPU hangs)"
+            )

@@ -83,24 +83,34 @@ inline int pick_next() {
   }
   return -1;
 }
+// Thrown in every thread still inside the kernel once a deadlock is found, caught where the thread starts: the launch
+// then reports the deadlock (cuda_emu.EmulationDeadlock) instead of hanging or aborting the process.
+struct Cancelled {};
+inline bool g_deadlocked = false;  // set by a cluster that deadlocked; read and reset by the launch
 // The running thread (tid) gives the baton to the next runnable thread and, unless that is itself, waits for it back.
 inline void pass_baton(int tid) {
   Block &b = *g_block;
   int next = pick_next();
-  if (next == tid) return;
   if (next < 0) {
     bool all_done = true;
     for (State s : b.state) all_done &= s == kDone;
-    if (!all_done) {  // threads wait at a barrier that the others will never reach
-      std::fprintf(stderr, "cuda_emu: deadlock: threads blocked at a barrier that not all threads reach\n");
-      std::fflush(stderr);
-      std::abort();
+    if (all_done) {
+      b.finished.release();
+      return;
     }
-    b.finished.release();
-    return;
+    // threads wait at a barrier that the others will never reach (a GPU hangs): wake them all to be cancelled
+    if (!b.deadlock)
+      std::fprintf(stderr, "cuda_emu: deadlock: threads blocked at a barrier that not all threads reach\n");
+    b.deadlock = true;
+    for (State &s : b.state)
+      if (s == kBlocked) s = kRunnable;
+    next = pick_next();
   }
-  b.go[next]->release();
-  if (b.state[tid] != kDone) b.go[tid]->acquire();
+  if (next != tid) {
+    b.go[next]->release();
+    if (b.state[tid] != kDone) b.go[tid]->acquire();
+  }
+  if (b.deadlock && b.state[tid] != kDone) throw Cancelled{};
 }
 // A barrier of `expected` threads; the last to arrive runs `complete` (the collective's work) and wakes the others.
 struct Barrier {
@@ -288,7 +298,10 @@ void run_cluster(int threads, int ranks, int schedule, size_t smem_bytes, unsign
       blockIdx.x = bx0 + r;
       blockIdx.y = by;
       g_smem = g_dyn_smem[r].ptr;
-      body();
+      try {
+        body();
+      } catch (const Cancelled &) {  // a deadlock: this thread leaves the kernel where it waited
+      }
       g_cluster_bar.exit();
       if (++exited[r] == threads) {  // the block has exited: its shared memory is gone
         guarded_poison(g_dyn_smem[r]);
@@ -300,6 +313,7 @@ void run_cluster(int threads, int ranks, int schedule, size_t smem_bytes, unsign
   b.go[pick_next()]->release();
   b.finished.acquire();
   for (auto &th : ts) th.join();
+  g_deadlocked |= b.deadlock;
   for (Guarded &g : g_dyn_smem) guarded_free(g);
   g_dyn_smem.clear();
   for (auto &v : g_static_smem)

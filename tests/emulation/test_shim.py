@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from .cuda_emu import HERE, EmulatedKernel
+from .cuda_emu import HERE, EmulatedKernel, EmulationDeadlock
 
 _HEAD = 'extern "C" __global__ void __launch_bounds__({threads}, 1) k({params}) {{\n'
 
@@ -40,6 +40,29 @@ def test_a_shuffle_is_not_a_block_barrier():
     torch.testing.assert_close(out, want)
     kernel(out=out, grid=1, schedule="reverse")  # warp 1 first: it reads the poison (NaN), as a GPU may
     assert out.isnan().all()
+
+
+# warp 1 waits at a barrier that warp 0 never reaches (it returns first): a GPU hangs
+_DEADLOCK = _kernel(
+    """  if (((int)threadIdx.x) < 32) return;
+  __syncthreads();
+  out[((int)threadIdx.x) - 32] = 1.0f;""",
+    "float* __restrict__ out",
+)
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+def test_a_deadlock_raises_and_the_process_lives_on(schedule):
+    """The waiting threads are cancelled where they wait, the remaining blocks are skipped, the launch raises; the
+    same kernel object launches again (its state was reset)."""
+    kernel = EmulatedKernel(_DEADLOCK)
+    out = torch.zeros(32)
+    with pytest.raises(EmulationDeadlock, match="deadlocked"):
+        kernel(out=out, grid=3, schedule=schedule)
+    assert (out == 0).all()  # no thread went past the barrier
+    with pytest.raises(EmulationDeadlock):
+        kernel(out=out, grid=1, schedule=schedule)
+    EmulatedKernel(_WARP_SCOPE)(out=out, grid=1)  # and the emulator still runs kernels afterwards
 
 
 def test_with_the_barrier_both_schedules_agree():
