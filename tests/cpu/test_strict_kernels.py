@@ -134,7 +134,7 @@ def test_strict_mode_lets_a_served_call_launch_its_kernel(strict, monkeypatch):
 
         return kernel
 
-    def post_builder(n, C, dtype):
+    def post_builder(n, C, dtype, pdl=False):  # pdl: the decode variant (T <= 64)
         def kernel(y, x, h_post, h_res, out):
             launches.append(("post_res_fwd", n, C, dtype))
             out.copy_(ref.post_res(y, x, h_post, h_res))
